@@ -1,0 +1,123 @@
+//! The one way the backend runs external tools (mkfs, resize, blkid): no shell, no inherited
+//! stdio (the FlexVolume binary's stdout belongs to kubelet), a time bound, and failures that carry
+//! the exit status and stderr.
+
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Long enough for mkfs of a very large sparse image or an offline fsck; short enough that no
+/// caller hangs forever (kubelet waits on FlexVolume calls without a timeout).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub struct Output {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program args…` and returns its output whatever the exit status.
+pub fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+    let started = Instant::now();
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("LC_ALL", "C")
+        .spawn()
+        .map_err(|e| Error::Command {
+            program: program.to_owned(),
+            status: "not started".to_owned(),
+            stderr: if e.kind() == std::io::ErrorKind::NotFound {
+                format!("{program} is not installed (not found in PATH)")
+            } else {
+                e.to_string()
+            },
+        })?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(timeout) {
+        Ok(result) => result.map_err(|e| Error::Command {
+            program: program.to_owned(),
+            status: "wait failed".to_owned(),
+            stderr: e.to_string(),
+        })?,
+        Err(_) => {
+            // The waiting thread still owns the child and reaps it once it dies.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            return Err(Error::Command {
+                program: program.to_owned(),
+                status: format!("killed after {}s", timeout.as_secs()),
+                stderr: "timed out".to_owned(),
+            });
+        }
+    };
+    tracing::debug!(program, ?args, status = %output.status, elapsed_ms = started.elapsed().as_millis() as u64, "ran");
+    Ok(Output {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+/// Runs `program args…`; a non-zero exit is an error holding the status and stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = run_raw(program, args, DEFAULT_TIMEOUT)?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(failure(program, &out))
+    }
+}
+
+pub fn failure(program: &str, out: &Output) -> Error {
+    let stderr = if out.stderr.trim().is_empty() {
+        out.stdout.trim()
+    } else {
+        out.stderr.trim()
+    };
+    Error::Command {
+        program: program.to_owned(),
+        status: out.status.to_string(),
+        stderr: stderr.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_keeps_status_and_stderr() {
+        let err = run("sh", &["-c", "echo oops >&2; exit 3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exit status: 3"), "{err}");
+        assert!(err.contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn missing_program_is_named() {
+        let err = run("loopvol-no-such-tool", &[]).unwrap_err().to_string();
+        assert!(err.contains("not installed"), "{err}");
+    }
+
+    #[test]
+    fn timeout_kills() {
+        let started = Instant::now();
+        let err = run_raw("sleep", &["30"], Duration::from_millis(200))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("timed out"));
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,32 @@
+//! loopvol's storage backend: volumes as sparse image files in a pool directory, attached as
+//! loop devices, formatted and mounted. Both front ends (FlexVolume, CSI) only translate to and
+//! from this API; all storage work, validation and locking happens here.
+//!
+//! The kernel is the source of truth for what is attached (sysfs) and mounted (mountinfo); the
+//! metadata for what should exist. Every operation is idempotent and finishes what an interrupted
+//! earlier call left half done.
+
+mod cmd;
+mod copy;
+pub mod error;
+mod freeze;
+pub mod fs;
+mod lock;
+pub mod loopdev;
+pub mod meta;
+pub mod mount;
+mod node;
+mod pool;
+mod snapshot;
+mod sys;
+pub mod validate;
+mod volume;
+
+pub use copy::CopyMethod;
+pub use error::{Error, ErrorKind, Result};
+pub use lock::LockWait;
+pub use meta::{AccessMode, Allocation, Hold, SnapshotMeta, VolumeMeta, VolumeSource};
+pub use node::{Access, Condition, Staged, Usage};
+pub use pool::{Capacity, Page, Pool, PoolOptions};
+pub use validate::FsType;
+pub use volume::{CreateVolume, Expanded};

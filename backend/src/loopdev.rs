@@ -1,0 +1,173 @@
+//! Loop devices: which image is attached where (read back from sysfs, never stored), attach with
+//! direct I/O, capacity refresh, detach.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use crate::error::{Context, Error, Result};
+use crate::sys;
+
+/// A loop device and the image bound to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    pub number: u32,
+    pub backing_file: PathBuf,
+    pub read_only: bool,
+}
+
+impl LoopDevice {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/dev/loop{}", self.number))
+    }
+}
+
+fn sys_block() -> &'static Path {
+    Path::new("/sys/block")
+}
+
+/// Every bound loop device, from `/sys/block/loopN/loop/backing_file`.
+pub fn list() -> Result<Vec<LoopDevice>> {
+    let mut devices = Vec::new();
+    let entries = std::fs::read_dir(sys_block()).context(|| "read /sys/block".into())?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(number) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("loop"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        // Missing `loop/backing_file` means the device is unbound (or was just detached).
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let read_only =
+            std::fs::read_to_string(entry.path().join("ro")).is_ok_and(|s| s.trim() == "1");
+        devices.push(LoopDevice {
+            number,
+            backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+            read_only,
+        });
+    }
+    devices.sort_by_key(|d| d.number);
+    Ok(devices)
+}
+
+/// The loop devices bound to `image` (normally zero or one). Matches on device and inode, so a
+/// different path to the same file (bind mounts of the pool, symlinks) is still recognised.
+pub fn find(image: &Path) -> Result<Vec<LoopDevice>> {
+    let Ok(meta) = std::fs::metadata(image) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for dev in list()? {
+        let same_path = dev.backing_file == image;
+        let same_inode = || {
+            File::open(dev.path())
+                .ok()
+                .and_then(|f| sys::loop_get_status64(f.as_fd()).ok())
+                .is_some_and(|info| info.lo_inode == meta.ino() && info.lo_device == meta.dev())
+        };
+        if same_path || same_inode() {
+            found.push(dev);
+        }
+    }
+    Ok(found)
+}
+
+/// Attaches `image` to a free loop device (direct I/O, read-only when asked) and returns it.
+/// Not idempotent by itself: callers look with [`find`] first, under the volume's lock.
+pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(image)
+        .context(|| format!("open image {}", image.display()))?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .context(|| "open /dev/loop-control".into())?;
+    let mut flags = sys::LO_FLAGS_DIRECT_IO;
+    if read_only {
+        flags |= sys::LO_FLAGS_READ_ONLY;
+    }
+    // Another process may take the free device between GET_FREE and CONFIGURE: then CONFIGURE says
+    // EBUSY and we ask again. The bound keeps a broken kernel from spinning us forever.
+    for _ in 0..64 {
+        let number =
+            sys::loop_ctl_get_free(control.as_fd()).context(|| "get a free loop device".into())?;
+        let path = PathBuf::from(format!("/dev/loop{number}"));
+        let dev = match OpenOptions::new().read(true).write(!read_only).open(&path) {
+            Ok(dev) => dev,
+            // udev or devtmpfs may not have the node yet, or it vanished with a removal: retry.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).context(|| format!("open {}", path.display())),
+        };
+        match sys::loop_configure(dev.as_fd(), backing.as_fd(), flags) {
+            Ok(()) => {}
+            Err(Errno::EBUSY) => continue,
+            // Direct I/O needs the backing filesystem's support (tmpfs has none): fall back to
+            // buffered I/O rather than refusing the volume.
+            Err(Errno::EINVAL) if flags & sys::LO_FLAGS_DIRECT_IO != 0 => {
+                tracing::warn!(image = %image.display(), "direct I/O refused by the pool's filesystem; using buffered I/O");
+                flags &= !sys::LO_FLAGS_DIRECT_IO;
+                match sys::loop_configure(dev.as_fd(), backing.as_fd(), flags) {
+                    Ok(()) => {}
+                    Err(Errno::EBUSY) => continue,
+                    Err(e) => {
+                        return Err(e)
+                            .context(|| format!("bind {} to {}", image.display(), path.display()))
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(e).context(|| format!("bind {} to {}", image.display(), path.display()))
+            }
+        }
+        tracing::info!(image = %image.display(), device = %path.display(), read_only, "attached");
+        return Ok(LoopDevice {
+            number,
+            backing_file: image.to_path_buf(),
+            read_only,
+        });
+    }
+    Err(Error::Busy(format!(
+        "loop devices (could not bind {})",
+        image.display()
+    )))
+}
+
+/// Re-reads the image size into the loop device after the image grew.
+pub fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
+    let file = File::open(dev.path()).context(|| format!("open {}", dev.path().display()))?;
+    sys::loop_set_capacity(file.as_fd())
+        .context(|| format!("refresh capacity of {}", dev.path().display()))
+}
+
+/// Detaches a loop device; already detached counts as done.
+pub fn detach(dev: &LoopDevice) -> Result<()> {
+    let file = match File::open(dev.path()) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).context(|| format!("open {}", dev.path().display())),
+    };
+    match sys::loop_clr_fd(file.as_fd()) {
+        Ok(()) | Err(Errno::ENXIO) => {
+            tracing::info!(device = %dev.path().display(), "detached");
+            Ok(())
+        }
+        Err(e) => Err(e).context(|| format!("detach {}", dev.path().display())),
+    }
+}
+
+/// Size in bytes of a block device.
+pub fn device_size(device: &Path) -> Result<u64> {
+    let file = File::open(device).context(|| format!("open {}", device.display()))?;
+    sys::blkgetsize64(&file).context(|| format!("size of {}", device.display()))
+}

@@ -1,0 +1,237 @@
+//! Mount state read from `/proc/self/mountinfo` (the kernel's truth) and changed with mount(2).
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+
+use crate::error::{Context, Error, Result};
+use crate::validate::FLAG_OPTIONS;
+
+/// One line of mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u32,
+    pub parent: u32,
+    /// Device number of the mounted filesystem (for a bind of a device node: the devtmpfs's).
+    pub major: u32,
+    pub minor: u32,
+    /// Path inside the filesystem that is mounted here (`/` unless this is a bind of a subtree).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    pub options: Vec<String>,
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text; malformed lines are skipped (the kernel does not write them).
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    let (left, right) = line.split_once(" - ")?;
+    let mut l = left.split(' ');
+    let id = l.next()?.parse().ok()?;
+    let parent = l.next()?.parse().ok()?;
+    let (major, minor) = l.next()?.split_once(':')?;
+    let root = PathBuf::from(unescape(l.next()?));
+    let mount_point = PathBuf::from(unescape(l.next()?));
+    let options = l.next()?.split(',').map(str::to_owned).collect();
+    let mut r = right.split(' ');
+    let fs_type = r.next()?.to_owned();
+    let source = unescape(r.next()?);
+    Some(MountEntry {
+        id,
+        parent,
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        root,
+        mount_point,
+        options,
+        fs_type,
+        source,
+    })
+}
+
+/// The current mount table.
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .context(|| "read /proc/self/mountinfo".into())?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// The topmost mount at exactly `path`, if any (later lines stack over earlier ones).
+pub fn mount_at<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    table.iter().rev().find(|m| m.mount_point == path)
+}
+
+/// Splits options into mount(2) flags (starting from `base`, which options may override: `dev`
+/// clears a default `nodev`) and the filesystem's data string.
+pub fn split_options(base: MsFlags, options: &[String]) -> (MsFlags, String) {
+    let mut flags = base;
+    let mut data = Vec::new();
+    for opt in options {
+        let o = opt.as_str();
+        match o {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "dev" => flags &= !MsFlags::MS_NODEV,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "suid" => flags &= !MsFlags::MS_NOSUID,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "exec" => flags &= !MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "atime" => flags &= !MsFlags::MS_NOATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "norelatime" => flags &= !MsFlags::MS_RELATIME,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "diratime" => flags &= !MsFlags::MS_NODIRATIME,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "async" => flags &= !MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
+            "lazytime" => flags |= MsFlags::MS_LAZYTIME,
+            "nolazytime" => flags &= !MsFlags::MS_LAZYTIME,
+            "defaults" => {}
+            _ => {
+                debug_assert!(!FLAG_OPTIONS.contains(&o));
+                data.push(o)
+            }
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// Mounts `source` (a block device) of type `fs_type` at `target`.
+pub fn mount_fs(
+    source: &Path,
+    target: &Path,
+    fs_type: &str,
+    flags: MsFlags,
+    data: &str,
+) -> Result<()> {
+    let data = (!data.is_empty()).then_some(data);
+    nix::mount::mount(Some(source), target, Some(fs_type), flags, data).context(|| {
+        format!(
+            "mount {} ({fs_type}) at {}",
+            source.display(),
+            target.display()
+        )
+    })
+}
+
+/// Bind-mounts `source` onto `target`, then applies `flags` (read-only, nodev, ...) to the bind:
+/// a bind ignores flags on its first call, so they need a remount of the bind itself.
+pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .context(|| format!("bind {} onto {}", source.display(), target.display()))?;
+    if !flags.is_empty() {
+        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+        if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, remount, None::<&str>)
+        {
+            // Never leave a writable bind where a read-only one was asked for.
+            let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+            return Err(e).context(|| format!("remount bind {} with {flags:?}", target.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts `target`; EINVAL (not a mount point) and ENOENT count as already done.
+pub fn unmount(target: &Path) -> Result<()> {
+    match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(nix::Error::EBUSY) => Err(Error::precondition(format!(
+            "{} is busy: a process still uses it",
+            target.display()
+        ))),
+        Err(e) => Err(e).context(|| format!("unmount {}", target.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+300 27 7:3 / /var/lib/kubelet/plugins/x/globalmount rw,nosuid,nodev,relatime shared:5 - ext4 /dev/loop3 rw
+301 27 7:3 / /var/lib/kubelet/pods/u/volumes/a\\040b ro,nosuid,nodev,relatime shared:5 - ext4 /dev/loop3 rw
+302 27 0:6 /loop4 /var/lib/kubelet/pods/u/volumeDevices/dev ro,relatime - devtmpfs devtmpfs rw,size=123k
+bogus line
+";
+
+    #[test]
+    fn parses_mountinfo() {
+        let table = parse_mountinfo(SAMPLE);
+        assert_eq!(table.len(), 4);
+        let m = &table[2];
+        assert_eq!((m.major, m.minor), (7, 3));
+        assert_eq!(
+            m.mount_point,
+            Path::new("/var/lib/kubelet/pods/u/volumes/a b")
+        );
+        assert!(m.read_only());
+        assert_eq!(m.source, "/dev/loop3");
+        assert_eq!(table[3].root, Path::new("/loop4"));
+        assert_eq!(table[3].fs_type, "devtmpfs");
+        assert!(mount_at(&table, Path::new("/var/lib/kubelet/plugins/x/globalmount")).is_some());
+        assert!(mount_at(&table, Path::new("/nope")).is_none());
+    }
+
+    #[test]
+    fn unescapes() {
+        assert_eq!(unescape("a\\040b\\134c"), "a b\\c");
+        assert_eq!(unescape("trail\\04"), "trail\\04");
+    }
+
+    #[test]
+    fn splits_flags_from_data() {
+        let opts: Vec<String> = ["ro", "noatime", "discard", "commit=30", "nodev"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (flags, data) = split_options(MsFlags::empty(), &opts);
+        assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOATIME | MsFlags::MS_NODEV));
+        assert_eq!(data, "discard,commit=30");
+        let (flags, _) = split_options(MsFlags::MS_NODEV, &["dev".into()]);
+        assert!(!flags.contains(MsFlags::MS_NODEV));
+    }
+}

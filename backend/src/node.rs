@@ -1,0 +1,757 @@
+//! Node-side operations: attach, stage (format if blank, mount), publish (bind into the pod's
+//! path), unpublish, unstage, expand the filesystem, stats and health.
+//!
+//! Every operation is declarative: it reads the kernel's state (sysfs for loop devices, mountinfo
+//! for mounts, the device for its filesystem), does only the missing steps, and so finishes what
+//! a crashed earlier call left half done. Every mutation holds the volume's lock.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+
+use crate::error::{Context, Error, Result};
+use crate::fs::{self, Content};
+use crate::loopdev::{self, LoopDevice};
+use crate::meta::{self, AccessMode, Hold, VolumeMeta};
+use crate::mount::{self, MountEntry};
+use crate::pool::Pool;
+use crate::validate::{self, FsType};
+use crate::volume::check_sharing;
+
+/// How a volume is presented to a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// A filesystem. `fs_type` None: whatever the volume was created with, else ext4.
+    Mount {
+        fs_type: Option<FsType>,
+        mount_options: Vec<String>,
+    },
+    /// The raw block device.
+    Block,
+}
+
+/// Flags every loopvol mount gets unless the caller's options say otherwise: a volume must not
+/// smuggle device nodes or setuid binaries into a pod.
+const DEFAULT_FLAGS: MsFlags = MsFlags::MS_NODEV.union(MsFlags::MS_NOSUID);
+
+/// What stage did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub device: PathBuf,
+    /// Set when this call formatted the device.
+    pub formatted: Option<FsType>,
+}
+
+/// Volume usage for stats calls.
+pub use crate::fs::Usage;
+
+/// A volume's health as the node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+fn is_loop_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {
+    m.major == 7 && m.minor == dev.number
+}
+
+/// A bind of the device node itself (raw block publish): devtmpfs with the node's name as root.
+fn is_device_bind_of(m: &MountEntry, dev: &LoopDevice) -> bool {
+    m.fs_type == "devtmpfs" && m.root == Path::new(&format!("/loop{}", dev.number))
+}
+
+fn mkdir_p(path: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(path)
+        .context(|| format!("create directory {}", path.display()))
+}
+
+fn remove_dir_if_empty(path: &Path) {
+    match std::fs::remove_dir(path) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) => {}
+        Err(e) => tracing::debug!(path = %path.display(), error = %e, "left directory in place"),
+    }
+}
+
+impl Pool {
+    fn check_node_path(&self, what: &'static str, path: &Path) -> Result<()> {
+        validate::check_path(what, path, &self.options().path_prefixes)
+    }
+
+    /// Records `node`'s staging hold in the metadata, refusing when another node holds the volume
+    /// in a mode that cannot share. On a node-local pool the volume must live on this node.
+    fn hold_for_this_node(&self, m: &mut VolumeMeta, mode: AccessMode) -> Result<()> {
+        let node = self.node().to_owned();
+        if let Some(local) = m.node.as_deref().filter(|n| *n != node) {
+            return Err(Error::precondition(format!(
+                "volume {} lives in the pool of node {local}, not on node {node}",
+                m.id
+            )));
+        }
+        check_sharing(&m.id, &m.staged, &node, mode, "staged")?;
+        let hold = Hold {
+            node: node.clone(),
+            mode,
+            pv_name: None,
+        };
+        match m.staged.iter_mut().find(|h| h.node == node) {
+            Some(h) if *h == hold => return Ok(()),
+            Some(h) => *h = hold,
+            None => m.staged.push(hold),
+        }
+        meta::write(&self.volume_meta_path(&m.id), m)
+    }
+
+    fn drop_hold_for_this_node(&self, m: &mut VolumeMeta) -> Result<()> {
+        let before = m.staged.len();
+        m.staged.retain(|h| h.node != self.node());
+        if m.staged.len() != before {
+            meta::write(&self.volume_meta_path(&m.id), m)?;
+        }
+        Ok(())
+    }
+
+    /// The loop device of volume `id`, attaching the image if needed (read-only when asked).
+    fn ensure_attached(&self, id: &str, read_only: bool) -> Result<LoopDevice> {
+        let image = self.volume_image(id);
+        if !image.exists() {
+            return Err(Error::precondition(format!(
+                "the image of volume {id} is missing: {}",
+                image.display()
+            )));
+        }
+        let table = mount::mounts()?;
+        for dev in loopdev::find(&image)? {
+            if dev.read_only == read_only {
+                return Ok(dev);
+            }
+            let in_use = table
+                .iter()
+                .any(|m| is_loop_mount_of(m, &dev) || is_device_bind_of(m, &dev));
+            if in_use {
+                return Err(Error::precondition(format!(
+                    "volume {id} is in use {} as {}; it cannot also be used {}",
+                    if dev.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
+                    dev.path().display(),
+                    if read_only { "read-only" } else { "read-write" },
+                )));
+            }
+            // Left attached in the other mode by an earlier, finished use: reattach.
+            loopdev::detach(&dev)?;
+        }
+        loopdev::attach(&image, read_only)
+    }
+
+    /// Attaches volume `id` as a loop device on this node and returns it (FlexVolume
+    /// `waitforattach`; the first step of stage). Idempotent.
+    pub fn attach_volume(&self, id: &str, read_only: bool) -> Result<PathBuf> {
+        validate::check_id("volume ID", id)?;
+        let _guard = self.lock_volume(id)?;
+        let mut m = self.get_volume(id)?;
+        let mode = if read_only {
+            AccessMode::ReadOnly
+        } else {
+            AccessMode::SingleNodeWriter
+        };
+        self.hold_for_this_node(&mut m, mode)?;
+        Ok(self.ensure_attached(id, read_only)?.path())
+    }
+
+    /// Stages volume `id` at `staging_path`: attach, format when blank, mount (for `Access::Block`,
+    /// attach only). Idempotent: a repeat with the same arguments finds the work done; a different
+    /// volume or mode already at the path is `AlreadyExists`. Never formats a device that holds
+    /// anything: a filesystem of another type, a partition table or unknown data is refused.
+    pub fn stage(
+        &self,
+        id: &str,
+        staging_path: &Path,
+        access: &Access,
+        read_only: bool,
+    ) -> Result<Staged> {
+        self.stage_with_mode(
+            id,
+            staging_path,
+            access,
+            if read_only {
+                AccessMode::ReadOnly
+            } else {
+                AccessMode::SingleNodeWriter
+            },
+        )
+    }
+
+    /// [`Pool::stage`] with an explicit access mode (multi-node writers for shared block volumes).
+    pub fn stage_with_mode(
+        &self,
+        id: &str,
+        staging_path: &Path,
+        access: &Access,
+        mode: AccessMode,
+    ) -> Result<Staged> {
+        validate::check_id("volume ID", id)?;
+        self.check_node_path("staging path", staging_path)?;
+        if let Access::Mount { mount_options, .. } = access {
+            validate::check_mount_options(mount_options)?;
+            if mode == AccessMode::MultiNodeWriter {
+                return Err(Error::invalid(
+                    "access mode",
+                    "a filesystem cannot be written by several nodes at once; use a block volume",
+                ));
+            }
+        }
+        let read_only = mode == AccessMode::ReadOnly;
+        let _guard = self.lock_volume(id)?;
+        let mut m = self.get_volume(id)?;
+        self.hold_for_this_node(&mut m, mode)?;
+        let dev = self.ensure_attached(id, read_only)?;
+        let Access::Mount {
+            fs_type,
+            mount_options,
+        } = access
+        else {
+            return Ok(Staged {
+                device: dev.path(),
+                formatted: None,
+            });
+        };
+
+        let table = mount::mounts()?;
+        if let Some(existing) = mount::mount_at(&table, staging_path) {
+            if !is_loop_mount_of(existing, &dev) {
+                return Err(Error::AlreadyExists {
+                    what: "staging path",
+                    id: staging_path.display().to_string(),
+                    detail: format!(
+                        "content: it already holds {} ({})",
+                        existing.source, existing.fs_type
+                    ),
+                });
+            }
+            if existing.read_only() != read_only {
+                return Err(Error::AlreadyExists {
+                    what: "staging path",
+                    id: staging_path.display().to_string(),
+                    detail: format!(
+                        "mode: volume {id} is staged there {}",
+                        if existing.read_only() {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    ),
+                });
+            }
+            if let Some(want) = fs_type.filter(|f| f.as_str() != existing.fs_type) {
+                return Err(Error::AlreadyExists {
+                    what: "staging path",
+                    id: staging_path.display().to_string(),
+                    detail: format!(
+                        "filesystem: volume {id} is staged there as {}, asked {want}",
+                        existing.fs_type
+                    ),
+                });
+            }
+            return Ok(Staged {
+                device: dev.path(),
+                formatted: None,
+            });
+        }
+
+        let device = dev.path();
+        let mut formatted = None;
+        let fs = match fs::probe(&device)? {
+            Content::Blank => {
+                if read_only {
+                    return Err(Error::precondition(format!(
+                        "volume {id} holds no filesystem yet and is staged read-only, so it cannot be formatted"
+                    )));
+                }
+                let fs = fs_type.or(m.fs_type).unwrap_or(FsType::Ext4);
+                fs::format(&device, fs)?;
+                formatted = Some(fs);
+                if m.fs_type != Some(fs) {
+                    m.fs_type = Some(fs);
+                    meta::write(&self.volume_meta_path(id), &m)?;
+                }
+                fs
+            }
+            Content::Filesystem(found) => {
+                let have: FsType = found.parse().map_err(|_| {
+                    Error::precondition(format!(
+                        "volume {id} holds a {found} filesystem, which loopvol does not mount; refusing to touch it"
+                    ))
+                })?;
+                if let Some(want) = fs_type.filter(|w| *w != have) {
+                    return Err(Error::precondition(format!(
+                        "volume {id} already holds a {have} filesystem; {want} was asked for and the volume will not be reformatted"
+                    )));
+                }
+                have
+            }
+            Content::Other(what) => {
+                return Err(Error::precondition(format!(
+                    "volume {id} holds {what}, not a filesystem; refusing to format it"
+                )))
+            }
+        };
+
+        // A grow that could not finish while mounted (ext4 without CAP_SYS_RESOURCE, or a crash)
+        // is finished here, before the filesystem is in use.
+        let device_size = loopdev::device_size(&device)?;
+        let needs_grow = formatted.is_none()
+            && !read_only
+            && fs::superblock(&device)?
+                .is_some_and(|sb| sb.size_bytes + fs::grow_slack(fs) < device_size);
+        if needs_grow && fs == FsType::Ext4 {
+            fs::grow_ext4_offline(&device)?;
+        }
+
+        mkdir_p(staging_path)?;
+        let mut options = mount_options.clone();
+        if read_only {
+            options.push("ro".into());
+        }
+        let (flags, data) = mount::split_options(DEFAULT_FLAGS, &options);
+        let mut data_parts: Vec<&str> = fs::required_mount_data(fs).to_vec();
+        if !data.is_empty() {
+            data_parts.push(&data);
+        }
+        if read_only && fs == FsType::Xfs {
+            // A read-only loop device cannot replay a dirty log.
+            data_parts.push("norecovery");
+        }
+        mount::mount_fs(
+            &device,
+            staging_path,
+            fs.as_str(),
+            flags,
+            &data_parts.join(","),
+        )?;
+        if needs_grow && fs != FsType::Ext4 {
+            fs::grow_online(fs, &device, staging_path)?;
+        }
+        tracing::info!(volume = %id, device = %device.display(), staging = %staging_path.display(), fs = %fs, read_only, "staged");
+        Ok(Staged { device, formatted })
+    }
+
+    /// Unstages volume `id` from `staging_path`: unmounts it and detaches the loop device when
+    /// nothing else uses it. Not staged: nothing to do. Unknown volume: `NotFound`.
+    pub fn unstage(&self, id: &str, staging_path: &Path) -> Result<()> {
+        validate::check_id("volume ID", id)?;
+        self.check_node_path("staging path", staging_path)?;
+        let _guard = self.lock_volume(id)?;
+        let mut m = self.get_volume(id)?;
+        let devices = loopdev::find(&self.volume_image(id))?;
+        let table = mount::mounts()?;
+        if let Some(existing) = mount::mount_at(&table, staging_path) {
+            if !devices.iter().any(|d| is_loop_mount_of(existing, d)) {
+                return Err(Error::precondition(format!(
+                    "{} holds {}, not volume {id}; leaving it alone",
+                    staging_path.display(),
+                    existing.source
+                )));
+            }
+            mount::unmount(staging_path)?;
+        }
+        remove_dir_if_empty(staging_path);
+        self.detach_if_unused(id, &devices)?;
+        self.drop_hold_for_this_node(&mut m)?;
+        tracing::info!(volume = %id, staging = %staging_path.display(), "unstaged");
+        Ok(())
+    }
+
+    /// Detaches each device no mount uses any more; a device still in use stays, with an error
+    /// that names its users.
+    fn detach_if_unused(&self, id: &str, devices: &[LoopDevice]) -> Result<()> {
+        let table = mount::mounts()?;
+        for dev in devices {
+            let users: Vec<String> = table
+                .iter()
+                .filter(|m| is_loop_mount_of(m, dev) || is_device_bind_of(m, dev))
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !users.is_empty() {
+                return Err(Error::precondition(format!(
+                    "volume {id} is still mounted at {}; unpublish it first",
+                    users.join(", ")
+                )));
+            }
+            loopdev::detach(dev)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches volume `id`'s loop device on this node when nothing mounts it (FlexVolume
+    /// `unmountdevice` after the unmount; CSI block unstage) and drops this node's hold.
+    pub fn detach_volume(&self, id: &str) -> Result<()> {
+        validate::check_id("volume ID", id)?;
+        let _guard = self.lock_volume(id)?;
+        let mut m = self.get_volume(id)?;
+        self.detach_if_unused(id, &loopdev::find(&self.volume_image(id))?)?;
+        self.drop_hold_for_this_node(&mut m)
+    }
+
+    /// Publishes a staged volume at `target`: a bind of the staging mount (a directory, created
+    /// if missing), or for `Access::Block` a bind of the device node onto a file. `fs_group`, when
+    /// given, makes the volume's root directory group-owned and group-writable (setgid, so new
+    /// files inherit it): what kubelet's recursive chown would do, at the cost of one chown.
+    /// Idempotent; a different volume or mode already at `target` is `AlreadyExists`.
+    pub fn publish(
+        &self,
+        id: &str,
+        staging_path: Option<&Path>,
+        target: &Path,
+        access: &Access,
+        read_only: bool,
+        fs_group: Option<u32>,
+    ) -> Result<()> {
+        validate::check_id("volume ID", id)?;
+        if let Some(s) = staging_path {
+            self.check_node_path("staging path", s)?;
+        }
+        self.check_node_path("target path", target)?;
+        if let Access::Mount { mount_options, .. } = access {
+            validate::check_mount_options(mount_options)?;
+        }
+        let _guard = self.lock_volume(id)?;
+        self.get_volume(id)?;
+        let devices = loopdev::find(&self.volume_image(id))?;
+        let Some(dev) = devices.first() else {
+            return Err(Error::precondition(format!(
+                "volume {id} is not staged on this node"
+            )));
+        };
+        let table = mount::mounts()?;
+        let mut flags = DEFAULT_FLAGS;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+
+        if let Some(existing) = mount::mount_at(&table, target) {
+            let ours = match access {
+                Access::Block => is_device_bind_of(existing, dev),
+                Access::Mount { .. } => is_loop_mount_of(existing, dev),
+            };
+            if !ours {
+                return Err(Error::AlreadyExists {
+                    what: "target path",
+                    id: target.display().to_string(),
+                    detail: format!(
+                        "content: it already holds {} ({})",
+                        existing.source, existing.fs_type
+                    ),
+                });
+            }
+            if existing.read_only() != read_only {
+                return Err(Error::AlreadyExists {
+                    what: "target path",
+                    id: target.display().to_string(),
+                    detail: format!(
+                        "mode: volume {id} is published there {}",
+                        if existing.read_only() {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    ),
+                });
+            }
+            return Ok(());
+        }
+
+        match access {
+            Access::Block => {
+                if let Some(parent) = target.parent() {
+                    mkdir_p(parent)?;
+                }
+                match std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(target)
+                {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        if std::fs::metadata(target).is_ok_and(|m| m.is_dir()) {
+                            return Err(Error::invalid(
+                                "target path",
+                                format!(
+                                    "{} is a directory; a block volume needs a file",
+                                    target.display()
+                                ),
+                            ));
+                        }
+                    }
+                    Err(e) => return Err(e).context(|| format!("create {}", target.display())),
+                }
+                // nodev would make the bound device node unusable.
+                mount::bind(&dev.path(), target, flags & !MsFlags::MS_NODEV)?;
+            }
+            Access::Mount { mount_options, .. } => {
+                let source = match staging_path {
+                    Some(s) => {
+                        match mount::mount_at(&table, s) {
+                            Some(sm) if is_loop_mount_of(sm, dev) => {}
+                            _ => {
+                                return Err(Error::precondition(format!(
+                                    "volume {id} is not staged at {}; stage it first",
+                                    s.display()
+                                )))
+                            }
+                        }
+                        s.to_path_buf()
+                    }
+                    None => table
+                        .iter()
+                        .find(|m| is_loop_mount_of(m, dev) && m.root == Path::new("/"))
+                        .map(|m| m.mount_point.clone())
+                        .ok_or_else(|| {
+                            Error::precondition(format!(
+                                "volume {id} is attached but not mounted on this node"
+                            ))
+                        })?,
+                };
+                if let Some(gid) = fs_group {
+                    if !read_only {
+                        apply_fs_group(&source, gid)?;
+                    }
+                }
+                let (extra, _) = mount::split_options(MsFlags::empty(), mount_options);
+                mkdir_p(target)?;
+                mount::bind(&source, target, flags | extra)?;
+            }
+        }
+        tracing::info!(volume = %id, target = %target.display(), read_only, "published");
+        Ok(())
+    }
+
+    /// Removes the publication at `target`: unmounts it (every stacked mount of this volume) and
+    /// removes the directory or file. Not published: nothing to do. Unknown volume: `NotFound`.
+    pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
+        validate::check_id("volume ID", id)?;
+        self.check_node_path("target path", target)?;
+        let _guard = self.lock_volume(id)?;
+        self.get_volume(id)?;
+        let devices = loopdev::find(&self.volume_image(id))?;
+        self.unmount_target(id, &devices, target)?;
+        tracing::info!(volume = %id, target = %target.display(), "unpublished");
+        Ok(())
+    }
+
+    fn unmount_target(&self, id: &str, devices: &[LoopDevice], target: &Path) -> Result<()> {
+        // Bounded: a target holds a handful of stacked mounts at most.
+        for _ in 0..16 {
+            let table = mount::mounts()?;
+            let Some(existing) = mount::mount_at(&table, target) else {
+                break;
+            };
+            let ours = devices
+                .iter()
+                .any(|d| is_loop_mount_of(existing, d) || is_device_bind_of(existing, d));
+            if !ours {
+                return Err(Error::precondition(format!(
+                    "{} holds {}, not volume {id}; leaving it alone",
+                    target.display(),
+                    existing.source
+                )));
+            }
+            mount::unmount(target)?;
+        }
+        match std::fs::symlink_metadata(target) {
+            Ok(md) if md.is_dir() => remove_dir_if_empty(target),
+            Ok(md) if md.is_file() && md.len() == 0 => {
+                let _ = std::fs::remove_file(target);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The volume published or staged at `path` on this node, read back from the kernel: the
+    /// mount at `path` → its loop device → the image it is bound to → the volume that owns it.
+    pub fn volume_at(&self, path: &Path) -> Result<Option<String>> {
+        let table = mount::mounts()?;
+        let Some(m) = mount::mount_at(&table, path) else {
+            return Ok(None);
+        };
+        let number = if m.major == 7 {
+            m.minor
+        } else if let Some(n) = m
+            .fs_type
+            .eq("devtmpfs")
+            .then(|| m.root.to_str()?.strip_prefix("/loop")?.parse().ok())
+            .flatten()
+        {
+            n
+        } else {
+            return Ok(None);
+        };
+        let Some(dev) = loopdev::list()?.into_iter().find(|d| d.number == number) else {
+            return Ok(None);
+        };
+        Ok(self.volume_id_of_image(&dev.backing_file))
+    }
+
+    /// FlexVolume `unmount`: unpublishes `target`; when no other mount of the volume is left
+    /// besides its staging mount under the pool, unstages it too. A target that is not mounted
+    /// (already unmounted, or the node rebooted) only loses its directory.
+    pub fn release_target(&self, target: &Path) -> Result<Option<String>> {
+        self.check_node_path("target path", target)?;
+        let Some(id) = self.volume_at(target)? else {
+            remove_dir_if_empty(target);
+            return Ok(None);
+        };
+        self.unpublish(&id, target)?;
+        let staging = self.default_staging_path(&id)?;
+        let table = mount::mounts()?;
+        let devices = loopdev::find(&self.volume_image(&id))?;
+        let other_users = table
+            .iter()
+            .filter(|m| devices.iter().any(|d| is_loop_mount_of(m, d)))
+            .any(|m| m.mount_point != staging);
+        if !other_users {
+            self.unstage(&id, &staging)?;
+        }
+        Ok(Some(id))
+    }
+
+    /// Grows the filesystem of volume `id` (mounted at `volume_path`, a staging or target path)
+    /// to fill its image, refreshing the loop device first. For a block volume or an unmounted
+    /// one only the device grows. Returns the device size.
+    pub fn node_expand(&self, id: &str, volume_path: Option<&Path>) -> Result<u64> {
+        validate::check_id("volume ID", id)?;
+        if let Some(p) = volume_path {
+            self.check_node_path("volume path", p)?;
+        }
+        let _guard = self.lock_volume(id)?;
+        self.get_volume(id)?;
+        let devices = loopdev::find(&self.volume_image(id))?;
+        let Some(dev) = devices.first() else {
+            return Err(Error::precondition(format!(
+                "volume {id} is not attached on this node"
+            )));
+        };
+        loopdev::refresh_capacity(dev)?;
+        let device = dev.path();
+        let size = loopdev::device_size(&device)?;
+        let table = mount::mounts()?;
+        let mounted = match volume_path {
+            Some(p) => mount::mount_at(&table, p).filter(|m| is_loop_mount_of(m, dev)),
+            None => table.iter().find(|m| is_loop_mount_of(m, dev)),
+        };
+        let Some(mnt) = mounted else {
+            if let Some(p) = volume_path {
+                if !p.exists() {
+                    return Err(Error::not_found("volume path", p.display().to_string()));
+                }
+                if table
+                    .iter()
+                    .any(|m| is_device_bind_of(m, dev) && m.mount_point == p)
+                {
+                    return Ok(size); // a block volume: the device is all there is to grow
+                }
+            }
+            return Ok(size);
+        };
+        let fs: FsType = mnt.fs_type.parse()?;
+        let current = fs::superblock(&device)?
+            .map(|sb| sb.size_bytes)
+            .unwrap_or(0);
+        if current + fs::grow_slack(fs) < size {
+            fs::grow_online(fs, &device, &mnt.mount_point)?;
+        }
+        Ok(size)
+    }
+
+    /// Usage of volume `id` at `path`: a mounted filesystem (bytes and inodes) or a published
+    /// block device (bytes). `NotFound` when the volume or the path is unknown.
+    pub fn volume_usage(&self, id: &str, path: &Path) -> Result<Usage> {
+        validate::check_id("volume ID", id)?;
+        validate::check_path("volume path", path, &[])?;
+        self.get_volume(id)?;
+        let md = std::fs::metadata(path)
+            .map_err(|_| Error::not_found("volume path", path.display().to_string()))?;
+        if md.file_type().is_block_device() || md.is_file() {
+            let dev = loopdev::find(&self.volume_image(id))?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::not_found("attached volume", id))?;
+            let total = loopdev::device_size(&dev.path())?;
+            return Ok(Usage {
+                total_bytes: total,
+                available_bytes: 0,
+                used_bytes: total,
+                inodes: None,
+            });
+        }
+        let table = mount::mounts()?;
+        let devices = loopdev::find(&self.volume_image(id))?;
+        let ours = mount::mount_at(&table, path)
+            .is_some_and(|m| devices.iter().any(|d| is_loop_mount_of(m, d)));
+        if !ours {
+            return Err(Error::not_found(
+                "volume path",
+                format!("{} (volume {id} is not mounted there)", path.display()),
+            ));
+        }
+        fs::usage(path)
+    }
+
+    /// Whether volume `id` is healthy on this node: its image exists, and an attached filesystem
+    /// has recorded no errors.
+    pub fn volume_condition(&self, id: &str) -> Result<Condition> {
+        let m = self.get_volume(id)?;
+        let image = self.volume_image(id);
+        if !image.exists() {
+            return Ok(Condition {
+                abnormal: true,
+                message: format!("image {} is missing", image.display()),
+            });
+        }
+        if m.staged.iter().any(|h| h.node == self.node()) {
+            let devices = loopdev::find(&image)?;
+            let Some(dev) = devices.first() else {
+                return Ok(Condition {
+                    abnormal: true,
+                    message: "staged on this node but its loop device is gone (node restarted?)"
+                        .into(),
+                });
+            };
+            if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
+                return Ok(Condition {
+                    abnormal: true,
+                    message: "the filesystem has recorded errors; run fsck".into(),
+                });
+            }
+        }
+        Ok(Condition {
+            abnormal: false,
+            message: "ok".into(),
+        })
+    }
+}
+
+/// Gives group `gid` the volume's root directory (setgid, group rwx): new files inherit the
+/// group, so a pod's fsGroup can write without a recursive chown of existing data.
+fn apply_fs_group(root: &Path, gid: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    nix::unistd::chown(root, None, Some(nix::unistd::Gid::from_raw(gid)))
+        .context(|| format!("chown {} to group {gid}", root.display()))?;
+    let mode = std::fs::metadata(root)
+        .context(|| format!("stat {}", root.display()))?
+        .permissions()
+        .mode();
+    std::fs::set_permissions(
+        root,
+        std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
+    )
+    .context(|| format!("chmod {}", root.display()))
+}

@@ -1,0 +1,144 @@
+//! The only module with `unsafe`: thin, safe wrappers over the ioctls loopvol needs (loop devices,
+//! filesystem freeze, reflink, block device size). Each wrapper takes owned or borrowed file
+//! descriptors, so the kernel never sees a closed or foreign descriptor.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use nix::errno::Errno;
+
+const LOOP_SET_CAPACITY: u32 = 0x4C07;
+const LOOP_CLR_FD: u32 = 0x4C01;
+const LOOP_GET_STATUS64: u32 = 0x4C05;
+const LOOP_CONFIGURE: u32 = 0x4C0A;
+const LOOP_CTL_GET_FREE: u32 = 0x4C82;
+
+pub const LO_FLAGS_READ_ONLY: u32 = 1;
+pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+/// `struct loop_info64` from `<linux/loop.h>`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoopInfo64 {
+    pub lo_device: u64,
+    pub lo_inode: u64,
+    pub lo_rdevice: u64,
+    pub lo_offset: u64,
+    pub lo_sizelimit: u64,
+    pub lo_number: u32,
+    pub lo_encrypt_type: u32,
+    pub lo_encrypt_key_size: u32,
+    pub lo_flags: u32,
+    pub lo_file_name: [u8; 64],
+    pub lo_crypt_name: [u8; 64],
+    pub lo_encrypt_key: [u8; 32],
+    pub lo_init: [u64; 2],
+}
+
+impl Default for LoopInfo64 {
+    fn default() -> Self {
+        // SAFETY: LoopInfo64 is plain old data (integers and byte arrays); all-zero is valid and is
+        // what the kernel expects for "no offset, no limit, no encryption".
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+/// `struct loop_config` from `<linux/loop.h>` (LOOP_CONFIGURE, Linux 5.8+).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+const _: () = assert!(std::mem::size_of::<LoopConfig>() == 304);
+
+nix::ioctl_none_bad!(ioctl_loop_ctl_get_free, LOOP_CTL_GET_FREE);
+nix::ioctl_write_ptr_bad!(ioctl_loop_configure, LOOP_CONFIGURE, LoopConfig);
+nix::ioctl_none_bad!(ioctl_loop_clr_fd, LOOP_CLR_FD);
+nix::ioctl_none_bad!(ioctl_loop_set_capacity, LOOP_SET_CAPACITY);
+nix::ioctl_read_bad!(ioctl_loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
+nix::ioctl_readwrite!(ioctl_fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(ioctl_fithaw, b'X', 120, libc::c_int);
+nix::ioctl_write_int!(ioctl_ficlone, 0x94, 9);
+nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
+
+/// Asks `/dev/loop-control` for a free loop device number (the kernel creates one if needed).
+pub fn loop_ctl_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument; `control` is a live descriptor for the borrow.
+    let n = unsafe { ioctl_loop_ctl_get_free(control.as_raw_fd()) }?;
+    u32::try_from(n).map_err(|_| Errno::EINVAL)
+}
+
+/// Binds `backing` to the loop device `loop_dev` in one step, with `flags` (LO_FLAGS_*).
+/// Fails with EBUSY when another process bound the device first.
+pub fn loop_configure(
+    loop_dev: BorrowedFd<'_>,
+    backing: BorrowedFd<'_>,
+    flags: u32,
+) -> Result<(), Errno> {
+    let config = LoopConfig {
+        fd: backing.as_raw_fd() as u32,
+        block_size: 0,
+        info: LoopInfo64 {
+            lo_flags: flags,
+            ..LoopInfo64::default()
+        },
+        reserved: [0; 8],
+    };
+    // SAFETY: `config` is a fully initialised loop_config that outlives the call; the kernel only
+    // reads it. Both descriptors are live for the duration of the borrow, and the kernel takes its
+    // own reference on `backing`, so closing ours afterwards is fine.
+    unsafe { ioctl_loop_configure(loop_dev.as_raw_fd(), &config) }.map(drop)
+}
+
+/// Unbinds a loop device (the kernel defers it until the last opener closes).
+pub fn loop_clr_fd(loop_dev: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: LOOP_CLR_FD takes no argument; the descriptor is live for the borrow.
+    unsafe { ioctl_loop_clr_fd(loop_dev.as_raw_fd()) }.map(drop)
+}
+
+/// Makes the loop device re-read its backing file's size.
+pub fn loop_set_capacity(loop_dev: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: LOOP_SET_CAPACITY takes no argument; the descriptor is live for the borrow.
+    unsafe { ioctl_loop_set_capacity(loop_dev.as_raw_fd()) }.map(drop)
+}
+
+/// Reads a loop device's status; ENXIO means nothing is bound to it.
+pub fn loop_get_status64(loop_dev: BorrowedFd<'_>) -> Result<LoopInfo64, Errno> {
+    let mut info = LoopInfo64::default();
+    // SAFETY: the kernel writes one loop_info64 into `info`, which is valid, writable and sized
+    // for exactly that; the descriptor is live for the borrow.
+    unsafe { ioctl_loop_get_status64(loop_dev.as_raw_fd(), &mut info) }?;
+    Ok(info)
+}
+
+/// Freezes the filesystem mounted at the directory `dir` (open any file on it).
+pub fn fifreeze(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: FIFREEZE ignores its argument; we still pass a valid int pointer. Descriptor live.
+    unsafe { ioctl_fifreeze(dir.as_raw_fd(), &mut unused) }.map(drop)
+}
+
+/// Thaws a filesystem frozen by [`fifreeze`].
+pub fn fithaw(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: as for FIFREEZE.
+    unsafe { ioctl_fithaw(dir.as_raw_fd(), &mut unused) }.map(drop)
+}
+
+/// Makes `dest` share all of `src`'s extents (reflink). EOPNOTSUPP, EXDEV or EINVAL mean the
+/// filesystem cannot, and the caller copies instead.
+pub fn ficlone(dest: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument; both are live.
+    unsafe { ioctl_ficlone(dest.as_raw_fd(), src.as_raw_fd() as _) }.map(drop)
+}
+
+/// Size in bytes of the block device open at `dev`.
+pub fn blkgetsize64(dev: impl AsFd) -> Result<u64, Errno> {
+    let mut size: u64 = 0;
+    // SAFETY: the kernel writes one u64 into `size`; the descriptor is live for the call.
+    unsafe { ioctl_blkgetsize64(dev.as_fd().as_raw_fd(), &mut size) }?;
+    Ok(size)
+}

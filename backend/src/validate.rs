@@ -1,0 +1,437 @@
+//! Checks on untrusted input, done before anything touches a path, a lock or the kernel.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Longest volume ID, snapshot ID or name (the CSI limit).
+pub const MAX_ID_LEN: usize = 128;
+
+/// A volume or snapshot ID: becomes a directory name in the pool, so it must be one plain path
+/// component. Letters, digits, `-`, `_` and `.`, not starting with `.` (hides it, and rules out `..`).
+pub fn check_id(what: &'static str, id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::invalid(what, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            what,
+            format!("{} bytes, longer than {MAX_ID_LEN}", id.len()),
+        ));
+    }
+    if id.starts_with('.') {
+        return Err(Error::invalid(
+            what,
+            format!("{id:?} must not start with '.'"),
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "{:?} contains {c:?}; only letters, digits, '-', '_' and '.' are allowed",
+                id.escape_debug().to_string()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A name chosen by the caller (CSI's idempotency key). Any UTF-8 up to 128 bytes without NUL.
+pub fn check_name(what: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(what, "must not be empty"));
+    }
+    if name.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            what,
+            format!("{} bytes, longer than {MAX_ID_LEN}", name.len()),
+        ));
+    }
+    if name.contains('\0') {
+        return Err(Error::invalid(what, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// The ID a name maps to: the name itself when it is a valid ID (so operators find `pvc-…` in the
+/// pool), else a stable hash of it. Deterministic, so creation by name needs no name index.
+pub fn id_for_name(name: &str) -> String {
+    if check_id("name", name).is_ok() {
+        return name.to_owned();
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("h-{hex}")
+}
+
+/// Filesystems loopvol formats and mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl FsType {
+    pub const ALL: [FsType; 3] = [FsType::Ext4, FsType::Xfs, FsType::Btrfs];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::Btrfs => "btrfs",
+        }
+    }
+
+    /// Parses a requested fs type; empty means the default, ext4.
+    pub fn parse_or_default(s: &str) -> Result<FsType> {
+        if s.is_empty() {
+            Ok(FsType::Ext4)
+        } else {
+            s.parse()
+        }
+    }
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FsType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            "btrfs" => Ok(FsType::Btrfs),
+            other => Err(Error::invalid(
+                "filesystem type",
+                format!("{other:?} is not supported (ext4, xfs, btrfs)"),
+            )),
+        }
+    }
+}
+
+/// Parses a Kubernetes quantity (`1Gi`, `500M`, `1073741824`, `1.5Gi`) into bytes.
+pub fn parse_quantity(s: &str) -> Result<u64> {
+    let bad = |reason: &str| Error::invalid("size", format!("{s:?}: {reason}"));
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    if number.is_empty() {
+        return Err(bad("expected a number such as 1Gi"));
+    }
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        _ => {
+            return Err(bad(
+                "unknown suffix (use k, M, G, T, P, Ki, Mi, Gi, Ti, Pi)",
+            ))
+        }
+    };
+    // Exact decimal arithmetic: `1.5Gi` must be exactly 1.5 × 2^30 bytes.
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && frac.is_empty() || frac.contains('.') || frac.len() > 9 {
+        return Err(bad("malformed number"));
+    }
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad("number too large"))?
+    };
+    let frac_scale = 10u128.pow(frac.len() as u32);
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad("malformed number"))?
+    };
+    let bytes = whole
+        .checked_mul(multiplier)
+        .and_then(|w| w.checked_add(frac_value * multiplier / frac_scale))
+        .ok_or_else(|| bad("too large"))?;
+    let bytes = u64::try_from(bytes).map_err(|_| bad("too large"))?;
+    if bytes == 0 {
+        return Err(bad("must be greater than zero"));
+    }
+    Ok(bytes)
+}
+
+/// Mount flags loopvol turns into mount(2) flags; everything else is filesystem data.
+pub(crate) const FLAG_OPTIONS: &[&str] = &[
+    "ro",
+    "rw",
+    "nodev",
+    "dev",
+    "nosuid",
+    "suid",
+    "noexec",
+    "exec",
+    "noatime",
+    "atime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nodiratime",
+    "diratime",
+    "sync",
+    "async",
+    "dirsync",
+    "lazytime",
+    "nolazytime",
+    "defaults",
+];
+
+/// Options that would change what is mounted rather than how: never from a caller.
+const FORBIDDEN_OPTIONS: &[&str] = &[
+    "bind",
+    "rbind",
+    "remount",
+    "move",
+    "loop",
+    "offset",
+    "sizelimit",
+];
+
+/// Checks user mount options. Each is a flag or `key=value` of a plain charset; anything naming a
+/// path (`device=/dev/sdb`, `logdev=`, `journal_path=`) or changing the kind of mount is refused,
+/// because it would let a volume reach beyond its own image.
+pub fn check_mount_options(options: &[String]) -> Result<()> {
+    for opt in options {
+        let bad = |reason: &str| Error::invalid("mount option", format!("{opt:?}: {reason}"));
+        if opt.is_empty() {
+            return Err(bad("empty"));
+        }
+        if opt.len() > 256 {
+            return Err(bad("longer than 256 bytes"));
+        }
+        if let Some(c) = opt.chars().find(|c| {
+            !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '=' | ':' | '+'))
+        }) {
+            return Err(bad(&format!("character {c:?} is not allowed")));
+        }
+        let key = opt.split('=').next().unwrap_or_default();
+        if FORBIDDEN_OPTIONS.contains(&key) {
+            return Err(bad("changes what is mounted; not allowed"));
+        }
+    }
+    Ok(())
+}
+
+/// Splits a comma-separated option string (FlexVolume's `mountOptions`), then checks it.
+pub fn parse_mount_options(s: &str) -> Result<Vec<String>> {
+    let options: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(str::to_owned)
+        .collect();
+    check_mount_options(&options)?;
+    Ok(options)
+}
+
+/// System directories that no volume may be mounted on or under (a caller asking for them is
+/// confused or hostile).
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/proc",
+    "/run/systemd",
+    "/sbin",
+    "/sys",
+    "/usr",
+];
+
+/// Checks a staging or target path from a caller: absolute, normalized (no `.`/`..`, no `//`, no
+/// trailing `/`), no NUL, not `/` or a system directory, and (when `prefixes` is not empty) under
+/// one of `prefixes`.
+pub fn check_path(what: &'static str, path: &Path, prefixes: &[PathBuf]) -> Result<()> {
+    let text = path.as_os_str().as_encoded_bytes();
+    let shown = path.display();
+    if text.is_empty() {
+        return Err(Error::invalid(what, "must not be empty"));
+    }
+    if text.contains(&0) {
+        return Err(Error::invalid(what, "contains a NUL byte"));
+    }
+    if text.len() > 4096 {
+        return Err(Error::invalid(what, "longer than 4096 bytes"));
+    }
+    if !path.is_absolute() {
+        return Err(Error::invalid(what, format!("{shown} is not absolute")));
+    }
+    let normal = path
+        .components()
+        .skip(1)
+        .all(|c| matches!(c, Component::Normal(_)));
+    let rebuilt: PathBuf = path.components().collect();
+    if !normal || rebuilt.as_os_str() != path.as_os_str() {
+        return Err(Error::invalid(
+            what,
+            format!("{shown} is not normalized (no '.', '..', '//' or trailing '/')"),
+        ));
+    }
+    if path == Path::new("/") {
+        return Err(Error::invalid(what, "must not be /"));
+    }
+    if let Some(dir) = SYSTEM_DIRS.iter().find(|d| path.starts_with(d)) {
+        return Err(Error::invalid(
+            what,
+            format!("{shown} is in system directory {dir}"),
+        ));
+    }
+    if !prefixes.is_empty() && !prefixes.iter().any(|p| path.starts_with(p) && path != p) {
+        let allowed: Vec<String> = prefixes.iter().map(|p| p.display().to_string()).collect();
+        return Err(Error::invalid(
+            what,
+            format!(
+                "{shown} is outside the allowed directories {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        check_id("volume ID", "pvc-0a1b2c3d-4e5f").unwrap();
+        check_id("volume ID", &"a".repeat(128)).unwrap();
+        for bad in ["", "..", ".", "a/b", "../x", "a\0b", ".hidden", "a b", "é"] {
+            assert!(check_id("volume ID", bad).is_err(), "{bad:?} accepted");
+        }
+        let too_long = "a".repeat(129);
+        let err = check_id("volume ID", &too_long).unwrap_err().to_string();
+        assert!(err.contains("longer than 128"), "{err}");
+    }
+
+    #[test]
+    fn names_map_to_ids() {
+        assert_eq!(id_for_name("pvc-123"), "pvc-123");
+        let hashed = id_for_name("ns/claim with spaces");
+        assert!(hashed.starts_with("h-"));
+        check_id("id", &hashed).unwrap();
+        assert_eq!(hashed, id_for_name("ns/claim with spaces"));
+        assert_ne!(hashed, id_for_name("ns/claim with spaces2"));
+        assert!(check_name("name", "a\0b").is_err());
+        check_name("name", &"é".repeat(64)).unwrap();
+        assert!(check_name("name", &"é".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("1Gi").unwrap(), 1 << 30);
+        assert_eq!(parse_quantity("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_quantity("500M").unwrap(), 500_000_000);
+        assert_eq!(parse_quantity("4096").unwrap(), 4096);
+        assert_eq!(parse_quantity("100Ti").unwrap(), 100 << 40);
+        for bad in [
+            "",
+            "0",
+            "0Gi",
+            "-1Gi",
+            "1Xi",
+            "Gi",
+            "1..5Gi",
+            "1.2.3",
+            "99999999999999999999Pi",
+            ".Gi",
+        ] {
+            assert!(parse_quantity(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn fs_types() {
+        assert_eq!(FsType::parse_or_default("").unwrap(), FsType::Ext4);
+        assert_eq!("xfs".parse::<FsType>().unwrap(), FsType::Xfs);
+        assert!("ntfs".parse::<FsType>().is_err());
+        assert!("EXT4".parse::<FsType>().is_err());
+    }
+
+    #[test]
+    fn mount_options() {
+        parse_mount_options("noatime, discard,commit=30,compress=zstd:3").unwrap();
+        for bad in [
+            "bind",
+            "remount",
+            "device=/dev/sda",
+            "logdev=/dev/x",
+            "a b",
+            "x;y",
+            "loop",
+            "offset=4",
+        ] {
+            assert!(
+                check_mount_options(&[bad.to_string()]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(check_mount_options(&[String::new()]).is_err());
+    }
+
+    #[test]
+    fn paths() {
+        let kubelet = [PathBuf::from("/var/lib/kubelet")];
+        check_path(
+            "target path",
+            Path::new("/var/lib/kubelet/pods/x/volumes/v"),
+            &kubelet,
+        )
+        .unwrap();
+        check_path("target path", Path::new("/tmp/x"), &[]).unwrap();
+        for bad in [
+            "",
+            "relative/p",
+            "/",
+            "/etc",
+            "/etc/x",
+            "/proc/1",
+            "/sys",
+            "/dev/sda",
+            "/usr/lib/x",
+            "/tmp/../etc",
+            "/tmp/./x",
+            "/tmp//x",
+            "/tmp/x/",
+        ] {
+            assert!(
+                check_path("target path", Path::new(bad), &[]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(check_path("target path", Path::new("/tmp/x"), &kubelet).is_err());
+        assert!(check_path("target path", Path::new("/var/lib/kubelet"), &kubelet).is_err());
+        assert!(check_path("target path", Path::new("/var/lib/kubeletx/a"), &kubelet).is_err());
+    }
+}
