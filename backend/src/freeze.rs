@@ -43,7 +43,7 @@ pub(crate) fn freeze_volumes(pool: &Pool, ids: &[&str]) -> Result<Frozen> {
             // One mount per filesystem is enough: freezing acts on the superblock.
             let Some(m) = table
                 .iter()
-                .find(|m| m.major == 7 && m.minor == dev.number && !m.read_only())
+                .find(|m| m.source == dev.path().to_string_lossy() && !m.read_only())
             else {
                 continue;
             };

@@ -171,10 +171,10 @@ pub fn superblock(device: &Path) -> Result<Option<Superblock>> {
 }
 
 /// How far a filesystem may stay below its device before we call it "not grown": xfs cannot use
-/// a tail smaller than its minimum allocation group; the others fill the device to a block.
+/// a tail smaller than its minimum allocation group (16 MiB); the others fill the device to a block.
 pub fn grow_slack(fs: FsType) -> u64 {
     match fs {
-        FsType::Xfs => 64 << 20,
+        FsType::Xfs => 16 << 20,
         FsType::Ext4 | FsType::Btrfs => 1 << 20,
     }
 }

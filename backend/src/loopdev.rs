@@ -11,6 +11,9 @@ use nix::errno::Errno;
 use crate::error::{Context, Error, Result};
 use crate::sys;
 
+/// The block major number of loop devices.
+pub const LOOP_MAJOR: u32 = 7;
+
 /// A loop device and the image bound to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopDevice {

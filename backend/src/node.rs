@@ -53,8 +53,10 @@ pub struct Condition {
     pub message: String,
 }
 
+/// A filesystem mounted from `dev` (or a bind of one). btrfs reports an anonymous device number
+/// in mountinfo, so the source path counts as well as the number.
 fn is_loop_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {
-    m.major == 7 && m.minor == dev.number
+    (m.major == loopdev::LOOP_MAJOR && m.minor == dev.number) || Path::new(&m.source) == dev.path()
 }
 
 /// A bind of the device node itself (raw block publish): devtmpfs with the node's name as root.
@@ -582,8 +584,14 @@ impl Pool {
         let Some(m) = mount::mount_at(&table, path) else {
             return Ok(None);
         };
-        let number = if m.major == 7 {
+        let number = if m.major == loopdev::LOOP_MAJOR {
             m.minor
+        } else if let Some(n) = m
+            .source
+            .strip_prefix("/dev/loop")
+            .and_then(|n| n.parse().ok())
+        {
+            n
         } else if let Some(n) = m
             .fs_type
             .eq("devtmpfs")
