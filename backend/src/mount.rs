@@ -175,15 +175,28 @@ pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
 }
 
 /// Unmounts `target`; EINVAL (not a mount point) and ENOENT count as already done.
+///
+/// EBUSY is retried for a short, bounded time: a process forked by any thread of ours (mkfs,
+/// blkid) holds copies of our descriptors until its exec, which can make a mount briefly busy.
 pub fn unmount(target: &Path) -> Result<()> {
-    match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
-        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
-        Err(nix::Error::EBUSY) => Err(Error::precondition(format!(
-            "{} is busy: a process still uses it",
-            target.display()
-        ))),
-        Err(e) => Err(e).context(|| format!("unmount {}", target.display())),
+    let mut backoff = std::time::Duration::from_millis(5);
+    for attempt in 0.. {
+        match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => return Ok(()),
+            Err(nix::Error::EBUSY) if attempt < 8 => {
+                std::thread::sleep(backoff);
+                backoff *= 2;
+            }
+            Err(nix::Error::EBUSY) => {
+                return Err(Error::precondition(format!(
+                    "{} is busy: a process still uses it",
+                    target.display()
+                )))
+            }
+            Err(e) => return Err(e).context(|| format!("unmount {}", target.display())),
+        }
     }
+    unreachable!("the loop returns")
 }
 
 #[cfg(test)]

@@ -464,3 +464,647 @@ fn snapshot_and_clone_xfs() {
 fn snapshot_and_clone_btrfs() {
     snapshot_and_clone(FsType::Btrfs)
 }
+
+/// Expansion visible inside the mounted filesystem. xfs and btrfs grow online; ext4 online grow
+/// needs CAP_SYS_RESOURCE: without it the error says so and the next stage grows it offline.
+fn expansion(fs: FsType) {
+    if !gate(fs) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, &format!("grow-{fs}"), Some(fs));
+    let staging = s.path("staging");
+    let target = s.path("pods/p/vol");
+    pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+    pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
+        .unwrap();
+    write_file(&target.join("data"), b"kept");
+    let before = pool.volume_usage(&id, &target).unwrap().total_bytes;
+
+    let new_size = SIZE + 256 * MIB;
+    let expanded = pool.expand_volume(&id, new_size).unwrap();
+    assert_eq!(expanded.size_bytes, new_size);
+    assert_eq!(
+        pool.expand_volume(&id, new_size).unwrap().size_bytes,
+        new_size,
+        "repeat is a no-op"
+    );
+    assert_eq!(
+        pool.expand_volume(&id, SIZE).unwrap().size_bytes,
+        new_size,
+        "never shrinks"
+    );
+    let online = pool.node_expand(&id, Some(&target));
+    if fs == FsType::Ext4 && !loopvol::fs::can_grow_ext4_online() {
+        let err = online.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert!(err.to_string().contains("CAP_SYS_RESOURCE"), "{err}");
+        pool.unpublish(&id, &target).unwrap();
+        pool.unstage(&id, &staging).unwrap();
+        pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+        pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
+            .unwrap();
+    } else {
+        assert_eq!(online.unwrap(), new_size);
+        pool.node_expand(&id, Some(&target)).unwrap();
+    }
+    let after = pool.volume_usage(&id, &target).unwrap().total_bytes;
+    assert!(after >= before + 200 * MIB, "{fs}: {before} → {after}");
+    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"kept");
+    assert_eq!(pool.get_volume(&id).unwrap().size_bytes, new_size);
+    pool.unpublish(&id, &target).unwrap();
+    pool.unstage(&id, &staging).unwrap();
+}
+
+#[test]
+fn expansion_ext4() {
+    expansion(FsType::Ext4)
+}
+#[test]
+fn expansion_xfs() {
+    expansion(FsType::Xfs)
+}
+#[test]
+fn expansion_btrfs() {
+    expansion(FsType::Btrfs)
+}
+
+/// Child side of `two_processes_race_on_one_volume`: runs only when the parent sets the env.
+#[test]
+fn race_child() {
+    let (Ok(pool_dir), Ok(id), Ok(staging), Ok(target)) = (
+        std::env::var("LOOPVOL_RACE_POOL"),
+        std::env::var("LOOPVOL_RACE_ID"),
+        std::env::var("LOOPVOL_RACE_STAGING"),
+        std::env::var("LOOPVOL_RACE_TARGET"),
+    ) else {
+        return; // not a child: nothing to do
+    };
+    let pool = Pool::open(pool_dir, PoolOptions::new("node-a")).unwrap();
+    let staged = pool
+        .stage(&id, Path::new(&staging), &mount_access(FsType::Ext4), false)
+        .unwrap();
+    pool.publish(
+        &id,
+        Some(Path::new(&staging)),
+        Path::new(&target),
+        &mount_access(FsType::Ext4),
+        false,
+        None,
+    )
+    .unwrap();
+    println!("RACE-RESULT formatted={}", staged.formatted.is_some());
+}
+
+#[test]
+fn two_processes_race_on_one_volume() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "raced", Some(FsType::Ext4));
+    let staging = s.path("staging");
+    let children: Vec<_> = (0..2)
+        .map(|i| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "race_child", "--nocapture", "--test-threads=1"])
+                .env("LOOPVOL_RACE_POOL", s.pool())
+                .env("LOOPVOL_RACE_ID", &id)
+                .env("LOOPVOL_RACE_STAGING", &staging)
+                .env("LOOPVOL_RACE_TARGET", s.path(&format!("pods/p{i}/vol")))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "child failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect();
+    let formats = outputs
+        .iter()
+        .filter(|o| o.contains("RACE-RESULT formatted=true"))
+        .count();
+    let done = outputs.iter().filter(|o| o.contains("RACE-RESULT")).count();
+    assert_eq!(done, 2, "{outputs:?}");
+    assert_eq!(formats, 1, "exactly one process formats: {outputs:?}");
+    assert_eq!(
+        loops_under(&s.root()).len(),
+        1,
+        "one loop device for the volume"
+    );
+    let table = loopvol::mount::mounts().unwrap();
+    assert_eq!(
+        table.iter().filter(|m| m.mount_point == staging).count(),
+        1,
+        "one staging mount"
+    );
+    for i in 0..2 {
+        pool.unpublish(&id, &s.path(&format!("pods/p{i}/vol")))
+            .unwrap();
+    }
+    pool.unstage(&id, &staging).unwrap();
+}
+
+#[test]
+fn threads_race_on_create_and_stage() {
+    if !gate(FsType::Xfs) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = std::sync::Arc::new(open(&s));
+    let staging = s.path("staging");
+    let results: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            let staging = staging.clone();
+            std::thread::spawn(move || {
+                let m = pool
+                    .create_volume(&CreateVolume {
+                        name: "same".into(),
+                        size_bytes: SIZE,
+                        fs_type: Some(FsType::Xfs),
+                        allocation: Allocation::Thin,
+                        source: None,
+                    })
+                    .unwrap();
+                pool.stage(&m.id, &staging, &mount_access(FsType::Xfs), false)
+                    .unwrap();
+                m
+            })
+        })
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(
+        results
+            .windows(2)
+            .all(|w| w[0].id == w[1].id && w[0].created_unix == w[1].created_unix),
+        "one volume for one name"
+    );
+    assert_eq!(pool.list_volumes(None, 0).unwrap().entries.len(), 1);
+    assert_eq!(loops_under(&s.root()).len(), 1);
+    pool.unstage(&results[0].id, &staging).unwrap();
+}
+
+/// A call interrupted between steps, then repeated, finishes the job.
+#[test]
+fn crash_between_steps_then_repeat() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "crashy", Some(FsType::Ext4));
+    let staging = s.path("staging");
+
+    // Stage crashed after attach + format, before the mount.
+    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    write_file(&staging.join("f"), b"survives");
+    loopvol::mount::unmount(&staging).unwrap();
+    assert_eq!(loops_under(&s.root()).len(), 1);
+    let again = pool
+        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    assert_eq!(again.formatted, None);
+    assert_eq!(std::fs::read(staging.join("f")).unwrap(), b"survives");
+    assert_eq!(
+        loops_under(&s.root()).len(),
+        1,
+        "the attached device is reused"
+    );
+
+    // Unstage crashed after the unmount, before the detach.
+    loopvol::mount::unmount(&staging).unwrap();
+    pool.unstage(&id, &staging).unwrap();
+    assert!(loops_under(&s.root()).is_empty());
+
+    // Create crashed after writing the image, before committing metadata.
+    let vol_dir = s.pool().join("volumes").join("half-made");
+    std::fs::create_dir_all(&vol_dir).unwrap();
+    std::fs::write(vol_dir.join("image.tmp"), b"junk").unwrap();
+    assert_eq!(
+        pool.get_volume("half-made").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert!(pool
+        .list_volumes(None, 0)
+        .unwrap()
+        .entries
+        .iter()
+        .all(|v| v.id != "half-made"));
+    let m = pool
+        .create_volume(&CreateVolume {
+            name: "half-made".into(),
+            size_bytes: SIZE,
+            fs_type: None,
+            allocation: Allocation::Thin,
+            source: None,
+        })
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(pool.volume_image(&m.id)).unwrap().len(),
+        SIZE
+    );
+    assert!(!vol_dir.join("image.tmp").exists());
+
+    // Snapshot crashed midway through the copy.
+    let snap_dir = s.pool().join("snapshots").join("snap-crash");
+    std::fs::create_dir_all(&snap_dir).unwrap();
+    std::fs::write(snap_dir.join("image.tmp"), b"partial").unwrap();
+    let snap = pool.create_snapshot("snap-crash", &id).unwrap();
+    assert_eq!(
+        std::fs::metadata(snap_dir.join("image")).unwrap().len(),
+        SIZE
+    );
+    assert!(!snap_dir.join("image.tmp").exists());
+    assert_eq!(snap.source_volume_id, id);
+
+    // Delete crashed after the move to trash: the next open empties it.
+    std::fs::create_dir_all(s.pool().join("trash/left-over/x")).unwrap();
+    drop(pool);
+    let pool = open(&s);
+    assert_eq!(
+        std::fs::read_dir(s.pool().join("trash")).unwrap().count(),
+        0
+    );
+    pool.get_volume(&id).unwrap();
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "good", Some(FsType::Ext4));
+    let snapshot_of_pool = || {
+        let mut names: Vec<String> = walk(&s.pool());
+        names.sort();
+        names
+    };
+    let before = snapshot_of_pool();
+    let staging = s.path("staging");
+    let target = s.path("pods/p/vol");
+
+    for bad_id in ["../good", "a/b", "..", "x\0y", &"a".repeat(129), ""] {
+        assert_eq!(
+            pool.get_volume(bad_id).unwrap_err().kind(),
+            ErrorKind::InvalidArgument,
+            "{bad_id:?}"
+        );
+        assert_eq!(
+            pool.delete_volume(bad_id).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            pool.stage(bad_id, &staging, &mount_access(FsType::Ext4), false)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            pool.create_snapshot("s", bad_id).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+    }
+    let err = pool
+        .create_volume(&CreateVolume {
+            name: "zero".into(),
+            size_bytes: 0,
+            fs_type: None,
+            allocation: Allocation::Thin,
+            source: None,
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let err = pool
+        .create_volume(&CreateVolume {
+            name: "huge".into(),
+            size_bytes: 1 << 60,
+            fs_type: None,
+            allocation: Allocation::Thin,
+            source: None,
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    let err = pool
+        .create_volume(&CreateVolume {
+            name: "good".into(),
+            size_bytes: SIZE * 2,
+            fs_type: None,
+            allocation: Allocation::Thin,
+            source: None,
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    for opt in ["bind", "device=/dev/sda", "x;y", "remount"] {
+        let access = Access::Mount {
+            fs_type: Some(FsType::Ext4),
+            mount_options: vec![opt.into()],
+        };
+        assert_eq!(
+            pool.stage(&id, &staging, &access, false)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::InvalidArgument,
+            "{opt}"
+        );
+    }
+    for path in ["relative", "/etc/x", "/", "/proc/self", "/tmp/../etc"] {
+        let err = pool
+            .stage(&id, Path::new(path), &mount_access(FsType::Ext4), false)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{path}");
+        let err = pool
+            .publish(
+                &id,
+                Some(&staging),
+                Path::new(path),
+                &mount_access(FsType::Ext4),
+                false,
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{path}");
+    }
+    assert!("ntfs".parse::<FsType>().is_err());
+    assert_eq!(
+        pool.expand_volume(&id, 0).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        pool.expand_volume("missing", SIZE).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pool.unstage("missing", &staging).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        pool.list_volumes(Some("forged"), 1).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    // Confined to prefixes: a path elsewhere is refused.
+    let mut opts = PoolOptions::new("node-a");
+    opts.path_prefixes = vec![s.path("kubelet")];
+    let confined = Pool::open(s.pool(), opts).unwrap();
+    let err = confined
+        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the allowed"), "{err}");
+    let err = confined
+        .publish(&id, None, &target, &mount_access(FsType::Ext4), false, None)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+
+    assert_eq!(snapshot_of_pool(), before, "the pool is unchanged");
+    assert!(mounts_under(&s.root()).is_empty());
+    assert!(loops_under(&s.root()).is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.to_string_lossy().contains("/locks/") {
+            continue; // lock files are created on demand and hold nothing
+        }
+        out.push(format!(
+            "{} {}",
+            p.display(),
+            e.metadata().map(|m| m.len()).unwrap_or(0)
+        ));
+        if p.is_dir() && !p.ends_with("locks") {
+            out.extend(walk(&p));
+        }
+    }
+    out
+}
+
+#[test]
+fn health_reports_missing_image_and_fs_errors() {
+    if !gate(FsType::Ext4) || !require_root(&["debugfs"]) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "healthy", Some(FsType::Ext4));
+    let staging = s.path("staging");
+    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    assert!(!pool.volume_condition(&id).unwrap().abnormal);
+    pool.unstage(&id, &staging).unwrap();
+    // Record an error in the superblock the way the kernel does (state "errors").
+    let image = pool.volume_image(&id);
+    let (code, _, err) = loopvol_e2e::run(
+        Command::new("debugfs")
+            .args(["-w", "-R", "ssv state 2"])
+            .arg(&image),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = loopvol_e2e::run(
+        Command::new("debugfs")
+            .args(["-w", "-R", "ssv error_count 3"])
+            .arg(&image),
+    );
+    assert_eq!(code, 0, "{err}");
+    pool.stage(
+        &id,
+        &staging,
+        &Access::Mount {
+            fs_type: None,
+            mount_options: vec!["errors=continue".into()],
+        },
+        false,
+    )
+    .unwrap();
+    let cond = pool.volume_condition(&id).unwrap();
+    assert!(cond.abnormal && cond.message.contains("errors"), "{cond:?}");
+    pool.unstage(&id, &staging).unwrap();
+
+    std::fs::remove_file(&image).unwrap();
+    let cond = pool.volume_condition(&id).unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("missing"),
+        "{cond:?}"
+    );
+    let err = pool
+        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn capacity_listing_and_allocation() {
+    if !require_root(&[]) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let cap0 = pool.capacity().unwrap();
+    assert!(cap0.free_bytes > SIZE);
+    for i in 0..5 {
+        create(&pool, &format!("v{i}"), None);
+    }
+    let cap1 = pool.capacity().unwrap();
+    assert_eq!(
+        cap1.thin_unallocated_bytes,
+        5 * SIZE,
+        "thin volumes claim their whole size"
+    );
+    assert!(cap1.available_bytes <= cap1.free_bytes - 5 * SIZE + 16 * MIB);
+
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = pool.list_volumes(token.as_deref(), 2).unwrap();
+        assert!(page.entries.len() <= 2);
+        seen.extend(page.entries.into_iter().map(|v| v.id));
+        match page.next_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["v0", "v1", "v2", "v3", "v4"]);
+
+    // Thin → thick: every block allocated, and the capacity no longer counts it as promised.
+    let m = pool.set_allocation("v0", Allocation::Thick).unwrap();
+    assert_eq!(m.allocation, Allocation::Thick);
+    let blocks = std::fs::metadata(pool.volume_image("v0")).unwrap().blocks() * 512;
+    assert!(blocks >= SIZE, "allocated {blocks}");
+    assert_eq!(pool.capacity().unwrap().thin_unallocated_bytes, 4 * SIZE);
+    assert_eq!(pool.set_allocation("v0", Allocation::Thick).unwrap(), m);
+
+    // Snapshots list in order, filtered by source, with paging.
+    pool.create_snapshot("s-a", "v1").unwrap();
+    pool.create_snapshot("s-b", "v2").unwrap();
+    pool.create_snapshot("s-c", "v1").unwrap();
+    let of_v1: Vec<String> = pool
+        .list_snapshots(Some("v1"), None, 0)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(of_v1, ["s-a", "s-c"]);
+    let p = pool.list_snapshots(None, None, 2).unwrap();
+    assert_eq!(p.entries.len(), 2);
+    let rest = pool
+        .list_snapshots(None, p.next_token.as_deref(), 2)
+        .unwrap();
+    assert_eq!(
+        rest.entries
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect::<Vec<_>>(),
+        ["s-c"]
+    );
+
+    // Group snapshot: one per member, all tagged with the group.
+    let (group, members) = pool
+        .create_group_snapshot("grp", &["v3".into(), "v4".into()])
+        .unwrap();
+    assert_eq!(members.len(), 2);
+    assert_eq!(pool.get_group_snapshot(&group).unwrap(), members);
+    let (again, members2) = pool
+        .create_group_snapshot("grp", &["v4".into(), "v3".into()])
+        .unwrap();
+    assert_eq!((again, members2), (group, members));
+
+    // Overcommit lets thin volumes promise more than is free.
+    let mut opts = PoolOptions::new("node-a");
+    opts.overcommit = 4.0;
+    let over = Pool::open(s.pool(), opts).unwrap();
+    assert!(over.capacity().unwrap().available_bytes > cap1.available_bytes);
+}
+
+#[test]
+fn shared_pool_keeps_a_writer_on_one_node() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let on = |node: &str| {
+        let mut o = PoolOptions::new(node);
+        o.shared = true;
+        Pool::open(s.pool(), o).unwrap()
+    };
+    let (a, b) = (on("node-a"), on("node-b"));
+    let id = create(&a, "shared", Some(FsType::Ext4));
+    assert_eq!(
+        a.get_volume(&id).unwrap().node,
+        None,
+        "no node topology on a shared pool"
+    );
+
+    // Controller claims.
+    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, Some("pv-1"))
+        .unwrap();
+    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, Some("pv-1"))
+        .unwrap();
+    let err = b
+        .claim(&id, "node-b", AccessMode::SingleNodeWriter, Some("pv-1"))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert!(err.to_string().contains("node-a"), "{err}");
+    assert_eq!(
+        a.claim(&id, "node-a", AccessMode::ReadOnly, None)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        a.find_claim_by_pv("pv-1", "node-a").unwrap().as_deref(),
+        Some(id.as_str())
+    );
+    a.release_claim(&id, "node-a").unwrap();
+    a.release_claim(&id, "node-a").unwrap();
+    b.claim(&id, "node-b", AccessMode::ReadOnly, None).unwrap();
+    a.claim(&id, "node-a", AccessMode::ReadOnly, None).unwrap();
+    a.release_claim(&id, "node-a").unwrap();
+    b.release_claim(&id, "node-b").unwrap();
+
+    // Staging holds: a read-write stage on node-a keeps node-b out until it is released.
+    let sa = s.path("a/staging");
+    let sb = s.path("b/staging");
+    a.stage(&id, &sa, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    let err = b
+        .stage(&id, &sb, &mount_access(FsType::Ext4), false)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert!(
+        err.to_string().contains("read-write on node node-a"),
+        "{err}"
+    );
+    let err = b
+        .stage(&id, &sb, &mount_access(FsType::Ext4), true)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    a.unstage(&id, &sa).unwrap();
+    b.stage(&id, &sb, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    b.unstage(&id, &sb).unwrap();
+
+    // Node-local pools refuse other nodes outright.
+    let local = open(&s);
+    let lid = create(&local, "local-only", None);
+    let other = Pool::open(s.pool(), PoolOptions::new("node-z")).unwrap();
+    let err = other
+        .stage(&lid, &sb, &mount_access(FsType::Ext4), false)
+        .unwrap_err();
+    assert!(err.to_string().contains("node-a"), "{err}");
+}
