@@ -30,7 +30,11 @@ pub fn require_root(tools: &[&str]) -> bool {
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).any(|d| d.join(tool).is_file()))
+        .map(|p| {
+            std::env::split_paths(&p)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+                .any(|d| d.join(tool).is_file())
+        })
         .unwrap_or(false)
 }
 
@@ -60,8 +64,13 @@ impl Default for Scratch {
 impl Scratch {
     pub fn new() -> Self {
         // Under /var/tmp (disk-backed): loop direct I/O needs a real filesystem, not tmpfs.
-        let base = std::env::var_os("LOOPVOL_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
-        let dir = tempfile::Builder::new().prefix("loopvol-test-").tempdir_in(base).expect("temp dir");
+        let base = std::env::var_os("LOOPVOL_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-test-")
+            .tempdir_in(base)
+            .expect("temp dir");
         Scratch { dir }
     }
 
@@ -96,6 +105,9 @@ impl Drop for Scratch {
 /// Unmounts every mount point under `root` (deepest first) and detaches loop devices backed by
 /// files under `root`.
 pub fn cleanup_under(root: &Path) {
+    // Loops first: once a pool mounted under `root` is (lazily) unmounted, sysfs shows its images'
+    // paths relative to that mount and they no longer match. A busy device detaches on last close.
+    detach_loops_under(root);
     for _ in 0..4 {
         let mut points: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
@@ -112,6 +124,10 @@ pub fn cleanup_under(root: &Path) {
             let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+    detach_loops_under(root);
+}
+
+fn detach_loops_under(root: &Path) {
     for dev in loopvol::loopdev::list().unwrap_or_default() {
         let backing = dev.backing_file.to_string_lossy();
         let backing = backing.trim_end_matches(" (deleted)");
@@ -122,7 +138,10 @@ pub fn cleanup_under(root: &Path) {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Path of a workspace binary built by `cargo build --workspace --bins` (tests live in another

@@ -71,16 +71,17 @@ pub fn loop_ctl_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
     u32::try_from(n).map_err(|_| Errno::EINVAL)
 }
 
-/// Binds `backing` to the loop device `loop_dev` in one step, with `flags` (LO_FLAGS_*).
-/// Fails with EBUSY when another process bound the device first.
+/// Binds `backing` to the loop device `loop_dev` in one step, with `flags` (LO_FLAGS_*) and
+/// logical block size `block_size`. Fails with EBUSY when another process bound the device first.
 pub fn loop_configure(
     loop_dev: BorrowedFd<'_>,
     backing: BorrowedFd<'_>,
     flags: u32,
+    block_size: u32,
 ) -> Result<(), Errno> {
     let config = LoopConfig {
         fd: backing.as_raw_fd() as u32,
-        block_size: 0,
+        block_size,
         info: LoopInfo64 {
             lo_flags: flags,
             ..LoopInfo64::default()

@@ -67,6 +67,20 @@ fn lifecycle(fs: FsType) {
     let again = pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
     assert_eq!(again.formatted, None, "second stage must not format");
     assert_eq!(again.device, first.device);
+    // Direct I/O (no double caching) and a fixed 4 KiB logical block size.
+    let sys = Path::new("/sys/block").join(first.device.file_name().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(sys.join("loop/dio"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(sys.join("queue/logical_block_size"))
+            .unwrap()
+            .trim(),
+        "4096"
+    );
 
     pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
         .unwrap();
@@ -1107,4 +1121,77 @@ fn shared_pool_keeps_a_writer_on_one_node() {
         .stage(&lid, &sb, &mount_access(FsType::Ext4), false)
         .unwrap_err();
     assert!(err.to_string().contains("node-a"), "{err}");
+}
+
+/// On a pool whose filesystem has reflinks (xfs here) a snapshot shares the source's extents:
+/// it costs no space and its content is the source's.
+#[test]
+fn snapshots_reflink_on_a_reflink_pool() {
+    if !gate(FsType::Xfs) || !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    // The pool's own filesystem: xfs (reflink=1 is mkfs.xfs's default) on a loop device.
+    let backing = s.path("xfs-pool.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let dev = loopvol::loopdev::attach(&backing, false).unwrap();
+    let (code, _, err) = loopvol_e2e::run(
+        Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(dev.path()),
+    );
+    assert_eq!(code, 0, "{err}");
+    let pool_dir = s.path("xfs-pool");
+    std::fs::create_dir(&pool_dir).unwrap();
+    loopvol::mount::mount_fs(
+        &dev.path(),
+        &pool_dir,
+        "xfs",
+        nix::mount::MsFlags::empty(),
+        "",
+    )
+    .unwrap();
+
+    let pool = Pool::open(&pool_dir, PoolOptions::new("node-a")).unwrap();
+    let id = create(&pool, "big", Some(FsType::Ext4));
+    let staging = s.path("staging");
+    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    let data: Vec<u8> = (0..(64u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    write_file(&staging.join("data"), &data);
+    let free_before = pool.capacity().unwrap().free_bytes;
+    let snap = pool.create_snapshot("snap", &id).unwrap();
+    let free_after = pool.capacity().unwrap().free_bytes;
+    assert!(
+        free_before - free_after < 8 * MIB,
+        "a reflinked snapshot took {} bytes",
+        free_before - free_after
+    );
+    pool.unstage(&id, &staging).unwrap();
+    pool.delete_volume(&id).unwrap();
+
+    let restored = pool
+        .create_volume(&CreateVolume {
+            name: "restored".into(),
+            size_bytes: SIZE,
+            fs_type: None,
+            allocation: Allocation::Thin,
+            source: Some(VolumeSource::Snapshot(snap.id)),
+        })
+        .unwrap();
+    pool.stage(&restored.id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    assert!(
+        std::fs::read(staging.join("data")).unwrap() == data,
+        "restored content differs"
+    );
+    pool.unstage(&restored.id, &staging).unwrap();
+    drop(pool);
+    loopvol::mount::unmount(&pool_dir).unwrap();
+    loopvol::loopdev::detach(&dev).unwrap();
 }
