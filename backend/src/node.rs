@@ -351,6 +351,11 @@ impl Pool {
         validate::check_id("volume ID", id)?;
         self.check_node_path("staging path", staging_path)?;
         let _guard = self.lock_volume(id)?;
+        self.unstage_locked(id, staging_path)
+    }
+
+    /// [`Pool::unstage`] for a caller that holds the volume's lock.
+    fn unstage_locked(&self, id: &str, staging_path: &Path) -> Result<()> {
         let mut m = self.get_volume(id)?;
         let devices = loopdev::find(&self.volume_image(id))?;
         let table = mount::mounts()?;
@@ -618,17 +623,31 @@ impl Pool {
             return Ok(None);
         };
         self.unpublish(&id, target)?;
-        let staging = self.default_staging_path(&id)?;
+        self.release_staging_if_unused(&id)?;
+        Ok(Some(id))
+    }
+
+    /// Unstages volume `id` from its default staging path (FlexVolume node mode) when no other
+    /// mount of it is left; returns whether it did. The check and the unstage hold the volume's
+    /// lock together, so a pod publishing meanwhile is never left on a released staging mount.
+    pub fn release_staging_if_unused(&self, id: &str) -> Result<bool> {
+        let staging = self.default_staging_path(id)?;
+        let _guard = self.lock_volume(id)?;
         let table = mount::mounts()?;
-        let devices = loopdev::find(&self.volume_image(&id))?;
+        let devices = loopdev::find(&self.volume_image(id))?;
         let other_users = table
             .iter()
-            .filter(|m| devices.iter().any(|d| is_loop_mount_of(m, d)))
+            .filter(|m| {
+                devices
+                    .iter()
+                    .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
+            })
             .any(|m| m.mount_point != staging);
-        if !other_users {
-            self.unstage(&id, &staging)?;
+        if other_users {
+            return Ok(false);
         }
-        Ok(Some(id))
+        self.unstage_locked(id, &staging)?;
+        Ok(true)
     }
 
     /// Grows the filesystem of volume `id` (mounted at `volume_path`, a staging or target path)

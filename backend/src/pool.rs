@@ -126,6 +126,29 @@ impl Pool {
         self.options.shared
     }
 
+    /// A cheap readiness check (CSI Probe): the pool's layout is still in place and writable.
+    /// Reads no volume, so it costs the same with 10 or 10 000 volumes.
+    pub fn probe(&self) -> Result<()> {
+        use nix::unistd::{access, AccessFlags};
+        for sub in ["volumes", "snapshots", "locks", "trash"] {
+            let dir = self.root.join(sub);
+            let is_dir = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir());
+            if !is_dir {
+                return Err(Error::Pool {
+                    path: self.root.clone(),
+                    reason: format!("{} is missing", dir.display()),
+                });
+            }
+            if let Err(e) = access(&dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+                return Err(Error::Pool {
+                    path: self.root.clone(),
+                    reason: format!("{} is not writable: {e}", dir.display()),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn volume_dir(&self, id: &str) -> PathBuf {
         self.root.join("volumes").join(id)
     }

@@ -43,6 +43,26 @@ impl Pool {
             validate::check_id("source volume ID", s)?;
         }
         let group_id = validate::id_for_name(name);
+        // Idempotent by name: a repeat must name the same volumes. Members already committed
+        // must all be among the requested ones (a subset is an interrupted earlier call that
+        // this one finishes).
+        match self.get_group_snapshot(&group_id) {
+            Ok(existing) => {
+                let have: Vec<&str> = existing
+                    .iter()
+                    .map(|s| s.source_volume_id.as_str())
+                    .collect();
+                if have.iter().any(|v| !sorted.iter().any(|s| s == v)) {
+                    return Err(Error::AlreadyExists {
+                        what: "group snapshot",
+                        id: group_id,
+                        detail: format!("source volumes ({})", have.join(", ")),
+                    });
+                }
+            }
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let members: Vec<(String, String, String)> = sorted
             .iter()
             .map(|v| {
