@@ -18,6 +18,7 @@ pub mod mount;
 mod node;
 mod pool;
 mod snapshot;
+#[allow(unsafe_code)] // the one place for ioctls; every block has a SAFETY comment
 mod sys;
 pub mod validate;
 mod volume;
