@@ -64,6 +64,40 @@ fn is_device_bind_of(m: &MountEntry, dev: &LoopDevice) -> bool {
     m.fs_type == "devtmpfs" && m.root == Path::new(&format!("/loop{}", dev.number))
 }
 
+/// A mount already at `path` is fine only when it is this volume (`ours`) in the asked mode: then
+/// the call is a repeat. Anything else is `AlreadyExists`, naming what is there.
+fn check_existing_mount(
+    what: &'static str,
+    path: &Path,
+    existing: &MountEntry,
+    ours: bool,
+    id: &str,
+    read_only: bool,
+) -> Result<()> {
+    let conflict = |detail: String| {
+        Err(Error::AlreadyExists {
+            what,
+            id: path.display().to_string(),
+            detail,
+        })
+    };
+    if !ours {
+        return conflict(format!(
+            "content: it already holds {} ({})",
+            existing.source, existing.fs_type
+        ));
+    }
+    if existing.read_only() != read_only {
+        let mode = if existing.read_only() {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        return conflict(format!("mode: volume {id} is mounted there {mode}"));
+    }
+    Ok(())
+}
+
 fn mkdir_p(path: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -228,30 +262,8 @@ impl Pool {
 
         let table = mount::mounts()?;
         if let Some(existing) = mount::mount_at(&table, staging_path) {
-            if !is_loop_mount_of(existing, &dev) {
-                return Err(Error::AlreadyExists {
-                    what: "staging path",
-                    id: staging_path.display().to_string(),
-                    detail: format!(
-                        "content: it already holds {} ({})",
-                        existing.source, existing.fs_type
-                    ),
-                });
-            }
-            if existing.read_only() != read_only {
-                return Err(Error::AlreadyExists {
-                    what: "staging path",
-                    id: staging_path.display().to_string(),
-                    detail: format!(
-                        "mode: volume {id} is staged there {}",
-                        if existing.read_only() {
-                            "read-only"
-                        } else {
-                            "read-write"
-                        }
-                    ),
-                });
-            }
+            let ours = is_loop_mount_of(existing, &dev);
+            check_existing_mount("staging path", staging_path, existing, ours, id, read_only)?;
             if let Some(want) = fs_type.filter(|f| f.as_str() != existing.fs_type) {
                 return Err(Error::AlreadyExists {
                     what: "staging path",
@@ -448,30 +460,7 @@ impl Pool {
                 Access::Block => is_device_bind_of(existing, dev),
                 Access::Mount { .. } => is_loop_mount_of(existing, dev),
             };
-            if !ours {
-                return Err(Error::AlreadyExists {
-                    what: "target path",
-                    id: target.display().to_string(),
-                    detail: format!(
-                        "content: it already holds {} ({})",
-                        existing.source, existing.fs_type
-                    ),
-                });
-            }
-            if existing.read_only() != read_only {
-                return Err(Error::AlreadyExists {
-                    what: "target path",
-                    id: target.display().to_string(),
-                    detail: format!(
-                        "mode: volume {id} is published there {}",
-                        if existing.read_only() {
-                            "read-only"
-                        } else {
-                            "read-write"
-                        }
-                    ),
-                });
-            }
+            check_existing_mount("target path", target, existing, ours, id, read_only)?;
             return Ok(());
         }
 

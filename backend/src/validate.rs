@@ -12,15 +12,7 @@ pub const MAX_ID_LEN: usize = 128;
 /// A volume or snapshot ID: becomes a directory name in the pool, so it must be one plain path
 /// component. Letters, digits, `-`, `_` and `.`, not starting with `.` (hides it, and rules out `..`).
 pub fn check_id(what: &'static str, id: &str) -> Result<()> {
-    if id.is_empty() {
-        return Err(Error::invalid(what, "must not be empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(Error::invalid(
-            what,
-            format!("{} bytes, longer than {MAX_ID_LEN}", id.len()),
-        ));
-    }
+    check_name(what, id)?;
     if id.starts_with('.') {
         return Err(Error::invalid(
             what,
