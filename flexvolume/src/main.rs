@@ -1,1 +1,153 @@
-fn main() {}
+//! `loopvol-flexvolume`: the FlexVolume exec driver. kubelet and the controller-manager run
+//! `<driver> <call> <args...>` and parse stdout+stderr combined as one JSON object.
+//!
+//! This file: argv dispatch, the reply and the exit code. Whatever happens (bad argv, bad JSON, a
+//! backend error, a panic, an unwritable log) exactly one JSON object goes to stdout, nothing to
+//! stderr, and the exit code is 0 for Success / Not supported, 1 for Failure.
+
+mod calls;
+mod config;
+mod logging;
+mod options;
+mod reply;
+
+use std::time::{Duration, Instant};
+
+use calls::{Args, Driver};
+use reply::{error_reply, CallError, Reply};
+
+const USAGE: &str = "usage: loopvol init | mount <podVolumeDir> <json> | unmount <podVolumeDir> | \
+    expandfs <json> <devicePath> <deviceMountPath> <newSize> <oldSize> | attach <json> <node> | \
+    isattached <json> <node> | detach <volumeName> <node> | waitforattach <device> <json> | \
+    mountdevice <deviceMountPath> <device> <json> | unmountdevice <deviceMountPath>";
+
+fn main() {
+    logging::quiet_stderr();
+    std::panic::set_hook(Box::new(panic_reply));
+    let reply = match collect_args() {
+        Ok(args) => run(&args),
+        Err(reply) => reply,
+    };
+    std::process::exit(reply::emit(&reply));
+}
+
+fn collect_args() -> Result<Vec<String>, Reply> {
+    std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| Reply::failure(format!("argument {a:?} is not valid UTF-8")))
+        })
+        .collect()
+}
+
+/// A panic is a bug, but kubelet still gets one Failure object (never a second one, never text).
+fn panic_reply(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info
+        .payload()
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".to_owned());
+    let at = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    tracing::error!(panic = %payload, location = %at, "panicked");
+    reply::emit(&Reply::failure(format!(
+        "loopvol-flexvolume panicked (a bug; please report it): {payload}{at}"
+    )));
+    std::process::exit(1);
+}
+
+fn run(args: &[String]) -> Reply {
+    let Some((call, rest)) = args.split_first() else {
+        return Reply::failure(format!("no call given; {USAGE}"));
+    };
+    let config = match config::load() {
+        Ok(c) => c,
+        Err(m) => {
+            return error_reply(
+                &CallError::Config(m),
+                Duration::from_secs(config::DEFAULT_LOCK_TIMEOUT_SECS),
+            )
+        }
+    };
+    // init runs on every plugin probe: answer from the config alone, no log file, no pool.
+    if call == "init" {
+        return Reply::success().capabilities(calls::capabilities(&config));
+    }
+
+    logging::init(config.log.as_deref());
+    let span = tracing::info_span!("call", call = %call, pid = std::process::id()).entered();
+    tracing::info!(args = %loggable(rest), attach_mode = config.attach, node = %config.node, "called");
+    if std::env::var_os("LOOPVOL_TEST_PANIC").is_some_and(|v| v == "1") {
+        panic!("LOOPVOL_TEST_PANIC is set");
+    }
+    let started = Instant::now();
+    let reply = match dispatch(&Driver { config: &config }, call, rest) {
+        Ok(reply) => reply,
+        Err(e) => error_reply(&e, config.lock_timeout),
+    };
+    tracing::info!(
+        status = reply.status,
+        message = reply.message.as_deref().unwrap_or(""),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "replied"
+    );
+    drop(span);
+    reply
+}
+
+fn dispatch(d: &Driver, call: &str, rest: &[String]) -> Result<Reply, CallError> {
+    let attach_mode = d.config.attach;
+    let args = |usage| Args::new(call, rest, usage);
+    match call {
+        "mount" => d.mount(&args("<podVolumeDir> <json>")),
+        "unmount" => d.unmount(&args("<podVolumeDir>")),
+        "expandfs" => d.expandfs(&args(
+            "<json> <devicePath> <deviceMountPath> <newSizeBytes> <oldSizeBytes>",
+        )),
+        "attach" | "isattached" | "detach" | "waitforattach" | "mountdevice" | "unmountdevice"
+            if !attach_mode =>
+        {
+            Err(CallError::NotSupported(format!(
+                "{call} is not used in node mode (attach: false): mount does the whole node-side job"
+            )))
+        }
+        "attach" => d.attach(&args("<json> <nodeName>")),
+        "isattached" => d.isattached(&args("<json> <nodeName>")),
+        "detach" => d.detach(&args("<volumeName> <nodeName>")),
+        "waitforattach" => d.waitforattach(&args("<device> <json>")),
+        "mountdevice" => d.mountdevice(&args("<deviceMountPath> <device> <json>")),
+        "unmountdevice" => d.unmountdevice(&args("<deviceMountPath>")),
+        "getvolumename" => Err(CallError::NotSupported(
+            "getvolumename: kubelet's default (the PV or volume name) is the volume name".into(),
+        )),
+        "expandvolume" => Err(CallError::NotSupported(
+            "expandvolume: the image grows in expandfs, on the node".into(),
+        )),
+        other => Err(CallError::NotSupported(format!(
+            "{other:?} is not a call loopvol implements"
+        ))),
+    }
+}
+
+/// The arguments for the log: JSON options with their secrets redacted, never the raw text.
+fn loggable(args: &[String]) -> String {
+    let shown: Vec<String> = args
+        .iter()
+        .map(|a| {
+            let t = a.trim_start();
+            if t.starts_with('{') || t.starts_with('[') {
+                match options::Options::parse(a) {
+                    Ok(o) => o.redacted().to_string(),
+                    Err(_) => format!("<{} bytes of unusable JSON>", a.len()),
+                }
+            } else {
+                format!("{a:?}")
+            }
+        })
+        .collect();
+    format!("[{}]", shown.join(", "))
+}

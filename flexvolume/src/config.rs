@@ -1,0 +1,201 @@
+//! The driver's settings: an optional `loopvol.json` beside the binary, then environment
+//! overrides. Loaded on every call, so it must stay cheap (one small file read at most).
+//!
+//! ```json
+//! {"attach": false, "pool": "/var/lib/loopvol/pool", "log": "/var/log/loopvol-flexvolume.log",
+//!  "node": null, "lockTimeoutSeconds": 60}
+//! ```
+//! Every key is optional; `null` means the default. Unknown keys are refused (a misspelt
+//! `"atach": true` must not silently leave the driver in the other mode): every call, `init`
+//! included, then answers `Failure` naming the key, so kubelet does not load a misconfigured driver.
+//! `"log": ""` (or `LOOPVOL_LOG=`) logs nowhere.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const CONFIG_FILE: &str = "loopvol.json";
+pub const DEFAULT_POOL: &str = "/var/lib/loopvol/pool";
+pub const DEFAULT_LOG: &str = "/var/log/loopvol-flexvolume.log";
+pub const DEFAULT_LOCK_TIMEOUT_SECS: u64 = 60;
+/// Longest lock wait a config may ask for: kubelet waits on us without a timeout.
+pub const MAX_LOCK_TIMEOUT_SECS: u64 = 3600;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConfigFile {
+    attach: Option<bool>,
+    pool: Option<String>,
+    log: Option<String>,
+    node: Option<String>,
+    lock_timeout_seconds: Option<u64>,
+}
+
+/// The settings in force for this call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Attach mode (shared pool, the attach/detach family) instead of node mode.
+    pub attach: bool,
+    pub pool: PathBuf,
+    /// Where logs go; `None`: nowhere.
+    pub log: Option<PathBuf>,
+    /// This node's name (host name, lower-cased as kubelet does, unless configured).
+    pub node: String,
+    pub lock_timeout: Duration,
+}
+
+/// Loads the config beside the running binary, then applies the environment.
+pub fn load() -> Result<Config, String> {
+    let file = match std::env::current_exe() {
+        Ok(exe) => match exe.parent() {
+            Some(dir) => read_file(&dir.join(CONFIG_FILE))?,
+            None => ConfigFile::default(),
+        },
+        // Without /proc there is no way to find our directory: run on defaults and env.
+        Err(_) => ConfigFile::default(),
+    };
+    resolve(file, |k| std::env::var(k).ok())
+}
+
+fn read_file(path: &Path) -> Result<ConfigFile, String> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ConfigFile::default()),
+        Err(e) => return Err(format!("cannot read config file {}: {e}", path.display())),
+    };
+    serde_json::from_slice(&text)
+        .map_err(|e| format!("config file {} is invalid: {e}", path.display()))
+}
+
+fn resolve(file: ConfigFile, env: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
+    let attach = match env("LOOPVOL_ATTACH") {
+        Some(v) => match v.as_str() {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(format!(
+                    "LOOPVOL_ATTACH must be \"true\" or \"false\", not {other:?}"
+                ))
+            }
+        },
+        None => file.attach.unwrap_or(false),
+    };
+    let pool = env("LOOPVOL_POOL")
+        .or(file.pool)
+        .unwrap_or_else(|| DEFAULT_POOL.to_owned());
+    if pool.is_empty() {
+        return Err("the pool directory is empty (config \"pool\" or LOOPVOL_POOL)".into());
+    }
+    let log = env("LOOPVOL_LOG")
+        .or(file.log)
+        .unwrap_or_else(|| DEFAULT_LOG.to_owned());
+    let node = match env("LOOPVOL_NODE").or(file.node) {
+        Some(n) if !n.is_empty() => n,
+        _ => host_name()?,
+    };
+    let secs = file
+        .lock_timeout_seconds
+        .unwrap_or(DEFAULT_LOCK_TIMEOUT_SECS);
+    if secs > MAX_LOCK_TIMEOUT_SECS {
+        return Err(format!(
+            "lockTimeoutSeconds {secs} is too long (at most {MAX_LOCK_TIMEOUT_SECS}): kubelet \
+             waits for the driver without a timeout"
+        ));
+    }
+    Ok(Config {
+        attach,
+        pool: PathBuf::from(pool),
+        log: (!log.is_empty()).then(|| PathBuf::from(log)),
+        node,
+        lock_timeout: Duration::from_secs(secs),
+    })
+}
+
+/// The host name as kubelet derives its default node name: lower-cased.
+fn host_name() -> Result<String, String> {
+    let uts = nix::sys::utsname::uname().map_err(|e| format!("cannot read the host name: {e}"))?;
+    let name = uts.nodename().to_string_lossy().to_lowercase();
+    if name.is_empty() {
+        return Err("the host name is empty; set LOOPVOL_NODE or \"node\" in the config".into());
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ConfigFile, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults() {
+        let c = resolve(ConfigFile::default(), |k| {
+            (k == "LOOPVOL_NODE").then(|| "n1".to_owned())
+        })
+        .unwrap();
+        assert!(!c.attach);
+        assert_eq!(c.pool, Path::new(DEFAULT_POOL));
+        assert_eq!(c.log.as_deref(), Some(Path::new(DEFAULT_LOG)));
+        assert_eq!(c.node, "n1");
+        assert_eq!(c.lock_timeout, Duration::from_secs(60));
+        // No node configured: the host name.
+        assert!(!resolve(ConfigFile::default(), no_env)
+            .unwrap()
+            .node
+            .is_empty());
+    }
+
+    #[test]
+    fn file_then_env() {
+        let f = parse(
+            r#"{"attach": true, "pool": "/p", "log": "", "node": null, "lockTimeoutSeconds": 5}"#,
+        )
+        .unwrap();
+        let c = resolve(f, no_env).unwrap();
+        assert!(c.attach);
+        assert_eq!(c.pool, Path::new("/p"));
+        assert_eq!(c.log, None);
+        assert_eq!(c.lock_timeout, Duration::from_secs(5));
+
+        let f = parse(r#"{"attach": true, "pool": "/p"}"#).unwrap();
+        let env = |k: &str| match k {
+            "LOOPVOL_ATTACH" => Some("false".to_owned()),
+            "LOOPVOL_POOL" => Some("/q".to_owned()),
+            "LOOPVOL_LOG" => Some("/l".to_owned()),
+            "LOOPVOL_NODE" => Some("node-b".to_owned()),
+            _ => None,
+        };
+        let c = resolve(f, env).unwrap();
+        assert!(!c.attach);
+        assert_eq!(c.pool, Path::new("/q"));
+        assert_eq!(c.log.as_deref(), Some(Path::new("/l")));
+        assert_eq!(c.node, "node-b");
+    }
+
+    #[test]
+    fn refusals_are_clear() {
+        let err = parse(r#"{"atach": true}"#).unwrap_err();
+        assert!(err.contains("unknown field `atach`"), "{err}");
+        assert!(parse(r#"{"attach": "yes"}"#).is_err());
+        assert!(parse("[]").is_err());
+        let err = resolve(ConfigFile::default(), |k| {
+            (k == "LOOPVOL_ATTACH").then(|| "1".to_owned())
+        })
+        .unwrap_err();
+        assert!(err.contains("LOOPVOL_ATTACH"), "{err}");
+        let err = resolve(parse(r#"{"lockTimeoutSeconds": 99999}"#).unwrap(), no_env).unwrap_err();
+        assert!(err.contains("lockTimeoutSeconds"), "{err}");
+        let err = resolve(ConfigFile::default(), |k| {
+            (k == "LOOPVOL_POOL").then(String::new)
+        })
+        .unwrap_err();
+        assert!(err.contains("pool"), "{err}");
+    }
+}

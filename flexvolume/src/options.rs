@@ -1,0 +1,307 @@
+//! The JSON options argument: kubelet's `kubernetes.io/*` keys merged with the PV's `options`
+//! map. Everything is parsed and validated here, before any call touches the pool, so a bad input
+//! changes nothing. Secret values (`kubernetes.io/secret/*`) are kept out of every log line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use loopvol::validate::{self, FsType};
+
+use crate::reply::CallError;
+
+pub const VOLUME_ID: &str = "volumeID";
+pub const SIZE: &str = "size";
+pub const MOUNT_OPTIONS: &str = "mountOptions";
+pub const FS_TYPE: &str = "kubernetes.io/fsType";
+pub const READ_WRITE: &str = "kubernetes.io/readwrite";
+pub const PV_OR_VOLUME_NAME: &str = "kubernetes.io/pvOrVolumeName";
+pub const FS_GROUP: &str = "kubernetes.io/mounterArgs.FsGroup";
+/// The key before Kubernetes 1.15.
+pub const FS_GROUP_OLD: &str = "kubernetes.io/fsGroup";
+pub const SECRET_PREFIX: &str = "kubernetes.io/secret/";
+
+/// The options as kubelet sent them: string keys to string values.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Options {
+    map: BTreeMap<String, String>,
+}
+
+impl Options {
+    /// Parses the JSON argument. It must be an object; values must be strings (numbers and
+    /// booleans, which hand-written calls use, are taken as their text).
+    pub fn parse(json: &str) -> Result<Options, CallError> {
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            // serde_json's message names the position, never the content: nothing secret leaks.
+            CallError::invalid(format!("the options argument is not valid JSON: {e}"))
+        })?;
+        let serde_json::Value::Object(object) = value else {
+            return Err(CallError::invalid(format!(
+                "the options argument must be a JSON object, not {}",
+                kind_of(&value)
+            )));
+        };
+        let mut map = BTreeMap::new();
+        for (key, value) in object {
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(CallError::invalid(format!(
+                        "option {key:?} must be a string, not {}",
+                        kind_of(&other)
+                    )))
+                }
+            };
+            map.insert(key, text);
+        }
+        Ok(Options { map })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(String::as_str)
+    }
+
+    /// A value, with "" treated as absent (kubelet always sends `kubernetes.io/fsType`, often "").
+    fn non_empty(&self, key: &str) -> Option<&str> {
+        self.get(key).filter(|v| !v.is_empty())
+    }
+
+    /// The volume: `volumeID`, else `kubernetes.io/pvOrVolumeName`; validated as a volume ID.
+    pub fn volume_id(&self) -> Result<String, CallError> {
+        let id = self
+            .non_empty(VOLUME_ID)
+            .or_else(|| self.non_empty(PV_OR_VOLUME_NAME))
+            .ok_or_else(|| {
+                CallError::invalid(format!(
+                    "no volume named: set the {VOLUME_ID:?} option (or kubelet's {PV_OR_VOLUME_NAME:?})"
+                ))
+            })?;
+        validate::check_id("volume ID", id)?;
+        Ok(id.to_owned())
+    }
+
+    /// `size` as bytes, when given.
+    pub fn size(&self) -> Result<Option<u64>, CallError> {
+        Ok(self
+            .non_empty(SIZE)
+            .map(validate::parse_quantity)
+            .transpose()?)
+    }
+
+    /// `kubernetes.io/fsType`; `None` when empty or absent (the volume's own type, else ext4).
+    pub fn fs_type(&self) -> Result<Option<FsType>, CallError> {
+        Ok(self.non_empty(FS_TYPE).map(str::parse).transpose()?)
+    }
+
+    /// `mountOptions`, comma-separated.
+    pub fn mount_options(&self) -> Result<Vec<String>, CallError> {
+        Ok(match self.non_empty(MOUNT_OPTIONS) {
+            Some(s) => validate::parse_mount_options(s)?,
+            None => Vec::new(),
+        })
+    }
+
+    /// `kubernetes.io/readwrite`: "ro" is read-only; "rw" or absent read-write.
+    pub fn read_only(&self) -> Result<bool, CallError> {
+        match self.non_empty(READ_WRITE) {
+            None | Some("rw") => Ok(false),
+            Some("ro") => Ok(true),
+            Some(other) => Err(CallError::invalid(format!(
+                "option {READ_WRITE:?} must be \"rw\" or \"ro\", not {other:?}"
+            ))),
+        }
+    }
+
+    /// The pod's fsGroup (`kubernetes.io/mounterArgs.FsGroup`, or the pre-1.15 key).
+    pub fn fs_group(&self) -> Result<Option<u32>, CallError> {
+        let Some((key, value)) = [FS_GROUP, FS_GROUP_OLD]
+            .into_iter()
+            .find_map(|k| self.non_empty(k).map(|v| (k, v)))
+        else {
+            return Ok(None);
+        };
+        value.parse().map(Some).map_err(|_| {
+            CallError::invalid(format!(
+                "option {key:?} must be a group ID (a number up to {}), not {value:?}",
+                u32::MAX
+            ))
+        })
+    }
+
+    /// The PV (or inline volume) name kubelet gives; FlexVolume's `detach` names only this.
+    pub fn pv_name(&self) -> Option<&str> {
+        self.non_empty(PV_OR_VOLUME_NAME)
+    }
+
+    /// A view for logs with every secret value replaced.
+    pub fn redacted(&self) -> Redacted<'_> {
+        Redacted(self)
+    }
+}
+
+/// Whether a key's value must never be logged: kubelet's secrets, and anything in the user's
+/// options whose name says it is one.
+pub fn is_secret(key: &str) -> bool {
+    if key.starts_with(SECRET_PREFIX) {
+        return true;
+    }
+    let lower = key.to_ascii_lowercase();
+    ["secret", "password", "passwd", "token", "credential"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
+/// Options for logging: secrets show as `<redacted>`.
+pub struct Redacted<'a>(&'a Options);
+
+impl fmt::Display for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (k, v) in &self.0.map {
+            if is_secret(k) {
+                map.entry(k, &"<redacted>");
+            } else {
+                map.entry(k, v);
+            }
+        }
+        map.finish()
+    }
+}
+
+/// Never print the options by accident: Debug is redacted too.
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Options{}", self.redacted())
+    }
+}
+
+fn kind_of(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// What a call that mounts or attaches a volume needs, all validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRequest {
+    pub id: String,
+    pub size: Option<u64>,
+    pub fs_type: Option<FsType>,
+    pub mount_options: Vec<String>,
+    pub read_only: bool,
+    pub fs_group: Option<u32>,
+    pub pv_name: Option<String>,
+}
+
+impl VolumeRequest {
+    pub fn from_options(o: &Options) -> Result<VolumeRequest, CallError> {
+        Ok(VolumeRequest {
+            id: o.volume_id()?,
+            size: o.size()?,
+            fs_type: o.fs_type()?,
+            mount_options: o.mount_options()?,
+            read_only: o.read_only()?,
+            fs_group: o.fs_group()?,
+            pv_name: o.pv_name().map(str::to_owned),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(e: CallError) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn kubelet_options() {
+        let o = Options::parse(
+            r#"{"kubernetes.io/fsType":"","kubernetes.io/readwrite":"ro",
+                "kubernetes.io/pvOrVolumeName":"pv-1","kubernetes.io/pod.name":"p",
+                "kubernetes.io/mounterArgs.FsGroup":"2000","kubernetes.io/secret/password":"c2VjcmV0",
+                "size":"1Gi","mountOptions":"noatime, discard"}"#,
+        )
+        .unwrap();
+        let r = VolumeRequest::from_options(&o).unwrap();
+        assert_eq!(r.id, "pv-1");
+        assert_eq!(r.size, Some(1 << 30));
+        assert_eq!(r.fs_type, None);
+        assert_eq!(r.mount_options, ["noatime", "discard"]);
+        assert!(r.read_only);
+        assert_eq!(r.fs_group, Some(2000));
+        assert_eq!(r.pv_name.as_deref(), Some("pv-1"));
+
+        let o = Options::parse(
+            r#"{"volumeID":"vol-9","kubernetes.io/pvOrVolumeName":"pv-1","kubernetes.io/fsType":"xfs",
+                "kubernetes.io/fsGroup":"7","size":1073741824}"#,
+        )
+        .unwrap();
+        let r = VolumeRequest::from_options(&o).unwrap();
+        assert_eq!(r.id, "vol-9");
+        assert_eq!(r.fs_type, Some(FsType::Xfs));
+        assert_eq!(r.fs_group, Some(7));
+        assert_eq!(r.size, Some(1 << 30));
+        assert!(!r.read_only);
+    }
+
+    #[test]
+    fn bad_json_and_values() {
+        let err = message(Options::parse("{nope").unwrap_err());
+        assert!(err.contains("not valid JSON"), "{err}");
+        for (json, kind) in [("[1]", "an array"), ("\"s\"", "a string"), ("null", "null")] {
+            let err = message(Options::parse(json).unwrap_err());
+            assert!(
+                err.contains("must be a JSON object") && err.contains(kind),
+                "{err}"
+            );
+        }
+        let err = message(Options::parse(r#"{"size":{"a":1}}"#).unwrap_err());
+        assert!(err.contains("\"size\" must be a string"), "{err}");
+
+        let req = |json: &str| VolumeRequest::from_options(&Options::parse(json).unwrap());
+        let err = message(req("{}").unwrap_err());
+        assert!(err.contains("no volume named"), "{err}");
+        for bad in ["..", "a/b", "../../etc", ".x"] {
+            let err = message(req(&format!(r#"{{"volumeID":{bad:?}}}"#)).unwrap_err());
+            assert!(err.contains("invalid volume ID"), "{bad}: {err}");
+        }
+        let err = message(req(r#"{"volumeID":"v","size":"lots"}"#).unwrap_err());
+        assert!(err.contains("invalid size"), "{err}");
+        let err = message(req(r#"{"volumeID":"v","kubernetes.io/fsType":"ntfs"}"#).unwrap_err());
+        assert!(err.contains("\"ntfs\" is not supported"), "{err}");
+        let err = message(req(r#"{"volumeID":"v","kubernetes.io/readwrite":"RO"}"#).unwrap_err());
+        assert!(err.contains("\"rw\" or \"ro\""), "{err}");
+        let err = message(
+            req(r#"{"volumeID":"v","kubernetes.io/mounterArgs.FsGroup":"-1"}"#).unwrap_err(),
+        );
+        assert!(err.contains("group ID"), "{err}");
+        let err = message(req(r#"{"volumeID":"v","mountOptions":"bind"}"#).unwrap_err());
+        assert!(err.contains("mount option"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let o = Options::parse(
+            r#"{"kubernetes.io/secret/key":"c3VwZXJzZWNyZXQ=","apiToken":"tok-123","volumeID":"v"}"#,
+        )
+        .unwrap();
+        for shown in [o.redacted().to_string(), format!("{o:?}")] {
+            assert!(!shown.contains("c3VwZXJzZWNyZXQ="), "{shown}");
+            assert!(!shown.contains("tok-123"), "{shown}");
+            assert!(
+                shown.contains("<redacted>") && shown.contains("\"v\""),
+                "{shown}"
+            );
+        }
+        assert!(is_secret("kubernetes.io/secret/anything"));
+        assert!(!is_secret("kubernetes.io/pod.name"));
+    }
+}

@@ -1,0 +1,1097 @@
+//! The FlexVolume driver run as kubelet and the controller-manager run it: the real binary, argv
+//! only, no stdin, and its output parsed as one JSON object. Every call is also checked to write
+//! nothing at all to stderr (kubelet parses stdout and stderr combined, so any stray byte breaks
+//! it) and to exit 0 for Success / Not supported, 1 for Failure.
+//!
+//! Kernel tests run as root on their own temporary pool (parallel-safe) and leave nothing mounted
+//! or attached. "Nodes" in attach mode are the same machine with LOOPVOL_NODE=node-a / node-b
+//! sharing one pool, as a shared pool on a cluster filesystem looks to each node.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, Scratch};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+/// The secret's value and its base64, as kubelet passes `kubernetes.io/secret/password`.
+const SECRET: &str = "hunter2-not-in-any-log";
+const SECRET_B64: &str = "aHVudGVyMi1ub3QtaW4tYW55LWxvZw==";
+
+const NODE_CAPS: &str = r#"{"status":"Success","capabilities":{"attach":false,"selinuxRelabel":true,"supportsMetrics":true,"fsGroup":false,"requiresFSResize":true}}"#;
+
+/// How the binary is run: its path and environment.
+#[derive(Clone)]
+struct Flex {
+    bin: PathBuf,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Flex {
+    fn new(s: &Scratch, node: &str, attach: bool) -> Flex {
+        Flex {
+            bin: binary("loopvol-flexvolume"),
+            env: vec![
+                ("LOOPVOL_POOL", s.pool().display().to_string()),
+                (
+                    "LOOPVOL_LOG",
+                    s.path("flexvolume.log").display().to_string(),
+                ),
+                ("LOOPVOL_NODE", node.to_owned()),
+                ("LOOPVOL_ATTACH", attach.to_string()),
+            ],
+        }
+    }
+
+    fn node_mode(s: &Scratch) -> Flex {
+        Flex::new(s, "node-a", false)
+    }
+
+    fn with_env(mut self, key: &'static str, value: &str) -> Flex {
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.to_owned()));
+        self
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for var in [
+            "LOOPVOL_POOL",
+            "LOOPVOL_LOG",
+            "LOOPVOL_NODE",
+            "LOOPVOL_ATTACH",
+            "LOOPVOL_LOG_LEVEL",
+            "LOOPVOL_TEST_PANIC",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .spawn()
+            .expect("spawn loopvol-flexvolume")
+    }
+
+    /// Runs one call and checks the protocol; returns the reply.
+    fn call(&self, args: &[&str]) -> Value {
+        let out = self.command(args).output().expect("run loopvol-flexvolume");
+        check_protocol(args, &out)
+    }
+
+    fn ok(&self, args: &[&str]) -> Value {
+        let reply = self.call(args);
+        assert_eq!(reply["status"], "Success", "{args:?}: {reply}");
+        reply
+    }
+
+    /// Expects a Failure and returns its message.
+    fn fail(&self, args: &[&str]) -> String {
+        let reply = self.call(args);
+        assert_eq!(reply["status"], "Failure", "{args:?}: {reply}");
+        let message = reply["message"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !message.is_empty(),
+            "{args:?}: a Failure needs a message: {reply}"
+        );
+        message
+    }
+}
+
+/// kubelet's reading of a call's output: stdout+stderr combined must be exactly one JSON object
+/// (trailing whitespace allowed). Stricter here: stderr must be empty. The exit code must agree.
+fn check_protocol(args: &[&str], out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.is_empty(),
+        "{args:?} wrote to stderr: {stderr:?} (stdout {stdout:?})"
+    );
+    let combined = format!("{stdout}{stderr}");
+    let reply: Value = serde_json::from_str(&combined)
+        .unwrap_or_else(|e| panic!("{args:?}: output is not one JSON object ({e}): {combined:?}"));
+    assert!(reply.is_object(), "{args:?}: not an object: {combined}");
+    let status = reply["status"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{args:?}: no status: {reply}"));
+    let code = out.status.code();
+    match status {
+        "Success" | "Not supported" => assert_eq!(code, Some(0), "{args:?}: {reply}"),
+        "Failure" => assert_eq!(code, Some(1), "{args:?}: {reply}"),
+        other => panic!("{args:?}: status {other:?} is not one kubelet knows: {reply}"),
+    }
+    reply
+}
+
+/// The options kubelet sends to `mount` for a PV named `pv` (plus the PV's own `extra` options).
+fn kubelet_mount_options(pv: &str, fs: &str, rw: &str, extra: Value) -> String {
+    let mut o = json!({
+        "kubernetes.io/fsType": fs,
+        "kubernetes.io/readwrite": rw,
+        "kubernetes.io/pvOrVolumeName": pv,
+        "kubernetes.io/pod.name": "web-0",
+        "kubernetes.io/pod.namespace": "default",
+        "kubernetes.io/pod.uid": "0b7a8e3c-1f2d-4e5f-9a0b-1c2d3e4f5a6b",
+        "kubernetes.io/serviceAccount.name": "default",
+        "kubernetes.io/mounterArgs.FsGroup": "2000",
+        "kubernetes.io/secret/username": "ZmxleHVzZXI=",
+        "kubernetes.io/secret/password": SECRET_B64,
+    });
+    for (k, v) in extra.as_object().expect("extra options").clone() {
+        o[k] = v;
+    }
+    o.to_string()
+}
+
+/// The options kubelet sends to attach-family calls (no pod keys, no secrets).
+fn kubelet_attach_options(pv: &str, fs: &str, rw: &str, extra: Value) -> String {
+    let mut o = json!({
+        "kubernetes.io/fsType": fs,
+        "kubernetes.io/readwrite": rw,
+        "kubernetes.io/pvOrVolumeName": pv,
+    });
+    for (k, v) in extra.as_object().expect("extra options").clone() {
+        o[k] = v;
+    }
+    o.to_string()
+}
+
+fn gate(fs: &str) -> bool {
+    require_root(fs_tools(fs))
+}
+
+fn mkdir(p: &Path) -> String {
+    std::fs::create_dir_all(p).unwrap();
+    p.display().to_string()
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).unwrap();
+    std::fs::File::open(path).unwrap().sync_all().unwrap();
+}
+
+fn mount_count(s: &Scratch, p: &Path) -> usize {
+    mounts_under(&s.root()).iter().filter(|m| *m == p).count()
+}
+
+fn fs_size(p: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(p).unwrap();
+    st.blocks() as u64 * st.fragment_size() as u64
+}
+
+fn log_text(s: &Scratch) -> String {
+    std::fs::read_to_string(s.path("flexvolume.log")).unwrap_or_default()
+}
+
+fn assert_no_secrets_logged(s: &Scratch) {
+    let log = log_text(s);
+    assert!(!log.is_empty(), "the calls should have logged");
+    assert!(!log.contains(SECRET), "the secret reached the log");
+    assert!(
+        !log.contains(SECRET_B64),
+        "the secret's base64 reached the log"
+    );
+    assert!(
+        !log.contains("ZmxleHVzZXI="),
+        "a secret key's value reached the log"
+    );
+}
+
+fn assert_clean(s: &Scratch) {
+    assert!(
+        mounts_under(&s.root()).is_empty(),
+        "left mounted: {:?}",
+        mounts_under(&s.root())
+    );
+    assert!(
+        loops_under(&s.root()).is_empty(),
+        "left attached: {:?}",
+        loops_under(&s.root())
+    );
+}
+
+/// Everything a call could change: the pool's files (metadata content included), the mounts
+/// and loop devices under the scratch dir.
+#[derive(Debug, PartialEq, Eq)]
+struct State {
+    files: BTreeMap<PathBuf, String>,
+    mounts: Vec<PathBuf>,
+    loops: Vec<PathBuf>,
+}
+
+fn state(s: &Scratch) -> State {
+    fn walk(dir: &Path, files: &mut BTreeMap<PathBuf, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                files.insert(p.clone(), "dir".into());
+                walk(&p, files);
+            } else if p.extension().is_some_and(|x| x == "json") {
+                files.insert(p.clone(), std::fs::read_to_string(&p).unwrap());
+            } else {
+                files.insert(p.clone(), format!("{} bytes", md.len()));
+            }
+        }
+    }
+    let mut files = BTreeMap::new();
+    walk(&s.root(), &mut files);
+    files.retain(|p, _| !p.ends_with("flexvolume.log"));
+    State {
+        files,
+        mounts: mounts_under(&s.root()),
+        loops: loops_under(&s.root()),
+    }
+}
+
+#[test]
+fn init_and_calls_not_supported() {
+    let s = Scratch::new();
+    let node = Flex::node_mode(&s);
+    let out = node.command(&["init"]).output().unwrap();
+    check_protocol(&["init"], &out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), NODE_CAPS);
+
+    let attach = Flex::new(&s, "node-a", true);
+    let caps = attach.ok(&["init"]);
+    assert_eq!(caps["capabilities"]["attach"], true, "{caps}");
+    assert_eq!(caps["capabilities"]["fsGroup"], false, "{caps}");
+    assert_eq!(caps["capabilities"]["requiresFSResize"], true, "{caps}");
+
+    let opts = kubelet_attach_options("pv-1", "ext4", "rw", json!({}));
+    let before = state(&s);
+    for args in [
+        vec!["attach", &opts, "node-a"],
+        vec!["isattached", &opts, "node-a"],
+        vec!["detach", "pv-1", "node-a"],
+        vec!["waitforattach", "loopvol:pv-1", &opts],
+        vec!["mountdevice", "/var/lib/kubelet/x", "/dev/loop0", &opts],
+        vec!["unmountdevice", "/var/lib/kubelet/x"],
+        vec!["getvolumename", &opts],
+        vec!["expandvolume", &opts, "/x", "2048", "1024"],
+        vec!["frobnicate"],
+        vec!["frobnicate", "with", "args"],
+    ] {
+        let reply = node.call(&args);
+        assert_eq!(reply["status"], "Not supported", "{args:?}: {reply}");
+    }
+    for args in [
+        vec!["getvolumename", opts.as_str()],
+        vec!["expandvolume", &opts, "/x", "2048", "1024"],
+    ] {
+        assert_eq!(attach.call(&args)["status"], "Not supported", "{args:?}");
+    }
+    assert_eq!(state(&s), before, "a Not supported call changed something");
+}
+
+/// A copy installed anywhere (as the installer does) reads `loopvol.json` beside itself; the
+/// environment overrides it; a broken config fails every call with a clear message.
+#[test]
+fn installed_copy_reads_its_config() {
+    let s = Scratch::new();
+    let dir = s.path("plugins/loopvol~loopvol");
+    std::fs::create_dir_all(&dir).unwrap();
+    let installed = dir.join("loopvol");
+    std::fs::copy(binary("loopvol-flexvolume"), &installed).unwrap();
+    let config = dir.join("loopvol.json");
+    let flex = Flex {
+        bin: installed,
+        env: vec![],
+    };
+
+    let pool = s.pool();
+    std::fs::write(&config, json!({"attach": true, "pool": pool, "log": s.path("cfg.log"), "node": null, "lockTimeoutSeconds": 5}).to_string()).unwrap();
+    assert_eq!(flex.ok(&["init"])["capabilities"]["attach"], true);
+    let overridden = flex.clone().with_env("LOOPVOL_ATTACH", "false");
+    assert_eq!(overridden.ok(&["init"])["capabilities"]["attach"], false);
+    // A non-init call in attach mode logs to the configured file.
+    flex.ok(&["detach", "pv-none", "node-a"]);
+    assert!(std::fs::read_to_string(s.path("cfg.log"))
+        .unwrap()
+        .contains("detach"));
+
+    std::fs::write(&config, r#"{"atach": true}"#).unwrap();
+    let m = flex.fail(&["init"]);
+    assert!(
+        m.contains("unknown field `atach`") && m.contains("loopvol.json"),
+        "{m}"
+    );
+    std::fs::write(&config, "{not json").unwrap();
+    let m = flex.fail(&["init"]);
+    assert!(
+        m.contains("misconfigured") && m.contains("loopvol.json"),
+        "{m}"
+    );
+    std::fs::write(&config, r#"{"lockTimeoutSeconds": 86400}"#).unwrap();
+    assert!(flex.fail(&["init"]).contains("lockTimeoutSeconds"));
+
+    // A log file that cannot be opened: no logs, same reply.
+    std::fs::write(
+        &config,
+        json!({"pool": pool, "log": "/proc/no-such-dir/x.log"}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(flex.ok(&["init"])["capabilities"]["attach"], false);
+    let reply = flex.call(&["getvolumename", "{}"]);
+    assert_eq!(reply["status"], "Not supported");
+    let m = flex.fail(&["unmount", "relative/dir"]);
+    assert!(m.contains("not absolute"), "{m}");
+    let m = Flex::node_mode(&s)
+        .with_env("LOOPVOL_ATTACH", "yes")
+        .fail(&["init"]);
+    assert!(m.contains("LOOPVOL_ATTACH"), "{m}");
+}
+
+/// A panic still produces exactly one Failure object, nothing on stderr, exit 1.
+#[test]
+fn panic_is_one_failure_object() {
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s).with_env("LOOPVOL_TEST_PANIC", "1");
+    let m = flex.fail(&[
+        "unmount",
+        "/var/lib/kubelet/pods/x/volumes/loopvol~loopvol/v",
+    ]);
+    assert!(
+        m.contains("panicked") && m.contains("LOOPVOL_TEST_PANIC"),
+        "{m}"
+    );
+    assert!(
+        log_text(&s).contains("panicked"),
+        "the panic should be logged"
+    );
+    // Same with no usable log file.
+    let flex = flex.with_env("LOOPVOL_LOG", "/proc/no-such-dir/x.log");
+    assert!(flex.fail(&["unmount", "/x/y"]).contains("panicked"));
+}
+
+/// A busy volume lock makes the call wait (bounded by lockTimeoutSeconds) and say so.
+#[test]
+fn busy_volume_fails_after_the_configured_wait() {
+    let s = Scratch::new();
+    let dir = s.path("plugin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let installed = dir.join("loopvol");
+    std::fs::copy(binary("loopvol-flexvolume"), &installed).unwrap();
+    std::fs::write(
+        dir.join("loopvol.json"),
+        json!({"pool": s.pool(), "log": "", "node": "node-a", "lockTimeoutSeconds": 1}).to_string(),
+    )
+    .unwrap();
+    let flex = Flex {
+        bin: installed,
+        env: vec![],
+    };
+    // Open the pool's layout, then hold the volume's lock as another call would.
+    loopvol::Pool::open(s.pool(), loopvol::PoolOptions::new("node-a")).unwrap();
+    let lock = std::fs::File::create(s.pool().join("locks/v-busy.lock")).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let pod = mkdir(&s.path("pods/p/vol"));
+    let started = std::time::Instant::now();
+    let m = flex.fail(&[
+        "mount",
+        &pod,
+        &json!({"volumeID": "busy", "size": "64Mi"}).to_string(),
+    ]);
+    assert!(m.contains("busy") && m.contains("waiting 1s"), "{m}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(!s.pool().join("volumes/busy").exists());
+}
+
+/// Every bad input gets a clear Failure and changes nothing: not the pool, not the mount table.
+#[test]
+fn bad_inputs_fail_clearly_and_change_nothing() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    // Something real in place, so "unchanged" means something.
+    let good_pod = mkdir(&s.path("pods/good/vol"));
+    flex.ok(&[
+        "mount",
+        &good_pod,
+        &kubelet_mount_options("good", "ext4", "rw", json!({"size": "64Mi"})),
+    ]);
+    let pod = mkdir(&s.path("pods/p1/vol"));
+    let before = state(&s);
+
+    let opts = |extra: Value| kubelet_mount_options("pv-new", "", "rw", extra);
+    let no_name =
+        json!({"kubernetes.io/fsType": "ext4", "kubernetes.io/readwrite": "rw"}).to_string();
+    let missing_dir = s.path("pods/never-created/vol").display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![], "no call given"),
+        (vec!["mount".into()], "mount needs pod volume dir"),
+        (
+            vec!["mount".into(), pod.clone()],
+            "mount needs the JSON options",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), "{not json".into()],
+            "not valid JSON",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), "".into()],
+            "not valid JSON",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), "[1,2]".into()],
+            "must be a JSON object, not an array",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), "\"volumeID\"".into()],
+            "must be a JSON object, not a string",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), "null".into()],
+            "must be a JSON object, not null",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), "{}".into()],
+            "no volume named",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), no_name],
+            "no volume named",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"volumeID": "../evil", "size": "64Mi"})),
+            ],
+            "invalid volume ID",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"volumeID": "..", "size": "64Mi"})),
+            ],
+            "invalid volume ID",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"volumeID": "a/b", "size": "64Mi"})),
+            ],
+            "invalid volume ID",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                kubelet_mount_options("../../etc", "", "rw", json!({"size": "64Mi"})),
+            ],
+            "invalid volume ID",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), opts(json!({"size": "lots"}))],
+            "invalid size",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), opts(json!({"size": "-1Gi"}))],
+            "invalid size",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), opts(json!({"size": "0"}))],
+            "invalid size",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"size": {"Gi": 1}})),
+            ],
+            "\"size\" must be a string",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                kubelet_mount_options("pv-new", "ntfs", "rw", json!({"size": "64Mi"})),
+            ],
+            "\"ntfs\" is not supported",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                kubelet_mount_options("pv-new", "ext4", "maybe", json!({"size": "64Mi"})),
+            ],
+            "\"rw\" or \"ro\"",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"size": "64Mi", "kubernetes.io/mounterArgs.FsGroup": "staff"})),
+            ],
+            "group ID",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"size": "64Mi", "mountOptions": "noatime,bind"})),
+            ],
+            "invalid mount option",
+        ),
+        (
+            vec![
+                "mount".into(),
+                pod.clone(),
+                opts(json!({"size": "64Mi", "mountOptions": "device=/dev/sda"})),
+            ],
+            "invalid mount option",
+        ),
+        (
+            vec![
+                "mount".into(),
+                "relative/pod/vol".into(),
+                opts(json!({"size": "64Mi"})),
+            ],
+            "is not absolute",
+        ),
+        (
+            vec!["mount".into(), missing_dir, opts(json!({"size": "64Mi"}))],
+            "does not exist",
+        ),
+        (
+            vec![
+                "mount".into(),
+                "/etc/pods/vol".into(),
+                opts(json!({"size": "64Mi"})),
+            ],
+            "system directory",
+        ),
+        (
+            vec![
+                "mount".into(),
+                format!("{pod}/../../p1/vol"),
+                opts(json!({"size": "64Mi"})),
+            ],
+            "not normalized",
+        ),
+        (
+            vec!["mount".into(), pod.clone(), opts(json!({}))],
+            "not found",
+        ),
+        (vec!["unmount".into()], "unmount needs pod volume dir"),
+        (
+            vec!["unmount".into(), "pods/p1/vol".into()],
+            "is not absolute",
+        ),
+        (
+            vec![
+                "expandfs".into(),
+                opts(json!({})),
+                "".into(),
+                pod.clone(),
+                "big".into(),
+                "1".into(),
+            ],
+            "number of bytes",
+        ),
+        (
+            vec![
+                "expandfs".into(),
+                opts(json!({})),
+                "".into(),
+                pod.clone(),
+                "1073741824".into(),
+                "1".into(),
+            ],
+            "not found",
+        ),
+        (
+            vec!["expandfs".into(), opts(json!({}))],
+            "expandfs needs the device mount path",
+        ),
+    ];
+    for (args, expect) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let m = flex.fail(&args);
+        assert!(m.contains(expect), "{args:?}: expected {expect:?} in {m:?}");
+        assert_eq!(
+            state(&s),
+            before,
+            "{args:?} changed the pool or the mount table"
+        );
+    }
+    // A pool that does not exist is refused, not created.
+    let m = flex
+        .clone()
+        .with_env("LOOPVOL_POOL", &s.path("no-pool").display().to_string())
+        .fail(&["unmount", &pod]);
+    assert!(m.contains("no-pool") && m.contains("cannot use it"), "{m}");
+    assert!(!s.path("no-pool").exists());
+    assert_eq!(state(&s), before);
+
+    flex.ok(&["unmount", &good_pod]);
+    assert_clean(&s);
+    assert_no_secrets_logged(&s);
+}
+
+/// Node mode, ext4: the whole kubelet key set, fsGroup, data across unmount/mount, two pods on
+/// one volume, a read-only pod, repeats of every call, and secrets kept out of the log.
+#[test]
+fn node_mode_lifecycle_ext4() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let create = kubelet_mount_options(
+        "pv-web",
+        "ext4",
+        "rw",
+        json!({"volumeID": "vol-web", "size": "128Mi", "mountOptions": "noatime"}),
+    );
+    let pod1 = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-web");
+    let pod1s = mkdir(&pod1);
+    flex.ok(&["mount", &pod1s, &create]);
+    assert_eq!(mount_count(&s, &pod1), 1);
+    // fsGroup applied by the driver: the volume root belongs to the group, setgid, group-writable.
+    let md = std::fs::metadata(&pod1).unwrap();
+    assert_eq!(md.gid(), 2000);
+    assert_eq!(
+        md.permissions().mode() & 0o2070,
+        0o2070,
+        "{:o}",
+        md.permissions().mode()
+    );
+    assert!(fs_size(&pod1) > 100 * MIB);
+    write_synced(&pod1.join("index.html"), b"hello from pod 1");
+
+    // A repeat (kubelet retried) changes nothing.
+    flex.ok(&["mount", &pod1s, &create]);
+    assert_eq!(mount_count(&s, &pod1), 1);
+
+    // A second pod on the same volume sees the data; a third, read-only, cannot write.
+    let pod2 = s.path("pods/uid-2/volumes/loopvol~loopvol/pv-web");
+    flex.ok(&["mount", &mkdir(&pod2), &create]);
+    assert_eq!(
+        std::fs::read(pod2.join("index.html")).unwrap(),
+        b"hello from pod 1"
+    );
+    let pod3 = s.path("pods/uid-3/volumes/loopvol~loopvol/pv-web");
+    let ro = kubelet_mount_options(
+        "pv-web",
+        "ext4",
+        "ro",
+        json!({"volumeID": "vol-web", "size": "128Mi"}),
+    );
+    flex.ok(&["mount", &mkdir(&pod3), &ro]);
+    assert_eq!(
+        std::fs::read(pod3.join("index.html")).unwrap(),
+        b"hello from pod 1"
+    );
+    let err = std::fs::write(pod3.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_erofs()), "{err}");
+    write_synced(&pod2.join("from-pod-2"), b"two");
+    assert!(pod3.join("from-pod-2").exists());
+    assert_eq!(
+        loops_under(&s.root()).len(),
+        1,
+        "one loop device for the volume"
+    );
+
+    // Unmount one pod: the others keep working.
+    flex.ok(&["unmount", &pod1s]);
+    assert!(!pod1.exists(), "kubelet's dir is removed once unmounted");
+    flex.ok(&["unmount", &pod1s]);
+    assert_eq!(std::fs::read(pod2.join("from-pod-2")).unwrap(), b"two");
+    flex.ok(&["unmount", &pod2.display().to_string()]);
+    flex.ok(&["unmount", &pod3.display().to_string()]);
+    assert_clean(&s);
+
+    // The data survives; the volume is found by name alone, no size needed; nothing reformats.
+    let pod4 = s.path("pods/uid-4/volumes/loopvol~loopvol/pv-web");
+    let by_id = kubelet_mount_options("pv-web", "", "rw", json!({"volumeID": "vol-web"}));
+    flex.ok(&["mount", &mkdir(&pod4), &by_id]);
+    assert_eq!(
+        std::fs::read(pod4.join("index.html")).unwrap(),
+        b"hello from pod 1"
+    );
+    assert_eq!(std::fs::read(pod4.join("from-pod-2")).unwrap(), b"two");
+    // The same PV with a size that no longer matches (the PV was not edited after an expand) is fine.
+    let pod5 = s.path("pods/uid-5/volumes/loopvol~loopvol/pv-web");
+    flex.ok(&[
+        "mount",
+        &mkdir(&pod5),
+        &kubelet_mount_options(
+            "pv-web",
+            "ext4",
+            "rw",
+            json!({"volumeID": "vol-web", "size": "64Mi"}),
+        ),
+    ]);
+    flex.ok(&["unmount", &pod5.display().to_string()]);
+    flex.ok(&["unmount", &pod4.display().to_string()]);
+
+    // Unmount of a dir that was never mounted succeeds.
+    let never = s.path("pods/uid-9/volumes/loopvol~loopvol/pv-web");
+    flex.ok(&["unmount", &mkdir(&never)]);
+    flex.ok(&["unmount", &s.path("pods/uid-10/gone").display().to_string()]);
+    assert_clean(&s);
+    assert_no_secrets_logged(&s);
+    assert!(log_text(&s).contains("<redacted>"));
+}
+
+fn libc_erofs() -> i32 {
+    nix::errno::Errno::EROFS as i32
+}
+
+/// After a reboot kubelet unmounts pod dirs that are no longer mounted, and the staging mount
+/// and loop device are gone: unmount succeeds and cleans up, and the volume mounts again.
+#[test]
+fn unmount_after_the_staging_mount_vanished() {
+    if !gate("btrfs") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let opts = kubelet_mount_options("pv-reboot", "btrfs", "rw", json!({"size": "320Mi"}));
+    let pod = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-reboot");
+    let pods = mkdir(&pod);
+    flex.ok(&["mount", &pods, &opts]);
+    write_synced(&pod.join("kept"), b"before the reboot");
+
+    // Simulated reboot: everything unmounted and detached behind the driver's back.
+    s.cleanup_kernel_state();
+    assert_clean(&s);
+    flex.ok(&["unmount", &pods]);
+    assert!(!pod.exists(), "the stale pod dir is removed");
+    assert_clean(&s);
+
+    // Mounts again, data intact.
+    flex.ok(&["mount", &mkdir(&pod), &opts]);
+    assert_eq!(
+        std::fs::read(pod.join("kept")).unwrap(),
+        b"before the reboot"
+    );
+
+    // Only the staging mount vanished (the pod's bind is still there): unmount cleans up all.
+    let staging = s.pool().join("staging/node-a/pv-reboot");
+    assert_eq!(mount_count(&s, &staging), 1);
+    nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    flex.ok(&["unmount", &pods]);
+    assert_clean(&s);
+    assert!(!pod.exists());
+}
+
+/// kubelet may run the same call twice at once (a retry racing the first), and different pods
+/// of one volume concurrently: every process succeeds and the end state is right.
+#[test]
+fn concurrent_calls_from_separate_processes() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let opts = kubelet_mount_options("pv-race", "ext4", "rw", json!({"size": "96Mi"}));
+    let pod_a = s.path("pods/a/volumes/loopvol~loopvol/pv-race");
+    let pod_b = s.path("pods/b/volumes/loopvol~loopvol/pv-race");
+    let (a, b) = (mkdir(&pod_a), mkdir(&pod_b));
+    let wait_all = |children: Vec<(Vec<String>, Child)>| {
+        for (args, child) in children {
+            let out = child.wait_with_output().unwrap();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let reply = check_protocol(&args, &out);
+            assert_eq!(reply["status"], "Success", "{args:?}: {reply}");
+        }
+    };
+    let start = |calls: &[Vec<String>]| {
+        calls
+            .iter()
+            .map(|args| {
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                (args.clone(), flex.spawn(&argv))
+            })
+            .collect::<Vec<_>>()
+    };
+    // The first mounts also create and format the volume: all race for it.
+    let mount_a = vec!["mount".to_owned(), a.clone(), opts.clone()];
+    let mount_b = vec!["mount".to_owned(), b.clone(), opts.clone()];
+    wait_all(start(&[
+        mount_a.clone(),
+        mount_a.clone(),
+        mount_b.clone(),
+        mount_b.clone(),
+    ]));
+    assert_eq!(mount_count(&s, &pod_a), 1);
+    assert_eq!(mount_count(&s, &pod_b), 1);
+    assert_eq!(loops_under(&s.root()).len(), 1);
+    write_synced(&pod_a.join("f"), b"shared");
+    assert_eq!(std::fs::read(pod_b.join("f")).unwrap(), b"shared");
+
+    let unmount_a = vec!["unmount".to_owned(), a.clone()];
+    let unmount_b = vec!["unmount".to_owned(), b.clone()];
+    wait_all(start(&[
+        unmount_a.clone(),
+        unmount_a.clone(),
+        unmount_b.clone(),
+        unmount_b,
+    ]));
+    assert_clean(&s);
+
+    // A pod unmounting while another mounts the same volume.
+    flex.ok(&["mount", &mkdir(&pod_a), &opts]);
+    wait_all(start(&[
+        unmount_a,
+        vec!["mount".to_owned(), mkdir(&pod_b), opts.clone()],
+    ]));
+    assert_eq!(std::fs::read(pod_b.join("f")).unwrap(), b"shared");
+    flex.ok(&["unmount", &b]);
+    assert_clean(&s);
+}
+
+/// expandfs grows the image and the mounted filesystem (xfs, btrfs: online).
+fn expand_online(fs: &str) {
+    if !gate(fs) {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let pv = format!("pv-grow-{fs}");
+    let opts = kubelet_mount_options(&pv, fs, "rw", json!({"size": "320Mi"}));
+    let pod = s.path(&format!("pods/uid-1/volumes/loopvol~loopvol/{pv}"));
+    let pods = mkdir(&pod);
+    flex.ok(&["mount", &pods, &opts]);
+    write_synced(&pod.join("data"), b"grow me");
+    let before = fs_size(&pod);
+    let new = (640 * MIB).to_string();
+    let old = (320 * MIB).to_string();
+    let json = kubelet_attach_options(&pv, fs, "rw", json!({}));
+    // kubelet passes no device and the pod's dir for a volume without a device mount.
+    flex.ok(&["expandfs", &json, "", &pods, &new, &old]);
+    let after = fs_size(&pod);
+    assert!(after > before + 200 * MIB, "{fs}: {before} → {after}");
+    // A repeat is a no-op; a smaller size never shrinks.
+    flex.ok(&["expandfs", &json, "", &pods, &new, &old]);
+    flex.ok(&["expandfs", &json, "", "", &old, &new]);
+    assert_eq!(fs_size(&pod), after);
+    flex.ok(&["unmount", &pods]);
+    flex.ok(&["mount", &mkdir(&pod), &opts]);
+    assert_eq!(fs_size(&pod), after);
+    assert_eq!(std::fs::read(pod.join("data")).unwrap(), b"grow me");
+    flex.ok(&["unmount", &pods]);
+    assert_clean(&s);
+}
+
+#[test]
+fn expandfs_online_xfs() {
+    expand_online("xfs");
+}
+
+#[test]
+fn expandfs_online_btrfs() {
+    expand_online("btrfs");
+}
+
+/// ext4 grows online only with CAP_SYS_RESOURCE; without it expandfs says so clearly and the
+/// next mount grows the filesystem offline.
+#[test]
+fn expandfs_ext4_grows_online_or_at_next_mount() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let opts = kubelet_mount_options("pv-grow-ext4", "ext4", "rw", json!({"size": "128Mi"}));
+    let pod = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-grow-ext4");
+    let pods = mkdir(&pod);
+    flex.ok(&["mount", &pods, &opts]);
+    write_synced(&pod.join("data"), b"ext4");
+    let before = fs_size(&pod);
+    let json = kubelet_attach_options("pv-grow-ext4", "ext4", "rw", json!({}));
+    let args = ["expandfs", &json, "", &pods, "402653184", "134217728"];
+    if loopvol::fs::can_grow_ext4_online() {
+        flex.ok(&args);
+        assert!(fs_size(&pod) > before + 200 * MIB);
+    } else {
+        let m = flex.fail(&args);
+        assert!(
+            m.contains("CAP_SYS_RESOURCE") && m.contains("grown offline"),
+            "{m}"
+        );
+        assert_eq!(fs_size(&pod), before);
+    }
+    flex.ok(&["unmount", &pods]);
+    flex.ok(&["mount", &mkdir(&pod), &opts]);
+    assert!(
+        fs_size(&pod) > before + 200 * MIB,
+        "the next mount grows it: {}",
+        fs_size(&pod)
+    );
+    assert_eq!(std::fs::read(pod.join("data")).unwrap(), b"ext4");
+    flex.ok(&["unmount", &pods]);
+    assert_clean(&s);
+}
+
+/// Attach mode on a shared pool: the controller-manager's calls and two nodes' kubelet calls.
+/// A read-write volume is refused to the second node, with a clear message, until released.
+#[test]
+fn attach_mode_two_nodes_share_a_pool() {
+    if !gate("xfs") {
+        return;
+    }
+    let s = Scratch::new();
+    let cm = Flex::new(&s, "controller", true);
+    let node_a = Flex::new(&s, "node-a", true);
+    let node_b = Flex::new(&s, "node-b", true);
+    let opts = kubelet_attach_options(
+        "pv-shared",
+        "xfs",
+        "rw",
+        json!({"volumeID": "vol-shared", "size": "320Mi"}),
+    );
+    let pod_opts = kubelet_mount_options(
+        "pv-shared",
+        "xfs",
+        "rw",
+        json!({"volumeID": "vol-shared", "size": "320Mi"}),
+    );
+    let dmp = |node: &str| {
+        s.path(&format!(
+            "{node}/plugins/kubernetes.io/flexvolume/loopvol/loopvol/mounts/pv-shared"
+        ))
+    };
+    let pod = |node: &str| {
+        s.path(&format!(
+            "{node}/pods/uid-1/volumes/loopvol~loopvol/pv-shared"
+        ))
+    };
+
+    // controller-manager: attach to node-a (creates the volume), idempotently.
+    let reply = cm.ok(&["attach", &opts, "node-a"]);
+    assert_eq!(reply["device"], "loopvol:vol-shared");
+    cm.ok(&["attach", &opts, "node-a"]);
+    assert_eq!(cm.ok(&["isattached", &opts, "node-a"])["attached"], true);
+    assert_eq!(cm.ok(&["isattached", &opts, "node-b"])["attached"], false);
+    let before = state(&s);
+    let m = cm.fail(&["attach", &opts, "node-b"]);
+    assert!(
+        m.contains("read-write on node node-a") && m.contains("node-b"),
+        "{m}"
+    );
+    assert_eq!(state(&s), before);
+
+    // kubelet on node-a.
+    let device = node_a.ok(&["waitforattach", "loopvol:vol-shared", &opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(device.starts_with("/dev/loop"), "{device}");
+    assert!(std::fs::metadata(&device)
+        .unwrap()
+        .file_type()
+        .is_block_device());
+    assert_eq!(
+        node_a.ok(&["waitforattach", "loopvol:vol-shared", &opts])["device"],
+        device.as_str()
+    );
+    let (dmp_a, pod_a) = (dmp("node-a"), pod("node-a"));
+    node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
+    node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
+    assert_eq!(mount_count(&s, &dmp_a), 1);
+    node_a.ok(&["mount", &mkdir(&pod_a), &pod_opts]);
+    node_a.ok(&["mount", &pod_a.display().to_string(), &pod_opts]);
+    assert_eq!(mount_count(&s, &pod_a), 1);
+    assert_eq!(std::fs::metadata(&pod_a).unwrap().gid(), 2000);
+    write_synced(&pod_a.join("written-on-a"), b"node a was here");
+
+    // node-b cannot use it read-write meanwhile, and its failed attempt changes nothing.
+    let before = state(&s);
+    let m = node_b.fail(&["waitforattach", "loopvol:vol-shared", &opts]);
+    assert!(
+        m.contains("read-write on node node-a") && m.contains("released there"),
+        "{m}"
+    );
+    let m = node_b.fail(&[
+        "mountdevice",
+        &dmp("node-b").display().to_string(),
+        &device,
+        &opts,
+    ]);
+    assert!(m.contains("node node-a"), "{m}");
+    assert_eq!(state(&s), before);
+    // A handle naming another volume is refused.
+    assert!(node_a
+        .fail(&["waitforattach", "loopvol:other", &opts])
+        .contains("other"));
+
+    // node-a lets go: unmount, unmountdevice (twice), then the controller detaches.
+    node_a.ok(&["unmount", &pod_a.display().to_string()]);
+    node_a.ok(&["unmount", &pod_a.display().to_string()]);
+    assert_eq!(
+        mount_count(&s, &dmp_a),
+        1,
+        "unmount leaves the device mount to unmountdevice"
+    );
+    node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
+    node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
+    assert_clean(&s);
+    cm.ok(&["detach", "pv-shared", "node-a"]);
+    cm.ok(&["detach", "pv-shared", "node-a"]);
+    cm.ok(&["detach", "pv-never-attached", "node-a"]);
+    assert_eq!(cm.ok(&["isattached", &opts, "node-a"])["attached"], false);
+
+    // Now node-b gets it, with node-a's data.
+    cm.ok(&["attach", &opts, "node-b"]);
+    let device = node_b.ok(&["waitforattach", "loopvol:vol-shared", &opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (dmp_b, pod_b) = (dmp("node-b"), pod("node-b"));
+    node_b.ok(&["mountdevice", &dmp_b.display().to_string(), &device, &opts]);
+    node_b.ok(&["mount", &mkdir(&pod_b), &pod_opts]);
+    assert_eq!(
+        std::fs::read(pod_b.join("written-on-a")).unwrap(),
+        b"node a was here"
+    );
+
+    // node-b reboots: its mounts and loop device vanish. kubelet's cleanup calls succeed and
+    // release node-b's hold, so node-a can take the volume back.
+    s.cleanup_kernel_state();
+    node_b.ok(&["unmount", &pod_b.display().to_string()]);
+    node_b.ok(&["unmountdevice", &dmp_b.display().to_string()]);
+    cm.ok(&["detach", "pv-shared", "node-b"]);
+    cm.ok(&["attach", &opts, "node-a"]);
+    let device = node_a.ok(&["waitforattach", "loopvol:vol-shared", &opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
+    node_a.ok(&["mount", &mkdir(&pod_a), &pod_opts]);
+    assert_eq!(
+        std::fs::read(pod_a.join("written-on-a")).unwrap(),
+        b"node a was here"
+    );
+    node_a.ok(&["unmount", &pod_a.display().to_string()]);
+    node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
+    cm.ok(&["detach", "pv-shared", "node-a"]);
+    assert_clean(&s);
+
+    // Read-only claims may be shared by both nodes.
+    let ro = kubelet_attach_options("pv-shared", "xfs", "ro", json!({"volumeID": "vol-shared"}));
+    cm.ok(&["attach", &ro, "node-a"]);
+    cm.ok(&["attach", &ro, "node-b"]);
+    assert_eq!(cm.ok(&["isattached", &ro, "node-b"])["attached"], true);
+    cm.ok(&["detach", "pv-shared", "node-a"]);
+    cm.ok(&["detach", "pv-shared", "node-b"]);
+    assert_no_secrets_logged(&s);
+}
