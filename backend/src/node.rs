@@ -687,6 +687,22 @@ impl Pool {
         Ok(size)
     }
 
+    /// Grows volume `id` to at least `size_bytes` and its filesystem with it, all on this node.
+    /// On a node-local pool this is the whole expansion: external-resizer has no per-node mode, so
+    /// the controller side cannot reach the node whose pool holds the image, and the node grows
+    /// the image itself. Where the controller already grew it, the image step is a no-op.
+    pub fn node_expand_to(
+        &self,
+        id: &str,
+        volume_path: Option<&Path>,
+        size_bytes: u64,
+    ) -> Result<u64> {
+        if size_bytes > self.get_volume(id)?.size_bytes {
+            self.expand_volume(id, size_bytes)?;
+        }
+        self.node_expand(id, volume_path)
+    }
+
     /// Usage of volume `id` at `path`: a mounted filesystem (bytes and inodes) or a published
     /// block device (bytes). `NotFound` when the volume or the path is unknown.
     pub fn volume_usage(&self, id: &str, path: &Path) -> Result<Usage> {
