@@ -47,15 +47,23 @@ pub struct Config {
 
 /// Loads the config beside the running binary, then applies the environment.
 pub fn load() -> Result<Config, String> {
-    let file = match std::env::current_exe() {
-        Ok(exe) => match exe.parent() {
-            Some(dir) => read_file(&dir.join(CONFIG_FILE))?,
-            None => ConfigFile::default(),
-        },
-        // Without /proc there is no way to find our directory: run on defaults and env.
-        Err(_) => ConfigFile::default(),
+    let file = match binary_dir() {
+        Some(dir) => read_file(&dir.join(CONFIG_FILE))?,
+        None => ConfigFile::default(),
     };
     resolve(file, |k| std::env::var(k).ok())
+}
+
+/// The directory of the running binary: from /proc/self/exe, or (a container without /proc)
+/// from argv[0], which kubelet and the controller-manager give as the driver's full path.
+fn binary_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok().or_else(|| {
+        std::env::args_os()
+            .next()
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    })?;
+    exe.parent().map(Path::to_path_buf)
 }
 
 fn read_file(path: &Path) -> Result<ConfigFile, String> {

@@ -1063,6 +1063,23 @@ fn attach_mode_two_nodes_share_a_pool() {
         std::fs::read(pod_b.join("written-on-a")).unwrap(),
         b"node a was here"
     );
+    // kubelet's expandfs in attach mode names the device and the device mount path.
+    let before = fs_size(&pod_b);
+    let new = (640 * MIB).to_string();
+    let old = (320 * MIB).to_string();
+    node_b.ok(&[
+        "expandfs",
+        &opts,
+        &device,
+        &dmp_b.display().to_string(),
+        &new,
+        &old,
+    ]);
+    assert!(
+        fs_size(&pod_b) > before + 200 * MIB,
+        "{before} → {}",
+        fs_size(&pod_b)
+    );
 
     // node-b reboots: its mounts and loop device vanish. kubelet's cleanup calls succeed and
     // release node-b's hold, so node-a can take the volume back.
