@@ -21,11 +21,18 @@ pub struct MountEntry {
     pub options: Vec<String>,
     pub fs_type: String,
     pub source: String,
+    /// Options of the filesystem itself (shared by every mount of it): `ro` here on a filesystem
+    /// mounted read-write means the kernel turned it read-only after errors.
+    pub super_options: Vec<String>,
 }
 
 impl MountEntry {
     pub fn read_only(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
+    }
+
+    pub fn super_read_only(&self) -> bool {
+        self.super_options.iter().any(|o| o == "ro")
     }
 }
 
@@ -70,7 +77,14 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let mut r = right.split(' ');
     let fs_type = r.next()?.to_owned();
     let source = unescape(r.next()?);
+    let super_options = r
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_owned)
+        .collect();
     Some(MountEntry {
+        super_options,
         id,
         parent,
         major: major.parse().ok()?,
@@ -225,6 +239,7 @@ bogus line
         assert_eq!(m.source, "/dev/loop3");
         assert_eq!(table[3].root, Path::new("/loop4"));
         assert_eq!(table[3].fs_type, "devtmpfs");
+        assert_eq!(table[3].super_options, ["rw", "size=123k"]);
         assert!(mount_at(&table, Path::new("/var/lib/kubelet/plugins/x/globalmount")).is_some());
         assert!(mount_at(&table, Path::new("/nope")).is_none());
     }

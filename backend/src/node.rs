@@ -763,6 +763,33 @@ impl Pool {
                     message: "the filesystem has recorded errors; run fsck".into(),
                 });
             }
+            // The kernel's own verdicts on a mounted filesystem: turned read-only after errors
+            // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
+            for mnt in mount::mounts()?
+                .iter()
+                .filter(|mnt| is_loop_mount_of(mnt, dev))
+            {
+                if mnt.super_read_only() && !dev.read_only {
+                    return Ok(Condition {
+                        abnormal: true,
+                        message: format!(
+                            "the filesystem at {} went read-only after errors",
+                            mnt.mount_point.display()
+                        ),
+                    });
+                }
+                let shut_down = std::fs::metadata(&mnt.mount_point)
+                    .is_err_and(|e| e.raw_os_error() == Some(libc::EIO));
+                if shut_down {
+                    return Ok(Condition {
+                        abnormal: true,
+                        message: format!(
+                            "the filesystem at {} has shut down (I/O errors)",
+                            mnt.mount_point.display()
+                        ),
+                    });
+                }
+            }
         }
         Ok(Condition {
             abnormal: false,

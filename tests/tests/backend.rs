@@ -1256,3 +1256,32 @@ fn concurrent_attaches_get_distinct_devices() {
         * 512;
     assert!(allocated >= 64 * MIB, "thick volume allocated {allocated}");
 }
+
+/// A filesystem the kernel shut down (xfs after I/O errors) makes the volume abnormal, and the
+/// volume can still be unstaged.
+#[test]
+fn health_reports_a_shut_down_filesystem() {
+    if !gate(FsType::Xfs) || !require_root(&["xfs_io"]) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "doomed", Some(FsType::Xfs));
+    let staging = s.path("staging");
+    pool.stage(&id, &staging, &mount_access(FsType::Xfs), false)
+        .unwrap();
+    assert!(!pool.volume_condition(&id).unwrap().abnormal);
+    let (code, _, err) = loopvol_e2e::run(
+        Command::new("xfs_io")
+            .args(["-x", "-c", "shutdown"])
+            .arg(&staging),
+    );
+    assert_eq!(code, 0, "{err}");
+    let cond = pool.volume_condition(&id).unwrap();
+    assert!(
+        cond.abnormal && cond.message.contains("shut down"),
+        "{cond:?}"
+    );
+    pool.unstage(&id, &staging).unwrap();
+    assert!(loops_under(&s.root()).is_empty());
+}
