@@ -1,0 +1,137 @@
+//! Logging: where it goes, and the one line every request gets (method, volume, duration, code).
+//!
+//! Requests are never logged whole: they carry secrets and mount flags (which may hold
+//! credentials). Handlers name only the subject (a volume ID, name or snapshot ID), and the values
+//! of `key=value` mount flags are scrubbed from any message before it is logged or returned.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tonic::{Response, Status};
+use tracing_subscriber::EnvFilter;
+
+/// Sends logs to `file` (appended) or, without one, to stderr. `RUST_LOG` overrides the level.
+pub fn init(file: Option<&Path>) -> Result<(), String> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    format!("cannot open log file {} (LOOPVOL_LOG): {e}", path.display())
+                })?;
+            builder.with_ansi(false).with_writer(Mutex::new(f)).init();
+        }
+        None => {
+            use std::io::IsTerminal;
+            builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr)
+                .init()
+        }
+    }
+    Ok(())
+}
+
+/// Values that must not reach a log or an error message.
+#[derive(Debug, Default, Clone)]
+pub struct Redact(Vec<String>);
+
+impl Redact {
+    /// The values of `key=value` mount flags (`password=…`, `context=…`).
+    pub fn mount_flags<'a>(flags: impl IntoIterator<Item = &'a String>) -> Redact {
+        Redact(
+            flags
+                .into_iter()
+                .filter_map(|f| f.split_once('=').map(|(_, v)| v.to_owned()))
+                .filter(|v| v.len() >= 3)
+                .collect(),
+        )
+    }
+
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for v in &self.0 {
+            out = out.replace(v.as_str(), "<redacted>");
+        }
+        out
+    }
+}
+
+/// Calls a CO makes every few seconds (probes, capability and stats polls): their successes are
+/// logged at debug level so the log shows the work, not the polling.
+const POLLS: &[&str] = &[
+    "Probe",
+    "GetPluginInfo",
+    "GetPluginCapabilities",
+    "ControllerGetCapabilities",
+    "GroupControllerGetCapabilities",
+    "NodeGetCapabilities",
+    "NodeGetInfo",
+    "NodeGetVolumeStats",
+    "GetCapacity",
+];
+
+/// Runs one request's handler and logs how it ended. `subject` names what it acts on.
+pub async fn call<T>(
+    method: &'static str,
+    subject: &str,
+    redact: Redact,
+    handler: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
+    let start = Instant::now();
+    tracing::debug!(method, volume = subject, "request");
+    let result = handler.await;
+    let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let duration_ms = (duration_ms * 1000.0).round() / 1000.0;
+    match result {
+        Ok(reply) => {
+            if POLLS.contains(&method) {
+                tracing::debug!(method, volume = subject, duration_ms, code = "OK");
+            } else {
+                tracing::info!(method, volume = subject, duration_ms, code = "OK");
+            }
+            Ok(Response::new(reply))
+        }
+        Err(status) => {
+            let message = redact.scrub(status.message());
+            let code = format!("{:?}", status.code());
+            if matches!(
+                status.code(),
+                tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss
+            ) {
+                tracing::error!(method, volume = subject, duration_ms, code, message);
+            } else {
+                tracing::warn!(method, volume = subject, duration_ms, code, message);
+            }
+            Err(Status::new(status.code(), message))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_are_scrubbed() {
+        let flags = vec![
+            "ro".to_string(),
+            "password=hunter22".to_string(),
+            "x=1".to_string(),
+        ];
+        let r = Redact::mount_flags(&flags);
+        assert_eq!(
+            r.scrub("mount option \"password=hunter22\": bad; ro"),
+            "mount option \"password=<redacted>\": bad; ro"
+        );
+    }
+}
