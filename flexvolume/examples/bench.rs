@@ -169,12 +169,15 @@ fn main() {
     let staging = pool.default_staging_path(id).unwrap();
     let runs = env_usize("BENCH_MOUNT_RUNS", 20);
     let (mut via_bin, mut via_lib) = (Vec::new(), Vec::new());
+    let (mut bin_mount, mut lib_mount) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         std::fs::create_dir_all(&pod).unwrap();
         let started = Instant::now();
         flex(&["mount", &pod_s, &options]);
+        let mounted = started.elapsed();
         flex(&["unmount", &pod_s]);
         via_bin.push(started.elapsed());
+        bin_mount.push(mounted);
         assert!(!pod.exists());
 
         std::fs::create_dir_all(&pod).unwrap();
@@ -183,10 +186,25 @@ fn main() {
         pool.stage(id, &staging, &access, false).unwrap();
         pool.publish(id, Some(&staging), &pod, &access, false, None)
             .unwrap();
+        let mounted = started.elapsed();
         pool.release_target(&pod).unwrap();
         via_lib.push(started.elapsed());
+        lib_mount.push(mounted);
         assert!(!pod.exists());
     }
+    let unmount_part = |all: &[Duration], mount: &[Duration]| {
+        all.iter()
+            .zip(mount)
+            .map(|(a, m)| *a - *m)
+            .collect::<Vec<_>>()
+    };
+    println!(
+        "  of which mount: binary {} vs backend {}; unmount: binary {} vs backend {}",
+        ms(median(bin_mount.clone())),
+        ms(median(lib_mount.clone())),
+        ms(median(unmount_part(&via_bin, &bin_mount))),
+        ms(median(unmount_part(&via_lib, &lib_mount))),
+    );
     let (mb, ml) = (median(via_bin.clone()), median(via_lib.clone()));
     println!(
         "mount+unmount 1 GiB ext4: binary median {} (mean {}) vs backend median {} (mean {}) over {runs} runs: {:.3}× (target ≤ 1.05×)",
