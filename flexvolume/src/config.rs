@@ -102,6 +102,9 @@ fn resolve(file: ConfigFile, env: impl Fn(&str) -> Option<String>) -> Result<Con
         Some(n) if !n.is_empty() => n,
         _ => host_name()?,
     };
+    // It names a directory in the pool (staging/<node>/): a plain path component only.
+    loopvol::validate::check_id("node name", &node)
+        .map_err(|e| format!("{e} (config \"node\", LOOPVOL_NODE or the host name)"))?;
     let secs = file
         .lock_timeout_seconds
         .unwrap_or(DEFAULT_LOCK_TIMEOUT_SECS);
@@ -200,6 +203,12 @@ mod tests {
         assert!(err.contains("LOOPVOL_ATTACH"), "{err}");
         let err = resolve(parse(r#"{"lockTimeoutSeconds": 99999}"#).unwrap(), no_env).unwrap_err();
         assert!(err.contains("lockTimeoutSeconds"), "{err}");
+        let err = resolve(ConfigFile::default(), |k| match k {
+            "LOOPVOL_NODE" => Some("../../etc".to_owned()),
+            _ => None,
+        })
+        .unwrap_err();
+        assert!(err.contains("invalid node name"), "{err}");
         let err = resolve(ConfigFile::default(), |k| {
             (k == "LOOPVOL_POOL").then(String::new)
         })

@@ -26,17 +26,19 @@ fn main() {
     std::panic::set_hook(Box::new(panic_reply));
     let reply = match collect_args() {
         Ok(args) => run(&args),
-        Err(reply) => reply,
+        Err(e) => error_reply(&e, DEFAULT_LOCK_TIMEOUT),
     };
     std::process::exit(reply::emit(&reply));
 }
 
-fn collect_args() -> Result<Vec<String>, Reply> {
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(config::DEFAULT_LOCK_TIMEOUT_SECS);
+
+fn collect_args() -> Result<Vec<String>, CallError> {
     std::env::args_os()
         .skip(1)
         .map(|a| {
             a.into_string()
-                .map_err(|a| Reply::failure(format!("argument {a:?} is not valid UTF-8")))
+                .map_err(|a| CallError::invalid(format!("argument {a:?} is not valid UTF-8")))
         })
         .collect()
 }
@@ -62,16 +64,14 @@ fn panic_reply(info: &std::panic::PanicHookInfo<'_>) {
 
 fn run(args: &[String]) -> Reply {
     let Some((call, rest)) = args.split_first() else {
-        return Reply::failure(format!("no call given; {USAGE}"));
+        return error_reply(
+            &CallError::invalid(format!("no call given; {USAGE}")),
+            DEFAULT_LOCK_TIMEOUT,
+        );
     };
     let config = match config::load() {
         Ok(c) => c,
-        Err(m) => {
-            return error_reply(
-                &CallError::Config(m),
-                Duration::from_secs(config::DEFAULT_LOCK_TIMEOUT_SECS),
-            )
-        }
+        Err(m) => return error_reply(&CallError::Config(m), DEFAULT_LOCK_TIMEOUT),
     };
     // init runs on every plugin probe: answer from the config alone, no log file, no pool.
     if call == "init" {
