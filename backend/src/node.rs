@@ -247,6 +247,17 @@ impl Pool {
         let read_only = mode == AccessMode::ReadOnly;
         let _guard = self.lock_volume(id)?;
         let mut m = self.get_volume(id)?;
+        // Something else at the staging path (another volume, or this one in the other mode):
+        // refuse before recording a hold or attaching, so the refusal leaves nothing behind.
+        if matches!(access, Access::Mount { .. }) {
+            let table = mount::mounts()?;
+            if let Some(existing) = mount::mount_at(&table, staging_path) {
+                let ours = loopdev::find(&self.volume_image(id))?
+                    .iter()
+                    .any(|d| is_loop_mount_of(existing, d));
+                check_existing_mount("staging path", staging_path, existing, ours, id, read_only)?;
+            }
+        }
         self.hold_for_this_node(&mut m, mode)?;
         let dev = self.ensure_attached(id, read_only)?;
         let Access::Mount {
@@ -377,6 +388,24 @@ impl Pool {
                     "{} holds {}, not volume {id}; leaving it alone",
                     staging_path.display(),
                     existing.source
+                )));
+            }
+            // Still published somewhere: refuse before unmounting anything, so the volume stays
+            // staged for its publications (and for new ones).
+            let users: Vec<String> = table
+                .iter()
+                .filter(|m| m.mount_point != staging_path)
+                .filter(|m| {
+                    devices
+                        .iter()
+                        .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
+                })
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !users.is_empty() {
+                return Err(Error::precondition(format!(
+                    "volume {id} is still mounted at {}; unpublish it first",
+                    users.join(", ")
                 )));
             }
             mount::unmount(staging_path)?;

@@ -2713,3 +2713,929 @@ async fn paths_are_confined_to_prefixes_and_never_system_directories() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Root: real loop devices, filesystems and mounts
+// ---------------------------------------------------------------------------------------------
+
+/// A staging path the way kubelet lays them out (under `<scratch>/kubelet`).
+fn staging_path(scratch: &Scratch, id: &str) -> PathBuf {
+    scratch.path(&format!(
+        "kubelet/plugins/kubernetes.io/csi/csi.loopvol.io/{id}/globalmount"
+    ))
+}
+
+/// A pod's target path (under `<scratch>/kubelet`).
+fn target_path(scratch: &Scratch, pod: &str, id: &str) -> PathBuf {
+    scratch.path(&format!(
+        "kubelet/pods/{pod}/volumes/kubernetes.io~csi/{id}/mount"
+    ))
+}
+
+fn kubelet_prefix(scratch: &Scratch) -> String {
+    format!("--path-prefix={}", scratch.path("kubelet").display())
+}
+
+async fn stage(c: &mut Csi, id: &str, staging: &Path, cap: pb::VolumeCapability) {
+    ok(
+        c.node.node_stage_volume(stage_req(id, staging, cap)).await,
+        "NodeStageVolume",
+    );
+}
+
+async fn publish(
+    c: &mut Csi,
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: pb::VolumeCapability,
+    readonly: bool,
+) {
+    ok(
+        c.node
+            .node_publish_volume(publish_req(id, staging, target, cap, readonly))
+            .await,
+        "NodePublishVolume",
+    );
+}
+
+async fn unpublish(c: &mut Csi, id: &str, target: &Path) {
+    ok(
+        c.node
+            .node_unpublish_volume(unpublish_req(id, target))
+            .await,
+        "NodeUnpublishVolume",
+    );
+}
+
+async fn unstage(c: &mut Csi, id: &str, staging: &Path) {
+    ok(
+        c.node.node_unstage_volume(unstage_req(id, staging)).await,
+        "NodeUnstageVolume",
+    );
+}
+
+#[tokio::test]
+async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &[&kubelet_prefix(&scratch)]).await;
+    let c = &mut csi;
+    let cap = mount_cap_with("ext4", Mode::SingleNodeWriter, &["noatime"], "4242");
+    let staging = staging_path(&scratch, "pvc-life");
+    let target = target_path(&scratch, "pod-1", "pvc-life");
+
+    let first = create(c, "pvc-life", 64 * MIB, cap.clone()).await;
+    for _ in 0..10 {
+        assert_eq!(create(c, "pvc-life", 64 * MIB, cap.clone()).await, first);
+    }
+    let id = first.volume_id.clone();
+
+    for _ in 0..10 {
+        stage(c, &id, &staging, cap.clone()).await;
+        let (fs, options) = mount_at(&staging).expect("staged mount");
+        assert_eq!(fs, "ext4");
+        for o in ["nodev", "nosuid", "noatime", "rw"] {
+            assert!(
+                options.iter().any(|x| x == o),
+                "staging mount lacks {o}: {options:?}"
+            );
+        }
+        assert_eq!(
+            loops_of(&scratch, &id).len(),
+            1,
+            "one loop device, whatever the repeats"
+        );
+        assert_eq!(mounts_under(&scratch.root()).len(), 1);
+    }
+    // Incompatible repeats at the same staging path.
+    assert_code(
+        c.node
+            .node_stage_volume(stage_req(&id, &staging, rwo("xfs")))
+            .await,
+        Code::AlreadyExists,
+        "stage again as another fs type",
+    );
+    create(c, "pvc-other", 64 * MIB, rwo("ext4")).await;
+    assert_code(
+        c.node
+            .node_stage_volume(stage_req("pvc-other", &staging, rwo("ext4")))
+            .await,
+        Code::AlreadyExists,
+        "another volume at the same staging path",
+    );
+    assert!(
+        loops_of(&scratch, "pvc-other").is_empty(),
+        "a refused stage left a loop device"
+    );
+
+    for _ in 0..10 {
+        publish(c, &id, &staging, &target, cap.clone(), false).await;
+        let (fs, options) = mount_at(&target).expect("published mount");
+        assert_eq!(fs, "ext4");
+        assert!(options.iter().any(|x| x == "nodev") && options.iter().any(|x| x == "nosuid"));
+        assert_eq!(mounts_under(&scratch.root()).len(), 2, "no stacked binds");
+    }
+    // VOLUME_MOUNT_GROUP: the volume's root belongs to the pod's fsGroup, setgid.
+    let root = std::fs::metadata(&target).unwrap();
+    assert_eq!(root.gid(), 4242);
+    assert!(root.mode() & 0o2070 == 0o2070, "mode {:o}", root.mode());
+    std::fs::write(target.join("data"), b"lifecycle").unwrap();
+    assert_code(
+        c.node
+            .node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), true))
+            .await,
+        Code::AlreadyExists,
+        "publish the same target read-only",
+    );
+    // A second pod on the same node.
+    let target2 = target_path(&scratch, "pod-2", "pvc-life");
+    publish(c, &id, &staging, &target2, cap.clone(), true).await;
+    assert_eq!(std::fs::read(target2.join("data")).unwrap(), b"lifecycle");
+    assert!(
+        std::fs::write(target2.join("x"), b"x").is_err(),
+        "read-only publish is writable"
+    );
+    unpublish(c, &id, &target2).await;
+    assert!(!target2.exists(), "unpublish leaves the target directory");
+    // Publishing without staging first: FAILED_PRECONDITION.
+    let other_target = target_path(&scratch, "pod-3", "pvc-other");
+    assert_code(
+        c.node
+            .node_publish_volume(publish_req(
+                "pvc-other",
+                &staging_path(&scratch, "pvc-other"),
+                &other_target,
+                rwo("ext4"),
+                false,
+            ))
+            .await,
+        Code::FailedPrecondition,
+        "publish an unstaged volume",
+    );
+
+    for path in [&target, &staging] {
+        let stats = ok(
+            c.node
+                .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                    volume_id: id.clone(),
+                    volume_path: path.display().to_string(),
+                    ..Default::default()
+                })
+                .await,
+            "NodeGetVolumeStats",
+        );
+        let bytes = stats
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+            .unwrap();
+        let inodes = stats
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Inodes as i32)
+            .unwrap();
+        assert!(
+            bytes.total > 50 * MIB && bytes.total <= 64 * MIB,
+            "{bytes:?}"
+        );
+        assert!(bytes.used > 0 && bytes.available > 0);
+        assert!(inodes.total > 0 && inodes.used > 0);
+        assert!(!stats.volume_condition.unwrap().abnormal);
+    }
+    let got = ok(
+        c.ctl
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await,
+        "ControllerGetVolume",
+    );
+    let status = got.status.unwrap();
+    assert_eq!(status.published_node_ids, [NODE]);
+    assert!(!status.volume_condition.unwrap().abnormal);
+
+    // In use: neither deletion nor unstaging may pull it from under the pod.
+    assert_code(
+        c.ctl.delete_volume(delete_req(&id)).await,
+        Code::FailedPrecondition,
+        "delete while published",
+    );
+    assert_code(
+        c.node.node_unstage_volume(unstage_req(&id, &staging)).await,
+        Code::FailedPrecondition,
+        "unstage while published",
+    );
+    assert!(
+        mount_at(&staging).is_some(),
+        "a refused unstage unmounted the staging path"
+    );
+
+    for _ in 0..10 {
+        unpublish(c, &id, &target).await;
+        assert!(mount_at(&target).is_none());
+        assert!(!target.exists());
+    }
+    for _ in 0..10 {
+        unstage(c, &id, &staging).await;
+        assert!(mount_at(&staging).is_none());
+        assert!(
+            loops_of(&scratch, &id).is_empty(),
+            "loop device left after unstage"
+        );
+    }
+    // Staged again later: the data is still there.
+    stage(c, &id, &staging, cap.clone()).await;
+    publish(c, &id, &staging, &target, cap.clone(), false).await;
+    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"lifecycle");
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+
+    for _ in 0..10 {
+        ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
+    }
+    assert!(!scratch.pool().join("volumes").join(&id).exists());
+    assert!(mounts_under(&scratch.root()).is_empty());
+    assert!(loops_under(&scratch.root()).is_empty());
+}
+
+#[tokio::test]
+async fn block_volumes_work_end_to_end() {
+    if !require_root(&[]) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &[&kubelet_prefix(&scratch)]).await;
+    let c = &mut csi;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let id = create(c, "pvc-block", 16 * MIB, cap.clone())
+        .await
+        .volume_id;
+    let staging = scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-block");
+    let target =
+        scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-1");
+    for _ in 0..10 {
+        stage(c, &id, &staging, cap.clone()).await;
+        assert_eq!(loops_of(&scratch, &id).len(), 1);
+    }
+    for _ in 0..10 {
+        publish(c, &id, &staging, &target, cap.clone(), false).await;
+        assert!(
+            std::fs::metadata(&target)
+                .unwrap()
+                .file_type()
+                .is_block_device(),
+            "target is not the device"
+        );
+        assert_eq!(mounts_under(&scratch.root()).len(), 1);
+    }
+    // Write through the published device file, read it back.
+    let data = pattern(64 * 1024, 7);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap();
+        f.write_all_at(&data, MIB as u64).unwrap();
+        f.sync_all().unwrap();
+    }
+    let read_back = |path: &Path| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; data.len()];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact_at(&mut buf, MIB as u64)
+            .unwrap();
+        buf
+    };
+    assert_eq!(read_back(&target), data);
+    // A read-only publication of the same device shows the data. (Writes through it are refused
+    // by the container runtime's device rules: a read-only bind cannot stop writes to a device
+    // node.)
+    let ro_target =
+        scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-2");
+    publish(c, &id, &staging, &ro_target, cap.clone(), true).await;
+    assert_eq!(read_back(&ro_target), data);
+    let (_, options) = mount_at(&ro_target).unwrap();
+    assert!(options.iter().any(|o| o == "ro"), "{options:?}");
+    unpublish(c, &id, &ro_target).await;
+    // A block volume expands without a filesystem step.
+    let grown = ok(
+        c.node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                capacity_range: range(32 * MIB, 0),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await,
+        "NodeExpandVolume of a block volume",
+    );
+    assert_eq!(grown.capacity_bytes, 32 * MIB);
+    let dev_size = {
+        let f = std::fs::File::open(&target).unwrap();
+        use std::io::Seek;
+        let mut f = f;
+        f.seek(std::io::SeekFrom::End(0)).unwrap()
+    };
+    assert_eq!(
+        dev_size,
+        32 * MIB as u64,
+        "the published device did not grow"
+    );
+    let stats = ok(
+        c.node
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        "NodeGetVolumeStats of a block volume",
+    );
+    assert_eq!(stats.usage[0].total, 32 * MIB);
+
+    for _ in 0..10 {
+        unpublish(c, &id, &target).await;
+        assert!(!target.exists());
+    }
+    for _ in 0..10 {
+        unstage(c, &id, &staging).await;
+        assert!(loops_of(&scratch, &id).is_empty());
+    }
+    // The data is in the image: attach again and read it.
+    stage(c, &id, &staging, cap.clone()).await;
+    publish(c, &id, &staging, &target, cap.clone(), false).await;
+    assert_eq!(read_back(&target), data);
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+    // A reader-only mode attaches the device itself read-only: no write reaches the image.
+    let reader = block_cap(Mode::SingleNodeReaderOnly);
+    stage(c, &id, &staging, reader.clone()).await;
+    publish(c, &id, &staging, &target, reader.clone(), true).await;
+    assert_eq!(read_back(&target), data);
+    let refused = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.write_all_at(b"x", 0)?;
+            f.sync_all()
+        });
+    assert!(refused.is_err(), "a reader-only block volume took a write");
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+    for _ in 0..10 {
+        ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
+    }
+    assert!(mounts_under(&scratch.root()).is_empty());
+    assert!(loops_under(&scratch.root()).is_empty());
+}
+
+#[tokio::test]
+async fn reader_only_modes_stage_and_publish_read_only() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &[]).await;
+    let c = &mut csi;
+    let id = create(c, "pvc-ro", 32 * MIB, rwo("ext4")).await.volume_id;
+    let staging = staging_path(&scratch, &id);
+    let target = target_path(&scratch, "p", &id);
+    // Written once read-write...
+    stage(c, &id, &staging, rwo("ext4")).await;
+    publish(c, &id, &staging, &target, rwo("ext4"), false).await;
+    std::fs::write(target.join("seed"), b"seed").unwrap();
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+    // ...then used by readers.
+    let ro = mount_cap("ext4", Mode::MultiNodeReaderOnly);
+    for _ in 0..3 {
+        stage(c, &id, &staging, ro.clone()).await;
+    }
+    let (_, options) = mount_at(&staging).unwrap();
+    assert!(
+        options.iter().any(|o| o == "ro"),
+        "reader-only stage is not read-only: {options:?}"
+    );
+    publish(c, &id, &staging, &target, ro.clone(), false).await;
+    assert_eq!(std::fs::read(target.join("seed")).unwrap(), b"seed");
+    let err = std::fs::write(target.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+    assert!(loops_under(&scratch.root()).is_empty());
+    // A blank volume cannot be formatted read-only.
+    let blank = create(c, "pvc-blank", 32 * MIB, rwo("ext4"))
+        .await
+        .volume_id;
+    assert_code(
+        c.node
+            .node_stage_volume(stage_req(&blank, &staging_path(&scratch, &blank), ro))
+            .await,
+        Code::FailedPrecondition,
+        "read-only stage of a blank volume",
+    );
+}
+
+#[tokio::test]
+async fn snapshot_restore_and_clone_preserve_contents() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &[]).await;
+    let c = &mut csi;
+    let cap = rwo("ext4");
+    let src = create(c, "pvc-src", 64 * MIB, cap.clone()).await.volume_id;
+    let (s_stage, s_target) = (
+        staging_path(&scratch, &src),
+        target_path(&scratch, "p0", &src),
+    );
+    stage(c, &src, &s_stage, cap.clone()).await;
+    publish(c, &src, &s_stage, &s_target, cap.clone(), false).await;
+    let before = pattern(512 * 1024, 1);
+    std::fs::write(s_target.join("data.bin"), &before).unwrap();
+
+    // Snapshot of the mounted volume (frozen while copied), then the source changes.
+    let snap = ok(
+        c.ctl.create_snapshot(snapshot_req("snap-1", &src)).await,
+        "CreateSnapshot",
+    )
+    .snapshot
+    .unwrap();
+    assert!(snap.ready_to_use);
+    let after = pattern(512 * 1024, 2);
+    std::fs::write(s_target.join("data.bin"), &after).unwrap();
+    std::fs::write(s_target.join("later.txt"), b"after the snapshot").unwrap();
+
+    // Restore, larger than the snapshot: the filesystem grows when staged.
+    let mut r = create_req("pvc-restored", 128 * MIB, cap.clone());
+    r.volume_content_source = from_snapshot(&snap.snapshot_id);
+    let restored = ok(c.ctl.create_volume(r).await, "restore")
+        .volume
+        .unwrap()
+        .volume_id;
+    // Clone of the (mounted, changed) source.
+    let mut r = create_req("pvc-clone", 64 * MIB, cap.clone());
+    r.volume_content_source = from_volume(&src);
+    let clone = ok(c.ctl.create_volume(r).await, "clone")
+        .volume
+        .unwrap()
+        .volume_id;
+
+    let (r_stage, r_target) = (
+        staging_path(&scratch, &restored),
+        target_path(&scratch, "p1", &restored),
+    );
+    stage(c, &restored, &r_stage, cap.clone()).await;
+    publish(c, &restored, &r_stage, &r_target, cap.clone(), false).await;
+    assert!(
+        std::fs::read(r_target.join("data.bin")).unwrap() == before,
+        "restored contents differ from the snapshot"
+    );
+    assert!(
+        !r_target.join("later.txt").exists(),
+        "restore holds a write made after the snapshot"
+    );
+    assert!(
+        statvfs_total(&r_target) > 100 * MIB as u64,
+        "the restored filesystem did not grow to its volume"
+    );
+
+    let (c_stage, c_target) = (
+        staging_path(&scratch, &clone),
+        target_path(&scratch, "p2", &clone),
+    );
+    stage(c, &clone, &c_stage, cap.clone()).await;
+    publish(c, &clone, &c_stage, &c_target, cap.clone(), false).await;
+    assert!(
+        std::fs::read(c_target.join("data.bin")).unwrap() == after,
+        "clone contents differ from the source"
+    );
+    assert_eq!(
+        std::fs::read(c_target.join("later.txt")).unwrap(),
+        b"after the snapshot"
+    );
+    // Independent copies: writing the clone leaves the source alone.
+    std::fs::write(c_target.join("data.bin"), b"clone only").unwrap();
+    assert!(std::fs::read(s_target.join("data.bin")).unwrap() == after);
+
+    for (id, st, tg) in [
+        (&src, &s_stage, &s_target),
+        (&restored, &r_stage, &r_target),
+        (&clone, &c_stage, &c_target),
+    ] {
+        unpublish(c, id, tg).await;
+        unstage(c, id, st).await;
+        ok(c.ctl.delete_volume(delete_req(id)).await, "DeleteVolume");
+    }
+    ok(
+        c.ctl
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+                ..Default::default()
+            })
+            .await,
+        "DeleteSnapshot",
+    );
+    assert!(loops_under(&scratch.root()).is_empty());
+}
+
+/// Stages and publishes a `fs` volume of `initial` bytes, grows it to `grown` and checks the
+/// mounted filesystem sees the new size. `shared`: through ControllerExpandVolume first (a
+/// shared pool), else NodeExpandVolume alone (a node-local pool grows on its node).
+async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
+    let scratch = Scratch::new();
+    let extra: &[&str] = if shared { &["--shared-pool"] } else { &[] };
+    let (_server, mut csi) = start(&scratch, extra).await;
+    let c = &mut csi;
+    let cap = rwo(fs);
+    let id = create(c, &format!("pvc-{fs}"), initial, cap.clone())
+        .await
+        .volume_id;
+    let (staging, target) = (staging_path(&scratch, &id), target_path(&scratch, "p", &id));
+    stage(c, &id, &staging, cap.clone()).await;
+    publish(c, &id, &staging, &target, cap.clone(), false).await;
+    std::fs::write(target.join("keep"), b"kept").unwrap();
+    let before = statvfs_total(&target);
+    assert!(before <= initial as u64);
+    if shared {
+        let r = ok(
+            c.ctl
+                .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    capacity_range: range(grown, 0),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await,
+            "ControllerExpandVolume",
+        );
+        assert!(r.node_expansion_required);
+        assert_eq!(r.capacity_bytes, grown);
+        assert_code(
+            c.node
+                .node_expand_volume(pb::NodeExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    volume_path: target.display().to_string(),
+                    capacity_range: range(2 * grown, 0),
+                    ..Default::default()
+                })
+                .await,
+            Code::OutOfRange,
+            "NodeExpandVolume beyond the controller's size",
+        );
+    }
+    for _ in 0..3 {
+        let r = ok(
+            c.node
+                .node_expand_volume(pb::NodeExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    volume_path: target.display().to_string(),
+                    staging_target_path: staging.display().to_string(),
+                    capacity_range: range(grown, 0),
+                    volume_capability: Some(cap.clone()),
+                    ..Default::default()
+                })
+                .await,
+            "NodeExpandVolume",
+        );
+        assert_eq!(r.capacity_bytes, grown);
+    }
+    let after = statvfs_total(&target);
+    assert!(
+        after > before + (grown - initial) as u64 / 2,
+        "{fs}: mounted filesystem {before} -> {after} bytes after growing {initial} -> {grown}"
+    );
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
+    let got = ok(
+        c.ctl
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await,
+        "ControllerGetVolume",
+    );
+    assert_eq!(got.volume.unwrap().capacity_bytes, grown);
+    assert_code(
+        c.node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                capacity_range: range(0, initial),
+                ..Default::default()
+            })
+            .await,
+        Code::OutOfRange,
+        "NodeExpandVolume with a limit below the size",
+    );
+    assert_code(
+        c.node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: scratch.path("kubelet/nowhere").display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "NodeExpandVolume at a path that does not exist",
+    );
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+    ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
+}
+
+#[tokio::test]
+async fn xfs_grows_online_on_its_node() {
+    if require_root(fs_tools("xfs")) {
+        expand_online("xfs", 300 * MIB, 600 * MIB, false).await;
+    }
+}
+
+#[tokio::test]
+async fn btrfs_grows_online_after_controller_expansion() {
+    if require_root(fs_tools("btrfs")) {
+        expand_online("btrfs", 256 * MIB, 512 * MIB, true).await;
+    }
+}
+
+#[tokio::test]
+async fn ext4_grows_online_or_says_why_and_grows_at_the_next_stage() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &[]).await;
+    let c = &mut csi;
+    let cap = rwo("ext4");
+    let id = create(c, "pvc-ext4", 64 * MIB, cap.clone()).await.volume_id;
+    let (staging, target) = (staging_path(&scratch, &id), target_path(&scratch, "p", &id));
+    stage(c, &id, &staging, cap.clone()).await;
+    publish(c, &id, &staging, &target, cap.clone(), false).await;
+    let before = statvfs_total(&target);
+    let expand = pb::NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: target.display().to_string(),
+        capacity_range: range(128 * MIB, 0),
+        ..Default::default()
+    };
+    let online = loopvol::fs::can_grow_ext4_online();
+    let result = c.node.node_expand_volume(expand.clone()).await;
+    if online {
+        ok(result, "online ext4 growth with CAP_SYS_RESOURCE");
+        assert!(statvfs_total(&target) > before + 32 * MIB as u64);
+    } else {
+        // No CAP_SYS_RESOURCE (as in most containers): a clear refusal, not a silent no-op...
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(
+            err.message().contains("CAP_SYS_RESOURCE"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(statvfs_total(&target), before);
+        // ...and the next stage grows it offline.
+        unpublish(c, &id, &target).await;
+        unstage(c, &id, &staging).await;
+        stage(c, &id, &staging, cap.clone()).await;
+        publish(c, &id, &staging, &target, cap.clone(), false).await;
+        assert!(
+            statvfs_total(&target) > before + 32 * MIB as u64,
+            "ext4 not grown at the next stage: {before} -> {}",
+            statvfs_total(&target)
+        );
+        ok(
+            c.node.node_expand_volume(expand).await,
+            "NodeExpandVolume once grown",
+        );
+    }
+    unpublish(c, &id, &target).await;
+    unstage(c, &id, &staging).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
+    if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (server, mut csi) = start(&scratch, &[]).await;
+    let c = &mut csi;
+    let cap = rwo("ext4");
+    let a = create(c, "pvc-a", 32 * MIB, cap.clone()).await.volume_id;
+    let b = create(c, "pvc-b", 32 * MIB, cap.clone()).await.volume_id;
+    let (a_stage, a_target) = (staging_path(&scratch, &a), target_path(&scratch, "p", &a));
+    stage(c, &a, &a_stage, cap.clone()).await;
+
+    // Hold a NodePublish of A in flight: it applies the pod's fsGroup to the volume's root, and
+    // that write waits while the filesystem is frozen.
+    let frozen = Frozen::freeze(&a_stage);
+    let with_group = mount_cap_with("ext4", Mode::SingleNodeWriter, &[], "4242");
+    let first = {
+        let mut node = c.node.clone();
+        let req = publish_req(&a, &a_stage, &a_target, with_group.clone(), false);
+        tokio::spawn(async move { node.node_publish_volume(req).await })
+    };
+    wait_for_blocked_thread(server.pid());
+
+    // The same call again (a CO retrying after its timeout), and other calls on A: ABORTED.
+    let retry = c
+        .node
+        .node_publish_volume(publish_req(
+            &a,
+            &a_stage,
+            &a_target,
+            with_group.clone(),
+            false,
+        ))
+        .await;
+    assert_code(
+        retry,
+        Code::Aborted,
+        "the same publish while the first is in flight",
+    );
+    assert_code(
+        c.node.node_unstage_volume(unstage_req(&a, &a_stage)).await,
+        Code::Aborted,
+        "unstage A",
+    );
+    assert_code(
+        c.ctl.delete_volume(delete_req(&a)).await,
+        Code::Aborted,
+        "delete A",
+    );
+    assert!(
+        !first.is_finished(),
+        "the first call finished while A was frozen"
+    );
+
+    // Another volume is not held up.
+    let other = async {
+        let (b_stage, b_target) = (staging_path(&scratch, &b), target_path(&scratch, "p", &b));
+        stage(c, &b, &b_stage, cap.clone()).await;
+        publish(c, &b, &b_stage, &b_target, cap.clone(), false).await;
+        unpublish(c, &b, &b_target).await;
+        unstage(c, &b, &b_stage).await;
+    };
+    tokio::time::timeout(Duration::from_secs(60), other)
+        .await
+        .expect("a call on another volume waited for the busy one");
+    assert!(!first.is_finished());
+
+    // The same answer across processes: the backend's lock, held here by the test.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(scratch.pool().join("locks").join(format!("v-{b}.lock")))
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    assert_code(
+        c.node
+            .node_stage_volume(stage_req(&b, &staging_path(&scratch, &b), cap.clone()))
+            .await,
+        Code::Aborted,
+        "stage B while another process holds its lock",
+    );
+    drop(held);
+
+    frozen.thaw();
+    let done = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("first call")
+        .unwrap();
+    ok(done, "the held publish, once the filesystem thawed");
+    assert_eq!(std::fs::metadata(&a_target).unwrap().gid(), 4242);
+    // Now the retry is just a repeat.
+    publish(c, &a, &a_stage, &a_target, with_group, false).await;
+    unpublish(c, &a, &a_target).await;
+    unstage(c, &a, &a_stage).await;
+    assert!(loops_under(&scratch.root()).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_call_in_flight_finish_then_removes_the_socket() {
+    if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (mut server, mut csi) = start(&scratch, &[]).await;
+    let c = &mut csi;
+    let cap = mount_cap_with("ext4", Mode::SingleNodeWriter, &[], "777");
+    let a = create(c, "pvc-a", 32 * MIB, cap.clone()).await.volume_id;
+    let (a_stage, a_target) = (staging_path(&scratch, &a), target_path(&scratch, "p", &a));
+    stage(c, &a, &a_stage, cap.clone()).await;
+    let frozen = Frozen::freeze(&a_stage);
+    let first = {
+        let mut node = c.node.clone();
+        let req = publish_req(&a, &a_stage, &a_target, cap.clone(), false);
+        tokio::spawn(async move { node.node_publish_volume(req).await })
+    };
+    wait_for_blocked_thread(server.pid());
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    // The socket goes at once (no new connections)...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "socket still there after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...but the process stays until the call in flight is done.
+    assert!(
+        server.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "exited with a call in flight"
+    );
+    assert!(!first.is_finished());
+    frozen.thaw();
+    let done = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("first call")
+        .unwrap();
+    ok(done, "the call in flight at SIGTERM");
+    assert_eq!(mount_at(&a_target).map(|m| m.0).as_deref(), Some("ext4"));
+    let status = server.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(!server.socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stage_then_the_same_call_finishes_the_job() {
+    if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (mut server, mut csi) = start(&scratch, &[]).await;
+    let c = &mut csi;
+    let cap = rwo("ext4");
+    // The staging path lies on a filesystem the test freezes (itself a loopvol volume), so the
+    // stage stops after attaching and formatting, at creating the staging directory: there
+    // the server is killed.
+    let parent = create(c, "pvc-parent", 32 * MIB, cap.clone())
+        .await
+        .volume_id;
+    let parent_stage = staging_path(&scratch, &parent);
+    stage(c, &parent, &parent_stage, cap.clone()).await;
+    let id = create(c, "pvc-victim", 32 * MIB, cap.clone())
+        .await
+        .volume_id;
+    let victim_stage = parent_stage.join("victim/globalmount");
+
+    let frozen = Frozen::freeze(&parent_stage);
+    let doomed = {
+        let mut node = c.node.clone();
+        let req = stage_req(&id, &victim_stage, cap.clone());
+        tokio::spawn(async move { node.node_stage_volume(req).await })
+    };
+    wait_for_blocked_thread(server.pid());
+    server.signal(nix::sys::signal::Signal::SIGKILL);
+    frozen.thaw(); // the kill takes effect once the blocked thread leaves the kernel
+    let status = server.wait(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), None, "not killed by the signal: {status}");
+    assert!(
+        doomed.await.unwrap().is_err(),
+        "the killed call reported success"
+    );
+
+    // Half done: attached and formatted, not mounted.
+    let devices = loops_of(&scratch, &id);
+    assert_eq!(devices.len(), 1, "the killed stage attached the volume");
+    let dev = devices[0].display().to_string();
+    let uuid = tool_output("blkid", &["-p", "-s", "UUID", "-o", "value", &dev]);
+    assert!(
+        !uuid.is_empty(),
+        "the killed stage had formatted the volume"
+    );
+    assert!(mount_at(&victim_stage).is_none());
+    assert!(server.socket.exists(), "a killed server leaves its socket");
+
+    // Restarted (replacing the stale socket), the same call finishes the job.
+    server.spawn();
+    let mut c = server.connect().await;
+    for _ in 0..3 {
+        stage(&mut c, &id, &victim_stage, cap.clone()).await;
+    }
+    let (fs, _) = mount_at(&victim_stage).expect("staged after the restart");
+    assert_eq!(fs, "ext4");
+    assert_eq!(
+        loops_of(&scratch, &id),
+        devices,
+        "the restart attached a second loop device"
+    );
+    assert_eq!(
+        tool_output("blkid", &["-p", "-s", "UUID", "-o", "value", &dev]),
+        uuid,
+        "the volume was formatted again"
+    );
+    unstage(&mut c, &id, &victim_stage).await;
+    unstage(&mut c, &parent, &parent_stage).await;
+    assert!(loops_under(&scratch.root()).is_empty());
+    assert!(mounts_under(&scratch.root()).is_empty());
+}
