@@ -216,17 +216,15 @@ impl Driver<'_> {
         };
         tracing::info!(volume = %id, new_size, "expandfs");
         let pool = self.pool()?;
-        // An unknown volume is refused before anything (even a lock file) is made for it.
-        pool.get_volume(&id)?;
-        let expanded = pool.expand_volume(&id, new_size)?;
         // kubelet passes the device mount path, or the pod's dir; if the volume is not mounted
-        // there, grow it wherever this node mounts it.
+        // there, grow it wherever this node mounts it. (An unknown volume is refused before
+        // anything, even a lock file, is made for it.)
         let at = match mount_path {
             Some(p) if pool.volume_at(&p)?.as_deref() == Some(id.as_str()) => Some(p),
             _ => None,
         };
-        let device_size = pool.node_expand(&id, at.as_deref())?;
-        tracing::info!(volume = %id, size = expanded.size_bytes, device_size, "expanded");
+        let device_size = pool.node_expand_to(&id, at.as_deref(), new_size)?;
+        tracing::info!(volume = %id, device_size, "expanded");
         Ok(Reply::success())
     }
 
