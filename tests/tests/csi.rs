@@ -440,9 +440,10 @@ fn plugin_services(caps: &pb::GetPluginCapabilitiesResponse) -> Vec<i32> {
 fn controller_rpcs(caps: &pb::ControllerGetCapabilitiesResponse) -> Vec<i32> {
     caps.capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(pb::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|pb::controller_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect()
 }
@@ -507,9 +508,10 @@ async fn identity_reports_name_version_capabilities_and_probe() {
     let node_rpcs: Vec<i32> = node_caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(pb::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|pb::node_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for n in [
