@@ -89,7 +89,7 @@ impl Pool {
         if !md.is_dir() {
             return Err(pool_err("is not a directory".into()));
         }
-        validate::check_name("node name", &options.node)?;
+        validate::check_node("node name", &options.node)?;
         if !(options.overcommit >= 1.0 && options.overcommit.is_finite()) {
             return Err(Error::invalid(
                 "overcommit",
@@ -172,7 +172,9 @@ impl Pool {
     /// Where a front end without a staging path of its own (FlexVolume node mode) stages a volume.
     pub fn default_staging_path(&self, id: &str) -> Result<PathBuf> {
         validate::check_id("volume ID", id)?;
-        Ok(self.root.join("staging").join(&self.options.node).join(id))
+        // A node name is not always a safe path component (`/` is legal in a CSI node ID).
+        let node_dir = validate::id_for_name(&self.options.node);
+        Ok(self.root.join("staging").join(node_dir).join(id))
     }
 
     /// The volume ID whose image is `image`, if it is one of this pool's volume images.
@@ -432,5 +434,13 @@ mod tests {
             None
         );
         assert!(pool.default_staging_path("../x").is_err());
+        let odd = Pool::open(pool.root(), PoolOptions::new("../../etc")).unwrap();
+        let staging = odd.default_staging_path("v").unwrap();
+        assert!(
+            staging.starts_with(pool.root().join("staging")),
+            "{}",
+            staging.display()
+        );
+        assert!(Pool::open(pool.root(), PoolOptions::new("")).is_err());
     }
 }

@@ -51,6 +51,27 @@ pub fn check_name(what: &'static str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Longest node name (CSI's limit on node IDs; Kubernetes node names are at most 253 bytes).
+pub const MAX_NODE_LEN: usize = 256;
+
+/// A node name: the CSI node ID or the Kubernetes node name. Recorded in metadata and, through
+/// [`id_for_name`], used as a directory name.
+pub fn check_node(what: &'static str, node: &str) -> Result<()> {
+    if node.is_empty() {
+        return Err(Error::invalid(what, "must not be empty"));
+    }
+    if node.len() > MAX_NODE_LEN {
+        return Err(Error::invalid(
+            what,
+            format!("{} bytes, longer than {MAX_NODE_LEN}", node.len()),
+        ));
+    }
+    if node.contains('\0') {
+        return Err(Error::invalid(what, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
 /// The ID a name maps to: the name itself when it is a valid ID (so operators find `pvc-…` in the
 /// pool), else a stable hash of it. Deterministic, so creation by name needs no name index.
 pub fn id_for_name(name: &str) -> String {
@@ -337,6 +358,9 @@ mod tests {
         assert_ne!(hashed, id_for_name("ns/claim with spaces2"));
         assert!(check_name("name", "a\0b").is_err());
         check_name("name", &"é".repeat(64)).unwrap();
+        check_node("node", &"n".repeat(253)).unwrap();
+        assert!(check_node("node", "").is_err());
+        assert!(check_node("node", &"n".repeat(257)).is_err());
         assert!(check_name("name", &"é".repeat(65)).is_err());
     }
 

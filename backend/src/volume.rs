@@ -300,7 +300,7 @@ impl Pool {
         pv_name: Option<&str>,
     ) -> Result<VolumeMeta> {
         validate::check_id("volume ID", id)?;
-        validate::check_name("node", node)?;
+        validate::check_node("node", node)?;
         let _guard = self.lock_volume(id)?;
         let mut m = self.get_volume(id)?;
         if let Some(local) = m.node.as_deref().filter(|n| *n != node) {
