@@ -332,16 +332,20 @@ impl Pool {
         Ok(m)
     }
 
-    /// Releases `node`'s claim. Unknown volume or no claim: nothing to do.
+    /// Releases `node`'s claim, and with it that node's staging hold. The controller's release is
+    /// authoritative: Kubernetes detaches from a node once it no longer uses the volume or is
+    /// declared dead, and a dead node's stale hold must not lock the volume out of every other
+    /// node. Unknown volume or no claim: nothing to do.
     pub fn release_claim(&self, id: &str, node: &str) -> Result<()> {
         validate::check_id("volume ID", id)?;
         let _guard = self.lock_volume(id)?;
         let Some(mut m) = meta::read::<VolumeMeta>(&self.volume_meta_path(id))? else {
             return Ok(());
         };
-        let before = m.claims.len();
+        let before = (m.claims.len(), m.staged.len());
         m.claims.retain(|h| h.node != node);
-        if m.claims.len() != before {
+        m.staged.retain(|h| h.node != node);
+        if (m.claims.len(), m.staged.len()) != before {
             meta::write(&self.volume_meta_path(id), &m)?;
             tracing::info!(volume = %id, node, "released claim");
         }

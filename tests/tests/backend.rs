@@ -1120,6 +1120,26 @@ fn shared_pool_keeps_a_writer_on_one_node() {
         .unwrap();
     b.unstage(&id, &sb).unwrap();
 
+    // node-a dies with the volume staged (its hold stays in the metadata); the controller's
+    // release (CSI ControllerUnpublish after the node is declared dead) frees it for node-b.
+    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, None)
+        .unwrap();
+    a.stage(&id, &sa, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    assert!(b
+        .stage(&id, &sb, &mount_access(FsType::Ext4), false)
+        .is_err());
+    b.release_claim(&id, "node-a").unwrap();
+    b.claim(&id, "node-b", AccessMode::SingleNodeWriter, None)
+        .unwrap();
+    // On one test machine node-a's mount and loop device are still here; a dead node's are not.
+    s.cleanup_kernel_state();
+    b.stage(&id, &sb, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    b.unstage(&id, &sb).unwrap();
+    b.release_claim(&id, "node-b").unwrap();
+    assert!(a.get_volume(&id).unwrap().staged.is_empty());
+
     // Node-local pools refuse other nodes outright.
     let local = open(&s);
     let lid = create(&local, "local-only", None);
