@@ -397,22 +397,28 @@ impl Drop for Frozen {
     }
 }
 
-/// Waits until a thread of process `pid` sleeps uninterruptibly (state D): blocked in the kernel,
-/// here on a frozen filesystem. Fails after 20 s.
+/// Waits until a thread of process `pid` is blocked on a frozen filesystem: asleep
+/// uninterruptibly (state D) in the kernel's wait for a frozen superblock (a brief D state
+/// during other I/O does not count). Fails after 20 s.
 fn wait_for_blocked_thread(pid: i32) {
+    let on_freeze = |task: &Path| {
+        let in_d = std::fs::read_to_string(task.join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('D'))
+            })
+            .unwrap_or(false);
+        // wchan names the wait: percpu_rwsem_wait (sb_start_write) on current kernels.
+        let wchan = std::fs::read_to_string(task.join("wchan")).unwrap_or_default();
+        in_d && ["percpu_rwsem", "percpu_down", "sb_start", "freeze"]
+            .iter()
+            .any(|w| wchan.contains(w))
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-        let blocked = tasks.flatten().any(|t| {
-            std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .map(|(_, rest)| rest.trim_start().starts_with('D'))
-                })
-                .unwrap_or(false)
-        });
-        if blocked {
+        if tasks.flatten().any(|t| on_freeze(&t.path())) {
             return;
         }
         assert!(
