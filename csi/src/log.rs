@@ -80,6 +80,34 @@ const POLLS: &[&str] = &[
     "GetCapacity",
 ];
 
+fn elapsed_ms(start: Instant) -> f64 {
+    (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// Logs a request whose caller went away (its deadline passed, the connection dropped) before it
+/// ended: tonic drops the handler, so the normal line never comes. The backend work itself goes on
+/// to its end, holding the volume.
+struct Abandoned<'a> {
+    method: &'static str,
+    subject: &'a str,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::warn!(
+                method = self.method,
+                volume = self.subject,
+                duration_ms = elapsed_ms(self.start),
+                code = "Cancelled",
+                "the caller gave up; the operation finishes in the background"
+            );
+        }
+    }
+}
+
 /// Runs one request's handler and logs how it ended. `subject` names what it acts on.
 pub async fn call<T>(
     method: &'static str,
@@ -89,9 +117,15 @@ pub async fn call<T>(
 ) -> Result<Response<T>, Status> {
     let start = Instant::now();
     tracing::debug!(method, volume = subject, "request");
+    let mut abandoned = Abandoned {
+        method,
+        subject,
+        start,
+        armed: true,
+    };
     let result = handler.await;
-    let duration_ms = start.elapsed().as_secs_f64() * 1000.0;
-    let duration_ms = (duration_ms * 1000.0).round() / 1000.0;
+    abandoned.armed = false;
+    let duration_ms = elapsed_ms(start);
     match result {
         Ok(reply) => {
             if POLLS.contains(&method) {

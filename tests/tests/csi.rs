@@ -401,6 +401,11 @@ impl Drop for Frozen {
 /// uninterruptibly (state D) in the kernel's wait for a frozen superblock (a brief D state
 /// during other I/O does not count). Fails after 20 s.
 fn wait_for_blocked_thread(pid: i32) {
+    wait_for_blocked_threads(pid, 1)
+}
+
+/// Waits until `n` threads of process `pid` are blocked on frozen filesystems.
+fn wait_for_blocked_threads(pid: i32, n: usize) {
     let on_freeze = |task: &Path| {
         let in_d = std::fs::read_to_string(task.join("stat"))
             .ok()
@@ -418,7 +423,7 @@ fn wait_for_blocked_thread(pid: i32) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-        if tasks.flatten().any(|t| on_freeze(&t.path())) {
+        if tasks.flatten().filter(|t| on_freeze(&t.path())).count() >= n {
             return;
         }
         assert!(
@@ -3495,6 +3500,69 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
         .await
         .expect("a call on another volume waited for the busy one");
     assert!(!first.is_finished());
+
+    // A caller that gives up (its deadline passes) does not release the volume: the work goes on
+    // in the background, and a retry is ABORTED until it ends.
+    let v = create(c, "pvc-c", 32 * MIB, cap.clone()).await.volume_id;
+    let (v_stage, v_target) = (staging_path(&scratch, &v), target_path(&scratch, "p", &v));
+    stage(c, &v, &v_stage, cap.clone()).await;
+    let frozen_v = Frozen::freeze(&v_stage);
+    let mut impatient = tonic::Request::new(publish_req(
+        &v,
+        &v_stage,
+        &v_target,
+        with_group.clone(),
+        false,
+    ));
+    impatient.set_timeout(Duration::from_millis(300));
+    let gave_up = c.node.node_publish_volume(impatient).await.unwrap_err();
+    assert!(
+        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{gave_up:?}"
+    );
+    wait_for_blocked_threads(server.pid(), 2);
+    let err = c
+        .node
+        .node_publish_volume(publish_req(
+            &v,
+            &v_stage,
+            &v_target,
+            with_group.clone(),
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
+    assert!(err.message().contains("in progress"), "{}", err.message());
+    frozen_v.thaw();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c
+            .node
+            .node_publish_volume(publish_req(
+                &v,
+                &v_stage,
+                &v_target,
+                with_group.clone(),
+                false,
+            ))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("publish after the abandoned one: {e:?}"),
+        }
+    }
+    assert_eq!(std::fs::metadata(&v_target).unwrap().gid(), 4242);
+    assert!(
+        server.log_text().contains("Cancelled"),
+        "{}",
+        server.log_text()
+    );
+    unpublish(c, &v, &v_target).await;
+    unstage(c, &v, &v_stage).await;
 
     // The same answer across processes: the backend's lock, held here by the test.
     let lock = std::fs::OpenOptions::new()
