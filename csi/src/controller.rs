@@ -456,7 +456,7 @@ impl Controller {
             true,
         )
         .map_err(|e| invalid(e.message()))?;
-        validate::check_name("node ID", &r.node_id).map_err(|e| to_status(M, e))?;
+        validate::check_node("node ID", &r.node_id).map_err(|e| to_status(M, e))?;
         let mode = if r.readonly {
             AccessMode::ReadOnly
         } else {

@@ -2382,6 +2382,22 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
             .await,
         "now node-b may have it",
     );
+    // Node IDs up to 256 bytes (CSI's limit; Kubernetes node names reach 253).
+    let long_node = "n".repeat(256);
+    assert_code(
+        c.ctl
+            .controller_publish_volume(publish(&"n".repeat(257), rwo("ext4"), false))
+            .await,
+        Code::InvalidArgument,
+        "a 257-byte node ID",
+    );
+    assert_code(
+        c.ctl
+            .controller_publish_volume(publish(&long_node, rwo("ext4"), false))
+            .await,
+        Code::FailedPrecondition,
+        "a 256-byte node ID, while node-b holds the volume",
+    );
     ok(
         c.ctl.controller_unpublish_volume(unpublish("node-b")).await,
         "release node-b",
