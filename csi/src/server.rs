@@ -152,21 +152,35 @@ fn remove_socket(path: &Path, ino: u64) {
     }
 }
 
-async fn shutdown_signal() -> Result<&'static str, String> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT, caught from the moment this is called.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?,
+            int: signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Serves the configured services on `socket` until SIGTERM or SIGINT; then stops accepting,
 /// lets calls in flight finish, and removes the socket.
 pub async fn serve(config: Config, pool: Pool, socket: PathBuf) -> Result<(), String> {
-    // Install the handlers before the socket exists: a signal right after start is not lost.
-    let mut term = Box::pin(shutdown_signal());
+    // Catch the signals before the socket exists: one right after start is not lost (nor does
+    // it kill the process with the socket left behind).
+    let mut signals = Signals::install()?;
     let listener = bind(&socket)?;
     let ino = std::fs::symlink_metadata(&socket)
         .map(|m| m.ino())
@@ -208,10 +222,8 @@ pub async fn serve(config: Config, pool: Pool, socket: PathBuf) -> Result<(), St
     let socket_for_signal = socket.clone();
     let (signalled, drain_started) = tokio::sync::oneshot::channel();
     let stop = async move {
-        match term.as_mut().await {
-            Ok(sig) => tracing::info!(signal = sig, "shutting down: finishing calls in flight"),
-            Err(e) => tracing::error!("{e}; shutting down"),
-        }
+        let sig = signals.recv().await;
+        tracing::info!(signal = sig, "shutting down: finishing calls in flight");
         // No new connections from here on; existing ones drain.
         remove_socket(&socket_for_signal, ino);
         let _ = signalled.send(());
