@@ -21,22 +21,23 @@ pub struct Output {
 /// Runs `program args…` and returns its output whatever the exit status.
 pub fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
     let started = Instant::now();
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("LC_ALL", "C")
-        .spawn()
-        .map_err(|e| Error::Command {
-            program: program.to_owned(),
-            status: "not started".to_owned(),
-            stderr: if e.kind() == std::io::ErrorKind::NotFound {
-                format!("{program} is not installed (not found in PATH)")
-            } else {
-                e.to_string()
-            },
-        })?;
+        .env("LC_ALL", "C");
+    crate::sys::kill_child_with_parent(&mut command);
+    let child = command.spawn().map_err(|e| Error::Command {
+        program: program.to_owned(),
+        status: "not started".to_owned(),
+        stderr: if e.kind() == std::io::ErrorKind::NotFound {
+            format!("{program} is not installed (not found in PATH)")
+        } else {
+            e.to_string()
+        },
+    })?;
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -109,6 +110,54 @@ mod tests {
     fn missing_program_is_named() {
         let err = run("loopvol-no-such-tool", &[]).unwrap_err().to_string();
         assert!(err.contains("not installed"), "{err}");
+    }
+
+    /// Helper for `tool_dies_with_a_killed_driver`: runs only in the child process it starts.
+    #[test]
+    fn run_a_long_tool() {
+        let Ok(pid_file) = std::env::var("LOOPVOL_TEST_PID_FILE") else {
+            return;
+        };
+        let script =
+            format!("echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; exec sleep 60");
+        let _ = run_raw("sh", &["-c", &script], Duration::from_secs(60));
+    }
+
+    #[test]
+    fn tool_dies_with_a_killed_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let mut driver = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "cmd::tests::run_a_long_tool", "--test-threads=1"])
+            .env("LOOPVOL_TEST_PID_FILE", &pid_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !pid_file.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the tool never started"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let tool: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        driver.kill().unwrap(); // SIGKILL: no destructor, no cleanup code runs
+        driver.wait().unwrap();
+        let alive = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        };
+        while alive(tool) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tool {tool} outlived the killed driver"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]

@@ -152,9 +152,15 @@ impl Pool {
         Ok(())
     }
 
-    /// The loop device of volume `id`, attaching the image if needed (read-only when asked).
-    fn ensure_attached(&self, id: &str, read_only: bool) -> Result<LoopDevice> {
-        let image = self.volume_image(id);
+    /// Records this node's hold in `mode` and returns the volume's loop device, attaching the
+    /// image if needed (read-only for `ReadOnly`). Every refusal (image missing, another node's
+    /// hold, the device in use in the other mode) comes before anything is written, so a refused
+    /// call leaves neither a hold nor a device behind. The hold is written before the attach: a
+    /// crash in between leaves a hold and no device, never a device no hold accounts for.
+    fn hold_and_attach(&self, m: &mut VolumeMeta, mode: AccessMode) -> Result<LoopDevice> {
+        let id = m.id.clone();
+        let read_only = mode == AccessMode::ReadOnly;
+        let image = self.volume_image(&id);
         if !image.exists() {
             return Err(Error::precondition(format!(
                 "the image of volume {id} is missing: {}",
@@ -162,29 +168,36 @@ impl Pool {
             )));
         }
         let table = mount::mounts()?;
+        let mut reusable = None;
+        let mut stale = Vec::new();
         for dev in loopdev::find(&image)? {
             if dev.read_only == read_only {
-                return Ok(dev);
+                reusable = Some(dev);
+                continue;
             }
             let in_use = table
                 .iter()
                 .any(|m| is_loop_mount_of(m, &dev) || is_device_bind_of(m, &dev));
             if in_use {
+                let how = |ro: bool| if ro { "read-only" } else { "read-write" };
                 return Err(Error::precondition(format!(
                     "volume {id} is in use {} as {}; it cannot also be used {}",
-                    if dev.read_only {
-                        "read-only"
-                    } else {
-                        "read-write"
-                    },
+                    how(dev.read_only),
                     dev.path().display(),
-                    if read_only { "read-only" } else { "read-write" },
+                    how(read_only),
                 )));
             }
-            // Left attached in the other mode by an earlier, finished use: reattach.
-            loopdev::detach(&dev)?;
+            stale.push(dev);
         }
-        loopdev::attach(&image, read_only)
+        self.hold_for_this_node(m, mode)?;
+        // Left attached in the other mode by an earlier, finished use: reattach.
+        for dev in &stale {
+            loopdev::detach(dev)?;
+        }
+        match reusable {
+            Some(dev) => Ok(dev),
+            None => loopdev::attach(&image, read_only),
+        }
     }
 
     /// Attaches volume `id` as a loop device on this node and returns it (FlexVolume
@@ -198,8 +211,7 @@ impl Pool {
         } else {
             AccessMode::SingleNodeWriter
         };
-        self.hold_for_this_node(&mut m, mode)?;
-        Ok(self.ensure_attached(id, read_only)?.path())
+        Ok(self.hold_and_attach(&mut m, mode)?.path())
     }
 
     /// Stages volume `id` at `staging_path`: attach, format when blank, mount (for `Access::Block`,
@@ -258,8 +270,7 @@ impl Pool {
                 check_existing_mount("staging path", staging_path, existing, ours, id, read_only)?;
             }
         }
-        self.hold_for_this_node(&mut m, mode)?;
-        let dev = self.ensure_attached(id, read_only)?;
+        let dev = self.hold_and_attach(&mut m, mode)?;
         let Access::Mount {
             fs_type,
             mount_options,

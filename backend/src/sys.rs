@@ -143,3 +143,18 @@ pub fn blkgetsize64(dev: impl AsFd) -> Result<u64, Errno> {
     unsafe { ioctl_blkgetsize64(dev.as_fd().as_raw_fd(), &mut size) }?;
     Ok(size)
 }
+
+/// Makes a child started from `cmd` die (SIGKILL) when the thread that started it dies, so a
+/// killed driver leaves no mkfs writing to a device behind the volume's released lock.
+pub fn kill_child_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: prctl(PR_SET_PDEATHSIG) is one, and it allocates nothing and touches no
+    // state shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        })
+    };
+}

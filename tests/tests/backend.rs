@@ -289,6 +289,11 @@ fn read_only_is_really_read_only() {
         .stage(&id, &s.path("staging2"), &mount_access(FsType::Ext4), false)
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(
+        pool.get_volume(&id).unwrap().staged[0].mode,
+        AccessMode::ReadOnly,
+        "a refused stage changes no hold"
+    );
     pool.unstage(&id, &staging).unwrap();
     assert!(loops_under(&s.root()).is_empty());
 }
