@@ -7,6 +7,7 @@
 //! <pool>/locks/<kind>-<id>.lock
 //! <pool>/staging/<node>/<id>     default staging mounts (FlexVolume node mode)
 //! <pool>/trash/                  deletions in progress (rename, then remove)
+//! <pool>/nodes/<node>            nodes that serve the pool (registered by their node plugin)
 //! ```
 
 use std::os::unix::fs::MetadataExt;
@@ -97,7 +98,7 @@ impl Pool {
             ));
         }
         let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
-        for sub in ["volumes", "snapshots", "locks", "staging", "trash"] {
+        for sub in ["volumes", "snapshots", "locks", "staging", "trash", "nodes"] {
             let dir = root.join(sub);
             match std::fs::create_dir(&dir) {
                 Ok(()) => {}
@@ -124,6 +125,38 @@ impl Pool {
 
     pub fn is_shared(&self) -> bool {
         self.options.shared
+    }
+
+    fn node_record(&self, node: &str) -> PathBuf {
+        self.root.join("nodes").join(validate::id_for_name(node))
+    }
+
+    /// Records that this node serves the pool; a node plugin calls it when it starts. On a shared
+    /// pool the controller publishes only to registered nodes, so a typo or a node that never ran
+    /// the plugin is `NotFound` instead of a claim nobody will ever use. Idempotent.
+    pub fn register_node(&self) -> Result<()> {
+        #[derive(serde::Serialize)]
+        struct NodeRecord<'a> {
+            node: &'a str,
+            registered_unix: u64,
+        }
+        meta::write(
+            &self.node_record(&self.options.node),
+            &NodeRecord {
+                node: &self.options.node,
+                registered_unix: meta::now_unix(),
+            },
+        )
+    }
+
+    /// `NotFound` unless `node` has registered with [`Pool::register_node`].
+    pub fn check_node_registered(&self, node: &str) -> Result<()> {
+        validate::check_node("node", node)?;
+        if self.node_record(node).is_file() {
+            Ok(())
+        } else {
+            Err(Error::not_found("node", node))
+        }
     }
 
     /// A cheap readiness check (CSI Probe): the pool's layout is still in place and writable.
@@ -444,5 +477,13 @@ mod tests {
             staging.display()
         );
         assert!(Pool::open(pool.root(), PoolOptions::new("")).is_err());
+        assert_eq!(
+            odd.check_node_registered("../../etc").unwrap_err().kind(),
+            crate::ErrorKind::NotFound
+        );
+        odd.register_node().unwrap();
+        odd.register_node().unwrap();
+        pool.check_node_registered("../../etc").unwrap();
+        assert!(pool.check_node_registered("node-a").is_err());
     }
 }

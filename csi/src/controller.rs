@@ -465,6 +465,9 @@ impl Controller {
         let (id, node) = (r.volume_id, r.node_id);
         self.driver
             .run(M, vec![inflight::volume(&id)], move |pool| {
+                // The volume first: an unknown volume is NOT_FOUND whatever the node.
+                pool.get_volume(&id)?;
+                pool.check_node_registered(&node)?;
                 Ok(pool.claim(&id, &node, mode, None)?)
             })
             .await?;

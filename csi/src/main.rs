@@ -150,6 +150,10 @@ fn run(args: Args) -> Result<(), String> {
         path_prefixes: args.path_prefixes,
     };
     let pool = loopvol::Pool::open(&args.pool, options).map_err(|e| e.to_string())?;
+    if matches!(args.mode, Mode::Node | Mode::Both) {
+        // The controller of a shared pool publishes only to nodes that registered.
+        pool.register_node().map_err(|e| e.to_string())?;
+    }
     let config = Config {
         driver_name: args.driver_name,
         node_id,

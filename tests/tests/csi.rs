@@ -2311,6 +2311,24 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
         node_id: node.into(),
         ..Default::default()
     };
+    // A node that never registered (no node plugin ever ran there) is NOT_FOUND; this server
+    // serves node-a too, so node-a registered when it started.
+    assert_code(
+        c.ctl
+            .controller_publish_volume(publish("node-b", rwo("ext4"), false))
+            .await,
+        Code::NotFound,
+        "publish to a node that never registered",
+    );
+    // What the plugins of the other nodes (one with a 256-byte name) do when they start.
+    for node in ["node-b".to_owned(), "node-c".to_owned(), "n".repeat(256)] {
+        let mut options = loopvol::PoolOptions::new(node);
+        options.shared = true;
+        loopvol::Pool::open(scratch.pool(), options)
+            .unwrap()
+            .register_node()
+            .unwrap();
+    }
     for _ in 0..10 {
         ok(
             c.ctl
