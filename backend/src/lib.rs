@@ -23,6 +23,17 @@ mod sys;
 pub mod validate;
 mod volume;
 
+/// Names both front ends and the tools agree on (deployments depend on them).
+pub mod names {
+    /// The CSI driver name `loopvol-csi` reports by default.
+    pub const CSI_DRIVER: &str = "csi.loopvol.io";
+    /// The FlexVolume driver name in PVs (installed as `loopvol~loopvol/loopvol`).
+    pub const FLEX_DRIVER: &str = "loopvol/loopvol";
+    /// The topology key of a volume in a node-local pool: its value is the node whose pool holds
+    /// the image.
+    pub const TOPOLOGY_KEY: &str = "topology.loopvol.io/node";
+}
+
 pub use copy::CopyMethod;
 pub use error::{Error, ErrorKind, Result};
 pub use lock::LockWait;

@@ -54,7 +54,7 @@ struct Args {
     pool: PathBuf,
 
     /// The CSI driver name reported to Kubernetes.
-    #[arg(long, default_value = "csi.loopvol.io")]
+    #[arg(long, default_value = loopvol::names::CSI_DRIVER)]
     driver_name: String,
 
     /// Which services to serve.

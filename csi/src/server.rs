@@ -19,7 +19,7 @@ use crate::inflight::InFlight;
 use crate::Config;
 
 /// The topology key of a node-local pool's volumes: the node whose pool holds them.
-pub const TOPOLOGY_KEY: &str = "topology.loopvol.io/node";
+pub use loopvol::names::TOPOLOGY_KEY;
 
 /// How long calls in flight may take to finish after SIGTERM (Kubernetes' default grace period
 /// is 30 s, after which it kills the container anyway).

@@ -27,13 +27,7 @@ use loopvol::validate::{self, FsType};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-/// The FlexVolume driver name in loopvol PVs (installed as `loopvol~loopvol/loopvol`).
-pub const FLEX_DRIVER: &str = "loopvol/loopvol";
-/// loopvol-csi's default `--driver-name`.
-pub const DEFAULT_CSI_DRIVER: &str = "csi.loopvol.io";
-/// The topology key loopvol-csi reports for a node-local pool: the node whose pool holds the
-/// volume (`csi/src/server.rs`; the e2e test compares it with the running server's NodeGetInfo).
-pub const TOPOLOGY_KEY: &str = "topology.loopvol.io/node";
+pub use loopvol::names::{CSI_DRIVER as DEFAULT_CSI_DRIVER, FLEX_DRIVER, TOPOLOGY_KEY};
 /// What the FlexVolume driver formats a new volume with when no type is given.
 pub const DEFAULT_FS: FsType = FsType::Ext4;
 
