@@ -315,7 +315,6 @@ impl Controller {
             Rpc::VolumeCondition,
             Rpc::GetVolume,
             Rpc::SingleNodeMultiWriter,
-            Rpc::ModifyVolume,
             Rpc::GetSnapshot,
         ];
         if self.driver.config.shared {
@@ -323,8 +322,11 @@ impl Controller {
             rpcs.push(Rpc::PublishReadonly);
             // On a node-local pool the controller that external-resizer talks to (one leader for
             // the cluster) is usually not on the node whose pool holds the image, so expansion is
-            // left to NodeExpandVolume on that node (the resizer then only records the new size).
+            // left to NodeExpandVolume on that node (the resizer then only records the new size),
+            // and modification (also the resizer's) is not offered: it would reach the wrong node.
+            // The RPC itself still works wherever the volume is.
             rpcs.push(Rpc::ExpandVolume);
+            rpcs.push(Rpc::ModifyVolume);
         }
         rpcs.into_iter()
             .map(|t| pb::ControllerServiceCapability {

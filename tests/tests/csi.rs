@@ -558,7 +558,6 @@ async fn identity_reports_name_version_capabilities_and_probe() {
         C::VolumeCondition,
         C::GetVolume,
         C::SingleNodeMultiWriter,
-        C::ModifyVolume,
         C::GetSnapshot,
     ] {
         assert!(
@@ -570,6 +569,7 @@ async fn identity_reports_name_version_capabilities_and_probe() {
     // cannot reach the node whose pool holds the image).
     assert!(!rpcs.contains(&(C::PublishUnpublishVolume as i32)));
     assert!(!rpcs.contains(&(C::ExpandVolume as i32)));
+    assert!(!rpcs.contains(&(C::ModifyVolume as i32)));
 
     let group = ok(
         csi.grp
@@ -2286,6 +2286,7 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
     assert!(rpcs.contains(&(C::PublishUnpublishVolume as i32)));
     assert!(rpcs.contains(&(C::PublishReadonly as i32)));
     assert!(rpcs.contains(&(C::ExpandVolume as i32)));
+    assert!(rpcs.contains(&(C::ModifyVolume as i32)));
     assert_eq!(
         ok(
             c.node.node_get_info(pb::NodeGetInfoRequest {}).await,
