@@ -1,7 +1,7 @@
 //! Load benchmark for `loopvol-csi` (not a test). As root:
 //!
 //! ```text
-//! cargo build --release --bins --examples && target/release/examples/bench [VOLUMES] [LIST_VOLUMES]
+//! cargo build --release -p loopvol-csi --bins --examples && target/release/examples/csi-bench [VOLUMES] [LIST_VOLUMES]
 //! ```
 //!
 //! 1. The bare tools doing one lifecycle's steps (`truncate`, `losetup --direct-io`, `mkfs.ext4`,
@@ -39,7 +39,7 @@ impl Drop for Server {
 
 fn start_server(dir: &Path) -> Server {
     let exe = std::env::current_exe().unwrap();
-    // target/<profile>/examples/bench → target/<profile>/loopvol-csi
+    // target/<profile>/examples/csi-bench → target/<profile>/loopvol-csi
     let bin = exe.parent().unwrap().parent().unwrap().join("loopvol-csi");
     assert!(
         bin.is_file(),

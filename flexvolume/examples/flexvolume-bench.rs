@@ -5,7 +5,7 @@
 //!   them) vs the same backend calls made in-process; target ≤ 1.05×.
 //!
 //! Run as root, after a release build of the binary:
-//! `cargo build --release -p loopvol-flexvolume && cargo run --release -p loopvol-flexvolume --example bench`
+//! `cargo build --release -p loopvol-flexvolume && cargo run --release -p loopvol-flexvolume --example flexvolume-bench`
 //! Environment: LOOPVOL_BENCH_DIR (default /var/tmp; must be disk-backed), BENCH_INIT_RUNS (300),
 //! BENCH_MOUNT_RUNS (20), BENCH_BIN (the binary to measure, e.g. the static musl build).
 
