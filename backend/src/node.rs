@@ -98,6 +98,33 @@ fn check_existing_mount(
     Ok(())
 }
 
+/// Refuses (naming them) when mounts other than `except` use any of `devices`: a filesystem
+/// mount or bind of the volume, or a bind of its device node.
+fn refuse_if_used(
+    id: &str,
+    table: &[MountEntry],
+    devices: &[LoopDevice],
+    except: Option<&Path>,
+) -> Result<()> {
+    let users: Vec<String> = table
+        .iter()
+        .filter(|m| Some(m.mount_point.as_path()) != except)
+        .filter(|m| {
+            devices
+                .iter()
+                .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
+        })
+        .map(|m| m.mount_point.display().to_string())
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(Error::precondition(format!(
+        "volume {id} is still mounted at {}; unpublish it first",
+        users.join(", ")
+    )))
+}
+
 fn mkdir_p(path: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -403,22 +430,7 @@ impl Pool {
             }
             // Still published somewhere: refuse before unmounting anything, so the volume stays
             // staged for its publications (and for new ones).
-            let users: Vec<String> = table
-                .iter()
-                .filter(|m| m.mount_point != staging_path)
-                .filter(|m| {
-                    devices
-                        .iter()
-                        .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
-                })
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
-            if !users.is_empty() {
-                return Err(Error::precondition(format!(
-                    "volume {id} is still mounted at {}; unpublish it first",
-                    users.join(", ")
-                )));
-            }
+            refuse_if_used(id, &table, &devices, Some(staging_path))?;
             mount::unmount(staging_path)?;
         }
         remove_dir_if_empty(staging_path);
@@ -431,19 +443,8 @@ impl Pool {
     /// Detaches each device no mount uses any more; a device still in use stays, with an error
     /// that names its users.
     fn detach_if_unused(&self, id: &str, devices: &[LoopDevice]) -> Result<()> {
-        let table = mount::mounts()?;
+        refuse_if_used(id, &mount::mounts()?, devices, None)?;
         for dev in devices {
-            let users: Vec<String> = table
-                .iter()
-                .filter(|m| is_loop_mount_of(m, dev) || is_device_bind_of(m, dev))
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
-            if !users.is_empty() {
-                return Err(Error::precondition(format!(
-                    "volume {id} is still mounted at {}; unpublish it first",
-                    users.join(", ")
-                )));
-            }
             loopdev::detach(dev)?;
         }
         Ok(())

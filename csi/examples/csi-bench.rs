@@ -15,13 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use loopvol_proto::csi::v1 as pb;
 use pb::controller_client::ControllerClient;
 use pb::node_client::NodeClient;
 use pb::volume_capability::access_mode::Mode;
 use pb::volume_capability::{AccessMode, AccessType, MountVolume};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const GIB: u64 = 1 << 30;
 
@@ -68,19 +67,7 @@ fn start_server(dir: &Path) -> Server {
 }
 
 async fn channel(socket: &Path) -> Channel {
-    let socket = socket.to_owned();
-    Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+    loopvol_proto::connect_unix(socket).await.unwrap()
 }
 
 fn cap() -> pb::VolumeCapability {

@@ -30,3 +30,22 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// The proto package name served by this crate.
 pub const PACKAGE: &str = "csi.v1";
+
+/// A gRPC channel to a CSI endpoint on a Unix socket (what the sidecars and kubelet use): for
+/// clients of `loopvol-csi` such as the tests and the load benchmark.
+pub async fn connect_unix(
+    socket: impl AsRef<std::path::Path>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.as_ref().to_owned();
+    // The URI is required by the API but unused: the connector below ignores it.
+    tonic::transport::Endpoint::from_static("http://[::]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+}

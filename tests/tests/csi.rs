@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, Scratch};
 use loopvol_proto::csi::v1 as pb;
 use pb::controller_client::ControllerClient;
@@ -19,7 +18,7 @@ use pb::identity_client::IdentityClient;
 use pb::node_client::NodeClient;
 use pb::volume_capability::access_mode::Mode;
 use pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
@@ -126,17 +125,7 @@ impl Server {
     }
 
     async fn connect(&self) -> Csi {
-        let socket = self.socket.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
+        let channel = loopvol_proto::connect_unix(&self.socket)
             .await
             .expect("connect to the CSI socket");
         Csi {

@@ -11,14 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, run, Scratch};
 use loopvol_proto::csi::v1 as pb;
 use pb::node_client::NodeClient;
 use pb::volume_capability::access_mode::Mode;
 use pb::volume_capability::{AccessMode, AccessType, MountVolume};
 use serde_json::{json, Value};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const NODE: &str = "node-a";
 const DRIVER: &str = "csi.loopvol.io";
@@ -414,17 +413,7 @@ impl Server {
     }
 
     async fn node_client(&self) -> NodeClient<Channel> {
-        let socket = self.socket.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
+        let channel = loopvol_proto::connect_unix(&self.socket)
             .await
             .expect("connect to the CSI socket");
         NodeClient::new(channel)
