@@ -3,7 +3,7 @@
 //!
 //! ```json
 //! {"attach": false, "pool": "/var/lib/loopvol/pool", "log": "/var/log/loopvol-flexvolume.log",
-//!  "node": null, "lockTimeoutSeconds": 60}
+//!  "node": null, "lockTimeoutSeconds": 60, "callTimeoutSeconds": null}
 //! ```
 //! Every key is optional; `null` means the default. Unknown keys are refused (a misspelt
 //! `"atach": true` must not silently leave the driver in the other mode): every call, `init`
@@ -21,6 +21,9 @@ pub const DEFAULT_LOG: &str = "/var/log/loopvol-flexvolume.log";
 pub const DEFAULT_LOCK_TIMEOUT_SECS: u64 = 60;
 /// Longest lock wait a config may ask for: kubelet waits on us without a timeout.
 pub const MAX_LOCK_TIMEOUT_SECS: u64 = 3600;
+/// The default bound on a whole call beyond its lock wait: one external tool's bound (the
+/// backend kills mkfs, resize, blkid after 600 s) and a margin.
+pub const DEFAULT_CALL_MARGIN_SECS: u64 = 660;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -30,6 +33,7 @@ struct ConfigFile {
     log: Option<String>,
     node: Option<String>,
     lock_timeout_seconds: Option<u64>,
+    call_timeout_seconds: Option<u64>,
 }
 
 /// The settings in force for this call.
@@ -43,6 +47,9 @@ pub struct Config {
     /// This node's name (host name, lower-cased as kubelet does, unless configured).
     pub node: String,
     pub lock_timeout: Duration,
+    /// How long a call may take in all before it answers Failure anyway (a hung pool filesystem
+    /// must not hang kubelet, which waits without a timeout).
+    pub call_timeout: Duration,
 }
 
 /// Loads the config beside the running binary, then applies the environment.
@@ -114,12 +121,21 @@ fn resolve(file: ConfigFile, env: impl Fn(&str) -> Option<String>) -> Result<Con
              waits for the driver without a timeout"
         ));
     }
+    let call_secs = file
+        .call_timeout_seconds
+        .unwrap_or(secs + DEFAULT_CALL_MARGIN_SECS);
+    if call_secs <= secs {
+        return Err(format!(
+            "callTimeoutSeconds {call_secs} must be longer than lockTimeoutSeconds {secs}"
+        ));
+    }
     Ok(Config {
         attach,
         pool: PathBuf::from(pool),
         log: (!log.is_empty()).then(|| PathBuf::from(log)),
         node,
         lock_timeout: Duration::from_secs(secs),
+        call_timeout: Duration::from_secs(call_secs),
     })
 }
 
@@ -156,6 +172,10 @@ mod tests {
         assert_eq!(c.log.as_deref(), Some(Path::new(DEFAULT_LOG)));
         assert_eq!(c.node, "n1");
         assert_eq!(c.lock_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.call_timeout,
+            Duration::from_secs(60 + DEFAULT_CALL_MARGIN_SECS)
+        );
         // No node configured: the host name.
         assert!(!resolve(ConfigFile::default(), no_env)
             .unwrap()

@@ -79,6 +79,7 @@ fn run(args: &[String]) -> Reply {
     }
 
     logging::init(config.log.as_deref());
+    start_watchdog(call, config.call_timeout);
     let span = tracing::info_span!("call", call = %call, pid = std::process::id()).entered();
     tracing::info!(args = %loggable(rest), attach_mode = config.attach, node = %config.node, "called");
     if std::env::var_os("LOOPVOL_TEST_PANIC").is_some_and(|v| v == "1") {
@@ -97,6 +98,27 @@ fn run(args: &[String]) -> Reply {
     );
     drop(span);
     reply
+}
+
+/// Answers Failure and exits when the call outlives `limit`. Locks and external tools have their
+/// own bounds; this one covers what has none (a syscall on a hung pool filesystem), since kubelet
+/// waits on most calls without a timeout. Only the first reply is printed (`reply::emit`).
+fn start_watchdog(call: &str, limit: Duration) {
+    let call = call.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::error!(
+            call,
+            limit_s = limit.as_secs(),
+            "call did not finish in time; giving up"
+        );
+        let code = reply::emit(&Reply::failure(format!(
+            "{call} did not finish within {}s (callTimeoutSeconds); is the pool's filesystem \
+             hung? The work may be half done: the next call finishes it",
+            limit.as_secs()
+        )));
+        std::process::exit(code);
+    });
 }
 
 fn dispatch(d: &Driver, call: &str, rest: &[String]) -> Result<Reply, CallError> {

@@ -1112,3 +1112,84 @@ fn attach_mode_two_nodes_share_a_pool() {
     cm.ok(&["detach", "pv-shared", "node-b"]);
     assert_no_secrets_logged(&s);
 }
+
+/// A call stuck in the kernel (here a chown on a frozen filesystem) still answers Failure once
+/// `callTimeoutSeconds` pass: kubelet waits on `mount` without a timeout of its own.
+#[test]
+fn a_hung_call_still_answers_in_time() {
+    if !gate("ext4") || !require_root(&["fsfreeze"]) {
+        return;
+    }
+    let s = Scratch::new();
+    let dir = s.path("plugin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let installed = dir.join("loopvol");
+    std::fs::copy(binary("loopvol-flexvolume"), &installed).unwrap();
+    std::fs::write(
+        dir.join("loopvol.json"),
+        json!({"pool": s.pool(), "log": "", "node": "node-a",
+               "lockTimeoutSeconds": 1, "callTimeoutSeconds": 3})
+        .to_string(),
+    )
+    .unwrap();
+    let flex = Flex {
+        bin: installed,
+        env: vec![],
+    };
+    let pod1 = mkdir(&s.path("pods/p1/vol"));
+    flex.ok(&[
+        "mount",
+        &pod1,
+        &json!({"volumeID": "hang", "size": "64Mi"}).to_string(),
+    ]);
+    let staging = s.pool().join("staging/node-a/hang");
+
+    struct Thaw(PathBuf);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+        }
+    }
+    let (code, _, err) = loopvol_e2e::run(Command::new("fsfreeze").arg("-f").arg(&staging));
+    assert_eq!(code, 0, "{err}");
+    let thaw = Thaw(staging.clone());
+
+    let pod2 = mkdir(&s.path("pods/p2/vol"));
+    let started = std::time::Instant::now();
+    let mut child = flex.spawn(&[
+        "mount",
+        &pod2,
+        &json!({"volumeID": "hang", "kubernetes.io/mounterArgs.FsGroup": "1234"}).to_string(),
+    ]);
+    // The reply arrives while the process is still stuck (it can exit only after the thaw).
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("no reply while the call hung");
+    let elapsed = started.elapsed();
+    drop(thaw);
+    let reply: Value = serde_json::from_str(&line).expect("one JSON object");
+    assert_eq!(reply["status"], "Failure", "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("did not finish within 3s"), "{message}");
+    assert!(
+        elapsed < std::time::Duration::from_secs(20),
+        "replied after {elapsed:?}"
+    );
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.is_empty(), "stderr: {stderr}");
+
+    // The next calls finish or undo the job.
+    flex.ok(&["unmount", &pod2]);
+    flex.ok(&["unmount", &pod1]);
+    assert_clean(&s);
+}
