@@ -54,6 +54,26 @@ fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
+const EXT4: Access = Access::Mount {
+    fs_type: Some(FsType::Ext4),
+    mount_options: Vec::new(),
+};
+
+/// Creates a thin ext4 volume and stages it at `staging`: what provisioning to mounted means.
+fn create_and_stage(pool: &Pool, name: &str, size: u64, staging: &Path) -> String {
+    let m = pool
+        .create_volume(&CreateVolume {
+            name: name.into(),
+            size_bytes: size,
+            fs_type: Some(FsType::Ext4),
+            allocation: Allocation::Thin,
+            source: None,
+        })
+        .unwrap();
+    pool.stage(&m.id, staging, &EXT4, false).unwrap();
+    m.id
+}
+
 /// Median time of create + stage for an ext4 volume of `size`.
 fn provision_loopvol(pool: &Pool, scratch: &Path, size: u64, runs: usize) -> Duration {
     let mut times = Vec::new();
@@ -61,28 +81,10 @@ fn provision_loopvol(pool: &Pool, scratch: &Path, size: u64, runs: usize) -> Dur
         let name = format!("bench-{size}-{i}");
         let staging = scratch.join(format!("stage-{i}"));
         let t = Instant::now();
-        let m = pool
-            .create_volume(&CreateVolume {
-                name,
-                size_bytes: size,
-                fs_type: Some(FsType::Ext4),
-                allocation: Allocation::Thin,
-                source: None,
-            })
-            .unwrap();
-        pool.stage(
-            &m.id,
-            &staging,
-            &Access::Mount {
-                fs_type: Some(FsType::Ext4),
-                mount_options: vec![],
-            },
-            false,
-        )
-        .unwrap();
+        let id = create_and_stage(pool, &name, size, &staging);
         times.push(t.elapsed());
-        pool.unstage(&m.id, &staging).unwrap();
-        pool.delete_volume(&m.id).unwrap();
+        pool.unstage(&id, &staging).unwrap();
+        pool.delete_volume(&id).unwrap();
     }
     median(times)
 }
@@ -170,35 +172,22 @@ fn snapshot_rows(pool_dir: &Path, scratch: &Path, label: &str, cp_flag: &str, ro
     let mut options = PoolOptions::new("bench");
     options.overcommit = 8.0;
     let pool = Pool::open(pool_dir, options).unwrap();
-    let m = pool
-        .create_volume(&CreateVolume {
-            name: "snap-src".into(),
-            size_bytes: 10 * GIB,
-            fs_type: Some(FsType::Ext4),
-            allocation: Allocation::Thin,
-            source: None,
-        })
-        .unwrap();
     let staging = scratch.join(format!("snap-stage-{label}"));
-    let access = Access::Mount {
-        fs_type: Some(FsType::Ext4),
-        mount_options: vec![],
-    };
-    pool.stage(&m.id, &staging, &access, false).unwrap();
+    let id = create_and_stage(&pool, "snap-src", 10 * GIB, &staging);
     write_gib(&staging);
-    let image = pool.volume_image(&m.id);
+    let image = pool.volume_image(&id);
     for mounted in [false, true] {
         if !mounted {
-            pool.unstage(&m.id, &staging).unwrap();
+            pool.unstage(&id, &staging).unwrap();
         } else {
-            pool.stage(&m.id, &staging, &access, false).unwrap();
+            pool.stage(&id, &staging, &EXT4, false).unwrap();
         }
         let mut ours = Vec::new();
         let mut bare = Vec::new();
         for i in 0..3 {
             drop_caches();
             let t = Instant::now();
-            let snap = pool.create_snapshot(&format!("s{i}"), &m.id).unwrap();
+            let snap = pool.create_snapshot(&format!("s{i}"), &id).unwrap();
             ours.push(t.elapsed());
             pool.delete_snapshot(&snap.id).unwrap();
             drop_caches();
@@ -232,8 +221,8 @@ fn snapshot_rows(pool_dir: &Path, scratch: &Path, label: &str, cp_flag: &str, ro
             target: "≤ 1.1",
         });
     }
-    pool.unstage(&m.id, &staging).unwrap();
-    pool.delete_volume(&m.id).unwrap();
+    pool.unstage(&id, &staging).unwrap();
+    pool.delete_volume(&id).unwrap();
 }
 
 fn main() {
@@ -285,26 +274,8 @@ fn main() {
 
     if !wanted("fio") {
     } else if Command::new("fio").arg("--version").output().is_ok() {
-        let m = pool
-            .create_volume(&CreateVolume {
-                name: "fio".into(),
-                size_bytes: 4 * GIB,
-                fs_type: Some(FsType::Ext4),
-                allocation: Allocation::Thin,
-                source: None,
-            })
-            .unwrap();
         let staging = scratch_path.join("fio-stage");
-        pool.stage(
-            &m.id,
-            &staging,
-            &Access::Mount {
-                fs_type: Some(FsType::Ext4),
-                mount_options: vec![],
-            },
-            false,
-        )
-        .unwrap();
+        let id = create_and_stage(&pool, "fio", 4 * GIB, &staging);
         let inside = staging.join("fio.dat");
         let outside = pool_dir.join("fio-baseline.dat");
         for (what, rw, bs, unit) in [
@@ -323,8 +294,8 @@ fn main() {
             });
         }
         let _ = std::fs::remove_file(&outside);
-        pool.unstage(&m.id, &staging).unwrap();
-        pool.delete_volume(&m.id).unwrap();
+        pool.unstage(&id, &staging).unwrap();
+        pool.delete_volume(&id).unwrap();
     } else {
         eprintln!("fio not installed: skipping the I/O rows (apt-get install fio)");
     }
