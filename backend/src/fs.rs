@@ -49,21 +49,35 @@ fn parse_blkid_export(text: &str) -> Content {
 /// No discard (a thin image has nothing to discard) and lazy inode tables: mkfs of a 100 GiB
 /// volume takes well under a second.
 pub fn format(device: &Path, fs: FsType) -> Result<()> {
+    mkfs(device, fs, false)
+}
+
+/// Formats over whatever an interrupted [`format`] of this same volume left (a partial
+/// filesystem that blkid may recognise). Only for a device whose metadata records that loopvol
+/// itself was formatting it, so it never held user data.
+pub fn reformat_interrupted(device: &Path, fs: FsType) -> Result<()> {
+    mkfs(device, fs, true)
+}
+
+fn mkfs(device: &Path, fs: FsType, force: bool) -> Result<()> {
     let dev = device.to_string_lossy();
+    let mut args: Vec<&str> = vec!["-q"];
     match fs {
-        FsType::Ext4 => cmd::run(
-            "mkfs.ext4",
-            &[
-                "-q",
-                "-E",
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-                &dev,
-            ],
-        ),
-        FsType::Xfs => cmd::run("mkfs.xfs", &["-q", "-K", &dev]),
-        FsType::Btrfs => cmd::run("mkfs.btrfs", &["-q", "-K", &dev]),
-    }?;
-    tracing::info!(device = %dev, fs = %fs, "formatted");
+        // 4 KiB blocks whatever the device says: the image must mount on any loop device.
+        FsType::Ext4 => args.extend([
+            "-b",
+            "4096",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+        ]),
+        FsType::Xfs | FsType::Btrfs => args.push("-K"),
+    }
+    if force {
+        args.push(if fs == FsType::Ext4 { "-F" } else { "-f" });
+    }
+    args.push(&dev);
+    cmd::run(&format!("mkfs.{fs}"), &args)?;
+    tracing::info!(device = %dev, fs = %fs, force, "formatted");
     Ok(())
 }
 

@@ -111,6 +111,10 @@ pub struct VolumeMeta {
     /// Nodes that have it staged now.
     #[serde(default)]
     pub staged: Vec<Hold>,
+    /// Set while loopvol formats the volume: a crash mid-mkfs leaves a partial filesystem that
+    /// must be formatted again, not mistaken for user data (or refused as such).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatting: Option<FsType>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,6 +209,7 @@ mod tests {
                 pv_name: Some("pv".into()),
             }],
             staged: vec![],
+            formatting: None,
         };
         write(&path, &meta).unwrap();
         assert_eq!(read::<VolumeMeta>(&path).unwrap().unwrap(), meta);

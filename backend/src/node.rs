@@ -331,23 +331,30 @@ impl Pool {
 
         let device = dev.path();
         let mut formatted = None;
-        let fs = match fs::probe(&device)? {
-            Content::Blank => {
-                if read_only {
-                    return Err(Error::precondition(format!(
-                        "volume {id} holds no filesystem yet and is staged read-only, so it cannot be formatted"
-                    )));
-                }
-                let fs = fs_type.or(m.fs_type).unwrap_or(FsType::Ext4);
-                fs::format(&device, fs)?;
+        let content = fs::probe(&device)?;
+        let fs = match (content, m.formatting) {
+            (_, Some(_)) | (Content::Blank, None) if read_only => {
+                return Err(Error::precondition(format!(
+                    "volume {id} holds no filesystem yet and is staged read-only, so it cannot be formatted"
+                )));
+            }
+            (Content::Blank, _) => {
+                let fs = fs_type
+                    .or(m.formatting)
+                    .or(m.fs_type)
+                    .unwrap_or(FsType::Ext4);
+                self.format_recorded(&mut m, &device, fs, fs::format)?;
                 formatted = Some(fs);
-                if m.fs_type != Some(fs) {
-                    m.fs_type = Some(fs);
-                    meta::write(&self.volume_meta_path(id), &m)?;
-                }
                 fs
             }
-            Content::Filesystem(found) => {
+            // Our own mkfs was interrupted (the record says so): whatever it left is no data.
+            (content, Some(interrupted)) => {
+                tracing::warn!(volume = %id, ?content, fs = %interrupted, "finishing an interrupted format");
+                self.format_recorded(&mut m, &device, interrupted, fs::reformat_interrupted)?;
+                formatted = Some(interrupted);
+                interrupted
+            }
+            (Content::Filesystem(found), None) => {
                 let have: FsType = found.parse().map_err(|_| {
                     Error::precondition(format!(
                         "volume {id} holds a {found} filesystem, which loopvol does not mount; refusing to touch it"
@@ -360,7 +367,7 @@ impl Pool {
                 }
                 have
             }
-            Content::Other(what) => {
+            (Content::Other(what), None) => {
                 return Err(Error::precondition(format!(
                     "volume {id} holds {what}, not a filesystem; refusing to format it"
                 )))
@@ -404,6 +411,23 @@ impl Pool {
         }
         tracing::info!(volume = %id, device = %device.display(), staging = %staging_path.display(), fs = %fs, read_only, "staged");
         Ok(Staged { device, formatted })
+    }
+
+    /// Formats `device` with `fs` under a record in the metadata: written before mkfs and cleared
+    /// after, so a crash in between is recognised as our own unfinished format.
+    fn format_recorded(
+        &self,
+        m: &mut VolumeMeta,
+        device: &Path,
+        fs: FsType,
+        mkfs: fn(&Path, FsType) -> Result<()>,
+    ) -> Result<()> {
+        m.formatting = Some(fs);
+        meta::write(&self.volume_meta_path(&m.id), m)?;
+        mkfs(device, fs)?;
+        m.formatting = None;
+        m.fs_type = Some(fs);
+        meta::write(&self.volume_meta_path(&m.id), m)
     }
 
     /// Unstages volume `id` from `staging_path`: unmounts it and detaches the loop device when

@@ -170,6 +170,7 @@ impl Pool {
             created_unix: meta::now_unix(),
             claims: Vec::new(),
             staged: Vec::new(),
+            formatting: None,
         };
         meta::write(&self.volume_meta_path(&id), &meta)?;
         tracing::info!(volume = %id, size = req.size_bytes, allocation = req.allocation.as_str(), "created volume");

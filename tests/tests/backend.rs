@@ -1310,3 +1310,62 @@ fn health_reports_a_shut_down_filesystem() {
     pool.unstage(&id, &staging).unwrap();
     assert!(loops_under(&s.root()).is_empty());
 }
+
+/// A crash in the middle of mkfs leaves a partial filesystem. The metadata's record of the
+/// format in progress makes the next stage format again; without that record the same bytes are
+/// someone's data and are never formatted over.
+#[test]
+fn an_interrupted_format_is_finished_and_only_then() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let staging = s.path("staging");
+    // What a killed mkfs.ext4 leaves: a superblock (blkid says ext4) over broken metadata.
+    let half_format = |id: &str| {
+        let image = pool.volume_image(id);
+        let (code, _, err) = loopvol_e2e::run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(&image),
+        );
+        assert_eq!(code, 0, "{err}");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xA5; 4 << 20], 4096).unwrap();
+    };
+    let meta_path = |id: &str| s.pool().join("volumes").join(id).join("volume.json");
+
+    // Interrupted by us: the record says so, and the next stage finishes the job.
+    let id = create(&pool, "interrupted", Some(FsType::Ext4));
+    half_format(&id);
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(meta_path(&id)).unwrap()).unwrap();
+    m["formatting"] = "ext4".into();
+    std::fs::write(meta_path(&id), m.to_string()).unwrap();
+    let staged = pool
+        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap();
+    assert_eq!(staged.formatted, Some(FsType::Ext4));
+    write_file(&staging.join("f"), b"usable");
+    assert_eq!(
+        pool.get_volume(&id).unwrap().formatting,
+        None,
+        "the record is cleared"
+    );
+    pool.unstage(&id, &staging).unwrap();
+
+    // The same bytes without the record: not ours to format.
+    let id = create(&pool, "someone-elses", Some(FsType::Ext4));
+    half_format(&id);
+    let err = pool
+        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
+        .unwrap_err();
+    assert!(!err.to_string().contains("formatted"), "{err}");
+    let first = std::fs::read(pool.volume_image(&id)).unwrap()[4096..4096 + 16].to_vec();
+    assert_eq!(first, vec![0xA5; 16], "nothing was written over the volume");
+    pool.unstage(&id, &staging).unwrap();
+}
