@@ -257,7 +257,12 @@ impl Pool {
         if let Some(parent) = dir.parent() {
             meta::sync_dir(parent)?;
         }
-        std::fs::remove_dir_all(&trash).context(|| format!("remove {}", trash.display()))
+        // Gone from the pool's point of view once renamed. Another process emptying the trash
+        // may be removing the same tree; whatever is left is removed at the next open.
+        if let Err(e) = std::fs::remove_dir_all(&trash) {
+            tracing::warn!(path = %trash.display(), error = %e, "left in trash");
+        }
+        Ok(())
     }
 
     fn empty_trash(&self) {
