@@ -1,7 +1,7 @@
 //! Each call-out: its argv and options, translated to backend calls. No file, device or mount
 //! work happens here; the backend does it all, idempotently and under the volume's lock.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use loopvol::validate;
 use loopvol::{
@@ -144,35 +144,57 @@ impl Driver<'_> {
         }
         self.ensure_volume(&pool, &req)?;
         let staging = pool.default_staging_path(&req.id)?;
-        // Staged read-write whatever this pod asks: other pods on the node may write, and a blank
-        // volume must be formatted. The pod's bind is read-only when asked.
-        // A concurrent unmount of the volume's last other pod may release the staging mount
-        // between our stage and publish (publish then says it is not staged): stage again.
-        for attempt in 1.. {
-            pool.stage(&req.id, &staging, &access, false)?;
-            let published = pool.publish(
-                &req.id,
-                Some(&staging),
-                &dir,
-                &access,
-                req.read_only,
-                req.fs_group,
-            );
-            match published {
-                Ok(()) => break,
-                Err(e) if e.kind() == ErrorKind::FailedPrecondition && attempt < MOUNT_ATTEMPTS => {
-                    tracing::info!(volume = %req.id, error = %e, "staging released meanwhile; staging again");
-                }
-                Err(e) => {
-                    // Leave no orphan: release the staging mount if no other pod uses it.
-                    if let Err(undo) = pool.release_staging_if_unused(&req.id) {
-                        tracing::warn!(volume = %req.id, error = %undo, "could not release the staging mount after a failed publish");
+        let result = Self::stage_and_publish(&pool, &req, &staging, &dir, &access);
+        if let Err(e) = &result {
+            // Leave no orphan: a failed mount is never unmounted by kubelet (it never counted as
+            // mounted), so a loop device or staging mount this call made would stay forever.
+            // Release them when no other pod uses them. Not after a lock timeout: that would
+            // wait again, and whoever holds the lock owns the volume's state.
+            if e.kind() != ErrorKind::Busy {
+                match pool.release_staging_if_unused(&req.id) {
+                    Ok(released) => {
+                        tracing::info!(volume = %req.id, released, "mount failed; released what no pod uses")
                     }
-                    return Err(e.into());
+                    Err(undo) => {
+                        tracing::warn!(volume = %req.id, error = %undo, "mount failed; could not release the staging mount")
+                    }
                 }
             }
         }
+        result?;
         Ok(Reply::success())
+    }
+
+    /// Stages the volume (read-write whatever this pod asks: other pods on the node may write,
+    /// and a blank volume must be formatted) and binds it into `dir`, read-only when asked.
+    fn stage_and_publish(
+        pool: &Pool,
+        req: &VolumeRequest,
+        staging: &Path,
+        dir: &Path,
+        access: &Access,
+    ) -> loopvol::Result<()> {
+        // A concurrent unmount of the volume's last other pod may release the staging mount
+        // between our stage and publish (publish then says it is not staged): stage again.
+        let mut attempt = 1;
+        loop {
+            pool.stage(&req.id, staging, access, false)?;
+            match pool.publish(
+                &req.id,
+                Some(staging),
+                dir,
+                access,
+                req.read_only,
+                req.fs_group,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::FailedPrecondition && attempt < MOUNT_ATTEMPTS => {
+                    tracing::info!(volume = %req.id, error = %e, "staging released meanwhile; staging again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// `unmount <podVolumeDir>`.
@@ -296,7 +318,26 @@ impl Driver<'_> {
         let req = VolumeRequest::from_options(&a.options(2)?)?;
         check_handle(handle, &req.id)?;
         let pool = self.pool()?;
-        let staged = pool.stage(&req.id, &path, &Self::access(&req), req.read_only)?;
+        let staged = match pool.stage(&req.id, &path, &Self::access(&req), req.read_only) {
+            Ok(staged) => staged,
+            Err(e) => {
+                // kubelet never calls unmountdevice for a path that is not mounted, and retries
+                // waitforattach before the next mountdevice: a loop device left attached here
+                // would outlive the pod. Detach it when nothing mounts it (never after a lock
+                // timeout: the lock's holder owns the volume's state).
+                if e.kind() != ErrorKind::Busy && pool.volume_at(&path).ok().flatten().is_none() {
+                    match pool.detach_volume(&req.id) {
+                        Ok(()) => {
+                            tracing::info!(volume = %req.id, "mountdevice failed; detached the loop device")
+                        }
+                        Err(undo) => {
+                            tracing::info!(volume = %req.id, error = %undo, "mountdevice failed; loop device left attached")
+                        }
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         tracing::info!(volume = %req.id, path = %path.display(), device = %staged.device.display(), "mounted device");
         Ok(Reply::success())
     }

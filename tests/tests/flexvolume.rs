@@ -1193,3 +1193,67 @@ fn a_hung_call_still_answers_in_time() {
     flex.ok(&["unmount", &pod1]);
     assert_clean(&s);
 }
+
+/// kubelet never unmounts a volume whose `mount` failed (it never counted as mounted), and never
+/// calls `unmountdevice` for a device mount path that is not mounted. So a call the backend
+/// refuses after attaching (here: a filesystem type other than the one the volume holds) must
+/// not leave the loop device or this node's hold behind; a pod already using the volume keeps it.
+#[test]
+fn a_failed_mount_leaves_no_loop_device_behind() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let opts = kubelet_mount_options("pv-fail", "ext4", "rw", json!({"size": "64Mi"}));
+    let wrong = kubelet_mount_options("pv-fail", "xfs", "rw", json!({}));
+    let pod1 = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-fail");
+    let pod2 = s.path("pods/uid-2/volumes/loopvol~loopvol/pv-fail");
+    let (pod1s, pod2s) = (mkdir(&pod1), mkdir(&pod2));
+    flex.ok(&["mount", &pod1s, &opts]);
+    flex.ok(&["unmount", &pod1s]);
+    let before = state(&s);
+    let m = flex.fail(&["mount", &pod2s, &wrong]);
+    assert!(m.contains("already holds a ext4 filesystem"), "{m}");
+    assert_eq!(state(&s), before, "a failed mount left state behind");
+
+    // With another pod using the volume, its staging mount and device stay.
+    flex.ok(&["mount", &mkdir(&pod1), &opts]);
+    write_synced(&pod1.join("f"), b"still here");
+    flex.fail(&["mount", &pod2s, &wrong]);
+    assert_eq!(mount_count(&s, &pod1), 1);
+    assert_eq!(loops_under(&s.root()).len(), 1);
+    assert_eq!(std::fs::read(pod1.join("f")).unwrap(), b"still here");
+    flex.ok(&["unmount", &pod1s]);
+    assert_clean(&s);
+
+    // Attach mode: waitforattach attached the device; mountdevice is refused; kubelet gives up
+    // on the pod and the controller detaches. Nothing may stay attached on the node.
+    let cm = Flex::new(&s, "controller", true);
+    let node = Flex::new(&s, "node-a", true);
+    let a_opts = kubelet_attach_options("pv-fail", "", "rw", json!({}));
+    let a_wrong = kubelet_attach_options("pv-fail", "xfs", "rw", json!({}));
+    let dmp = s.path("node-a/plugins/kubernetes.io/flexvolume/loopvol/loopvol/mounts/pv-fail");
+    let dmps = mkdir(&dmp);
+    let handle = cm.ok(&["attach", &a_opts, "node-a"])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let device = node.ok(&["waitforattach", &handle, &a_opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = node.fail(&["mountdevice", &dmps, &device, &a_wrong]);
+    assert!(m.contains("already holds a ext4 filesystem"), "{m}");
+    assert_clean(&s);
+    // kubelet retries waitforattach, then mountdevice: it works once the options are right.
+    let device = node.ok(&["waitforattach", &handle, &a_opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    node.ok(&["mountdevice", &dmps, &device, &a_opts]);
+    assert_eq!(mount_count(&s, &dmp), 1);
+    node.ok(&["unmountdevice", &dmps]);
+    cm.ok(&["detach", "pv-fail", "node-a"]);
+    assert_clean(&s);
+}
