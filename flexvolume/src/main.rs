@@ -56,10 +56,11 @@ fn panic_reply(info: &std::panic::PanicHookInfo<'_>) {
         .map(|l| format!(" at {}:{}", l.file(), l.line()))
         .unwrap_or_default();
     tracing::error!(panic = %payload, location = %at, "panicked");
-    reply::emit(&Reply::failure(format!(
+    // After the reply was printed (a panic while the call winds down) the exit code stays that
+    // reply's, so the two never disagree.
+    std::process::exit(reply::emit(&Reply::failure(format!(
         "loopvol-flexvolume panicked (a bug; please report it): {payload}{at}"
-    )));
-    std::process::exit(1);
+    ))));
 }
 
 fn run(args: &[String]) -> Reply {
@@ -78,8 +79,9 @@ fn run(args: &[String]) -> Reply {
         return Reply::success().capabilities(calls::capabilities(&config));
     }
 
-    logging::init(config.log.as_deref());
+    // The watchdog first: opening the log file can block too (a hung /var/log).
     start_watchdog(call, config.call_timeout);
+    logging::init(config.log.as_deref());
     let span = tracing::info_span!("call", call = %call, pid = std::process::id()).entered();
     tracing::info!(args = %loggable(rest), attach_mode = config.attach, node = %config.node, "called");
     if std::env::var_os("LOOPVOL_TEST_PANIC").is_some_and(|v| v == "1") {

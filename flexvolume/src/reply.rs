@@ -4,7 +4,7 @@
 //! object, once per process (a panic after the reply cannot add a second), in a single write.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use loopvol::ErrorKind;
@@ -154,13 +154,20 @@ pub fn error_reply(err: &CallError, lock_timeout: Duration) -> Reply {
     }
 }
 
-static EMITTED: AtomicBool = AtomicBool::new(false);
+/// The exit code of the reply this process printed; `NONE_YET` until one is.
+static EMITTED: AtomicI32 = AtomicI32::new(NONE_YET);
+const NONE_YET: i32 = -1;
 
-/// Prints `reply` as the process's one JSON object and returns its exit code. Only the first
-/// call prints; later ones (a panic hook after the reply) print nothing.
+/// Prints `reply` as the process's one JSON object and returns the exit code the process must
+/// end with: that of the reply actually printed. Only the first call prints; a later one (the
+/// watchdog firing just after the reply, a panic hook) prints nothing and gets the first
+/// reply's code, so the exit code always agrees with the status kubelet reads (a "Success"
+/// with exit 1 is a driver bug to kubelet).
 pub fn emit(reply: &Reply) -> i32 {
-    if EMITTED.swap(true, Ordering::SeqCst) {
-        return reply.exit_code();
+    let code = reply.exit_code();
+    if let Err(first) = EMITTED.compare_exchange(NONE_YET, code, Ordering::SeqCst, Ordering::SeqCst)
+    {
+        return first;
     }
     let mut text = serde_json::to_string(reply).unwrap_or_else(|_| {
         // Cannot happen (plain strings and bools), but never print nothing.
@@ -170,7 +177,7 @@ pub fn emit(reply: &Reply) -> i32 {
     let mut out = std::io::stdout().lock();
     // Nobody to tell if kubelet went away: the exit code still says what happened.
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-    reply.exit_code()
+    code
 }
 
 #[cfg(test)]
@@ -202,6 +209,15 @@ mod tests {
             serde_json::to_string(&r).unwrap(),
             r#"{"status":"Success","device":"/dev/loop3","attached":true}"#
         );
+    }
+
+    #[test]
+    fn exit_code_is_the_printed_replys() {
+        // The only test in this binary that emits: the first reply wins, later ones (a watchdog
+        // or a panic hook racing the end of the call) get its code and print nothing.
+        assert_eq!(emit(&Reply::success()), 0);
+        assert_eq!(emit(&Reply::failure("too late")), 0);
+        assert_eq!(emit(&Reply::not_supported("x")), 0);
     }
 
     #[test]
