@@ -61,15 +61,16 @@ pub fn load() -> Result<Config, String> {
     resolve(file, |k| std::env::var(k).ok())
 }
 
-/// The directory of the running binary: from /proc/self/exe, or (a container without /proc)
-/// from argv[0], which kubelet and the controller-manager give as the driver's full path.
+/// The driver's directory: the one kubelet and the controller-manager ran it from. They exec the
+/// driver by its full path in the plugin dir, which is argv[0]; that is where the installer puts
+/// the config, even when the driver there is a symlink to a binary elsewhere (/proc/self/exe
+/// would name the symlink's target). A relative argv[0] (run by hand): /proc/self/exe.
 fn binary_dir() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok().or_else(|| {
-        std::env::args_os()
-            .next()
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    })?;
+    let exe = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::current_exe().ok())?;
     exe.parent().map(Path::to_path_buf)
 }
 

@@ -353,6 +353,31 @@ fn installed_copy_reads_its_config() {
     assert!(m.contains("LOOPVOL_ATTACH"), "{m}");
 }
 
+/// An install that symlinks `<plugindir>/loopvol~loopvol/loopvol` to a binary elsewhere: kubelet
+/// runs the symlink by its full path, and the config beside it is the one that counts.
+#[test]
+fn symlinked_install_reads_the_config_in_the_plugin_dir() {
+    let s = Scratch::new();
+    let dir = s.path("plugins/loopvol~loopvol");
+    let elsewhere = s.path("opt/bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let real = elsewhere.join("loopvol-flexvolume");
+    std::fs::copy(binary("loopvol-flexvolume"), &real).unwrap();
+    let link = dir.join("loopvol");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    std::fs::write(
+        dir.join("loopvol.json"),
+        json!({"attach": true, "pool": s.pool(), "log": ""}).to_string(),
+    )
+    .unwrap();
+    let flex = Flex {
+        bin: link,
+        env: vec![],
+    };
+    assert_eq!(flex.ok(&["init"])["capabilities"]["attach"], true);
+}
+
 /// A panic still produces exactly one Failure object, nothing on stderr, exit 1.
 #[test]
 fn panic_is_one_failure_object() {
