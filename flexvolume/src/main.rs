@@ -36,9 +36,16 @@ const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(config::DEFAULT_LOCK_
 fn collect_args() -> Result<Vec<String>, CallError> {
     std::env::args_os()
         .skip(1)
-        .map(|a| {
-            a.into_string()
-                .map_err(|a| CallError::invalid(format!("argument {a:?} is not valid UTF-8")))
+        .enumerate()
+        .map(|(i, a)| {
+            // Never echo the argument: it may be the options, secrets included.
+            a.into_string().map_err(|a| {
+                CallError::invalid(format!(
+                    "argument {} ({} bytes) is not valid UTF-8",
+                    i + 1,
+                    a.len()
+                ))
+            })
         })
         .collect()
 }

@@ -1282,3 +1282,30 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
     cm.ok(&["detach", "pv-fail", "node-a"]);
     assert_clean(&s);
 }
+
+/// Options that are not UTF-8 (never from kubelet, whose JSON encoder replaces bad bytes, but
+/// from a hand-made call) are refused without echoing them: they may hold secrets, and the
+/// Failure message ends up in kubelet's log.
+#[test]
+fn a_non_utf8_argument_is_refused_without_echoing_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Scratch::new();
+    let flex = Flex::node_mode(&s);
+    let mut json =
+        format!(r#"{{"volumeID":"v","kubernetes.io/secret/password":"{SECRET_B64}","x":""#)
+            .into_bytes();
+    json.extend_from_slice(b"\xff\"}");
+    let out = flex
+        .command(&["mount", "/var/lib/kubelet/pods/p/volumes/loopvol~loopvol/v"])
+        .arg(std::ffi::OsStr::from_bytes(&json))
+        .output()
+        .unwrap();
+    let reply = check_protocol(&["mount", "<dir>", "<non-UTF-8 JSON>"], &out);
+    assert_eq!(reply["status"], "Failure", "{reply}");
+    let m = reply["message"].as_str().unwrap();
+    assert!(
+        m.contains("argument 3") && m.contains("not valid UTF-8"),
+        "{m}"
+    );
+    assert!(!m.contains(SECRET_B64), "the secret was echoed: {m}");
+}
