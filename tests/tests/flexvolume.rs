@@ -1309,3 +1309,35 @@ fn a_non_utf8_argument_is_refused_without_echoing_it() {
     );
     assert!(!m.contains(SECRET_B64), "the secret was echoed: {m}");
 }
+
+/// After a node reboots kubelet does NOT call `unmountdevice` (its device mount path is no longer
+/// a mount point: kubelet only removes the dir); the controller's `detach` alone must release the
+/// node's hold so another node can take the volume read-write.
+#[test]
+fn detach_alone_releases_a_rebooted_node() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let cm = Flex::new(&s, "controller", true);
+    let (node_a, node_b) = (Flex::new(&s, "node-a", true), Flex::new(&s, "node-b", true));
+    let opts = kubelet_attach_options("pv-rb", "ext4", "rw", json!({"size": "64Mi"}));
+    let dmp = |n: &str| mkdir(&s.path(&format!("{n}/mounts/pv-rb")));
+    cm.ok(&["attach", &opts, "node-b"]);
+    let dev = node_b.ok(&["waitforattach", "loopvol:pv-rb", &opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    node_b.ok(&["mountdevice", &dmp("node-b"), &dev, &opts]);
+    s.cleanup_kernel_state(); // node-b reboots; kubelet skips unmountdevice
+    cm.ok(&["detach", "pv-rb", "node-b"]);
+    cm.ok(&["attach", &opts, "node-a"]);
+    let dev = node_a.ok(&["waitforattach", "loopvol:pv-rb", &opts])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    node_a.ok(&["mountdevice", &dmp("node-a"), &dev, &opts]);
+    node_a.ok(&["unmountdevice", &dmp("node-a")]);
+    cm.ok(&["detach", "pv-rb", "node-a"]);
+    assert_clean(&s);
+}
