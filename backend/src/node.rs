@@ -714,6 +714,9 @@ impl Pool {
         }
         let _guard = self.lock_volume(id)?;
         self.get_volume(id)?;
+        if let Some(p) = volume_path {
+            self.check_expand_path(id, p)?;
+        }
         let devices = loopdev::find(&self.volume_image(id))?;
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
@@ -729,17 +732,7 @@ impl Pool {
             None => table.iter().find(|m| is_loop_mount_of(m, dev)),
         };
         let Some(mnt) = mounted else {
-            if let Some(p) = volume_path {
-                if !p.exists() {
-                    return Err(Error::not_found("volume path", p.display().to_string()));
-                }
-                if table
-                    .iter()
-                    .any(|m| is_device_bind_of(m, dev) && m.mount_point == p)
-                {
-                    return Ok(size); // a block volume: the device is all there is to grow
-                }
-            }
+            // A block volume (or one attached but not mounted): the device is all there is.
             return Ok(size);
         };
         let fs: FsType = mnt.fs_type.parse()?;
@@ -762,25 +755,71 @@ impl Pool {
         volume_path: Option<&Path>,
         size_bytes: u64,
     ) -> Result<u64> {
-        if size_bytes > self.get_volume(id)?.size_bytes {
+        let m = self.get_volume(id)?;
+        // A path that is not this volume is refused before the image grows.
+        if let Some(p) = volume_path {
+            self.check_node_path("volume path", p)?;
+            self.check_expand_path(id, p)?;
+        }
+        if size_bytes > m.size_bytes {
             self.expand_volume(id, size_bytes)?;
         }
         self.node_expand(id, volume_path)
+    }
+
+    /// `NotFound` unless volume `id` can be at `path` (CSI NodeExpandVolume: "volume does not
+    /// exist on specified volume_path"): the path exists, and when the volume's filesystem is
+    /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
+    /// device). Growing a volume because a caller named some other directory would report a
+    /// success for a filesystem that did not grow.
+    fn check_expand_path(&self, id: &str, path: &Path) -> Result<()> {
+        let not_here =
+            |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
+        if !path.exists() {
+            return Err(not_here("it does not exist"));
+        }
+        let devices = loopdev::find(&self.volume_image(id))?;
+        let table = mount::mounts()?;
+        let mounted_somewhere = table
+            .iter()
+            .any(|m| devices.iter().any(|d| is_loop_mount_of(m, d)));
+        let here = mount::mount_at(&table, path).is_some_and(|m| {
+            devices
+                .iter()
+                .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
+        });
+        if mounted_somewhere && !here {
+            return Err(not_here(&format!("volume {id} is not mounted there")));
+        }
+        Ok(())
     }
 
     /// Usage of volume `id` at `path`: a mounted filesystem (bytes and inodes) or a published
     /// block device (bytes). `NotFound` when the volume or the path is unknown.
     pub fn volume_usage(&self, id: &str, path: &Path) -> Result<Usage> {
         validate::check_id("volume ID", id)?;
-        validate::check_path("volume path", path, &[])?;
         self.get_volume(id)?;
-        let md = std::fs::metadata(path)
-            .map_err(|_| Error::not_found("volume path", path.display().to_string()))?;
+        let not_here = || {
+            Error::not_found(
+                "volume path",
+                format!("{} (volume {id} is not mounted there)", path.display()),
+            )
+        };
+        // Only read, never mounted on: a path the volume can never be at (relative, a system
+        // directory) simply does not hold it, which CSI (and csi-sanity) answer NOT_FOUND.
+        if validate::check_path("volume path", path, &[]).is_err() {
+            return Err(not_here());
+        }
+        let md = std::fs::metadata(path).map_err(|_| not_here())?;
         if md.file_type().is_block_device() || md.is_file() {
+            // A published block volume is a bind of its device node onto the file; any other
+            // file is not this volume.
+            let table = mount::mounts()?;
+            let at = mount::mount_at(&table, path).ok_or_else(not_here)?;
             let dev = loopdev::find(&self.volume_image(id))?
                 .into_iter()
-                .next()
-                .ok_or_else(|| Error::not_found("attached volume", id))?;
+                .find(|d| is_device_bind_of(at, d))
+                .ok_or_else(not_here)?;
             let total = loopdev::device_size(&dev.path())?;
             return Ok(Usage {
                 total_bytes: total,
@@ -794,10 +833,7 @@ impl Pool {
         let ours = mount::mount_at(&table, path)
             .is_some_and(|m| devices.iter().any(|d| is_loop_mount_of(m, d)));
         if !ours {
-            return Err(Error::not_found(
-                "volume path",
-                format!("{} (volume {id} is not mounted there)", path.display()),
-            ));
+            return Err(not_here());
         }
         fs::usage(path)
     }
@@ -805,7 +841,13 @@ impl Pool {
     /// Whether volume `id` is healthy on this node: its image exists, and an attached filesystem
     /// has recorded no errors.
     pub fn volume_condition(&self, id: &str) -> Result<Condition> {
-        let m = self.get_volume(id)?;
+        self.condition_of(&self.get_volume(id)?)
+    }
+
+    /// [`Pool::volume_condition`] of a volume whose metadata the caller already read (a listing
+    /// reports every volume's condition without reading each record twice).
+    pub fn condition_of(&self, m: &VolumeMeta) -> Result<Condition> {
+        let id = m.id.as_str();
         let image = self.volume_image(id);
         if !image.exists() {
             return Ok(Condition {

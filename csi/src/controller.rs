@@ -63,6 +63,14 @@ fn source_pb(s: &VolumeSource) -> pb::VolumeContentSource {
     }
 }
 
+/// A backend volume condition as CSI reports it.
+pub fn condition_pb(c: loopvol::Condition) -> pb::VolumeCondition {
+    pb::VolumeCondition {
+        abnormal: c.abnormal,
+        message: c.message,
+    }
+}
+
 fn is_not_found(e: &loopvol::Error) -> bool {
     e.kind() == ErrorKind::NotFound
 }
@@ -589,21 +597,29 @@ impl pb::controller_server::Controller for Controller {
             }
             let token = Some(r.starting_token).filter(|t| !t.is_empty());
             let max = r.max_entries as usize;
-            let page = self
+            let (page, conditions) = self
                 .driver
                 .run("ListVolumes", Vec::new(), move |pool| {
-                    Ok(pool.list_volumes(token.as_deref(), max)?)
+                    let page = pool.list_volumes(token.as_deref(), max)?;
+                    // VOLUME_CONDITION is advertised, so every entry must carry one.
+                    let conditions = page
+                        .entries
+                        .iter()
+                        .map(|m| pool.condition_of(m))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((page, conditions))
                 })
                 .await?;
             Ok(pb::ListVolumesResponse {
                 entries: page
                     .entries
                     .iter()
-                    .map(|m| pb::list_volumes_response::Entry {
+                    .zip(conditions)
+                    .map(|(m, c)| pb::list_volumes_response::Entry {
                         volume: Some(self.volume_pb(m)),
                         status: Some(pb::list_volumes_response::VolumeStatus {
                             published_node_ids: self.published_nodes(m),
-                            volume_condition: None,
+                            volume_condition: Some(condition_pb(c)),
                         }),
                     })
                     .collect(),
@@ -752,10 +768,7 @@ impl pb::controller_server::Controller for Controller {
                     volume: Some(self.volume_pb(&meta)),
                     status: Some(pb::controller_get_volume_response::VolumeStatus {
                         published_node_ids: self.published_nodes(&meta),
-                        volume_condition: Some(pb::VolumeCondition {
-                            abnormal: condition.abnormal,
-                            message: condition.message,
-                        }),
+                        volume_condition: Some(condition_pb(condition)),
                     }),
                 })
             },

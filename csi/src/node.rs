@@ -60,9 +60,16 @@ impl Node {
     ) -> Result<pb::NodePublishVolumeResponse, Status> {
         require("volume_id", &r.volume_id)?;
         require("target_path", &r.target_path)?;
-        // STAGE_UNSTAGE_VOLUME is advertised, so the CO always stages first and names the path.
-        require("staging_target_path", &r.staging_target_path)?;
         let cap = self.capability(r.volume_capability.as_ref())?;
+        // STAGE_UNSTAGE_VOLUME is advertised, so the CO must stage first and name the path; the
+        // spec's answer to a publish without it is FAILED_PRECONDITION ("stage it first"), after
+        // the malformed-request checks above.
+        if r.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is not set: STAGE_UNSTAGE_VOLUME is advertised, so the \
+                 volume must be staged with NodeStageVolume first",
+            ));
+        }
         let read_only = r.readonly || cap.read_only();
         let (id, staging, target) = (
             r.volume_id,
@@ -119,10 +126,7 @@ impl Node {
         }
         Ok(pb::NodeGetVolumeStatsResponse {
             usage: out,
-            volume_condition: Some(pb::VolumeCondition {
-                abnormal: condition.abnormal,
-                message: condition.message,
-            }),
+            volume_condition: Some(crate::controller::condition_pb(condition)),
         })
     }
 

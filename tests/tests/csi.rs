@@ -937,12 +937,21 @@ async fn every_rpc_refuses_missing_required_fields() {
         bad,
         "NodePublishVolume without target",
     );
+    // STAGE_UNSTAGE_VOLUME is advertised: a publish that names no staging path is told to stage
+    // first (FAILED_PRECONDITION), after the checks of malformed fields (csi-sanity sends no
+    // staging path and no capability, and wants INVALID_ARGUMENT).
     let mut r = full.clone();
     r.staging_target_path.clear();
     assert_code(
+        c.node.node_publish_volume(r.clone()).await,
+        Code::FailedPrecondition,
+        "NodePublishVolume without staging path",
+    );
+    r.volume_capability = None;
+    assert_code(
         c.node.node_publish_volume(r).await,
         bad,
-        "NodePublishVolume without staging path",
+        "NodePublishVolume without staging path nor capability",
     );
     let mut r = full.clone();
     r.volume_capability = None;
@@ -1654,6 +1663,54 @@ async fn unknown_ids_get_not_found_or_ok_as_the_spec_says() {
         nf,
         "NodeGetVolumeStats at an unknown path",
     );
+    // csi-sanity's stats checks name a relative path: the volume is not there either.
+    for id in ["no-such", "known"] {
+        assert_code(
+            c.node
+                .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                    volume_id: id.into(),
+                    volume_path: "some/path".into(),
+                    ..Default::default()
+                })
+                .await,
+            nf,
+            &format!("NodeGetVolumeStats of {id} at a relative path"),
+        );
+    }
+    // A file that is not the volume's published device.
+    let plain = scratch.path("plain-file");
+    std::fs::write(&plain, b"x").unwrap();
+    assert_code(
+        c.node
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: "known".into(),
+                volume_path: plain.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        nf,
+        "NodeGetVolumeStats at a file that is not the volume",
+    );
+    // Expansion at a path that does not exist: NOT_FOUND, and the image did not grow.
+    assert_code(
+        c.node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: "known".into(),
+                volume_path: scratch.path("nowhere").display().to_string(),
+                capacity_range: range(2 * MIB, 0),
+                ..Default::default()
+            })
+            .await,
+        nf,
+        "NodeExpandVolume at a path that does not exist",
+    );
+    assert_eq!(
+        std::fs::metadata(image_of(&scratch, "known"))
+            .unwrap()
+            .len(),
+        MIB as u64,
+        "a refused expansion grew the image"
+    );
     // Node operations that find nothing to undo succeed.
     ok(
         c.node
@@ -1696,6 +1753,11 @@ async fn list_volumes_pages_through_every_volume_once() {
         vec![topology(NODE)]
     );
     assert!(entry.status.as_ref().unwrap().published_node_ids.is_empty());
+    // VOLUME_CONDITION is advertised: every entry carries the volume's condition.
+    for e in &all.entries {
+        let condition = e.status.as_ref().unwrap().volume_condition.as_ref();
+        assert!(condition.is_some_and(|c| !c.abnormal), "{:?}", e.status);
+    }
 
     let mut seen = Vec::new();
     let mut token = String::new();
@@ -1731,6 +1793,22 @@ async fn list_volumes_pages_through_every_volume_once() {
     }
     assert_eq!(pages, 3);
     assert_eq!(seen, want, "every volume exactly once, in order");
+    // The condition is the volume's own: an image gone from under it is reported.
+    std::fs::remove_file(image_of(&scratch, &want[1])).unwrap();
+    let listed = ok(
+        c.ctl.list_volumes(pb::ListVolumesRequest::default()).await,
+        "ListVolumes after an image went missing",
+    );
+    let broken = listed
+        .entries
+        .iter()
+        .find(|e| e.volume.as_ref().unwrap().volume_id == want[1])
+        .and_then(|e| e.status.as_ref()?.volume_condition.as_ref())
+        .expect("condition of the broken volume");
+    assert!(
+        broken.abnormal && broken.message.contains("missing"),
+        "{broken:?}"
+    );
     for bad in ["garbage", "after:../x", "12"] {
         assert_code(
             c.ctl
@@ -2942,6 +3020,37 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
         assert!(inodes.total > 0 && inodes.used > 0);
         assert!(!stats.volume_condition.unwrap().abnormal);
     }
+    // A directory that exists but is not where the volume is mounted: NOT_FOUND (not an OK for
+    // a filesystem that never grew), and the image stays as it was.
+    let elsewhere = scratch.path("kubelet/elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    assert_code(
+        c.node
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: elsewhere.display().to_string(),
+                capacity_range: range(128 * MIB, 0),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "NodeExpandVolume at a directory that is not the volume",
+    );
+    assert_eq!(
+        std::fs::metadata(image_of(&scratch, &id)).unwrap().len(),
+        64 * MIB as u64
+    );
+    assert_code(
+        c.node
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: elsewhere.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        Code::NotFound,
+        "NodeGetVolumeStats at a directory that is not the volume",
+    );
     let got = ok(
         c.ctl
             .controller_get_volume(pb::ControllerGetVolumeRequest {
