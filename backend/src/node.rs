@@ -636,6 +636,24 @@ impl Pool {
         Ok(())
     }
 
+    /// Where volume `id` is mounted on this node (its filesystem, binds of it, binds of its
+    /// device node), leaving out the paths in `except`. A single-workload access mode uses it
+    /// to refuse a second publication.
+    pub fn mounts_of(&self, id: &str, except: &[&Path]) -> Result<Vec<PathBuf>> {
+        validate::check_id("volume ID", id)?;
+        let devices = loopdev::find(&self.volume_image(id))?;
+        Ok(mount::mounts()?
+            .iter()
+            .filter(|m| !except.contains(&m.mount_point.as_path()))
+            .filter(|m| {
+                devices
+                    .iter()
+                    .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
+            })
+            .map(|m| m.mount_point.clone())
+            .collect())
+    }
+
     /// The volume published or staged at `path` on this node, read back from the kernel: the
     /// mount at `path` → its loop device → the image it is bound to → the volume that owns it.
     pub fn volume_at(&self, path: &Path) -> Result<Option<String>> {

@@ -15,6 +15,8 @@ pub struct Capability {
     pub mode: AccessMode,
     /// The pod's fsGroup to apply at publish (VOLUME_MOUNT_GROUP).
     pub mount_group: Option<u32>,
+    /// SINGLE_NODE_SINGLE_WRITER: published at one target (one workload) at a time.
+    pub single_workload: bool,
 }
 
 impl Capability {
@@ -65,6 +67,7 @@ pub fn parse(cap: &VolumeCapability, shared: bool) -> Result<Capability, CapErro
     let mode = Mode::try_from(raw_mode)
         .map_err(|_| CapError::Malformed(format!("unknown access mode {raw_mode}")))?;
     let block = matches!(access_type, AccessType::Block(_));
+    let single_workload = mode == Mode::SingleNodeSingleWriter;
     let mode = match mode {
         Mode::Unknown => return Err(CapError::Malformed("access mode is UNKNOWN".into())),
         Mode::SingleNodeWriter | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {
@@ -126,6 +129,7 @@ pub fn parse(cap: &VolumeCapability, shared: bool) -> Result<Capability, CapErro
         access,
         mode,
         mount_group,
+        single_workload,
     })
 }
 

@@ -81,6 +81,19 @@ impl Node {
                 "NodePublishVolume",
                 vec![inflight::volume(&id)],
                 move |pool| {
+                    // SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one workload at a time, so a
+                    // second target while the first is still mounted is FAILED_PRECONDITION.
+                    // The in-flight key holds the volume from this check to the publish.
+                    if cap.single_workload {
+                        if let Some(other) = pool.mounts_of(&id, &[&staging, &target])?.first() {
+                            return Err(Status::failed_precondition(format!(
+                                "volume {id} is SINGLE_NODE_SINGLE_WRITER and already published \
+                                 at {}; unpublish it there first",
+                                other.display()
+                            ))
+                            .into());
+                        }
+                    }
                     Ok(pool.publish(
                         &id,
                         Some(&staging),

@@ -3243,6 +3243,49 @@ async fn block_volumes_work_end_to_end() {
 }
 
 #[tokio::test]
+async fn single_node_single_writer_is_published_for_one_workload_at_a_time() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &[&kubelet_prefix(&scratch)]).await;
+    let c = &mut csi;
+    // ReadWriteOncePod: Kubernetes sends SINGLE_NODE_SINGLE_WRITER (SINGLE_NODE_MULTI_WRITER is
+    // advertised), which the spec defines as one workload at a time.
+    let once = mount_cap("ext4", Mode::SingleNodeSingleWriter);
+    let id = create(c, "pvc-rwop", 16 * MIB, once.clone())
+        .await
+        .volume_id;
+    let staging = staging_path(&scratch, &id);
+    let (first, second) = (
+        target_path(&scratch, "pod-1", &id),
+        target_path(&scratch, "pod-2", &id),
+    );
+    stage(c, &id, &staging, once.clone()).await;
+    for _ in 0..3 {
+        publish(c, &id, &staging, &first, once.clone(), false).await;
+    }
+    assert_code(
+        c.node
+            .node_publish_volume(publish_req(&id, &staging, &second, once.clone(), false))
+            .await,
+        Code::FailedPrecondition,
+        "a second workload of a SINGLE_NODE_SINGLE_WRITER volume",
+    );
+    assert!(mount_at(&second).is_none());
+    unpublish(c, &id, &first).await;
+    publish(c, &id, &staging, &second, once.clone(), false).await;
+    // SINGLE_NODE_MULTI_WRITER (ReadWriteOnce) and the older SINGLE_NODE_WRITER share the node.
+    for mode in [Mode::SingleNodeMultiWriter, Mode::SingleNodeWriter] {
+        publish(c, &id, &staging, &first, mount_cap("ext4", mode), false).await;
+        unpublish(c, &id, &first).await;
+    }
+    unpublish(c, &id, &second).await;
+    unstage(c, &id, &staging).await;
+    assert!(loops_of(&scratch, &id).is_empty());
+}
+
+#[tokio::test]
 async fn reader_only_modes_stage_and_publish_read_only() {
     if !require_root(fs_tools("ext4")) {
         return;
