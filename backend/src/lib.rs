@@ -11,12 +11,14 @@ mod copy;
 pub mod error;
 mod freeze;
 pub mod fs;
+mod health;
 mod lock;
 pub mod loopdev;
 pub mod meta;
 pub mod mount;
 mod node;
 mod pool;
+mod publish;
 mod snapshot;
 #[allow(unsafe_code)] // the one place for ioctls; every block has a SAFETY comment
 mod sys;

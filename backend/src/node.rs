@@ -1,11 +1,11 @@
-//! Node-side operations: attach, stage (format if blank, mount), publish (bind into the pod's
-//! path), unpublish, unstage, expand the filesystem, stats and health.
+//! Node-side operations: attach, stage (format if blank, mount), unstage, detach. Publishing is
+//! in `publish`, growth, usage and health in `health`.
 //!
 //! Every operation is declarative: it reads the kernel's state (sysfs for loop devices, mountinfo
 //! for mounts, the device for its filesystem), does only the missing steps, and so finishes what
 //! a crashed earlier call left half done. Every mutation holds the volume's lock.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
@@ -33,7 +33,7 @@ pub enum Access {
 
 /// Flags every loopvol mount gets unless the caller's options say otherwise: a volume must not
 /// smuggle device nodes or setuid binaries into a pod.
-const DEFAULT_FLAGS: MsFlags = MsFlags::MS_NODEV.union(MsFlags::MS_NOSUID);
+pub(crate) const DEFAULT_FLAGS: MsFlags = MsFlags::MS_NODEV.union(MsFlags::MS_NOSUID);
 
 /// What stage did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,18 +55,18 @@ pub struct Condition {
 
 /// A filesystem mounted from `dev` (or a bind of one). btrfs reports an anonymous device number
 /// in mountinfo, so the source path counts as well as the number.
-fn is_loop_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {
+pub(crate) fn is_loop_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {
     (m.major == loopdev::LOOP_MAJOR && m.minor == dev.number) || Path::new(&m.source) == dev.path()
 }
 
 /// A bind of the device node itself (raw block publish): devtmpfs with the node's name as root.
-fn is_device_bind_of(m: &MountEntry, dev: &LoopDevice) -> bool {
+pub(crate) fn is_device_bind_of(m: &MountEntry, dev: &LoopDevice) -> bool {
     m.fs_type == "devtmpfs" && m.root == Path::new(&format!("/loop{}", dev.number))
 }
 
 /// A mount already at `path` is fine only when it is this volume (`ours`) in the asked mode: then
 /// the call is a repeat. Anything else is `AlreadyExists`, naming what is there.
-fn check_existing_mount(
+pub(crate) fn check_existing_mount(
     what: &'static str,
     path: &Path,
     existing: &MountEntry,
@@ -100,7 +100,7 @@ fn check_existing_mount(
 
 /// Refuses (naming them) when mounts other than `except` use any of `devices`: a filesystem
 /// mount or bind of the volume, or a bind of its device node.
-fn refuse_if_used(
+pub(crate) fn refuse_if_used(
     id: &str,
     table: &[MountEntry],
     devices: &[LoopDevice],
@@ -125,7 +125,7 @@ fn refuse_if_used(
     )))
 }
 
-fn mkdir_p(path: &Path) -> Result<()> {
+pub(crate) fn mkdir_p(path: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o750)
@@ -133,7 +133,7 @@ fn mkdir_p(path: &Path) -> Result<()> {
         .context(|| format!("create directory {}", path.display()))
 }
 
-fn remove_dir_if_empty(path: &Path) {
+pub(crate) fn remove_dir_if_empty(path: &Path) {
     match std::fs::remove_dir(path) {
         Ok(()) => {}
         Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) => {}
@@ -142,7 +142,7 @@ fn remove_dir_if_empty(path: &Path) {
 }
 
 impl Pool {
-    fn check_node_path(&self, what: &'static str, path: &Path) -> Result<()> {
+    pub(crate) fn check_node_path(&self, what: &'static str, path: &Path) -> Result<()> {
         validate::check_path(what, path, &self.options().path_prefixes)
     }
 
@@ -440,7 +440,7 @@ impl Pool {
     }
 
     /// [`Pool::unstage`] for a caller that holds the volume's lock.
-    fn unstage_locked(&self, id: &str, staging_path: &Path) -> Result<()> {
+    pub(crate) fn unstage_locked(&self, id: &str, staging_path: &Path) -> Result<()> {
         let mut m = self.get_volume(id)?;
         let devices = loopdev::find(&self.volume_image(id))?;
         let table = mount::mounts()?;
@@ -483,459 +483,4 @@ impl Pool {
         self.detach_if_unused(id, &loopdev::find(&self.volume_image(id))?)?;
         self.drop_hold_for_this_node(&mut m)
     }
-
-    /// Publishes a staged volume at `target`: a bind of the staging mount (a directory, created
-    /// if missing), or for `Access::Block` a bind of the device node onto a file. `fs_group`, when
-    /// given, makes the volume's root directory group-owned and group-writable (setgid, so new
-    /// files inherit it): what kubelet's recursive chown would do, at the cost of one chown.
-    /// Idempotent; a different volume or mode already at `target` is `AlreadyExists`.
-    pub fn publish(
-        &self,
-        id: &str,
-        staging_path: Option<&Path>,
-        target: &Path,
-        access: &Access,
-        read_only: bool,
-        fs_group: Option<u32>,
-    ) -> Result<()> {
-        validate::check_id("volume ID", id)?;
-        if let Some(s) = staging_path {
-            self.check_node_path("staging path", s)?;
-        }
-        self.check_node_path("target path", target)?;
-        if let Access::Mount { mount_options, .. } = access {
-            validate::check_mount_options(mount_options)?;
-        }
-        let _guard = self.lock_volume(id)?;
-        self.get_volume(id)?;
-        let devices = loopdev::find(&self.volume_image(id))?;
-        let Some(dev) = devices.first() else {
-            return Err(Error::precondition(format!(
-                "volume {id} is not staged on this node"
-            )));
-        };
-        let table = mount::mounts()?;
-        let mut flags = DEFAULT_FLAGS;
-        if read_only {
-            flags |= MsFlags::MS_RDONLY;
-        }
-
-        if let Some(existing) = mount::mount_at(&table, target) {
-            let ours = match access {
-                Access::Block => is_device_bind_of(existing, dev),
-                Access::Mount { .. } => is_loop_mount_of(existing, dev),
-            };
-            check_existing_mount("target path", target, existing, ours, id, read_only)?;
-            return Ok(());
-        }
-
-        match access {
-            Access::Block => {
-                if let Some(parent) = target.parent() {
-                    mkdir_p(parent)?;
-                }
-                match std::fs::File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(target)
-                {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        if std::fs::metadata(target).is_ok_and(|m| m.is_dir()) {
-                            return Err(Error::invalid(
-                                "target path",
-                                format!(
-                                    "{} is a directory; a block volume needs a file",
-                                    target.display()
-                                ),
-                            ));
-                        }
-                    }
-                    Err(e) => return Err(e).context(|| format!("create {}", target.display())),
-                }
-                // nodev would make the bound device node unusable.
-                mount::bind(&dev.path(), target, flags & !MsFlags::MS_NODEV)?;
-            }
-            Access::Mount { mount_options, .. } => {
-                let source = match staging_path {
-                    Some(s) => {
-                        match mount::mount_at(&table, s) {
-                            Some(sm) if is_loop_mount_of(sm, dev) => {}
-                            _ => {
-                                return Err(Error::precondition(format!(
-                                    "volume {id} is not staged at {}; stage it first",
-                                    s.display()
-                                )))
-                            }
-                        }
-                        s.to_path_buf()
-                    }
-                    None => table
-                        .iter()
-                        .find(|m| is_loop_mount_of(m, dev) && m.root == Path::new("/"))
-                        .map(|m| m.mount_point.clone())
-                        .ok_or_else(|| {
-                            Error::precondition(format!(
-                                "volume {id} is attached but not mounted on this node"
-                            ))
-                        })?,
-                };
-                if let Some(gid) = fs_group {
-                    if !read_only {
-                        apply_fs_group(&source, gid)?;
-                    }
-                }
-                let (extra, _) = mount::split_options(MsFlags::empty(), mount_options);
-                mkdir_p(target)?;
-                mount::bind(&source, target, flags | extra)?;
-            }
-        }
-        tracing::info!(volume = %id, target = %target.display(), read_only, "published");
-        Ok(())
-    }
-
-    /// Removes the publication at `target`: unmounts it (every stacked mount of this volume) and
-    /// removes the directory or file. Not published: nothing to do. Unknown volume: `NotFound`.
-    pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
-        validate::check_id("volume ID", id)?;
-        self.check_node_path("target path", target)?;
-        let _guard = self.lock_volume(id)?;
-        self.get_volume(id)?;
-        let devices = loopdev::find(&self.volume_image(id))?;
-        self.unmount_target(id, &devices, target)?;
-        tracing::info!(volume = %id, target = %target.display(), "unpublished");
-        Ok(())
-    }
-
-    fn unmount_target(&self, id: &str, devices: &[LoopDevice], target: &Path) -> Result<()> {
-        // Bounded: a target holds a handful of stacked mounts at most.
-        for _ in 0..16 {
-            let table = mount::mounts()?;
-            let Some(existing) = mount::mount_at(&table, target) else {
-                break;
-            };
-            let ours = devices
-                .iter()
-                .any(|d| is_loop_mount_of(existing, d) || is_device_bind_of(existing, d));
-            if !ours {
-                return Err(Error::precondition(format!(
-                    "{} holds {}, not volume {id}; leaving it alone",
-                    target.display(),
-                    existing.source
-                )));
-            }
-            mount::unmount(target)?;
-        }
-        match std::fs::symlink_metadata(target) {
-            Ok(md) if md.is_dir() => remove_dir_if_empty(target),
-            Ok(md) if md.is_file() && md.len() == 0 => {
-                let _ = std::fs::remove_file(target);
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Where volume `id` is mounted on this node (its filesystem, binds of it, binds of its
-    /// device node), leaving out the paths in `except`. A single-workload access mode uses it
-    /// to refuse a second publication.
-    pub fn mounts_of(&self, id: &str, except: &[&Path]) -> Result<Vec<PathBuf>> {
-        validate::check_id("volume ID", id)?;
-        let devices = loopdev::find(&self.volume_image(id))?;
-        Ok(mount::mounts()?
-            .iter()
-            .filter(|m| !except.contains(&m.mount_point.as_path()))
-            .filter(|m| {
-                devices
-                    .iter()
-                    .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
-            })
-            .map(|m| m.mount_point.clone())
-            .collect())
-    }
-
-    /// The volume published or staged at `path` on this node, read back from the kernel: the
-    /// mount at `path` → its loop device → the image it is bound to → the volume that owns it.
-    pub fn volume_at(&self, path: &Path) -> Result<Option<String>> {
-        let table = mount::mounts()?;
-        let Some(m) = mount::mount_at(&table, path) else {
-            return Ok(None);
-        };
-        let number = if m.major == loopdev::LOOP_MAJOR {
-            m.minor
-        } else if let Some(n) = m
-            .source
-            .strip_prefix("/dev/loop")
-            .and_then(|n| n.parse().ok())
-        {
-            n
-        } else if let Some(n) = m
-            .fs_type
-            .eq("devtmpfs")
-            .then(|| m.root.to_str()?.strip_prefix("/loop")?.parse().ok())
-            .flatten()
-        {
-            n
-        } else {
-            return Ok(None);
-        };
-        let Some(dev) = loopdev::list()?.into_iter().find(|d| d.number == number) else {
-            return Ok(None);
-        };
-        Ok(self.volume_id_of_image(&dev.backing_file))
-    }
-
-    /// FlexVolume `unmount`: unpublishes `target`; when no other mount of the volume is left
-    /// besides its staging mount under the pool, unstages it too. A target that is not mounted
-    /// (already unmounted, or the node rebooted) only loses its directory.
-    pub fn release_target(&self, target: &Path) -> Result<Option<String>> {
-        self.check_node_path("target path", target)?;
-        let Some(id) = self.volume_at(target)? else {
-            remove_dir_if_empty(target);
-            return Ok(None);
-        };
-        self.unpublish(&id, target)?;
-        self.release_staging_if_unused(&id)?;
-        Ok(Some(id))
-    }
-
-    /// Unstages volume `id` from its default staging path (FlexVolume node mode) when no other
-    /// mount of it is left; returns whether it did. The check and the unstage hold the volume's
-    /// lock together, so a pod publishing meanwhile is never left on a released staging mount.
-    pub fn release_staging_if_unused(&self, id: &str) -> Result<bool> {
-        let staging = self.default_staging_path(id)?;
-        let _guard = self.lock_volume(id)?;
-        let table = mount::mounts()?;
-        let devices = loopdev::find(&self.volume_image(id))?;
-        let other_users = table
-            .iter()
-            .filter(|m| {
-                devices
-                    .iter()
-                    .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
-            })
-            .any(|m| m.mount_point != staging);
-        if other_users {
-            return Ok(false);
-        }
-        self.unstage_locked(id, &staging)?;
-        Ok(true)
-    }
-
-    /// Grows the filesystem of volume `id` (mounted at `volume_path`, a staging or target path)
-    /// to fill its image, refreshing the loop device first. For a block volume or an unmounted
-    /// one only the device grows. Returns the device size.
-    pub fn node_expand(&self, id: &str, volume_path: Option<&Path>) -> Result<u64> {
-        validate::check_id("volume ID", id)?;
-        if let Some(p) = volume_path {
-            self.check_node_path("volume path", p)?;
-        }
-        let _guard = self.lock_volume(id)?;
-        self.get_volume(id)?;
-        if let Some(p) = volume_path {
-            self.check_expand_path(id, p)?;
-        }
-        let devices = loopdev::find(&self.volume_image(id))?;
-        let Some(dev) = devices.first() else {
-            return Err(Error::precondition(format!(
-                "volume {id} is not attached on this node"
-            )));
-        };
-        loopdev::refresh_capacity(dev)?;
-        let device = dev.path();
-        let size = loopdev::device_size(&device)?;
-        let table = mount::mounts()?;
-        let mounted = match volume_path {
-            Some(p) => mount::mount_at(&table, p).filter(|m| is_loop_mount_of(m, dev)),
-            None => table.iter().find(|m| is_loop_mount_of(m, dev)),
-        };
-        let Some(mnt) = mounted else {
-            // A block volume (or one attached but not mounted): the device is all there is.
-            return Ok(size);
-        };
-        let fs: FsType = mnt.fs_type.parse()?;
-        let current = fs::superblock(&device)?
-            .map(|sb| sb.size_bytes)
-            .unwrap_or(0);
-        if current + fs::grow_slack(fs) < size {
-            fs::grow_online(fs, &device, &mnt.mount_point)?;
-        }
-        Ok(size)
-    }
-
-    /// Grows volume `id` to at least `size_bytes` and its filesystem with it, all on this node.
-    /// On a node-local pool this is the whole expansion: external-resizer has no per-node mode, so
-    /// the controller side cannot reach the node whose pool holds the image, and the node grows
-    /// the image itself. Where the controller already grew it, the image step is a no-op.
-    pub fn node_expand_to(
-        &self,
-        id: &str,
-        volume_path: Option<&Path>,
-        size_bytes: u64,
-    ) -> Result<u64> {
-        let m = self.get_volume(id)?;
-        // A path that is not this volume is refused before the image grows.
-        if let Some(p) = volume_path {
-            self.check_node_path("volume path", p)?;
-            self.check_expand_path(id, p)?;
-        }
-        if size_bytes > m.size_bytes {
-            self.expand_volume(id, size_bytes)?;
-        }
-        self.node_expand(id, volume_path)
-    }
-
-    /// `NotFound` unless volume `id` can be at `path` (CSI NodeExpandVolume: "volume does not
-    /// exist on specified volume_path"): the path exists, and when the volume's filesystem is
-    /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
-    /// device). Growing a volume because a caller named some other directory would report a
-    /// success for a filesystem that did not grow.
-    fn check_expand_path(&self, id: &str, path: &Path) -> Result<()> {
-        let not_here =
-            |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
-        if !path.exists() {
-            return Err(not_here("it does not exist"));
-        }
-        let devices = loopdev::find(&self.volume_image(id))?;
-        let table = mount::mounts()?;
-        let mounted_somewhere = table
-            .iter()
-            .any(|m| devices.iter().any(|d| is_loop_mount_of(m, d)));
-        let here = mount::mount_at(&table, path).is_some_and(|m| {
-            devices
-                .iter()
-                .any(|d| is_loop_mount_of(m, d) || is_device_bind_of(m, d))
-        });
-        if mounted_somewhere && !here {
-            return Err(not_here(&format!("volume {id} is not mounted there")));
-        }
-        Ok(())
-    }
-
-    /// Usage of volume `id` at `path`: a mounted filesystem (bytes and inodes) or a published
-    /// block device (bytes). `NotFound` when the volume or the path is unknown.
-    pub fn volume_usage(&self, id: &str, path: &Path) -> Result<Usage> {
-        validate::check_id("volume ID", id)?;
-        self.get_volume(id)?;
-        let not_here = || {
-            Error::not_found(
-                "volume path",
-                format!("{} (volume {id} is not mounted there)", path.display()),
-            )
-        };
-        // Only read, never mounted on: a path the volume can never be at (relative, a system
-        // directory) simply does not hold it, which CSI (and csi-sanity) answer NOT_FOUND.
-        if validate::check_path("volume path", path, &[]).is_err() {
-            return Err(not_here());
-        }
-        let md = std::fs::metadata(path).map_err(|_| not_here())?;
-        if md.file_type().is_block_device() || md.is_file() {
-            // A published block volume is a bind of its device node onto the file; any other
-            // file is not this volume.
-            let table = mount::mounts()?;
-            let at = mount::mount_at(&table, path).ok_or_else(not_here)?;
-            let dev = loopdev::find(&self.volume_image(id))?
-                .into_iter()
-                .find(|d| is_device_bind_of(at, d))
-                .ok_or_else(not_here)?;
-            let total = loopdev::device_size(&dev.path())?;
-            return Ok(Usage {
-                total_bytes: total,
-                available_bytes: 0,
-                used_bytes: total,
-                inodes: None,
-            });
-        }
-        let table = mount::mounts()?;
-        let devices = loopdev::find(&self.volume_image(id))?;
-        let ours = mount::mount_at(&table, path)
-            .is_some_and(|m| devices.iter().any(|d| is_loop_mount_of(m, d)));
-        if !ours {
-            return Err(not_here());
-        }
-        fs::usage(path)
-    }
-
-    /// Whether volume `id` is healthy on this node: its image exists, and an attached filesystem
-    /// has recorded no errors.
-    pub fn volume_condition(&self, id: &str) -> Result<Condition> {
-        self.condition_of(&self.get_volume(id)?)
-    }
-
-    /// [`Pool::volume_condition`] of a volume whose metadata the caller already read (a listing
-    /// reports every volume's condition without reading each record twice).
-    pub fn condition_of(&self, m: &VolumeMeta) -> Result<Condition> {
-        let id = m.id.as_str();
-        let image = self.volume_image(id);
-        if !image.exists() {
-            return Ok(Condition {
-                abnormal: true,
-                message: format!("image {} is missing", image.display()),
-            });
-        }
-        if m.staged.iter().any(|h| h.node == self.node()) {
-            let devices = loopdev::find(&image)?;
-            let Some(dev) = devices.first() else {
-                return Ok(Condition {
-                    abnormal: true,
-                    message: "staged on this node but its loop device is gone (node restarted?)"
-                        .into(),
-                });
-            };
-            if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
-                return Ok(Condition {
-                    abnormal: true,
-                    message: "the filesystem has recorded errors; run fsck".into(),
-                });
-            }
-            // The kernel's own verdicts on a mounted filesystem: turned read-only after errors
-            // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
-            for mnt in mount::mounts()?
-                .iter()
-                .filter(|mnt| is_loop_mount_of(mnt, dev))
-            {
-                if mnt.super_read_only() && !dev.read_only {
-                    return Ok(Condition {
-                        abnormal: true,
-                        message: format!(
-                            "the filesystem at {} went read-only after errors",
-                            mnt.mount_point.display()
-                        ),
-                    });
-                }
-                let shut_down = std::fs::metadata(&mnt.mount_point)
-                    .is_err_and(|e| e.raw_os_error() == Some(libc::EIO));
-                if shut_down {
-                    return Ok(Condition {
-                        abnormal: true,
-                        message: format!(
-                            "the filesystem at {} has shut down (I/O errors)",
-                            mnt.mount_point.display()
-                        ),
-                    });
-                }
-            }
-        }
-        Ok(Condition {
-            abnormal: false,
-            message: "ok".into(),
-        })
-    }
-}
-
-/// Gives group `gid` the volume's root directory (setgid, group rwx): new files inherit the
-/// group, so a pod's fsGroup can write without a recursive chown of existing data.
-fn apply_fs_group(root: &Path, gid: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    nix::unistd::chown(root, None, Some(nix::unistd::Gid::from_raw(gid)))
-        .context(|| format!("chown {} to group {gid}", root.display()))?;
-    let mode = std::fs::metadata(root)
-        .context(|| format!("stat {}", root.display()))?
-        .permissions()
-        .mode();
-    std::fs::set_permissions(
-        root,
-        std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
-    )
-    .context(|| format!("chmod {}", root.display()))
 }
