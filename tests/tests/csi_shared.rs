@@ -1,0 +1,673 @@
+//! The shared-pool deployment of `loopvol-csi`, run for real on this machine: one pool directory
+//! served by three processes with `--shared-pool`, a controller (`ctl`) and two node plugins
+//! (`node-a`, `node-b`), each on its own Unix socket, driven over those sockets by tonic clients
+//! the way the external-attacher and two kubelets would. It covers the claim that keeps a
+//! read-write-once volume on one node, the staging hold behind it, moving a volume between nodes
+//! with its data, read-only sharing across nodes, and the failover of a node that died holding
+//! the volume (its server SIGKILLed, its kernel state gone).
+//!
+//! The "nodes" share one kernel here: node-a's loop devices and mounts are visible to node-b's
+//! server. Each node gets its own kubelet directory (`<scratch>/node-a`, `<scratch>/node-b`,
+//! enforced with `--path-prefix`), and what a dead node would lose with its machine is removed by
+//! the test, for that node's paths only.
+
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use loopvol_e2e::{
+    binary, cleanup_under, fs_tools, loops_under, mounts_under, require_root, Scratch,
+};
+use loopvol_proto::csi::v1 as pb;
+use pb::controller_client::ControllerClient;
+use pb::node_client::NodeClient;
+use pb::volume_capability::access_mode::Mode;
+use pb::volume_capability::{AccessMode, AccessType, MountVolume};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+/// A running `loopvol-csi` on its own socket and log, SIGKILLed and reaped on drop.
+struct Server {
+    name: &'static str,
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Spawns `loopvol-csi --shared-pool` on `<scratch>/<name>.sock` over the scratch pool; does
+    /// not wait for it (see [`Server::wait_listening`]).
+    fn spawn(scratch: &Scratch, name: &'static str, extra: &[String]) -> Server {
+        let socket = scratch.path(&format!("{name}.sock"));
+        let log = scratch.path(&format!("{name}.log"));
+        let child = Command::new(binary("loopvol-csi"))
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!("--pool={}", scratch.pool().display()))
+            .arg("--shared-pool")
+            .args(extra)
+            .env("LOOPVOL_LOG", &log)
+            .env("RUST_LOG", "info")
+            .env_remove("CSI_ENDPOINT")
+            .env_remove("LOOPVOL_POOL")
+            .env_remove("LOOPVOL_NODE")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn loopvol-csi");
+        Server {
+            name,
+            child: Some(child),
+            socket,
+            log,
+        }
+    }
+
+    /// Polls until the server accepts connections on its socket (bounded).
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket())
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "{} exited with {status} before listening; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen within 20 s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal server");
+    }
+
+    /// Waits (bounded, without blocking the runtime) for the process to exit.
+    async fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// SIGTERM, then the process must exit 0 and take its socket with it.
+    async fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait(Duration::from_secs(30)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} after SIGTERM: {status}; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+        assert!(
+            !self.socket.exists(),
+            "{} left its socket after SIGTERM",
+            self.name
+        );
+    }
+
+    async fn connect(&self) -> Csi {
+        let channel = loopvol_proto::connect_unix(&self.socket)
+            .await
+            .expect("connect to the CSI socket");
+        Csi {
+            ctl: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Csi {
+    ctl: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+}
+
+/// One node's kubelet paths for the volume: everything under `<scratch>/<node>`.
+struct NodePaths {
+    root: PathBuf,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+impl NodePaths {
+    fn new(scratch: &Scratch, node: &str, id: &str) -> NodePaths {
+        let root = scratch.path(node);
+        NodePaths {
+            staging: root.join(format!(
+                "plugins/kubernetes.io/csi/csi.loopvol.io/{id}/globalmount"
+            )),
+            target: root.join(format!("pods/pod-1/volumes/kubernetes.io~csi/{id}/mount")),
+            root,
+        }
+    }
+}
+
+fn cap(mode: Mode) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+/// Asserts `result` failed with `code` and its message contains `needle`.
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+    needle: &str,
+    what: &str,
+) {
+    match result {
+        Ok(v) => panic!("{what}: expected {code:?}, got OK {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{what}: {}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "{what}: the message does not name {needle:?}: {}",
+                s.message()
+            );
+        }
+    }
+}
+
+/// Unwraps an OK reply, naming `what` in the panic.
+#[track_caller]
+fn ok<T>(result: Result<tonic::Response<T>, tonic::Status>, what: &str) -> T {
+    match result {
+        Ok(r) => r.into_inner(),
+        Err(s) => panic!("{what}: expected OK, got {:?}: {}", s.code(), s.message()),
+    }
+}
+
+fn controller_publish(
+    id: &str,
+    node: &str,
+    mode: Mode,
+    readonly: bool,
+) -> pb::ControllerPublishVolumeRequest {
+    pb::ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap(mode)),
+        readonly,
+        ..Default::default()
+    }
+}
+
+fn controller_unpublish(id: &str, node: &str) -> pb::ControllerUnpublishVolumeRequest {
+    pb::ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    }
+}
+
+fn stage_req(id: &str, p: &NodePaths, mode: Mode) -> pb::NodeStageVolumeRequest {
+    pb::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: p.staging.display().to_string(),
+        volume_capability: Some(cap(mode)),
+        ..Default::default()
+    }
+}
+
+/// NodeStage + NodePublish on one node.
+async fn stage_and_publish(c: &mut Csi, id: &str, p: &NodePaths, mode: Mode, readonly: bool) {
+    ok(
+        c.node.node_stage_volume(stage_req(id, p, mode)).await,
+        "NodeStageVolume",
+    );
+    ok(
+        c.node
+            .node_publish_volume(pb::NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: p.staging.display().to_string(),
+                target_path: p.target.display().to_string(),
+                volume_capability: Some(cap(mode)),
+                readonly,
+                ..Default::default()
+            })
+            .await,
+        "NodePublishVolume",
+    );
+    assert_eq!(
+        mount_options(&p.target).map(|o| o.iter().any(|f| f == "ro")),
+        Some(readonly),
+        "{} after publish (read-only: {readonly})",
+        p.target.display()
+    );
+}
+
+fn unstage_req(id: &str, p: &NodePaths) -> pb::NodeUnstageVolumeRequest {
+    pb::NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: p.staging.display().to_string(),
+    }
+}
+
+/// NodeUnpublish on one node; its target is then unmounted.
+async fn unpublish(c: &mut Csi, id: &str, p: &NodePaths) {
+    ok(
+        c.node
+            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: p.target.display().to_string(),
+            })
+            .await,
+        "NodeUnpublishVolume",
+    );
+    assert_eq!(mount_options(&p.target), None, "{}", p.target.display());
+}
+
+/// NodeUnpublish + NodeUnstage on one node; its paths are then free of mounts.
+async fn unpublish_and_unstage(c: &mut Csi, id: &str, p: &NodePaths) {
+    unpublish(c, id, p).await;
+    ok(
+        c.node.node_unstage_volume(unstage_req(id, p)).await,
+        "NodeUnstageVolume",
+    );
+    assert_eq!(mounts_under(&p.root), Vec::<PathBuf>::new());
+}
+
+/// The options of the mount at exactly `path` (the topmost one), from mountinfo.
+fn mount_options(path: &Path) -> Option<Vec<String>> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    loopvol::mount::parse_mountinfo(&table)
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+        .map(|m| m.options.clone())
+}
+
+/// Loop devices attached to volume `id`'s image.
+fn loops_of(scratch: &Scratch, id: &str) -> Vec<loopvol::loopdev::LoopDevice> {
+    loopvol::loopdev::find(&scratch.pool().join("volumes").join(id).join("image")).unwrap()
+}
+
+/// A deterministic pattern of `len` bytes seeded by `seed`.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
+        .collect()
+}
+
+/// Writes `data` to `path` and fsyncs the file and its directory.
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).expect("create file on the volume");
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+    std::fs::File::open(path.parent().unwrap())
+        .unwrap()
+        .sync_all()
+        .unwrap();
+}
+
+#[track_caller]
+fn assert_erofs(result: std::io::Result<impl std::fmt::Debug>, what: &str) {
+    match result {
+        Ok(v) => panic!("{what}: a write on a read-only publication succeeded: {v:?}"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let started = Instant::now();
+    let scratch = Scratch::new();
+    let prefix = |node: &str| format!("--path-prefix={}", scratch.path(node).display());
+    let mut servers = [
+        Server::spawn(
+            &scratch,
+            "ctl",
+            &["--mode=controller".into(), "--node-id=ctl".into()],
+        ),
+        Server::spawn(
+            &scratch,
+            "node-a",
+            &[
+                "--mode=node".into(),
+                "--node-id=node-a".into(),
+                prefix("node-a"),
+            ],
+        ),
+        Server::spawn(
+            &scratch,
+            "node-b",
+            &[
+                "--mode=node".into(),
+                "--node-id=node-b".into(),
+                prefix("node-b"),
+            ],
+        ),
+    ];
+    for s in &mut servers {
+        s.wait_listening();
+    }
+    let [ctl_server, a_server, b_server] = &mut servers;
+    let mut ctl = ctl_server.connect().await;
+    let mut a = a_server.connect().await;
+    let mut b = b_server.connect().await;
+    let rwo = Mode::SingleNodeWriter;
+    let rox = Mode::MultiNodeReaderOnly;
+
+    // 1. CreateVolume on the controller: a shared pool's volume has no node topology.
+    let vol = ok(
+        ctl.ctl
+            .create_volume(pb::CreateVolumeRequest {
+                name: "pvc-shared".into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 64 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap(rwo)],
+                ..Default::default()
+            })
+            .await,
+        "CreateVolume",
+    )
+    .volume
+    .expect("volume in the reply");
+    assert!(
+        vol.accessible_topology.is_empty(),
+        "{:?}",
+        vol.accessible_topology
+    );
+    assert_eq!(vol.capacity_bytes, 64 * MIB);
+    let id = vol.volume_id;
+    let pa = NodePaths::new(&scratch, "node-a", &id);
+    let pb_ = NodePaths::new(&scratch, "node-b", &id);
+
+    // 2. The claim: read-write on node-a keeps node-b out, and says who has it.
+    ok(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(&id, "node-a", rwo, false))
+            .await,
+        "ControllerPublish to node-a",
+    );
+    assert_refused(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(&id, "node-b", rwo, false))
+            .await,
+        Code::FailedPrecondition,
+        "node-a",
+        "ControllerPublish read-write to node-b while node-a has it",
+    );
+
+    // 3. node-a stages, publishes and writes.
+    stage_and_publish(&mut a, &id, &pa, rwo, false).await;
+    let data = pattern(3 * 1024 * 1024 + 17, 0x5a);
+    write_synced(&pa.target.join("data.bin"), &data);
+
+    // 4. node-b staging anyway (no claim, the staging hold of node-a): refused, and it leaves
+    // nothing behind for node-b: no mount, no extra loop device.
+    assert_eq!(loops_of(&scratch, &id).len(), 1, "node-a's device");
+    assert_refused(
+        b.node.node_stage_volume(stage_req(&id, &pb_, rwo)).await,
+        Code::FailedPrecondition,
+        "node-a",
+        "NodeStage on node-b while node-a has it staged",
+    );
+    assert_eq!(mounts_under(&pb_.root), Vec::<PathBuf>::new());
+    assert_eq!(
+        loops_of(&scratch, &id).len(),
+        1,
+        "the refused stage attached a device"
+    );
+    assert!(
+        !pb_.staging.exists(),
+        "the refused stage created {}",
+        pb_.staging.display()
+    );
+    assert_eq!(std::fs::read(pa.target.join("data.bin")).unwrap(), data);
+
+    // 5. The move: node-a lets go, the controller releases it, node-b takes it with the data.
+    unpublish_and_unstage(&mut a, &id, &pa).await;
+    assert!(loops_of(&scratch, &id).is_empty(), "node-a left its device");
+    ok(
+        ctl.ctl
+            .controller_unpublish_volume(controller_unpublish(&id, "node-a"))
+            .await,
+        "ControllerUnpublish node-a",
+    );
+    ok(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(&id, "node-b", rwo, false))
+            .await,
+        "ControllerPublish to node-b once node-a released it",
+    );
+    stage_and_publish(&mut b, &id, &pb_, rwo, false).await;
+    assert_eq!(
+        std::fs::read(pb_.target.join("data.bin")).unwrap(),
+        data,
+        "the data node-a wrote, read on node-b"
+    );
+
+    // 6. Read-only sharing: both nodes at once, neither can write.
+    unpublish_and_unstage(&mut b, &id, &pb_).await;
+    ok(
+        ctl.ctl
+            .controller_unpublish_volume(controller_unpublish(&id, "node-b"))
+            .await,
+        "ControllerUnpublish node-b",
+    );
+    for node in ["node-a", "node-b"] {
+        ok(
+            ctl.ctl
+                .controller_publish_volume(controller_publish(&id, node, rox, true))
+                .await,
+            &format!("read-only ControllerPublish to {node}"),
+        );
+    }
+    let published = ok(
+        ctl.ctl
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await,
+        "ControllerGetVolume",
+    );
+    let mut nodes = published.status.unwrap().published_node_ids;
+    nodes.sort();
+    assert_eq!(nodes, ["node-a", "node-b"]);
+    stage_and_publish(&mut a, &id, &pa, rox, true).await;
+    stage_and_publish(&mut b, &id, &pb_, rox, true).await;
+    for p in [&pa, &pb_] {
+        assert_eq!(std::fs::read(p.target.join("data.bin")).unwrap(), data);
+        assert_erofs(
+            std::fs::write(p.target.join("new.bin"), b"x"),
+            "create a file",
+        );
+        assert_erofs(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p.target.join("data.bin")),
+            "open the file for writing",
+        );
+    }
+    unpublish(&mut a, &id, &pa).await;
+    unpublish(&mut b, &id, &pb_).await;
+    // One kernel for both "nodes": the two reader stagings mount the same read-only loop device
+    // (the backend finds a volume's devices by its image's inode), so each node's unstage sees
+    // the other node's staging mount as a user of its device and, rightly for a single machine,
+    // refuses to unmount or detach. On separate machines neither would see the other's mount.
+    let refusal = |other: &NodePaths| other.staging.display().to_string();
+    assert_refused(
+        a.node.node_unstage_volume(unstage_req(&id, &pa)).await,
+        Code::FailedPrecondition,
+        &refusal(&pb_),
+        "node-a's unstage while node-b's staging mount shares its device (one kernel)",
+    );
+    assert_refused(
+        b.node.node_unstage_volume(unstage_req(&id, &pb_)).await,
+        Code::FailedPrecondition,
+        &refusal(&pa),
+        "node-b's unstage while node-a's staging mount shares its device (one kernel)",
+    );
+    assert!(
+        mount_options(&pa.staging).is_some() && mount_options(&pb_.staging).is_some(),
+        "a refused unstage unmounted its staging path"
+    );
+    // What node-a's machine would not show node-b: node-a's staging mount goes by hand, then
+    // node-b unstages for real (its device now unused: detached), and node-a's unstage finds
+    // nothing left to do but drop its hold.
+    nix::mount::umount(&pa.staging).expect("unmount node-a's staging path");
+    ok(
+        b.node.node_unstage_volume(unstage_req(&id, &pb_)).await,
+        "node-b's unstage once node-a's mount is gone",
+    );
+    ok(
+        a.node.node_unstage_volume(unstage_req(&id, &pa)).await,
+        "node-a's unstage with nothing mounted",
+    );
+    assert_eq!(mounts_under(&pa.root), Vec::<PathBuf>::new());
+    assert_eq!(mounts_under(&pb_.root), Vec::<PathBuf>::new());
+    assert!(loops_of(&scratch, &id).is_empty(), "a reader left a device");
+    for node in ["node-a", "node-b"] {
+        ok(
+            ctl.ctl
+                .controller_unpublish_volume(controller_unpublish(&id, node))
+                .await,
+            &format!("ControllerUnpublish {node} (reader)"),
+        );
+    }
+
+    // 7. Failover: node-a has it read-write, writes more, and dies.
+    ok(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(&id, "node-a", rwo, false))
+            .await,
+        "ControllerPublish read-write to node-a again",
+    );
+    stage_and_publish(&mut a, &id, &pa, rwo, false).await;
+    let more = pattern(1024 * 1024 + 5, 0xa5);
+    write_synced(&pa.target.join("more.bin"), &more);
+    a_server.signal(nix::sys::signal::Signal::SIGKILL);
+    let status = a_server.wait(Duration::from_secs(10)).await;
+    assert_eq!(
+        status.code(),
+        None,
+        "node-a not killed by the signal: {status}"
+    );
+    drop(a);
+    // Its machine is gone: so are its mounts and its loop device (removed here, node-a's only).
+    assert_eq!(
+        mounts_under(&pa.root).len(),
+        2,
+        "node-a's staging and target"
+    );
+    cleanup_under(&pa.root);
+    assert_eq!(mounts_under(&pa.root), Vec::<PathBuf>::new());
+    let left = loops_of(&scratch, &id);
+    assert_eq!(left.len(), 1, "node-a's device");
+    loopvol::loopdev::detach(&left[0]).expect("detach node-a's device");
+    assert!(loops_of(&scratch, &id).is_empty());
+    // Until the controller declares node-a gone, node-b cannot have the volume...
+    assert_refused(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(&id, "node-b", rwo, false))
+            .await,
+        Code::FailedPrecondition,
+        "node-a",
+        "ControllerPublish to node-b while dead node-a still has the claim",
+    );
+    assert_refused(
+        b.node.node_stage_volume(stage_req(&id, &pb_, rwo)).await,
+        Code::FailedPrecondition,
+        "node-a",
+        "NodeStage on node-b while dead node-a still holds it",
+    );
+    // ...and the controller's release frees it: claim and staging hold of node-a both.
+    ok(
+        ctl.ctl
+            .controller_unpublish_volume(controller_unpublish(&id, "node-a"))
+            .await,
+        "ControllerUnpublish of dead node-a",
+    );
+    ok(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(&id, "node-b", rwo, false))
+            .await,
+        "ControllerPublish to node-b after node-a's release",
+    );
+    stage_and_publish(&mut b, &id, &pb_, rwo, false).await;
+    assert_eq!(std::fs::read(pb_.target.join("data.bin")).unwrap(), data);
+    assert_eq!(
+        std::fs::read(pb_.target.join("more.bin")).unwrap(),
+        more,
+        "what node-a wrote before it died"
+    );
+    write_synced(&pb_.target.join("after.bin"), b"node-b writes");
+
+    // 8. Cleanup through the API, then the servers stop cleanly.
+    unpublish_and_unstage(&mut b, &id, &pb_).await;
+    ok(
+        ctl.ctl
+            .controller_unpublish_volume(controller_unpublish(&id, "node-b"))
+            .await,
+        "ControllerUnpublish node-b",
+    );
+    ok(
+        ctl.ctl
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await,
+        "DeleteVolume",
+    );
+    assert!(
+        !scratch.pool().join("volumes").join(&id).exists(),
+        "the volume's directory outlived DeleteVolume"
+    );
+    assert_eq!(mounts_under(&scratch.root()), Vec::<PathBuf>::new());
+    assert_eq!(loops_under(&scratch.root()), Vec::<PathBuf>::new());
+    drop((ctl, b));
+    ctl_server.stop().await;
+    b_server.stop().await;
+    eprintln!("shared-pool scenario took {:?}", started.elapsed());
+}
