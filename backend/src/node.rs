@@ -157,6 +157,9 @@ impl Pool {
             )));
         }
         check_sharing(&m.id, &m.staged, &node, mode, "staged")?;
+        // The controller's claims count too: a volume published read-write to another node is
+        // that node's even before it stages it.
+        check_sharing(&m.id, &m.claims, &node, mode, "published")?;
         let hold = Hold {
             node: node.clone(),
             mode,

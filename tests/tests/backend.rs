@@ -1125,6 +1125,19 @@ fn shared_pool_keeps_a_writer_on_one_node() {
         .unwrap();
     b.unstage(&id, &sb).unwrap();
 
+    // A claim alone (published to node-a, not yet staged there) keeps node-b out too.
+    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, None)
+        .unwrap();
+    let err = b
+        .stage(&id, &sb, &mount_access(FsType::Ext4), false)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("published read-write on node node-a"),
+        "{err}"
+    );
+    a.release_claim(&id, "node-a").unwrap();
+
     // node-a dies with the volume staged (its hold stays in the metadata); the controller's
     // release (CSI ControllerUnpublish after the node is declared dead) frees it for node-b.
     a.claim(&id, "node-a", AccessMode::SingleNodeWriter, None)
