@@ -189,3 +189,158 @@ pub fn loops_under(root: &Path) -> Vec<PathBuf> {
         .map(|d| d.path())
         .collect()
 }
+
+/// A running `loopvol-csi` for a test, on its own socket (`<scratch>/<name>.sock`) and log
+/// (`<scratch>/<name>.log`); SIGKILLed and reaped on drop.
+pub struct CsiServer {
+    name: String,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl CsiServer {
+    /// Starts `loopvol-csi --endpoint=unix://<socket> <args…>` and waits until it listens.
+    pub fn start(scratch: &Scratch, name: &str, args: &[String]) -> CsiServer {
+        let mut server = CsiServer::spawn(scratch, name, args);
+        server.wait_listening();
+        server
+    }
+
+    /// Starts it without waiting (several servers can then come up at once).
+    pub fn spawn(scratch: &Scratch, name: &str, args: &[String]) -> CsiServer {
+        let mut server = CsiServer {
+            name: name.to_owned(),
+            args: args.to_vec(),
+            child: None,
+            socket: scratch.path(&format!("{name}.sock")),
+            log: scratch.path(&format!("{name}.log")),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let child = Command::new(binary("loopvol-csi"))
+            .arg(format!("--endpoint=unix://{}", self.socket.display()))
+            .args(&self.args)
+            .env("LOOPVOL_LOG", &self.log)
+            .env("RUST_LOG", "info")
+            .env_remove("CSI_ENDPOINT")
+            .env_remove("LOOPVOL_POOL")
+            .env_remove("LOOPVOL_NODE")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn loopvol-csi");
+        self.child = Some(child);
+    }
+
+    /// Starts it again with the same arguments after it exited (a restart after SIGKILL).
+    pub fn restart(&mut self) {
+        self.launch();
+        self.wait_listening();
+    }
+
+    /// Polls until the server accepts connections (bounded); fails with its log if it exits.
+    pub fn wait_listening(&mut self) {
+        use std::os::unix::fs::FileTypeExt;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket())
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return;
+            }
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("poll loopvol-csi") {
+                panic!(
+                    "{} exited with {status} before listening; log:\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not listen within 20 s",
+                self.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("poll loopvol-csi").is_none())
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig)
+            .expect("signal loopvol-csi");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the process to exit. Async, so the test's client connections keep
+    /// being served while a server drains them.
+    pub async fn wait_exit(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("poll loopvol-csi") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not exit within {within:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// SIGTERM, as Kubernetes stops the pod: the server must exit 0 and remove its socket.
+    pub async fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait_exit(std::time::Duration::from_secs(30)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} after SIGTERM: {status}; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+        assert!(
+            !self.socket.exists(),
+            "{} left its socket after SIGTERM",
+            self.name
+        );
+    }
+
+    /// A gRPC channel to the server.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        loopvol_proto::connect_unix(&self.socket)
+            .await
+            .expect("connect to the CSI socket")
+    }
+}
+
+impl Drop for CsiServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, Scratch};
@@ -30,120 +30,27 @@ const TOPOLOGY_KEY: &str = "topology.loopvol.io/node";
 // Harness: the server process and its clients
 // ---------------------------------------------------------------------------------------------
 
-/// A running `loopvol-csi`, SIGKILLed and reaped on drop.
-struct Server {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-    args: Vec<String>,
+type Server = loopvol_e2e::CsiServer;
+
+/// Starts the server on `<scratch>/csi.sock` with the scratch pool, this node and `extra` flags,
+/// and waits until it listens.
+fn start_server(scratch: &Scratch, extra: &[&str]) -> Server {
+    let mut args = vec![
+        format!("--pool={}", scratch.pool().display()),
+        format!("--node-id={NODE}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Server::start(scratch, "csi", &args)
 }
 
-impl Server {
-    /// Starts the server on `<scratch>/csi.sock` with the scratch pool and `extra` flags, and
-    /// waits (polling) until it listens.
-    fn start(scratch: &Scratch, extra: &[&str]) -> Server {
-        let socket = scratch.path("csi.sock");
-        let mut args = vec![
-            format!("--endpoint=unix://{}", socket.display()),
-            format!("--pool={}", scratch.pool().display()),
-            format!("--node-id={NODE}"),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut server = Server {
-            child: None,
-            socket,
-            log: scratch.path("csi.log"),
-            args,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let child = Command::new(binary("loopvol-csi"))
-            .args(&self.args)
-            .env("LOOPVOL_LOG", &self.log)
-            .env("RUST_LOG", "info")
-            .env_remove("CSI_ENDPOINT")
-            .env_remove("LOOPVOL_POOL")
-            .env_remove("LOOPVOL_NODE")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn loopvol-csi");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket())
-                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
-            {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "loopvol-csi exited with {status} before listening; log:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "loopvol-csi did not listen within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal server");
-    }
-
-    /// Waits for the process to exit (bounded) and returns its status. Async, so the clients'
-    /// connection tasks keep running (a server drains connections before it exits).
-    async fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "loopvol-csi did not exit within {within:?}; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn connect(&self) -> Csi {
-        let channel = loopvol_proto::connect_unix(&self.socket)
-            .await
-            .expect("connect to the CSI socket");
-        Csi {
-            channel: channel.clone(),
-            id: IdentityClient::new(channel.clone()),
-            ctl: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel.clone()),
-            grp: GroupControllerClient::new(channel),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+async fn connect(server: &Server) -> Csi {
+    let channel = server.channel().await;
+    Csi {
+        channel: channel.clone(),
+        id: IdentityClient::new(channel.clone()),
+        ctl: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel.clone()),
+        grp: GroupControllerClient::new(channel),
     }
 }
 
@@ -158,8 +65,8 @@ struct Csi {
 
 /// Starts a server with `extra` flags and connects to it.
 async fn start(scratch: &Scratch, extra: &[&str]) -> (Server, Csi) {
-    let server = Server::start(scratch, extra);
-    let csi = server.connect().await;
+    let server = start_server(scratch, extra);
+    let csi = connect(&server).await;
     (server, csi)
 }
 
@@ -2646,7 +2553,7 @@ async fn socket_is_private_stale_ones_are_replaced_and_sigterm_removes_it() {
     // A stale socket (its server died) is replaced.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     assert!(socket.exists());
-    let mut server = Server::start(&scratch, &[]);
+    let mut server = start_server(&scratch, &[]);
     let md = std::fs::metadata(&socket).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!(
@@ -2654,7 +2561,7 @@ async fn socket_is_private_stale_ones_are_replaced_and_sigterm_removes_it() {
         0o600,
         "socket must be owner-only"
     );
-    let mut csi = server.connect().await;
+    let mut csi = connect(&server).await;
     ok(csi.id.probe(pb::ProbeRequest {}).await, "Probe");
     // A second server on the same socket refuses to steal it.
     let (code, stderr, _) = run_server(&[
@@ -2676,7 +2583,7 @@ async fn socket_is_private_stale_ones_are_replaced_and_sigterm_removes_it() {
     assert_eq!(beside, ["csi.log", "csi.sock", "pool"]);
 
     server.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = server.wait(Duration::from_secs(20)).await;
+    let status = server.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "SIGTERM exit: {status}");
     assert!(!socket.exists(), "socket left after SIGTERM");
     let log = std::fs::read_to_string(scratch.path("csi.log")).unwrap();
@@ -2687,9 +2594,12 @@ async fn socket_is_private_stale_ones_are_replaced_and_sigterm_removes_it() {
     assert!(log.contains("SIGTERM"), "{log}");
 
     // SIGINT too.
-    let mut server = Server::start(&scratch, &[]);
+    let mut server = start_server(&scratch, &[]);
     server.signal(nix::sys::signal::Signal::SIGINT);
-    assert_eq!(server.wait(Duration::from_secs(20)).await.code(), Some(0));
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
     assert!(!socket.exists(), "socket left after SIGINT");
 }
 
@@ -3801,10 +3711,7 @@ async fn sigterm_lets_the_call_in_flight_finish_then_removes_the_socket() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // ...but the process stays until the call in flight is done.
-    assert!(
-        server.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "exited with a call in flight"
-    );
+    assert!(server.is_running(), "exited with a call in flight");
     assert!(!first.is_finished());
     frozen.thaw();
     let done = tokio::time::timeout(Duration::from_secs(60), first)
@@ -3813,7 +3720,7 @@ async fn sigterm_lets_the_call_in_flight_finish_then_removes_the_socket() {
         .unwrap();
     ok(done, "the call in flight at SIGTERM");
     assert_eq!(mount_at(&a_target).map(|m| m.0).as_deref(), Some("ext4"));
-    let status = server.wait(Duration::from_secs(30)).await;
+    let status = server.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "{status}");
     assert!(!server.socket.exists());
 }
@@ -3849,7 +3756,7 @@ async fn sigkill_mid_stage_then_the_same_call_finishes_the_job() {
     wait_for_blocked_thread(server.pid());
     server.signal(nix::sys::signal::Signal::SIGKILL);
     frozen.thaw(); // the kill takes effect once the blocked thread leaves the kernel
-    let status = server.wait(Duration::from_secs(30)).await;
+    let status = server.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), None, "not killed by the signal: {status}");
     assert!(
         doomed.await.unwrap().is_err(),
@@ -3869,8 +3776,8 @@ async fn sigkill_mid_stage_then_the_same_call_finishes_the_job() {
     assert!(server.socket.exists(), "a killed server leaves its socket");
 
     // Restarted (replacing the stale socket), the same call finishes the job.
-    server.spawn();
-    let mut c = server.connect().await;
+    server.restart();
+    let mut c = connect(&server).await;
     for _ in 0..3 {
         stage(&mut c, &id, &victim_stage, cap.clone()).await;
     }

@@ -12,14 +12,10 @@
 //! the test, for that node's paths only.
 
 use std::io::Write;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use loopvol_e2e::{
-    binary, cleanup_under, fs_tools, loops_under, mounts_under, require_root, Scratch,
-};
+use loopvol_e2e::{cleanup_under, fs_tools, loops_under, mounts_under, require_root, Scratch};
 use loopvol_proto::csi::v1 as pb;
 use pb::controller_client::ControllerClient;
 use pb::node_client::NodeClient;
@@ -30,129 +26,24 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-/// A running `loopvol-csi` on its own socket and log, SIGKILLed and reaped on drop.
-struct Server {
-    name: &'static str,
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
+type Server = loopvol_e2e::CsiServer;
+
+/// Spawns `loopvol-csi --shared-pool` over the scratch pool with `extra` flags; does not wait for
+/// it to listen.
+fn spawn_server(scratch: &Scratch, name: &str, extra: &[String]) -> Server {
+    let mut args = vec![
+        format!("--pool={}", scratch.pool().display()),
+        "--shared-pool".to_owned(),
+    ];
+    args.extend_from_slice(extra);
+    Server::spawn(scratch, name, &args)
 }
 
-impl Server {
-    /// Spawns `loopvol-csi --shared-pool` on `<scratch>/<name>.sock` over the scratch pool; does
-    /// not wait for it (see [`Server::wait_listening`]).
-    fn spawn(scratch: &Scratch, name: &'static str, extra: &[String]) -> Server {
-        let socket = scratch.path(&format!("{name}.sock"));
-        let log = scratch.path(&format!("{name}.log"));
-        let child = Command::new(binary("loopvol-csi"))
-            .arg(format!("--endpoint=unix://{}", socket.display()))
-            .arg(format!("--pool={}", scratch.pool().display()))
-            .arg("--shared-pool")
-            .args(extra)
-            .env("LOOPVOL_LOG", &log)
-            .env("RUST_LOG", "info")
-            .env_remove("CSI_ENDPOINT")
-            .env_remove("LOOPVOL_POOL")
-            .env_remove("LOOPVOL_NODE")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn loopvol-csi");
-        Server {
-            name,
-            child: Some(child),
-            socket,
-            log,
-        }
-    }
-
-    /// Polls until the server accepts connections on its socket (bounded).
-    fn wait_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::fs::symlink_metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket())
-                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
-            {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "{} exited with {status} before listening; log:\n{}",
-                    self.name,
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not listen within 20 s",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().expect("running").id() as i32;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal server");
-    }
-
-    /// Waits (bounded, without blocking the runtime) for the process to exit.
-    async fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            let child = self.child.as_mut().expect("running");
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {within:?}; log:\n{}",
-                self.name,
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// SIGTERM, then the process must exit 0 and take its socket with it.
-    async fn stop(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let status = self.wait(Duration::from_secs(30)).await;
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{} after SIGTERM: {status}; log:\n{}",
-            self.name,
-            self.log_text()
-        );
-        assert!(
-            !self.socket.exists(),
-            "{} left its socket after SIGTERM",
-            self.name
-        );
-    }
-
-    async fn connect(&self) -> Csi {
-        let channel = loopvol_proto::connect_unix(&self.socket)
-            .await
-            .expect("connect to the CSI socket");
-        Csi {
-            ctl: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+async fn connect(server: &Server) -> Csi {
+    let channel = server.channel().await;
+    Csi {
+        ctl: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
     }
 }
 
@@ -361,12 +252,12 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     let scratch = Scratch::new();
     let prefix = |node: &str| format!("--path-prefix={}", scratch.path(node).display());
     let mut servers = [
-        Server::spawn(
+        spawn_server(
             &scratch,
             "ctl",
             &["--mode=controller".into(), "--node-id=ctl".into()],
         ),
-        Server::spawn(
+        spawn_server(
             &scratch,
             "node-a",
             &[
@@ -375,7 +266,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
                 prefix("node-a"),
             ],
         ),
-        Server::spawn(
+        spawn_server(
             &scratch,
             "node-b",
             &[
@@ -389,9 +280,9 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
         s.wait_listening();
     }
     let [ctl_server, a_server, b_server] = &mut servers;
-    let mut ctl = ctl_server.connect().await;
-    let mut a = a_server.connect().await;
-    let mut b = b_server.connect().await;
+    let mut ctl = connect(ctl_server).await;
+    let mut a = connect(a_server).await;
+    let mut b = connect(b_server).await;
     let rwo = Mode::SingleNodeWriter;
     let rox = Mode::MultiNodeReaderOnly;
 
@@ -587,7 +478,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     let more = pattern(1024 * 1024 + 5, 0xa5);
     write_synced(&pa.target.join("more.bin"), &more);
     a_server.signal(nix::sys::signal::Signal::SIGKILL);
-    let status = a_server.wait(Duration::from_secs(10)).await;
+    let status = a_server.wait_exit(Duration::from_secs(10)).await;
     assert_eq!(
         status.code(),
         None,

@@ -8,8 +8,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, run, Scratch};
 use loopvol_proto::csi::v1 as pb;
@@ -17,7 +17,6 @@ use pb::node_client::NodeClient;
 use pb::volume_capability::access_mode::Mode;
 use pb::volume_capability::{AccessMode, AccessType, MountVolume};
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 const NODE: &str = "node-a";
 const DRIVER: &str = "csi.loopvol.io";
@@ -365,92 +364,15 @@ fn image_inode(s: &Scratch, id: &str) -> u64 {
         .ino()
 }
 
-/// A running `loopvol-csi`, killed on drop.
-struct Server {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-}
+type Server = loopvol_e2e::CsiServer;
 
-impl Server {
-    fn start(s: &Scratch) -> Server {
-        let socket = s.path("csi.sock");
-        let log = s.path("csi.log");
-        let child = Command::new(binary("loopvol-csi"))
-            .arg("--pool")
-            .arg(s.pool())
-            .args(["--node-id", NODE])
-            .arg(format!("--endpoint=unix://{}", socket.display()))
-            .arg(format!("--path-prefix={}", s.path("kubelet").display()))
-            .env("LOOPVOL_LOG", &log)
-            .env_remove("CSI_ENDPOINT")
-            .env_remove("LOOPVOL_POOL")
-            .env_remove("LOOPVOL_NODE")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn loopvol-csi");
-        let mut server = Server {
-            child: Some(child),
-            socket,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
-            if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("loopvol-csi exited with {status}:\n{}", server.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "loopvol-csi did not listen in 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        server
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn node_client(&self) -> NodeClient<Channel> {
-        let channel = loopvol_proto::connect_unix(&self.socket)
-            .await
-            .expect("connect to the CSI socket");
-        NodeClient::new(channel)
-    }
-
-    /// SIGTERM, as Kubernetes stops the pod; the server must exit cleanly and remove its socket.
-    async fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "loopvol-csi ignored SIGTERM");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        assert!(
-            status.success(),
-            "loopvol-csi: {status}\n{}",
-            self.log_text()
-        );
-        assert!(!self.socket.exists(), "socket left behind");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+fn start_server(s: &Scratch) -> Server {
+    let args = [
+        format!("--pool={}", s.pool().display()),
+        format!("--node-id={NODE}"),
+        format!("--path-prefix={}", s.path("kubelet").display()),
+    ];
+    Server::start(s, "csi", &args)
 }
 
 /// What kubelet asks of the CSI driver for a migrated PV: its fsType and mountOptions, and for a
@@ -536,8 +458,8 @@ async fn flexvolume_data_is_served_by_csi() {
     }
 
     // 3. The CSI server on the same pool and node.
-    let server = Server::start(&s);
-    let mut node = server.node_client().await;
+    let mut server = start_server(&s);
+    let mut node = NodeClient::new(server.channel().await);
     // The node affinity the migration wrote is the topology this node's driver reports.
     let info = node
         .node_get_info(pb::NodeGetInfoRequest {})
