@@ -20,11 +20,19 @@ pub fn require_root(tools: &[&str]) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let reason = format!("needs {}", missing.join(", "));
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("under CI every skip is a failure: this test {reason}");
+        panic!(
+            "under CI every skip is a failure: this test needs {}",
+            missing.join(", ")
+        );
     }
-    eprintln!("SKIPPED: this test {reason}");
+    // Straight to the process's stderr, not through the test harness's capture: a skip must be
+    // visible in a normal run, not only with --nocapture.
+    let name = std::thread::current().name().unwrap_or("a test").to_owned();
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED {name}: needs {}\n", missing.join(", ")).as_bytes(),
+    );
     false
 }
 
