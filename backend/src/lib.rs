@@ -41,6 +41,6 @@ pub use error::{Error, ErrorKind, Result};
 pub use lock::LockWait;
 pub use meta::{AccessMode, Allocation, Hold, SnapshotMeta, VolumeMeta, VolumeSource};
 pub use node::{Access, Condition, Staged, Usage};
-pub use pool::{Capacity, Page, Pool, PoolOptions};
+pub use pool::{default_node_name, Capacity, Page, Pool, PoolOptions};
 pub use validate::FsType;
 pub use volume::{CreateVolume, Expanded};

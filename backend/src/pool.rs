@@ -47,6 +47,15 @@ impl PoolOptions {
     }
 }
 
+/// This node's name when none is configured: the host name lower-cased, as kubelet derives its
+/// default node name. Both front ends use it, so a volume staged through one is this node's for
+/// the other too. `None` when the kernel reports no host name.
+pub fn default_node_name() -> Option<String> {
+    let uts = nix::sys::utsname::uname().ok()?;
+    let name = uts.nodename().to_string_lossy().trim().to_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page<T> {

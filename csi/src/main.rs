@@ -45,7 +45,7 @@ struct Args {
     )]
     endpoint: String,
 
-    /// This node's name (default: the host name).
+    /// This node's name (default: the host name, lower-cased as kubelet does).
     #[arg(long, env = "LOOPVOL_NODE")]
     node_id: Option<String>,
 
@@ -98,14 +98,6 @@ impl Config {
     }
 }
 
-fn host_name() -> Option<String> {
-    // The kernel's UTS name, as `hostname` prints it.
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-}
-
 /// A CSI driver name: at most 63 characters, `[a-z0-9.-]`, starting and ending alphanumeric.
 fn check_driver_name(name: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
@@ -129,7 +121,7 @@ fn run(args: Args) -> Result<(), String> {
     let socket = server::socket_path(&args.endpoint)?;
     let node_id = match args.node_id.filter(|n| !n.is_empty()) {
         Some(n) => n,
-        None => host_name().ok_or(
+        None => loopvol::default_node_name().ok_or(
             "no --node-id given and the host name is unknown; set --node-id or LOOPVOL_NODE",
         )?,
     };

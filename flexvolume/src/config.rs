@@ -108,7 +108,8 @@ fn resolve(file: ConfigFile, env: impl Fn(&str) -> Option<String>) -> Result<Con
         .unwrap_or_else(|| DEFAULT_LOG.to_owned());
     let node = match env("LOOPVOL_NODE").or(file.node) {
         Some(n) if !n.is_empty() => n,
-        _ => host_name()?,
+        _ => loopvol::default_node_name()
+            .ok_or("the host name is empty; set LOOPVOL_NODE or \"node\" in the config")?,
     };
     // It names a directory in the pool (staging/<node>/): a plain path component only.
     loopvol::validate::check_id("node name", &node)
@@ -138,16 +139,6 @@ fn resolve(file: ConfigFile, env: impl Fn(&str) -> Option<String>) -> Result<Con
         lock_timeout: Duration::from_secs(secs),
         call_timeout: Duration::from_secs(call_secs),
     })
-}
-
-/// The host name as kubelet derives its default node name: lower-cased.
-fn host_name() -> Result<String, String> {
-    let uts = nix::sys::utsname::uname().map_err(|e| format!("cannot read the host name: {e}"))?;
-    let name = uts.nodename().to_string_lossy().to_lowercase();
-    if name.is_empty() {
-        return Err("the host name is empty; set LOOPVOL_NODE or \"node\" in the config".into());
-    }
-    Ok(name)
 }
 
 #[cfg(test)]
