@@ -773,6 +773,37 @@ def check_build(r: Report, repo: Path) -> tuple[str, str]:
     return version, installer
 
 
+# --------------------------------------------------------------------------- files
+def kustomization_files(directory: Path, seen: set[Path]) -> None:
+    """Every file the kustomization in `directory` reads: its resources, components and patch
+    files, recursively (what kustomize itself reads; generators are not used here)."""
+    kfile = directory / "kustomization.yaml"
+    if kfile in seen:
+        return
+    seen.add(kfile)
+    k = load_yaml_docs(kfile)[0]
+    refs = list(k.get("resources") or []) + list(k.get("components") or [])
+    refs += [p["path"] for p in k.get("patches") or [] if isinstance(p, dict) and "path" in p]
+    for ref in refs:
+        path = (directory / ref).resolve()
+        if path.is_dir():
+            kustomization_files(path, seen)
+        else:
+            seen.add(path)
+
+
+def check_manifests_used(r: Report, repo: Path, overlay_dirs: list[Path]) -> None:
+    """Every manifest under deploy/kubernetes is part of some rendered variant, so none escapes
+    the checks (a component no variant uses would never be validated)."""
+    used: set[Path] = set()
+    for d in overlay_dirs:
+        kustomization_files(d.resolve(), used)
+    tree = (repo / "deploy" / "kubernetes").resolve()
+    unused = sorted(str(p.relative_to(tree)) for p in tree.rglob("*.yaml") if p.resolve() not in used)
+    r.problems(f"every manifest under deploy/kubernetes is rendered by some variant "
+               f"({len([p for p in used if p.is_relative_to(tree)])} files)", unused)
+
+
 # --------------------------------------------------------------------------- main
 def guarded(r: Report, what: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a group of checks; a crash (say, on a malformed object) is one failed check."""
@@ -786,9 +817,10 @@ def guarded(r: Report, what: str, fn: Callable[..., Any], *args: Any) -> Any:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, required=True)
-    ap.add_argument("--render", nargs=3, action="append", default=[], metavar=("MODE", "RENDERED", "SETTINGS"),
-                    help="MODE: csi-local | csi-shared | flexvolume; RENDERED: kustomize output; "
-                         "SETTINGS: the settings.yaml it was built with")
+    ap.add_argument("--renders", type=Path, required=True,
+                    help="renders.tsv of `validate.sh render`: NAME MODE COMPONENTS RENDERED SETTINGS OVERLAY "
+                         "per line (MODE: csi-local | csi-shared | flexvolume; COMPONENTS: optional components "
+                         "added, comma-separated, or -)")
     ap.add_argument("--examples", nargs="*", type=Path, default=[])
     ap.add_argument("--k8s-version", action="append", default=[])
     args = ap.parse_args()
@@ -802,9 +834,11 @@ def main() -> int:
     version, installer = guarded(r, "build", check_build, args.repo) or ("?", "?")
 
     installed: list[dict] = []
-    for mode, rendered, settings_file in args.render:
-        shipped = Path(settings_file).resolve().is_relative_to(args.repo.resolve())
-        label = f"{mode} ({'shipped' if shipped else 'custom'} settings)"
+    overlay_dirs: list[Path] = []
+    for line in args.renders.read_text().splitlines():
+        name, mode, components, rendered, settings_file, overlay = line.split("\t")
+        overlay_dirs.append(Path(overlay))
+        label = name
         r.section(f"{label}: {rendered}")
         objs = load_yaml_docs(Path(rendered))
         settings = next(d for d in load_yaml_docs(Path(settings_file)) if d.get("kind") == "ConfigMap")["data"]
@@ -822,6 +856,9 @@ def main() -> int:
             guarded(r, label, check_flexvolume, label, objs, settings, installer)
         else:
             r.check(f"{label}: known mode", False, mode)
+
+    r.section("files")
+    guarded(r, "files", check_manifests_used, args.repo, overlay_dirs)
 
     if args.examples:
         r.section("examples")
