@@ -57,46 +57,182 @@ QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
                       r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
-# What each sidecar needs from the API server: (apiGroup, resource, verbs, scope)
-# with scope "cluster" or "namespace" (the driver's own namespace is enough).
-SIDECAR_RULES: dict[str, list[tuple[str, str, set[str], str]]] = {
-    "csi-provisioner": [
-        ("", "persistentvolumes", {"get", "list", "watch", "create", "delete"}, "cluster"),
-        ("", "persistentvolumeclaims", {"get", "list", "watch", "update"}, "cluster"),
-        ("storage.k8s.io", "storageclasses", {"get", "list", "watch"}, "cluster"),
-        ("", "events", {"create", "patch"}, "cluster"),
-        ("", "nodes", {"get", "list", "watch"}, "cluster"),
-        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshots", {"get", "list"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"get", "list"}, "cluster"),
-    ],
-    "csi-attacher": [
-        ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster"),
-        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster"),
-        ("storage.k8s.io", "volumeattachments", {"get", "list", "watch", "patch"}, "cluster"),
-        ("storage.k8s.io", "volumeattachments/status", {"patch"}, "cluster"),
-    ],
-    "csi-resizer": [
-        ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster"),
-        ("", "persistentvolumeclaims", {"get", "list", "watch"}, "cluster"),
-        ("", "persistentvolumeclaims/status", {"patch"}, "cluster"),
-        ("", "events", {"create", "patch"}, "cluster"),
-    ],
-    "csi-snapshotter": [
-        ("", "events", {"create", "patch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotclasses", {"get", "list", "watch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents",
-         {"get", "list", "watch", "update", "patch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", {"update", "patch"}, "cluster"),
-    ],
+# ----------------------------------------------------------------- the sidecars, per version
+# What each pinned sidecar release accepts and needs, written down from its README flag list,
+# its main.go and its deploy/kubernetes/rbac.yaml (see deploy/README.md, "Image pins"). A pin
+# without an entry here fails: bumping a sidecar means reading its release notes and adding
+# the new version's entry. Keyed by image name (the last path part) and tag.
+#
+# RBAC rules are (apiGroup, resource, verbs, scope, when): scope "cluster", or "namespace"
+# (the driver's own namespace is enough); `when` decides from the container's args whether
+# the sidecar needs the rule with this command line.
+Rule = tuple[str, str, set[str], str, Callable[[list[str]], bool]]
+
+
+def always(_args: list[str]) -> bool:
+    return True
+
+
+def with_arg(arg: str) -> Callable[[list[str]], bool]:
+    return lambda args: arg in args
+
+
+def without_arg(arg: str) -> Callable[[list[str]], bool]:
+    return lambda args: arg not in args
+
+
+def feature_gate(args: list[str], gate: str) -> bool | None:
+    """The value a --feature-gates argument gives `gate` (the last one wins), None if unset."""
+    value = None
+    for a in args:
+        if a.startswith("--feature-gates="):
+            for pair in a.split("=", 1)[1].split(","):
+                k, _, v = pair.partition("=")
+                if k.strip() == gate:
+                    value = v.strip().lower() == "true"
+    return value
+
+
+def with_gate(gate: str) -> Callable[[list[str]], bool]:
+    return lambda args: feature_gate(args, gate) is True
+
+
+LEADER_ELECTION: Rule = ("coordination.k8s.io", "leases", {"get", "list", "watch", "create", "update"},
+                         "namespace", with_arg("--leader-election=true"))
+# Events through client-go's recorder: created, then patched as they repeat.
+EVENTS: Rule = ("", "events", {"create", "patch"}, "cluster", always)
+
+
+class Sidecar:
+    def __init__(self, flags: set[str], deprecated: dict[str, str], rbac: list[Rule]) -> None:
+        self.flags = flags            # accepted and not deprecated
+        self.deprecated = deprecated  # flag -> what to use instead
+        self.rbac = rbac
+
+
+LEADER_FLAGS = {"--leader-election", "--leader-election-namespace", "--leader-election-lease-duration",
+                "--leader-election-renew-deadline", "--leader-election-retry-period"}
+COMMON_FLAGS = {"--v", "--csi-address", "--timeout", "--http-endpoint", "--metrics-path",
+                "--kube-api-qps", "--kube-api-burst", "--logging-format"}
+
+SIDECARS: dict[str, dict[str, Sidecar]] = {
+    "csi-provisioner": {
+        "v6.3.0": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--extra-create-metadata", "--default-fstype", "--feature-gates", "--worker-threads",
+                "--retry-interval-start", "--retry-interval-max", "--strict-topology", "--immediate-topology",
+                "--node-deployment", "--node-deployment-immediate-binding", "--node-deployment-base-delay",
+                "--node-deployment-max-delay", "--enable-capacity", "--capacity-ownerref-level",
+                "--capacity-threads", "--capacity-poll-interval", "--capacity-for-immediate-binding",
+                "--volume-name-prefix", "--volume-name-uuid-length", "--cloning-protection-threads",
+                "--snapshot-orphan-sweep-interval"},
+            deprecated={"--metrics-address": "--http-endpoint"},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch", "create", "patch", "delete"}, "cluster", always),
+                ("", "persistentvolumeclaims", {"get", "list", "watch", "update"}, "cluster", always),
+                ("storage.k8s.io", "storageclasses", {"get", "list", "watch"}, "cluster", always),
+                EVENTS,
+                ("", "nodes", {"get", "list", "watch"}, "cluster", always),
+                ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster", always),
+                ("storage.k8s.io", "volumeattachments", {"get", "list", "watch"}, "cluster", always),
+                # Restores: the source snapshot, protected by a finalizer while the volume is
+                # made; v6.3 also sweeps orphaned finalizers from an informer (watch, update).
+                ("snapshot.storage.k8s.io", "volumesnapshots", {"get", "list", "watch", "update"}, "cluster",
+                 always),
+                ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"get", "list"}, "cluster", always),
+                # CreateVolume of a claim that names a VolumeAttributesClass reads it.
+                ("storage.k8s.io", "volumeattributesclasses", {"get"}, "cluster", always),
+                LEADER_ELECTION,
+                ("storage.k8s.io", "csistoragecapacities", {"get", "list", "watch", "create", "update", "delete"},
+                 "namespace", with_arg("--enable-capacity=true")),
+                # The owner of the capacity objects, found from the pod (POD_NAME) upwards.
+                ("", "pods", {"get"}, "namespace", with_arg("--enable-capacity=true")),
+                ("apps", "replicasets", {"get"}, "namespace", with_arg("--enable-capacity=true")),
+            ]),
+    },
+    "csi-attacher": {
+        "v4.12.0": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--worker-threads", "--retry-interval-start", "--retry-interval-max", "--reconcile-sync",
+                "--default-fstype", "--max-grpc-log-length"},
+            deprecated={"--metrics-address": "--http-endpoint"},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster", always),
+                ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster", always),
+                ("storage.k8s.io", "volumeattachments", {"get", "list", "watch", "patch"}, "cluster", always),
+                ("storage.k8s.io", "volumeattachments/status", {"patch"}, "cluster", always),
+                LEADER_ELECTION,
+            ]),
+    },
+    "csi-resizer": {
+        "v2.2.1": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--handle-volume-inuse-error", "--workers", "--retry-interval-start", "--retry-interval-max",
+                "--feature-gates", "--extra-modify-metadata", "--resync-period"},
+            deprecated={"--metrics-address": "--http-endpoint"},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster", always),
+                ("", "persistentvolumeclaims", {"get", "list", "watch"}, "cluster", always),
+                ("", "persistentvolumeclaims/status", {"patch"}, "cluster", always),
+                EVENTS,
+                # ControllerModifyVolume for claims that name a VolumeAttributesClass (GA in 2.0).
+                ("storage.k8s.io", "volumeattributesclasses", {"get", "list", "watch"}, "cluster", always),
+                # Only to wait out "volume in use" errors, which loopvol never returns.
+                ("", "pods", {"get", "list", "watch"}, "cluster", without_arg("--handle-volume-inuse-error=false")),
+                LEADER_ELECTION,
+            ]),
+    },
+    "csi-snapshotter": {
+        "v8.6.0": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--extra-create-metadata", "--node-deployment", "--feature-gates", "--worker-threads",
+                "--retry-interval-start", "--retry-interval-max", "--snapshot-name-prefix",
+                "--snapshot-name-uuid-length", "--groupsnapshot-name-prefix", "--groupsnapshot-name-uuid-length",
+                "--resync-period"},
+            deprecated={"--metrics-address": "--http-endpoint",
+                        "--enable-volume-group-snapshots": "--feature-gates=CSIVolumeGroupSnapshot=true"},
+            rbac=[
+                EVENTS,
+                ("snapshot.storage.k8s.io", "volumesnapshotclasses", {"get", "list", "watch"}, "cluster", always),
+                ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"get", "list", "watch", "update", "patch"},
+                 "cluster", always),
+                ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", {"update", "patch"}, "cluster",
+                 always),
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", {"get", "list", "watch"},
+                 "cluster", with_gate("CSIVolumeGroupSnapshot")),
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents",
+                 {"get", "list", "watch", "update", "patch"}, "cluster", with_gate("CSIVolumeGroupSnapshot")),
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", {"update", "patch"},
+                 "cluster", with_gate("CSIVolumeGroupSnapshot")),
+                LEADER_ELECTION,
+            ]),
+    },
+    "csi-node-driver-registrar": {
+        "v2.17.0": Sidecar(
+            flags={"--v", "--csi-address", "--kubelet-registration-path", "--plugin-registration-path",
+                   "--http-endpoint", "--timeout", "--enable-pprof", "--logging-format"},
+            deprecated={"--health-port": "--http-endpoint", "--mode": "(nothing: registration needs no probe)",
+                        "--connection-timeout": "(nothing: it has no effect)"},
+            rbac=[]),
+    },
+    "livenessprobe": {
+        "v2.19.0": Sidecar(
+            flags={"--v", "--csi-address", "--probe-timeout", "--http-endpoint", "--metrics-path",
+                   "--logging-format"},
+            deprecated={"--health-port": "--http-endpoint", "--metrics-address": "--http-endpoint"},
+            rbac=[]),
+    },
 }
-LEADER_ELECTION_RULE = ("coordination.k8s.io", "leases", {"get", "list", "watch", "create", "update"},
-                        "namespace")
-CAPACITY_RULES = [
-    ("storage.k8s.io", "csistoragecapacities", {"get", "list", "watch", "create", "update", "delete"},
-     "namespace"),
-    ("", "pods", {"get"}, "namespace"),
-]
+SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
+
+
+def sidecar_of(container: dict) -> tuple[str, str, Sidecar | None] | None:
+    """(image name, tag, its table entry) for a kubernetes-csi sidecar container, else None."""
+    name, tag = image_name_tag(container.get("image") or "")
+    if not name.startswith(SIDECAR_REGISTRY):
+        return None
+    short = name[len(SIDECAR_REGISTRY):]
+    return short, tag or "", SIDECARS.get(short, {}).get(tag or "")
 
 
 # --------------------------------------------------------------------------- report
@@ -418,21 +554,52 @@ def check_rbac(r: Report, label: str, objs: list[dict]) -> None:
         sa = spec.get("serviceAccountName")
         rules = rules_for(objs, ns, sa) if sa else []
         for c in spec.get("containers") or []:
-            needs = list(SIDECAR_RULES.get(c["name"], []))
-            if "--leader-election=true" in (c.get("args") or []) or "--leader-election" in (c.get("args") or []):
-                needs.append(LEADER_ELECTION_RULE)
-            if c["name"] == "csi-provisioner" and any(a.startswith("--enable-capacity") and not a.endswith("=false")
-                                                      for a in c.get("args") or []):
-                needs += CAPACITY_RULES
+            sc = sidecar_of(c)
+            if sc is None or sc[2] is None:
+                continue  # not a sidecar; an unknown version fails in check_sidecars
+            args = c.get("args") or []
+            needs = [rule for rule in sc[2].rbac if rule[4](args)]
             if not needs:
                 continue
             missing = []
-            for group, resource, verbs, scope in needs:
+            for group, resource, verbs, scope, _ in needs:
                 for verb in sorted(verbs):
                     if not allows(rules, group, resource, verb, ns if scope == "namespace" else None):
                         missing.append(f"{verb} {resource}{'.' + group if group else ''}"
                                        f"{' in ' + ns if scope == 'namespace' else ''}")
-            r.problems(f"{label}: {ident(o)} {c['name']} has the API rights it needs (as {sa})", missing)
+            r.problems(f"{label}: {ident(o)} {c['name']} ({sc[0]} {sc[1]}) has the API rights it needs "
+                       f"(as {sa})", missing)
+
+
+def check_sidecars(r: Report, label: str, objs: list[dict]) -> None:
+    """Every kubernetes-csi sidecar is a pinned release this file knows, and gets only flags that
+    release accepts and has not deprecated."""
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        for c in containers(spec):
+            sc = sidecar_of(c)
+            if sc is None:
+                continue
+            image, tag, known = sc
+            if known is None:
+                r.check(f"{label}: {ident(o)} {c['name']}: {image} {tag} is a known release", False,
+                        f"no entry for {image} {tag} in check.py's SIDECARS: read its release notes, README "
+                        f"flags and deploy/kubernetes/rbac.yaml, then add one")
+                continue
+            problems = []
+            for a in c.get("args") or []:
+                flag = a.split("=", 1)[0]
+                if not flag.startswith("--"):
+                    problems.append(f"{a!r}: not a --flag (give values as --flag=value)")
+                elif flag in known.deprecated:
+                    problems.append(f"{flag} is deprecated in {image} {tag}: use {known.deprecated[flag]}")
+                elif flag not in known.flags:
+                    problems.append(f"{flag} is not a flag of {image} {tag}")
+            if c.get("command"):
+                problems.append("sidecars run their image's entrypoint (no command)")
+            r.problems(f"{label}: {ident(o)} {c['name']}: {image} {tag} flags", problems)
 
 
 # --------------------------------------------------------------------------- loopvol contract
@@ -773,6 +940,64 @@ def check_build(r: Report, repo: Path) -> tuple[str, str]:
     return version, installer
 
 
+# --------------------------------------------------------------------------- image pins
+IMAGE_LINE = re.compile(r"^\s*-?\s*image:\s*[\"']?([^\s\"']+)", re.M)
+
+
+def check_pins(r: Report, repo: Path, rendered: list[tuple[str, list[dict]]]) -> None:
+    """Image tags are pinned in one place: the images list of base/kustomization.yaml. The
+    manifests name images without a tag, every rendered container runs the pinned tag, every
+    pinned sidecar is a release check.py knows, and deploy/README.md lists the pins."""
+    tree = repo / "deploy" / "kubernetes"
+    base = tree / "base" / "kustomization.yaml"
+    entries = load_yaml_docs(base)[0].get("images") or []
+    pins: dict[str, str] = {}
+    problems = []
+    for e in entries:
+        name, tag = e.get("name"), e.get("newTag")
+        if name in pins:
+            problems.append(f"{name} pinned twice")
+        if not tag or tag == "latest" or set(e) - {"name", "newTag"}:
+            problems.append(f"{name}: want exactly name and a newTag that is a release, not {e}")
+        pins[name] = tag
+    r.problems(f"pins: {len(pins)} images pinned in {base.relative_to(repo)}, each once", problems)
+
+    problems = []
+    for f in sorted(tree.rglob("*.yaml")):
+        if f == base:
+            continue
+        for m in IMAGE_LINE.finditer(f.read_text()):
+            name, tag = image_name_tag(m.group(1))
+            if tag:
+                problems.append(f"{f.relative_to(repo)}: {m.group(1)} has a tag (pin it in base instead)")
+            elif name not in pins:
+                problems.append(f"{f.relative_to(repo)}: {name} is not pinned in base")
+    r.problems("pins: the manifests name images without a tag", problems)
+
+    problems = []
+    for label, objs in rendered:
+        for o in objs:
+            spec = pod_spec(o)
+            for c in containers(spec) if spec is not None else []:
+                name, tag = image_name_tag(c.get("image") or "")
+                if pins.get(name) != tag:
+                    problems.append(f"{label}: {ident(o)} {c.get('name')} runs {c.get('image')}, "
+                                    f"pinned is {pins.get(name)}")
+    r.problems("pins: every rendered container runs its pinned tag", problems)
+
+    readme = (repo / "deploy" / "README.md").read_text()
+    problems = []
+    for name, tag in pins.items():
+        if not name.startswith(SIDECAR_REGISTRY):
+            continue
+        short = name[len(SIDECAR_REGISTRY):]
+        if tag not in SIDECARS.get(short, {}):
+            problems.append(f"{short} {tag}: no entry in check.py's SIDECARS (flags and RBAC of that release)")
+        if f"{short} {tag}" not in readme:
+            problems.append(f"deploy/README.md does not list {short} {tag}")
+    r.problems("pins: every pinned sidecar release is known here and listed in deploy/README.md", problems)
+
+
 # --------------------------------------------------------------------------- files
 def kustomization_files(directory: Path, seen: set[Path]) -> None:
     """Every file the kustomization in `directory` reads: its resources, components and patch
@@ -835,12 +1060,14 @@ def main() -> int:
 
     installed: list[dict] = []
     overlay_dirs: list[Path] = []
+    rendered_objs: list[tuple[str, list[dict]]] = []
     for line in args.renders.read_text().splitlines():
         name, mode, components, rendered, settings_file, overlay = line.split("\t")
         overlay_dirs.append(Path(overlay))
         label = name
         r.section(f"{label}: {rendered}")
         objs = load_yaml_docs(Path(rendered))
+        rendered_objs.append((label, objs))
         settings = next(d for d in load_yaml_docs(Path(settings_file)) if d.get("kind") == "ConfigMap")["data"]
         r.check(f"{label}: rendered {len(objs)} objects: "
                 + ", ".join(sorted({o.get('kind', '?') for o in objs})), len(objs) > 0)
@@ -849,6 +1076,7 @@ def main() -> int:
         guarded(r, label, validate_objects, label, objs, versions)
         guarded(r, label, check_objects, label, objs, version, NAMESPACE)
         guarded(r, label, check_rbac, label, objs)
+        guarded(r, label, check_sidecars, label, objs)
         if mode in ("csi-local", "csi-shared"):
             guarded(r, label, check_csi, label, mode, objs, settings)
             installed += objs
@@ -857,8 +1085,9 @@ def main() -> int:
         else:
             r.check(f"{label}: known mode", False, mode)
 
-    r.section("files")
+    r.section("files and pins")
     guarded(r, "files", check_manifests_used, args.repo, overlay_dirs)
+    guarded(r, "pins", check_pins, args.repo, rendered_objs)
 
     if args.examples:
         r.section("examples")
