@@ -83,6 +83,8 @@ variants=(
     "csi-local-own csi-local other -"
     "csi-shared-own csi-shared other -"
     "flexvolume-own flexvolume other -"
+    "csi-local-no-group-snapshots csi-local shipped without-group-snapshots"
+    "csi-shared-no-group-snapshots csi-shared shipped without-group-snapshots"
 )
 
 # overlay_for OUT NAME MODE SETTINGS COMPONENTS: the kustomization directory to

@@ -48,9 +48,12 @@ CSI_BOOL_FLAGS = {"--shared-pool"}
 CSI_MODES = {"controller", "node", "both"}
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass",
-                  "VolumeSnapshotClass", "PersistentVolume"}
+                  "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "PersistentVolume"}
 CUSTOM_KINDS = {("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
-                ("snapshot.storage.k8s.io/v1", "VolumeSnapshot")}
+                ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"),
+                ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshotClass"),
+                ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot")}
+GROUP_SNAPSHOT_GATE = "CSIVolumeGroupSnapshot"
 WORKLOAD_KINDS = {"DaemonSet", "Deployment", "StatefulSet"}
 
 QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -307,14 +310,14 @@ def object_meta_errors(meta: Any, version: str) -> list[str]:
             for e in validator.iter_errors(meta)]
 
 
-# The rules of the snapshot.storage.k8s.io/v1 CRDs (external-snapshotter v8)
-# that a manifest can break.
+# The rules of the snapshot.storage.k8s.io/v1 and groupsnapshot.storage.k8s.io/v1 CRDs
+# (external-snapshotter v8.6) that a manifest can break.
 def crd_errors(obj: dict, version: str) -> list[str]:
     errs: list[str] = []
     kind = obj.get("kind")
-    allowed_top = {"VolumeSnapshotClass": {"apiVersion", "kind", "metadata", "driver", "deletionPolicy",
-                                           "parameters"},
-                   "VolumeSnapshot": {"apiVersion", "kind", "metadata", "spec", "status"}}[kind]
+    is_class = kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass")
+    allowed_top = ({"apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"} if is_class
+                   else {"apiVersion", "kind", "metadata", "spec", "status"})
     for key in obj:
         if key not in allowed_top:
             errs.append(f"unknown field {key!r}")
@@ -323,7 +326,7 @@ def crd_errors(obj: dict, version: str) -> list[str]:
         errs.append("metadata.name is required")
     else:
         errs += object_meta_errors(meta, version)
-    if kind == "VolumeSnapshotClass":
+    if is_class:
         if not isinstance(obj.get("driver"), str) or not obj.get("driver"):
             errs.append("driver is required (a non-empty string)")
         if obj.get("deletionPolicy") not in ("Delete", "Retain"):
@@ -332,26 +335,38 @@ def crd_errors(obj: dict, version: str) -> list[str]:
         if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in params.items()):
             errs.append("parameters must map strings to strings")
-    else:
-        spec = obj.get("spec")
-        if not isinstance(spec, dict):
-            return errs + ["spec is required"]
-        for key in spec:
-            if key not in ("source", "volumeSnapshotClassName"):
-                errs.append(f"unknown field spec.{key}")
-        if "volumeSnapshotClassName" in spec and (not isinstance(spec["volumeSnapshotClassName"], str)
-                                                  or not spec["volumeSnapshotClassName"]):
-            errs.append("spec.volumeSnapshotClassName must be a non-empty string")
-        source = spec.get("source")
-        if not isinstance(source, dict):
-            return errs + ["spec.source is required"]
-        for key in source:
-            if key not in ("persistentVolumeClaimName", "volumeSnapshotContentName"):
-                errs.append(f"unknown field spec.source.{key}")
-        given = [k for k in ("persistentVolumeClaimName", "volumeSnapshotContentName")
-                 if isinstance(source.get(k), str) and source.get(k)]
-        if len(given) != 1:
-            errs.append("spec.source needs exactly one of persistentVolumeClaimName, volumeSnapshotContentName")
+        return errs
+    group = kind == "VolumeGroupSnapshot"
+    class_field = "volumeGroupSnapshotClassName" if group else "volumeSnapshotClassName"
+    sources = (("selector", "volumeGroupSnapshotContentName") if group
+               else ("persistentVolumeClaimName", "volumeSnapshotContentName"))
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return errs + ["spec is required"]
+    for key in spec:
+        if key not in ("source", class_field):
+            errs.append(f"unknown field spec.{key}")
+    if class_field in spec and (not isinstance(spec[class_field], str) or not spec[class_field]):
+        errs.append(f"spec.{class_field} must be a non-empty string")
+    source = spec.get("source")
+    if not isinstance(source, dict):
+        return errs + ["spec.source is required"]
+    for key in source:
+        if key not in sources:
+            errs.append(f"unknown field spec.source.{key}")
+    given = [k for k in sources if source.get(k)]
+    if len(given) != 1:
+        errs.append(f"spec.source needs exactly one of {', '.join(sources)}")
+    selector = source.get("selector")
+    if selector is not None:
+        if not isinstance(selector, dict) or set(selector) - {"matchLabels", "matchExpressions"}:
+            errs.append("spec.source.selector must be a label selector (matchLabels, matchExpressions)")
+        elif not all(isinstance(k, str) and isinstance(v, str)
+                     for k, v in (selector.get("matchLabels") or {}).items()):
+            errs.append("spec.source.selector.matchLabels must map strings to strings")
+    for k in sources:
+        if k != "selector" and k in source and not isinstance(source[k], str):
+            errs.append(f"spec.source.{k} must be a string")
     return errs
 
 
@@ -819,6 +834,55 @@ def check_csi(r: Report, label: str, mode: str, objs: list[dict], settings: dict
                 (find(spec["volumes"], "pool") or {}).get("hostPath", {}).get("type") == "Directory")
 
 
+CONTROLLER_SIDECARS_LABEL = "csi.loopvol.io/controller-sidecars"
+
+
+def check_controller_sidecars_label(r: Report, label: str, mode: str, objs: list[dict]) -> None:
+    """The label optional components select workloads by: on the workload that runs the
+    controller-side sidecars, saying how (per-node, leader-elected), and on no other."""
+    want = ({("Deployment", "loopvol-controller"): "leader-elected"} if mode == "csi-shared"
+            else {("DaemonSet", "loopvol-node"): "per-node"})
+    got = {(o["kind"], o["metadata"]["name"]): (o["metadata"].get("labels") or {}).get(CONTROLLER_SIDECARS_LABEL)
+           for o in objs if o["kind"] in WORKLOAD_KINDS}
+    problems = [f"{k[0]}/{k[1]}: {CONTROLLER_SIDECARS_LABEL}={v!r}, want {want.get(k)!r}"
+                for k, v in got.items() if v != want.get(k)]
+    problems += [f"{k[0]}/{k[1]} missing" for k in want if k not in got]
+    r.problems(f"{label}: {CONTROLLER_SIDECARS_LABEL} marks {', '.join(f'{k[1]}={v}' for k, v in want.items())} "
+               f"only", problems)
+
+
+def check_group_snapshots(r: Report, label: str, objs: list[dict], enabled: bool) -> None:
+    """Group snapshots end to end: every csi-snapshotter runs with the CSIVolumeGroupSnapshot gate
+    and the install has a default VolumeGroupSnapshotClass for the driver (its RBAC is in the
+    snapshotter's table); or, with components/without-group-snapshots, neither."""
+    problems = []
+    snapshotters = [(o, c) for o in objs if pod_spec(o) is not None for c in containers(pod_spec(o))
+                    if (sidecar_of(c) or ("",))[0] == "csi-snapshotter"]
+    if not snapshotters:
+        problems.append("no csi-snapshotter")
+    for o, c in snapshotters:
+        gate = feature_gate(c.get("args") or [], GROUP_SNAPSHOT_GATE)
+        if gate is not enabled:
+            problems.append(f"{ident(o)} {c['name']}: --feature-gates {GROUP_SNAPSHOT_GATE}={gate}, want {enabled}")
+    classes = [o for o in objs if o["kind"] == "VolumeGroupSnapshotClass"]
+    if enabled:
+        if len(classes) != 1:
+            problems.append(f"want one VolumeGroupSnapshotClass, found {len(classes)}")
+        for vgsc in classes:
+            if vgsc.get("driver") != DRIVER:
+                problems.append(f"{ident(vgsc)}: driver {vgsc.get('driver')!r}")
+            if vgsc.get("apiVersion") != "groupsnapshot.storage.k8s.io/v1":
+                problems.append(f"{ident(vgsc)}: apiVersion {vgsc.get('apiVersion')} (v1 is what csi-snapshotter "
+                                f"v8.6 uses)")
+            ann = (vgsc["metadata"].get("annotations") or {})
+            if ann.get("groupsnapshot.storage.kubernetes.io/is-default-class") != "true":
+                problems.append(f"{ident(vgsc)} is not the default group snapshot class")
+    elif classes:
+        problems.append(f"{', '.join(ident(c) for c in classes)} installed without group snapshots")
+    r.problems(f"{label}: group snapshots {'wired end to end (gate, default class)' if enabled else 'switched off'}",
+               problems)
+
+
 def check_flexvolume(r: Report, label: str, objs: list[dict], settings: dict, installer_path: str) -> None:
     ds = next((o for o in objs if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "loopvol-flexvolume"), None)
     if not r.check(f"{label}: installer DaemonSet loopvol-flexvolume present", ds is not None):
@@ -853,6 +917,9 @@ def check_flexvolume(r: Report, label: str, objs: list[dict], settings: dict, in
 def check_examples(r: Report, objs: list[dict], installed: list[dict]) -> None:
     scs = {o["metadata"]["name"] for o in installed if o["kind"] == "StorageClass"}
     vscs = {o["metadata"]["name"] for o in installed if o["kind"] == "VolumeSnapshotClass"}
+    vgscs = {o["metadata"]["name"] for o in installed if o["kind"] == "VolumeGroupSnapshotClass"}
+    claim_labels = {o["metadata"]["name"]: o["metadata"].get("labels") or {} for o in objs
+                    if o["kind"] == "PersistentVolumeClaim"}
     pvcs = {o["metadata"]["name"] for o in objs if o["kind"] == "PersistentVolumeClaim"}
     pvs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolume"}
     snaps = {o["metadata"]["name"] for o in objs if o["kind"] == "VolumeSnapshot"}
@@ -879,6 +946,15 @@ def check_examples(r: Report, objs: list[dict], installed: list[dict]) -> None:
             src = ((o.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName")
             if src and src not in pvcs:
                 problems.append(f"{n}: snapshots unknown claim {src}")
+        elif k == "VolumeGroupSnapshot":
+            cls = (o.get("spec") or {}).get("volumeGroupSnapshotClassName")
+            if cls is not None and cls not in vgscs:
+                problems.append(f"{n}: volumeGroupSnapshotClassName {cls!r} is not installed")
+            selector = (((o.get("spec") or {}).get("source") or {}).get("selector") or {})
+            want = selector.get("matchLabels") or {}
+            members = [c for c, labels in claim_labels.items() if all(labels.get(k) == v for k, v in want.items())]
+            if not want or len(members) < 2:
+                problems.append(f"{n}: its selector {selector} picks {members}, not a group of example claims")
         elif k == "PersistentVolume" and "flexVolume" in o["spec"]:
             fv = o["spec"]["flexVolume"]
             if fv.get("driver") != FLEX_DRIVER:
@@ -1077,8 +1153,11 @@ def main() -> int:
         guarded(r, label, check_objects, label, objs, version, NAMESPACE)
         guarded(r, label, check_rbac, label, objs)
         guarded(r, label, check_sidecars, label, objs)
+        extra = set() if components == "-" else set(components.split(","))
         if mode in ("csi-local", "csi-shared"):
             guarded(r, label, check_csi, label, mode, objs, settings)
+            guarded(r, label, check_controller_sidecars_label, label, mode, objs)
+            guarded(r, label, check_group_snapshots, label, objs, "without-group-snapshots" not in extra)
             installed += objs
         elif mode == "flexvolume":
             guarded(r, label, check_flexvolume, label, objs, settings, installer)
