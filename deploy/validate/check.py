@@ -218,6 +218,24 @@ SIDECARS: dict[str, dict[str, Sidecar]] = {
                         "--connection-timeout": "(nothing: it has no effect)"},
             rbac=[]),
     },
+    "csi-external-health-monitor-controller": {
+        # v0.19.0 exists: it records health in PersistentVolumeClaim status.healthStatus (a
+        # Kubernetes 1.37 field) instead of events; its flags and RBAC could not be checked.
+        "v0.18.0": Sidecar(
+            flags={"--v", "--csi-address", "--timeout", "--leader-election", "--leader-election-namespace",
+                   "--monitor-interval", "--list-volumes-interval", "--volume-list-add-interval",
+                   "--node-list-add-interval", "--worker-threads", "--enable-node-watcher", "--resync",
+                   "--metrics-address", "--metrics-path"},
+            deprecated={},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch"}, "cluster", always),
+                ("", "persistentvolumeclaims", {"get", "list", "watch"}, "cluster", always),
+                ("", "pods", {"get", "list", "watch"}, "cluster", always),
+                ("", "nodes", {"get", "list", "watch"}, "cluster", with_arg("--enable-node-watcher=true")),
+                EVENTS,
+                LEADER_ELECTION,
+            ]),
+    },
     "livenessprobe": {
         "v2.19.0": Sidecar(
             flags={"--v", "--csi-address", "--probe-timeout", "--http-endpoint", "--metrics-path",
@@ -883,6 +901,44 @@ def check_group_snapshots(r: Report, label: str, objs: list[dict], enabled: bool
                problems)
 
 
+HEALTH_MONITOR_IMAGE = "csi-external-health-monitor-controller"
+
+
+def check_health_monitor(r: Report, label: str, objs: list[dict], enabled: bool) -> None:
+    """components/health-monitor: the monitor runs next to the controller service only, on every
+    node without leader election (node-local: each copy reports its own pool) or leader-elected
+    in the controller Deployment; without the component, nowhere."""
+    problems = []
+    found = 0
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        how = (o["metadata"].get("labels") or {}).get(CONTROLLER_SIDECARS_LABEL)
+        for c in containers(spec):
+            if (sidecar_of(c) or ("",))[0] != HEALTH_MONITOR_IMAGE:
+                continue
+            found += 1
+            args = c.get("args") or []
+            if not enabled:
+                problems.append(f"{ident(o)} runs {c['name']} without the component")
+            elif how is None:
+                problems.append(f"{ident(o)} runs {c['name']} but no controller service")
+            elif (how == "leader-elected") != ("--leader-election=true" in args):
+                problems.append(f"{ident(o)} ({how}): {c['name']} leader election "
+                                f"{'missing' if how == 'leader-elected' else 'would leave all nodes but one unwatched'}")
+            if "--csi-address=/csi/csi.sock" not in args or (mount(c, "plugin-dir") or mount(c, "socket-dir")
+                                                               or {}).get("mountPath") != "/csi":
+                problems.append(f"{ident(o)} {c['name']} must use the driver's socket /csi/csi.sock")
+            if any(a.startswith("--enable-node-watcher") and not a.endswith("=false") for a in args):
+                problems.append(f"{ident(o)} {c['name']}: the node watcher would report each failed node from "
+                                f"every copy")
+    if enabled and found != 1:
+        problems.append(f"want the monitor in exactly one workload, found {found}")
+    r.problems(f"{label}: external-health-monitor-controller {'next to the controller service' if enabled else 'absent'}",
+               problems)
+
+
 def check_flexvolume(r: Report, label: str, objs: list[dict], settings: dict, installer_path: str) -> None:
     ds = next((o for o in objs if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "loopvol-flexvolume"), None)
     if not r.check(f"{label}: installer DaemonSet loopvol-flexvolume present", ds is not None):
@@ -1158,6 +1214,7 @@ def main() -> int:
             guarded(r, label, check_csi, label, mode, objs, settings)
             guarded(r, label, check_controller_sidecars_label, label, mode, objs)
             guarded(r, label, check_group_snapshots, label, objs, "without-group-snapshots" not in extra)
+            guarded(r, label, check_health_monitor, label, objs, "health-monitor" in extra)
             installed += objs
         elif mode == "flexvolume":
             guarded(r, label, check_flexvolume, label, objs, settings, installer)
