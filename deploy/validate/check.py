@@ -528,6 +528,87 @@ def check_objects(r: Report, label: str, objs: list[dict], workspace_version: st
         r.problems(f"{label}: {ident(o)} pod spec consistent", problems)
 
 
+# --------------------------------------------------------------------------- hardening
+SUFFIXES = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: Any) -> float | None:
+    """A Kubernetes quantity as a number (cores, bytes), None if it is not one."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", str(value))
+    if not m or m.group(2) not in SUFFIXES:
+        return None
+    return float(m.group(1)) * SUFFIXES[m.group(2)]
+
+
+def check_hardening(r: Report, label: str, objs: list[dict]) -> None:
+    """Every workload runs on Linux nodes only; every container has requests and limits for CPU
+    and memory (limits at least the requests); every container that is not privileged runs
+    with the RuntimeDefault seccomp profile and cannot escalate privileges."""
+    for o in objs:
+        if o["kind"] not in WORKLOAD_KINDS:
+            continue
+        spec = pod_spec(o)
+        problems = []
+        if (spec.get("nodeSelector") or {}).get("kubernetes.io/os") != "linux":
+            problems.append("nodeSelector kubernetes.io/os: linux missing")
+        pod_seccomp = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+        for c in containers(spec):
+            cn = c.get("name")
+            res = c.get("resources") or {}
+            for kind in ("cpu", "memory"):
+                req = quantity((res.get("requests") or {}).get(kind))
+                lim = quantity((res.get("limits") or {}).get(kind))
+                if req is None or lim is None:
+                    problems.append(f"{cn}: {kind} request and limit both needed, have {res}")
+                elif lim < req:
+                    problems.append(f"{cn}: {kind} limit below its request")
+            sc = c.get("securityContext") or {}
+            if sc.get("privileged"):
+                continue
+            seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
+            if seccomp != "RuntimeDefault":
+                problems.append(f"{cn}: not privileged, so seccompProfile RuntimeDefault, not {seccomp}")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cn}: allowPrivilegeEscalation must be false")
+            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                problems.append(f"{cn}: must drop ALL capabilities (and add back only what it needs)")
+        r.problems(f"{label}: {ident(o)} Linux nodes, limits, seccomp RuntimeDefault where not privileged",
+                   problems)
+
+
+def check_disruption_budget(r: Report, label: str, mode: str, objs: list[dict]) -> None:
+    """The shared-pool controller has a PodDisruptionBudget that lets drains take one replica at
+    a time; DaemonSets need none (drains do not evict them)."""
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    ctrl = next((o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "loopvol-controller"),
+                None)
+    problems = []
+    if ctrl is None:
+        if pdbs:
+            problems.append(f"{', '.join(ident(p) for p in pdbs)} without the controller Deployment")
+    else:
+        labels = ctrl["spec"]["template"]["metadata"].get("labels") or {}
+        replicas = ctrl["spec"].get("replicas", 1)
+        mine = [p for p in pdbs if all(labels.get(k) == v for k, v in
+                                       ((p["spec"].get("selector") or {}).get("matchLabels") or {}).items())
+                and (p["spec"].get("selector") or {}).get("matchLabels")]
+        if len(mine) != 1:
+            problems.append(f"want one PodDisruptionBudget selecting the controller's pods {labels}, found {len(mine)}")
+        for p in mine:
+            spec = p["spec"]
+            if p["metadata"].get("namespace") != ctrl["metadata"].get("namespace"):
+                problems.append(f"{ident(p)} is not in the controller's namespace")
+            if spec.get("maxUnavailable") != 1 and not (isinstance(spec.get("minAvailable"), int)
+                                                         and 0 < spec["minAvailable"] < replicas):
+                problems.append(f"{ident(p)} must let exactly one of {replicas} replicas go "
+                                f"(maxUnavailable: 1), not {spec}")
+            if replicas < 2:
+                problems.append(f"the controller has {replicas} replica: a budget would block every drain")
+    r.problems(f"{label}: PodDisruptionBudget {'for loopvol-controller' if ctrl else 'none (DaemonSets only)'}",
+               problems)
+
+
 # --------------------------------------------------------------------------- RBAC
 def rules_for(objs: list[dict], sa_ns: str, sa_name: str) -> list[tuple[dict, str | None]]:
     """(rule, namespace or None for cluster-wide) for every rule bound to the account."""
@@ -1209,6 +1290,8 @@ def main() -> int:
         guarded(r, label, check_objects, label, objs, version, NAMESPACE)
         guarded(r, label, check_rbac, label, objs)
         guarded(r, label, check_sidecars, label, objs)
+        guarded(r, label, check_hardening, label, objs)
+        guarded(r, label, check_disruption_budget, label, mode, objs)
         extra = set() if components == "-" else set(components.split(","))
         if mode in ("csi-local", "csi-shared"):
             guarded(r, label, check_csi, label, mode, objs, settings)
