@@ -54,7 +54,7 @@ impl<'a> Args<'a> {
     }
 
     fn options(&self, i: usize) -> Result<Options, CallError> {
-        Options::parse(self.get(i, "the JSON options")?)
+        Ok(Options::parse(self.get(i, "the JSON options")?)?)
     }
 
     /// A path argument: absolute and normalized, not a system directory.

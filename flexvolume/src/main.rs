@@ -8,8 +8,9 @@
 mod calls;
 mod config;
 mod logging;
-mod options;
 mod reply;
+
+use loopvol_flexvolume::options;
 
 use std::time::{Duration, Instant};
 

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use loopvol::validate::{self, FsType};
-
-use crate::reply::CallError;
+use serde_json::{Map, Value};
 
 pub const VOLUME_ID: &str = "volumeID";
 pub const SIZE: &str = "size";
@@ -20,6 +19,23 @@ pub const FS_GROUP: &str = "kubernetes.io/mounterArgs.FsGroup";
 pub const FS_GROUP_OLD: &str = "kubernetes.io/fsGroup";
 pub const SECRET_PREFIX: &str = "kubernetes.io/secret/";
 
+/// Why the options cannot be used. Messages name keys, never values (a value may be a secret).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed: not JSON, not an object, a value of the wrong kind, no volume named.
+    #[error("{0}")]
+    Invalid(String),
+    /// A value the backend's validation refused (volume ID, size, fs type, mount options...).
+    #[error(transparent)]
+    Value(#[from] loopvol::Error),
+}
+
+impl Error {
+    fn invalid(message: impl Into<String>) -> Error {
+        Error::Invalid(message.into())
+    }
+}
+
 /// The options as kubelet sent them: string keys to string values.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Options {
@@ -29,33 +45,61 @@ pub struct Options {
 impl Options {
     /// Parses the JSON argument. It must be an object; values must be strings (numbers and
     /// booleans, which hand-written calls use, are taken as their text).
-    pub fn parse(json: &str) -> Result<Options, CallError> {
-        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+    pub fn parse(json: &str) -> Result<Options, Error> {
+        let value: Value = serde_json::from_str(json).map_err(|e| {
             // serde_json's message names the position, never the content: nothing secret leaks.
-            CallError::invalid(format!("the options argument is not valid JSON: {e}"))
+            Error::invalid(format!("the options argument is not valid JSON: {e}"))
         })?;
-        let serde_json::Value::Object(object) = value else {
-            return Err(CallError::invalid(format!(
+        let Value::Object(object) = value else {
+            return Err(Error::invalid(format!(
                 "the options argument must be a JSON object, not {}",
                 kind_of(&value)
             )));
         };
+        Options::from_map(&object)
+    }
+
+    /// The options of a JSON object, with the rule for values [`Options::parse`] applies.
+    pub fn from_map(object: &Map<String, Value>) -> Result<Options, Error> {
         let mut map = BTreeMap::new();
         for (key, value) in object {
             let text = match value {
-                serde_json::Value::String(s) => s,
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::Bool(b) => b.to_string(),
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
                 other => {
-                    return Err(CallError::invalid(format!(
+                    return Err(Error::invalid(format!(
                         "option {key:?} must be a string, not {}",
-                        kind_of(&other)
+                        kind_of(other)
                     )))
                 }
             };
-            map.insert(key, text);
+            map.insert(key.clone(), text);
         }
         Ok(Options { map })
+    }
+
+    /// What kubelet sends the driver for a FlexVolume PV named `pv_name` whose
+    /// `flexVolume.options` are `self`: kubelet's own keys (the PV name, `flexVolume.fsType`,
+    /// `readOnly`) with the PV's options merged over them, as kubelet merges them (last: they may
+    /// override anything).
+    pub fn with_kubelet_keys(&self, pv_name: &str, fs_type: &str, read_only: bool) -> Options {
+        let mut sent = self.clone();
+        for (key, value) in [
+            (PV_OR_VOLUME_NAME, pv_name),
+            (FS_TYPE, fs_type),
+            (READ_WRITE, if read_only { "ro" } else { "rw" }),
+        ] {
+            sent.map
+                .entry(key.to_owned())
+                .or_insert_with(|| value.to_owned());
+        }
+        sent
+    }
+
+    /// The keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -67,13 +111,21 @@ impl Options {
         self.get(key).filter(|v| !v.is_empty())
     }
 
-    /// The volume: `volumeID`, else `kubernetes.io/pvOrVolumeName`; validated as a volume ID.
-    pub fn volume_id(&self) -> Result<String, CallError> {
+    /// Which key names the volume: `volumeID`, else `kubernetes.io/pvOrVolumeName` (the one
+    /// rule; empty values count as absent). `None` when neither is set.
+    pub fn volume_id_key(&self) -> Option<&'static str> {
+        [VOLUME_ID, PV_OR_VOLUME_NAME]
+            .into_iter()
+            .find(|k| self.non_empty(k).is_some())
+    }
+
+    /// The volume, named by [`Options::volume_id_key`]; validated as a volume ID.
+    pub fn volume_id(&self) -> Result<String, Error> {
         let id = self
-            .non_empty(VOLUME_ID)
-            .or_else(|| self.non_empty(PV_OR_VOLUME_NAME))
+            .volume_id_key()
+            .and_then(|k| self.non_empty(k))
             .ok_or_else(|| {
-                CallError::invalid(format!(
+                Error::invalid(format!(
                     "no volume named: set the {VOLUME_ID:?} option (or kubelet's {PV_OR_VOLUME_NAME:?})"
                 ))
             })?;
@@ -82,7 +134,7 @@ impl Options {
     }
 
     /// `size` as bytes, when given.
-    pub fn size(&self) -> Result<Option<u64>, CallError> {
+    pub fn size(&self) -> Result<Option<u64>, Error> {
         Ok(self
             .non_empty(SIZE)
             .map(validate::parse_quantity)
@@ -90,12 +142,12 @@ impl Options {
     }
 
     /// `kubernetes.io/fsType`; `None` when empty or absent (the volume's own type, else ext4).
-    pub fn fs_type(&self) -> Result<Option<FsType>, CallError> {
+    pub fn fs_type(&self) -> Result<Option<FsType>, Error> {
         Ok(self.non_empty(FS_TYPE).map(str::parse).transpose()?)
     }
 
     /// `mountOptions`, comma-separated.
-    pub fn mount_options(&self) -> Result<Vec<String>, CallError> {
+    pub fn mount_options(&self) -> Result<Vec<String>, Error> {
         Ok(match self.non_empty(MOUNT_OPTIONS) {
             Some(s) => validate::parse_mount_options(s)?,
             None => Vec::new(),
@@ -103,18 +155,18 @@ impl Options {
     }
 
     /// `kubernetes.io/readwrite`: "ro" is read-only; "rw" or absent read-write.
-    pub fn read_only(&self) -> Result<bool, CallError> {
+    pub fn read_only(&self) -> Result<bool, Error> {
         match self.non_empty(READ_WRITE) {
             None | Some("rw") => Ok(false),
             Some("ro") => Ok(true),
-            Some(other) => Err(CallError::invalid(format!(
+            Some(other) => Err(Error::invalid(format!(
                 "option {READ_WRITE:?} must be \"rw\" or \"ro\", not {other:?}"
             ))),
         }
     }
 
     /// The pod's fsGroup (`kubernetes.io/mounterArgs.FsGroup`, or the pre-1.15 key).
-    pub fn fs_group(&self) -> Result<Option<u32>, CallError> {
+    pub fn fs_group(&self) -> Result<Option<u32>, Error> {
         let Some((key, value)) = [FS_GROUP, FS_GROUP_OLD]
             .into_iter()
             .find_map(|k| self.non_empty(k).map(|v| (k, v)))
@@ -122,7 +174,7 @@ impl Options {
             return Ok(None);
         };
         value.parse().map(Some).map_err(|_| {
-            CallError::invalid(format!(
+            Error::invalid(format!(
                 "option {key:?} must be a group ID (a number up to {}), not {value:?}",
                 u32::MAX
             ))
@@ -176,14 +228,14 @@ impl fmt::Debug for Options {
     }
 }
 
-fn kind_of(v: &serde_json::Value) -> &'static str {
+fn kind_of(v: &Value) -> &'static str {
     match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -200,7 +252,7 @@ pub struct VolumeRequest {
 }
 
 impl VolumeRequest {
-    pub fn from_options(o: &Options) -> Result<VolumeRequest, CallError> {
+    pub fn from_options(o: &Options) -> Result<VolumeRequest, Error> {
         Ok(VolumeRequest {
             id: o.volume_id()?,
             size: o.size()?,
@@ -217,7 +269,7 @@ impl VolumeRequest {
 mod tests {
     use super::*;
 
-    fn message(e: CallError) -> String {
+    fn message(e: Error) -> String {
         e.to_string()
     }
 
@@ -285,6 +337,41 @@ mod tests {
         assert!(err.contains("group ID"), "{err}");
         let err = message(req(r#"{"volumeID":"v","mountOptions":"bind"}"#).unwrap_err());
         assert!(err.contains("mount option"), "{err}");
+    }
+
+    #[test]
+    fn one_volume_id_rule_for_kubelet_and_migration() {
+        let pv_options = |json: &str| match serde_json::from_str(json).unwrap() {
+            Value::Object(m) => Options::from_map(&m).unwrap(),
+            other => panic!("{other}"),
+        };
+        // volumeID wins; else kubelet's PV name; empty values count as absent.
+        for (options, want, key) in [
+            (r#"{"volumeID":"vol-1"}"#, "vol-1", VOLUME_ID),
+            (r#"{}"#, "pv-a", PV_OR_VOLUME_NAME),
+            (r#"{"volumeID":""}"#, "pv-a", PV_OR_VOLUME_NAME),
+            // The PV's options override kubelet's keys, as kubelet merges them last.
+            (
+                r#"{"kubernetes.io/pvOrVolumeName":"other"}"#,
+                "other",
+                PV_OR_VOLUME_NAME,
+            ),
+        ] {
+            let sent = pv_options(options).with_kubelet_keys("pv-a", "xfs", true);
+            assert_eq!(sent.volume_id().unwrap(), want, "{options}");
+            assert_eq!(sent.volume_id_key(), Some(key), "{options}");
+            assert!(sent.read_only().unwrap());
+        }
+        let sent =
+            pv_options(r#"{"kubernetes.io/fsType":"btrfs"}"#).with_kubelet_keys("p", "xfs", false);
+        assert_eq!(sent.fs_type().unwrap(), Some(FsType::Btrfs));
+        assert!(!sent.read_only().unwrap());
+        let sent =
+            pv_options(r#"{"kubernetes.io/pvOrVolumeName":""}"#).with_kubelet_keys("p", "", false);
+        assert_eq!(sent.volume_id_key(), None);
+        assert!(message(sent.volume_id().unwrap_err()).contains("no volume named"));
+        let options = pv_options(r#"{"size":"1Gi","volumeID":"v"}"#);
+        assert_eq!(options.keys().collect::<Vec<_>>(), ["size", "volumeID"]);
     }
 
     #[test]

@@ -122,6 +122,15 @@ impl From<loopvol::Error> for CallError {
     }
 }
 
+impl From<loopvol_flexvolume::options::Error> for CallError {
+    fn from(e: loopvol_flexvolume::options::Error) -> Self {
+        match e {
+            loopvol_flexvolume::options::Error::Invalid(m) => CallError::Invalid(m),
+            loopvol_flexvolume::options::Error::Value(e) => CallError::Backend(e),
+        }
+    }
+}
+
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -9,8 +9,9 @@
 //! - The spec is kept (capacity, accessModes, claimRef, volumeMode, storageClassName,
 //!   persistentVolumeReclaimPolicy, mountOptions, nodeAffinity, ...) with `flexVolume` replaced by
 //!   `csi: {driver, volumeHandle, fsType, readOnly}`.
-//! - `volumeHandle` is the volume ID exactly as the FlexVolume driver picks it: the `volumeID`
-//!   option, else the PV name (what kubelet sends as `kubernetes.io/pvOrVolumeName`).
+//! - `volumeHandle` is the volume ID exactly as the FlexVolume driver picks it: the driver's own
+//!   rule ([`loopvol_flexvolume::options`]) applied to what kubelet sends it for this PV (the
+//!   `volumeID` option, else `kubernetes.io/pvOrVolumeName`: the PV name).
 //! - `fsType`: `flexVolume.fsType`, else the `kubernetes.io/fsType` option, else ext4.
 //! - The `mountOptions` option (comma-separated) joins `spec.mountOptions`.
 //! - `claimRef` keeps namespace, name and uid: the claim still exists and names this PV in its
@@ -20,10 +21,12 @@
 //! - Node-local pools (`Pool::Node`): node affinity on the CSI driver's topology key, added to
 //!   every term of an existing `nodeAffinity` (terms are ORed, expressions ANDed).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use loopvol::validate::{self, FsType};
+use loopvol_flexvolume::options::{
+    Options, FS_TYPE, MOUNT_OPTIONS, PV_OR_VOLUME_NAME, SIZE, VOLUME_ID,
+};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -32,10 +35,7 @@ pub use loopvol::names::{CSI_DRIVER as DEFAULT_CSI_DRIVER, FLEX_DRIVER, TOPOLOGY
 pub const DEFAULT_FS: FsType = FsType::Ext4;
 
 /// The FlexVolume options this command understands; others are reported and not carried over.
-const OPT_VOLUME_ID: &str = "volumeID";
-const OPT_SIZE: &str = "size";
-const OPT_MOUNT_OPTIONS: &str = "mountOptions";
-const OPT_FS_TYPE: &str = "kubernetes.io/fsType";
+const KNOWN_OPTIONS: [&str; 4] = [VOLUME_ID, SIZE, MOUNT_OPTIONS, FS_TYPE];
 /// kubectl's copy of the applied manifest: it would describe the old FlexVolume spec.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -193,15 +193,6 @@ pub fn convert_pv(
         ));
     }
 
-    let options = options(flex).map_err(refuse)?;
-    let (volume_id, from) = match options.get(OPT_VOLUME_ID).filter(|v| !v.is_empty()) {
-        Some(id) => (id.as_str(), "options.volumeID"),
-        None => (name, "the PV name, as options.volumeID is not set"),
-    };
-    validate::check_id("volume ID", volume_id)
-        .map_err(|e| refuse(format!("the volume ID comes from {from}: {e}")))?;
-
-    let fs_type = fs_type(flex, &options).map_err(refuse)?;
     let read_only = match flex.get("readOnly") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -211,9 +202,28 @@ pub fn convert_pv(
             )))
         }
     };
+    let options = options(flex).map_err(refuse)?;
+    // The driver's rule on what kubelet sent it for this PV: the same volume, by construction.
+    let sent = options.with_kubelet_keys(
+        name,
+        flex.get("fsType").and_then(Value::as_str).unwrap_or(""),
+        read_only,
+    );
+    let volume_id = sent.volume_id().map_err(|e| {
+        let from = match sent.volume_id_key() {
+            Some(VOLUME_ID) => "options.volumeID",
+            _ if options.get(PV_OR_VOLUME_NAME).is_some() => {
+                "option kubernetes.io/pvOrVolumeName, as options.volumeID is not set"
+            }
+            _ => "the PV name, as options.volumeID is not set",
+        };
+        refuse(format!("the volume ID comes from {from}: {e}"))
+    })?;
+
+    let fs_type = fs_type(flex, &options).map_err(refuse)?;
     let mount_options = mount_options(spec, &options).map_err(refuse)?;
     for key in options.keys() {
-        if ![OPT_VOLUME_ID, OPT_SIZE, OPT_MOUNT_OPTIONS, OPT_FS_TYPE].contains(&key.as_str()) {
+        if !KNOWN_OPTIONS.contains(&key) {
             notes.push(format!(
                 "PersistentVolume {name}: option {key:?} is not a loopvol option and is not carried over"
             ));
@@ -262,52 +272,31 @@ pub fn convert_pv(
     }))
 }
 
-/// `flexVolume.options` as strings. Numbers and booleans are taken as their text, as the
-/// FlexVolume driver does.
-fn options(flex: &Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    let Some(options) = flex.get("options").filter(|o| !o.is_null()) else {
-        return Ok(out);
-    };
-    let Value::Object(options) = options else {
-        return Err(format!(
+/// `flexVolume.options`, read as the FlexVolume driver reads its options argument.
+fn options(flex: &Map<String, Value>) -> Result<Options, String> {
+    match flex.get("options") {
+        None | Some(Value::Null) => Ok(Options::from_map(&Map::new()).expect("no options")),
+        Some(Value::Object(options)) => Options::from_map(options).map_err(|e| e.to_string()),
+        Some(other) => Err(format!(
             "flexVolume.options must be a map, not {}",
-            kind_of(options)
-        ));
-    };
-    for (key, value) in options {
-        let text = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => n.to_string(),
-            Value::Bool(b) => b.to_string(),
-            other => {
-                return Err(format!(
-                    "option {key:?} must be a string, not {}",
-                    kind_of(other)
-                ))
-            }
-        };
-        out.insert(key.clone(), text);
+            kind_of(other)
+        )),
     }
-    Ok(out)
 }
 
-fn fs_type(
-    flex: &Map<String, Value>,
-    options: &BTreeMap<String, String>,
-) -> Result<FsType, String> {
+/// The type the volume was formatted with, as far as the PV says: the field or the option (an
+/// empty option falls back to the field, not to the driver's default, so that a PV that always
+/// named its type keeps it).
+fn fs_type(flex: &Map<String, Value>, options: &Options) -> Result<FsType, String> {
     let field = flex
         .get("fsType")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty());
-    let option = options
-        .get(OPT_FS_TYPE)
-        .map(String::as_str)
-        .filter(|s| !s.is_empty());
+    let option = options.get(FS_TYPE).filter(|s| !s.is_empty());
     let chosen = match (field, option) {
         (Some(f), Some(o)) if f != o => {
             return Err(format!(
-                "flexVolume.fsType {f:?} and option {OPT_FS_TYPE} {o:?} disagree; keep the one the \
+                "flexVolume.fsType {f:?} and option {FS_TYPE} {o:?} disagree; keep the one the \
                  volume was formatted with"
             ))
         }
@@ -318,10 +307,7 @@ fn fs_type(
 }
 
 /// `spec.mountOptions` followed by the `mountOptions` option's entries, without repeats.
-fn mount_options(
-    spec: &Map<String, Value>,
-    options: &BTreeMap<String, String>,
-) -> Result<Vec<String>, String> {
+fn mount_options(spec: &Map<String, Value>, options: &Options) -> Result<Vec<String>, String> {
     let mut all: Vec<String> = Vec::new();
     match spec.get("mountOptions") {
         None | Some(Value::Null) => {}
@@ -335,12 +321,11 @@ fn mount_options(
         }
         Some(other) => return Err(format!("spec.mountOptions must be a list, not {other}")),
     }
-    if let Some(text) = options.get(OPT_MOUNT_OPTIONS) {
-        all.extend(
-            validate::parse_mount_options(text)
-                .map_err(|e| format!("option {OPT_MOUNT_OPTIONS}: {e}"))?,
-        );
-    }
+    all.extend(
+        options
+            .mount_options()
+            .map_err(|e| format!("option {MOUNT_OPTIONS}: {e}"))?,
+    );
     let mut unique: Vec<String> = Vec::new();
     for o in all {
         if !unique.contains(&o) {
@@ -742,6 +727,26 @@ status:
             handle(json!({"driver": FLEX_DRIVER, "options": {"size": "1Gi"}})),
             "pv-a"
         );
+        // kubelet merges the PV's options over its own keys, so one naming the PV wins there too.
+        assert_eq!(
+            handle(
+                json!({"driver": FLEX_DRIVER, "options": {"kubernetes.io/pvOrVolumeName": "vol-x"}})
+            ),
+            "vol-x"
+        );
+        let err = refused(
+            &pv(
+                "pv-a",
+                json!({"driver": FLEX_DRIVER, "options": {"kubernetes.io/pvOrVolumeName": "a/b"}}),
+                json!({}),
+            ),
+            &shared(),
+        );
+        assert!(
+            err.contains("option kubernetes.io/pvOrVolumeName")
+                && err.contains("invalid volume ID"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1068,7 +1073,7 @@ status:
             json!({}),
         ));
         assert!(
-            err.contains("option \"size\" must be a string, not a list"),
+            err.contains("option \"size\" must be a string, not an array"),
             "{err}"
         );
         let err = msg(r#"{"apiVersion":"v1","kind":"PersistentVolume","metadata":{}}"#.into());
