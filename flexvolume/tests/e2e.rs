@@ -1,5 +1,5 @@
-//! The FlexVolume driver run as kubelet and the controller-manager run it: the real binary, argv
-//! only, no stdin, and its output parsed as one JSON object. Every call is also checked to write
+//! The FlexVolume driver run as kubelet and the controller-manager run it: the binary cargo built
+//! for this test run, argv only, no stdin, and its output parsed as one JSON object. Every call is also checked to write
 //! nothing at all to stderr (kubelet parses stdout and stderr combined, so any stray byte breaks
 //! it) and to exit 0 for Success / Not supported, 1 for Failure.
 //!
@@ -10,158 +10,58 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Child;
 
-use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, Scratch};
+use loopvol_e2e::flex::{check_protocol, kubelet_options, kubelet_pod_options, Flex};
+use loopvol_e2e::freeze::Frozen;
+use loopvol_e2e::kernel;
+use loopvol_e2e::{
+    fs_size, fs_tools, loops_under, mounts_under, require_root, write_synced, Scratch,
+};
 use serde_json::{json, Value};
 
+/// The binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_loopvol-flexvolume");
 const MIB: u64 = 1 << 20;
+/// The pod kubelet mounts volumes for.
+const POD_UID: &str = "0b7a8e3c-1f2d-4e5f-9a0b-1c2d3e4f5a6b";
 /// The secret's value and its base64, as kubelet passes `kubernetes.io/secret/password`.
 const SECRET: &str = "hunter2-not-in-any-log";
 const SECRET_B64: &str = "aHVudGVyMi1ub3QtaW4tYW55LWxvZw==";
 
 const NODE_CAPS: &str = r#"{"status":"Success","capabilities":{"attach":false,"selinuxRelabel":true,"supportsMetrics":true,"fsGroup":false,"requiresFSResize":true}}"#;
 
-/// How the binary is run: its path and environment.
-#[derive(Clone)]
-struct Flex {
-    bin: PathBuf,
-    env: Vec<(&'static str, String)>,
-}
-
-impl Flex {
-    fn new(s: &Scratch, node: &str, attach: bool) -> Flex {
-        Flex {
-            bin: binary("loopvol-flexvolume"),
-            env: vec![
-                ("LOOPVOL_POOL", s.pool().display().to_string()),
-                (
-                    "LOOPVOL_LOG",
-                    s.path("flexvolume.log").display().to_string(),
-                ),
-                ("LOOPVOL_NODE", node.to_owned()),
-                ("LOOPVOL_ATTACH", attach.to_string()),
-            ],
-        }
-    }
-
-    fn node_mode(s: &Scratch) -> Flex {
-        Flex::new(s, "node-a", false)
-    }
-
-    fn with_env(mut self, key: &'static str, value: &str) -> Flex {
-        self.env.retain(|(k, _)| *k != key);
-        self.env.push((key, value.to_owned()));
-        self
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for var in [
-            "LOOPVOL_POOL",
-            "LOOPVOL_LOG",
-            "LOOPVOL_NODE",
-            "LOOPVOL_ATTACH",
-            "LOOPVOL_LOG_LEVEL",
-            "LOOPVOL_TEST_PANIC",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        cmd
-    }
-
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args)
-            .spawn()
-            .expect("spawn loopvol-flexvolume")
-    }
-
-    /// Runs one call and checks the protocol; returns the reply.
-    fn call(&self, args: &[&str]) -> Value {
-        let out = self.command(args).output().expect("run loopvol-flexvolume");
-        check_protocol(args, &out)
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        let reply = self.call(args);
-        assert_eq!(reply["status"], "Success", "{args:?}: {reply}");
-        reply
-    }
-
-    /// Expects a Failure and returns its message.
-    fn fail(&self, args: &[&str]) -> String {
-        let reply = self.call(args);
-        assert_eq!(reply["status"], "Failure", "{args:?}: {reply}");
-        let message = reply["message"].as_str().unwrap_or_default().to_owned();
-        assert!(
-            !message.is_empty(),
-            "{args:?}: a Failure needs a message: {reply}"
-        );
-        message
-    }
-}
-
-/// kubelet's reading of a call's output: stdout+stderr combined must be exactly one JSON object
-/// (trailing whitespace allowed). Stricter here: stderr must be empty. The exit code must agree.
-fn check_protocol(args: &[&str], out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.is_empty(),
-        "{args:?} wrote to stderr: {stderr:?} (stdout {stdout:?})"
-    );
-    let combined = format!("{stdout}{stderr}");
-    let reply: Value = serde_json::from_str(&combined)
-        .unwrap_or_else(|e| panic!("{args:?}: output is not one JSON object ({e}): {combined:?}"));
-    assert!(reply.is_object(), "{args:?}: not an object: {combined}");
-    let status = reply["status"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{args:?}: no status: {reply}"));
-    let code = out.status.code();
-    match status {
-        "Success" | "Not supported" => assert_eq!(code, Some(0), "{args:?}: {reply}"),
-        "Failure" => assert_eq!(code, Some(1), "{args:?}: {reply}"),
-        other => panic!("{args:?}: status {other:?} is not one kubelet knows: {reply}"),
-    }
-    reply
-}
-
-/// The options kubelet sends to `mount` for a PV named `pv` (plus the PV's own `extra` options).
+/// The options kubelet sends to `mount` for a PV named `pv` in a pod with fsGroup 2000 and the
+/// PV's secret (plus the PV's own `extra` options).
 fn kubelet_mount_options(pv: &str, fs: &str, rw: &str, extra: Value) -> String {
-    let mut o = json!({
-        "kubernetes.io/fsType": fs,
-        "kubernetes.io/readwrite": rw,
-        "kubernetes.io/pvOrVolumeName": pv,
-        "kubernetes.io/pod.name": "web-0",
-        "kubernetes.io/pod.namespace": "default",
-        "kubernetes.io/pod.uid": "0b7a8e3c-1f2d-4e5f-9a0b-1c2d3e4f5a6b",
-        "kubernetes.io/serviceAccount.name": "default",
+    let mut pv_options = json!({
         "kubernetes.io/mounterArgs.FsGroup": "2000",
         "kubernetes.io/secret/username": "ZmxleHVzZXI=",
         "kubernetes.io/secret/password": SECRET_B64,
     });
-    for (k, v) in extra.as_object().expect("extra options").clone() {
-        o[k] = v;
+    for (k, v) in extra.as_object().expect("extra options") {
+        pv_options[k] = v.clone();
     }
-    o.to_string()
+    kubelet_pod_options(pv, fs, rw, POD_UID, &pv_options)
 }
 
 /// The options kubelet sends to attach-family calls (no pod keys, no secrets).
 fn kubelet_attach_options(pv: &str, fs: &str, rw: &str, extra: Value) -> String {
-    let mut o = json!({
-        "kubernetes.io/fsType": fs,
-        "kubernetes.io/readwrite": rw,
-        "kubernetes.io/pvOrVolumeName": pv,
-    });
-    for (k, v) in extra.as_object().expect("extra options").clone() {
-        o[k] = v;
-    }
-    o.to_string()
+    kubelet_options(pv, fs, rw, &extra)
+}
+
+/// The driver in node mode, as node-a of the scratch pool.
+fn node_mode(s: &Scratch) -> Flex {
+    Flex::new(EXE, s, "node-a", false)
+}
+
+/// An installed copy of the driver at `path`, with `config` as the `loopvol.json` beside it.
+fn install(path: &Path, config: &Value) -> Flex {
+    let dir = path.parent().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(EXE, path).unwrap();
+    std::fs::write(dir.join("loopvol.json"), config.to_string()).unwrap();
+    Flex::installed(path)
 }
 
 fn gate(fs: &str) -> bool {
@@ -173,18 +73,8 @@ fn mkdir(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn write_synced(path: &Path, data: &[u8]) {
-    std::fs::write(path, data).unwrap();
-    std::fs::File::open(path).unwrap().sync_all().unwrap();
-}
-
 fn mount_count(s: &Scratch, p: &Path) -> usize {
     mounts_under(&s.root()).iter().filter(|m| *m == p).count()
-}
-
-fn fs_size(p: &Path) -> u64 {
-    let st = nix::sys::statvfs::statvfs(p).unwrap();
-    st.blocks() as u64 * st.fragment_size() as u64
 }
 
 fn log_text(s: &Scratch) -> String {
@@ -202,19 +92,6 @@ fn assert_no_secrets_logged(s: &Scratch) {
     assert!(
         !log.contains("ZmxleHVzZXI="),
         "a secret key's value reached the log"
-    );
-}
-
-fn assert_clean(s: &Scratch) {
-    assert!(
-        mounts_under(&s.root()).is_empty(),
-        "left mounted: {:?}",
-        mounts_under(&s.root())
-    );
-    assert!(
-        loops_under(&s.root()).is_empty(),
-        "left attached: {:?}",
-        loops_under(&s.root())
     );
 }
 
@@ -258,12 +135,12 @@ fn state(s: &Scratch) -> State {
 #[test]
 fn init_and_calls_not_supported() {
     let s = Scratch::new();
-    let node = Flex::node_mode(&s);
+    let node = node_mode(&s);
     let out = node.command(&["init"]).output().unwrap();
     check_protocol(&["init"], &out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), NODE_CAPS);
 
-    let attach = Flex::new(&s, "node-a", true);
+    let attach = Flex::new(EXE, &s, "node-a", true);
     let caps = attach.ok(&["init"]);
     assert_eq!(caps["capabilities"]["attach"], true, "{caps}");
     assert_eq!(caps["capabilities"]["fsGroup"], false, "{caps}");
@@ -300,18 +177,13 @@ fn init_and_calls_not_supported() {
 #[test]
 fn installed_copy_reads_its_config() {
     let s = Scratch::new();
-    let dir = s.path("plugins/loopvol~loopvol");
-    std::fs::create_dir_all(&dir).unwrap();
-    let installed = dir.join("loopvol");
-    std::fs::copy(binary("loopvol-flexvolume"), &installed).unwrap();
-    let config = dir.join("loopvol.json");
-    let flex = Flex {
-        bin: installed,
-        env: vec![],
-    };
-
     let pool = s.pool();
-    std::fs::write(&config, json!({"attach": true, "pool": pool, "log": s.path("cfg.log"), "node": null, "lockTimeoutSeconds": 5}).to_string()).unwrap();
+    let installed = s.path("plugins/loopvol~loopvol/loopvol");
+    let config = s.path("plugins/loopvol~loopvol/loopvol.json");
+    let flex = install(
+        &installed,
+        &json!({"attach": true, "pool": pool, "log": s.path("cfg.log"), "node": null, "lockTimeoutSeconds": 5}),
+    );
     assert_eq!(flex.ok(&["init"])["capabilities"]["attach"], true);
     let overridden = flex.clone().with_env("LOOPVOL_ATTACH", "false");
     assert_eq!(overridden.ok(&["init"])["capabilities"]["attach"], false);
@@ -347,7 +219,7 @@ fn installed_copy_reads_its_config() {
     assert_eq!(reply["status"], "Not supported");
     let m = flex.fail(&["unmount", "relative/dir"]);
     assert!(m.contains("not absolute"), "{m}");
-    let m = Flex::node_mode(&s)
+    let m = node_mode(&s)
         .with_env("LOOPVOL_ATTACH", "yes")
         .fail(&["init"]);
     assert!(m.contains("LOOPVOL_ATTACH"), "{m}");
@@ -363,7 +235,7 @@ fn symlinked_install_reads_the_config_in_the_plugin_dir() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&elsewhere).unwrap();
     let real = elsewhere.join("loopvol-flexvolume");
-    std::fs::copy(binary("loopvol-flexvolume"), &real).unwrap();
+    std::fs::copy(EXE, &real).unwrap();
     let link = dir.join("loopvol");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     std::fs::write(
@@ -371,10 +243,7 @@ fn symlinked_install_reads_the_config_in_the_plugin_dir() {
         json!({"attach": true, "pool": s.pool(), "log": ""}).to_string(),
     )
     .unwrap();
-    let flex = Flex {
-        bin: link,
-        env: vec![],
-    };
+    let flex = Flex::installed(link);
     assert_eq!(flex.ok(&["init"])["capabilities"]["attach"], true);
 }
 
@@ -382,7 +251,7 @@ fn symlinked_install_reads_the_config_in_the_plugin_dir() {
 #[test]
 fn panic_is_one_failure_object() {
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s).with_env("LOOPVOL_TEST_PANIC", "1");
+    let flex = node_mode(&s).with_env("LOOPVOL_TEST_PANIC", "1");
     let m = flex.fail(&[
         "unmount",
         "/var/lib/kubelet/pods/x/volumes/loopvol~loopvol/v",
@@ -404,19 +273,10 @@ fn panic_is_one_failure_object() {
 #[test]
 fn busy_volume_fails_after_the_configured_wait() {
     let s = Scratch::new();
-    let dir = s.path("plugin");
-    std::fs::create_dir_all(&dir).unwrap();
-    let installed = dir.join("loopvol");
-    std::fs::copy(binary("loopvol-flexvolume"), &installed).unwrap();
-    std::fs::write(
-        dir.join("loopvol.json"),
-        json!({"pool": s.pool(), "log": "", "node": "node-a", "lockTimeoutSeconds": 1}).to_string(),
-    )
-    .unwrap();
-    let flex = Flex {
-        bin: installed,
-        env: vec![],
-    };
+    let flex = install(
+        &s.path("plugin/loopvol"),
+        &json!({"pool": s.pool(), "log": "", "node": "node-a", "lockTimeoutSeconds": 1}),
+    );
     // Open the pool's layout, then hold the volume's lock as another call would.
     loopvol::Pool::open(s.pool(), loopvol::PoolOptions::new("node-a")).unwrap();
     let lock = std::fs::File::create(s.pool().join("locks/v-busy.lock")).unwrap();
@@ -440,7 +300,7 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     // Something real in place, so "unchanged" means something.
     let good_pod = mkdir(&s.path("pods/good/vol"));
     flex.ok(&[
@@ -666,7 +526,7 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
     assert_eq!(state(&s), before);
 
     flex.ok(&["unmount", &good_pod]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
     assert_no_secrets_logged(&s);
 }
 
@@ -678,7 +538,7 @@ fn node_mode_lifecycle_ext4() {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let create = kubelet_mount_options(
         "pv-web",
         "ext4",
@@ -741,7 +601,7 @@ fn node_mode_lifecycle_ext4() {
     assert_eq!(std::fs::read(pod2.join("from-pod-2")).unwrap(), b"two");
     flex.ok(&["unmount", &pod2.display().to_string()]);
     flex.ok(&["unmount", &pod3.display().to_string()]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 
     // The data survives; the volume is found by name alone, no size needed; nothing reformats.
     let pod4 = s.path("pods/uid-4/volumes/loopvol~loopvol/pv-web");
@@ -771,7 +631,7 @@ fn node_mode_lifecycle_ext4() {
     let never = s.path("pods/uid-9/volumes/loopvol~loopvol/pv-web");
     flex.ok(&["unmount", &mkdir(&never)]);
     flex.ok(&["unmount", &s.path("pods/uid-10/gone").display().to_string()]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
     assert_no_secrets_logged(&s);
     assert!(log_text(&s).contains("<redacted>"));
 }
@@ -788,7 +648,7 @@ fn unmount_after_the_staging_mount_vanished() {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let opts = kubelet_mount_options("pv-reboot", "btrfs", "rw", json!({"size": "320Mi"}));
     let pod = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-reboot");
     let pods = mkdir(&pod);
@@ -797,10 +657,10 @@ fn unmount_after_the_staging_mount_vanished() {
 
     // Simulated reboot: everything unmounted and detached behind the driver's back.
     s.cleanup_kernel_state();
-    assert_clean(&s);
+    s.assert_clean("left behind");
     flex.ok(&["unmount", &pods]);
     assert!(!pod.exists(), "the stale pod dir is removed");
-    assert_clean(&s);
+    s.assert_clean("left behind");
 
     // Mounts again, data intact.
     flex.ok(&["mount", &mkdir(&pod), &opts]);
@@ -814,7 +674,7 @@ fn unmount_after_the_staging_mount_vanished() {
     assert_eq!(mount_count(&s, &staging), 1);
     nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH).unwrap();
     flex.ok(&["unmount", &pods]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
     assert!(!pod.exists());
 }
 
@@ -826,7 +686,7 @@ fn concurrent_calls_from_separate_processes() {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let opts = kubelet_mount_options("pv-race", "ext4", "rw", json!({"size": "96Mi"}));
     let pod_a = s.path("pods/a/volumes/loopvol~loopvol/pv-race");
     let pod_b = s.path("pods/b/volumes/loopvol~loopvol/pv-race");
@@ -871,7 +731,7 @@ fn concurrent_calls_from_separate_processes() {
         unmount_b.clone(),
         unmount_b,
     ]));
-    assert_clean(&s);
+    s.assert_clean("left behind");
 
     // A pod unmounting while another mounts the same volume.
     flex.ok(&["mount", &mkdir(&pod_a), &opts]);
@@ -881,7 +741,7 @@ fn concurrent_calls_from_separate_processes() {
     ]));
     assert_eq!(std::fs::read(pod_b.join("f")).unwrap(), b"shared");
     flex.ok(&["unmount", &b]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 }
 
 /// expandfs grows the image and the mounted filesystem (xfs, btrfs: online).
@@ -890,7 +750,7 @@ fn expand_online(fs: &str) {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let pv = format!("pv-grow-{fs}");
     let opts = kubelet_mount_options(&pv, fs, "rw", json!({"size": "320Mi"}));
     let pod = s.path(&format!("pods/uid-1/volumes/loopvol~loopvol/{pv}"));
@@ -914,7 +774,7 @@ fn expand_online(fs: &str) {
     assert_eq!(fs_size(&pod), after);
     assert_eq!(std::fs::read(pod.join("data")).unwrap(), b"grow me");
     flex.ok(&["unmount", &pods]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 }
 
 #[test]
@@ -935,7 +795,7 @@ fn expandfs_ext4_grows_online_or_at_next_mount() {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let opts = kubelet_mount_options("pv-grow-ext4", "ext4", "rw", json!({"size": "128Mi"}));
     let pod = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-grow-ext4");
     let pods = mkdir(&pod);
@@ -944,7 +804,7 @@ fn expandfs_ext4_grows_online_or_at_next_mount() {
     let before = fs_size(&pod);
     let json = kubelet_attach_options("pv-grow-ext4", "ext4", "rw", json!({}));
     let args = ["expandfs", &json, "", &pods, "402653184", "134217728"];
-    if loopvol::fs::can_grow_ext4_online() {
+    if kernel::can_grow_ext4_online() {
         flex.ok(&args);
         assert!(fs_size(&pod) > before + 200 * MIB);
     } else {
@@ -964,7 +824,7 @@ fn expandfs_ext4_grows_online_or_at_next_mount() {
     );
     assert_eq!(std::fs::read(pod.join("data")).unwrap(), b"ext4");
     flex.ok(&["unmount", &pods]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 }
 
 /// Attach mode on a shared pool: the controller-manager's calls and two nodes' kubelet calls.
@@ -975,9 +835,9 @@ fn attach_mode_two_nodes_share_a_pool() {
         return;
     }
     let s = Scratch::new();
-    let cm = Flex::new(&s, "controller", true);
-    let node_a = Flex::new(&s, "node-a", true);
-    let node_b = Flex::new(&s, "node-b", true);
+    let cm = Flex::new(EXE, &s, "controller", true);
+    let node_a = Flex::new(EXE, &s, "node-a", true);
+    let node_b = Flex::new(EXE, &s, "node-b", true);
     let opts = kubelet_attach_options(
         "pv-shared",
         "xfs",
@@ -1069,7 +929,7 @@ fn attach_mode_two_nodes_share_a_pool() {
     );
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-never-attached", "node-a"]);
@@ -1126,7 +986,7 @@ fn attach_mode_two_nodes_share_a_pool() {
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
     cm.ok(&["detach", "pv-shared", "node-a"]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 
     // Read-only claims may be shared by both nodes.
     let ro = kubelet_attach_options("pv-shared", "xfs", "ro", json!({"volumeID": "vol-shared"}));
@@ -1146,21 +1006,11 @@ fn a_hung_call_still_answers_in_time() {
         return;
     }
     let s = Scratch::new();
-    let dir = s.path("plugin");
-    std::fs::create_dir_all(&dir).unwrap();
-    let installed = dir.join("loopvol");
-    std::fs::copy(binary("loopvol-flexvolume"), &installed).unwrap();
-    std::fs::write(
-        dir.join("loopvol.json"),
-        json!({"pool": s.pool(), "log": "", "node": "node-a",
-               "lockTimeoutSeconds": 1, "callTimeoutSeconds": 3})
-        .to_string(),
-    )
-    .unwrap();
-    let flex = Flex {
-        bin: installed,
-        env: vec![],
-    };
+    let flex = install(
+        &s.path("plugin/loopvol"),
+        &json!({"pool": s.pool(), "log": "", "node": "node-a",
+                "lockTimeoutSeconds": 1, "callTimeoutSeconds": 3}),
+    );
     let pod1 = mkdir(&s.path("pods/p1/vol"));
     flex.ok(&[
         "mount",
@@ -1169,15 +1019,7 @@ fn a_hung_call_still_answers_in_time() {
     ]);
     let staging = s.pool().join("staging/node-a/hang");
 
-    struct Thaw(PathBuf);
-    impl Drop for Thaw {
-        fn drop(&mut self) {
-            let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
-        }
-    }
-    let (code, _, err) = loopvol_e2e::run(Command::new("fsfreeze").arg("-f").arg(&staging));
-    assert_eq!(code, 0, "{err}");
-    let thaw = Thaw(staging.clone());
+    let frozen = Frozen::freeze(&staging);
 
     let pod2 = mkdir(&s.path("pods/p2/vol"));
     let started = std::time::Instant::now();
@@ -1198,7 +1040,7 @@ fn a_hung_call_still_answers_in_time() {
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("no reply while the call hung");
     let elapsed = started.elapsed();
-    drop(thaw);
+    frozen.thaw();
     let reply: Value = serde_json::from_str(&line).expect("one JSON object");
     assert_eq!(reply["status"], "Failure", "{reply}");
     let message = reply["message"].as_str().unwrap_or_default();
@@ -1216,7 +1058,7 @@ fn a_hung_call_still_answers_in_time() {
     // The next calls finish or undo the job.
     flex.ok(&["unmount", &pod2]);
     flex.ok(&["unmount", &pod1]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 }
 
 /// kubelet never unmounts a volume whose `mount` failed (it never counted as mounted), and never
@@ -1229,7 +1071,7 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
         return;
     }
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let opts = kubelet_mount_options("pv-fail", "ext4", "rw", json!({"size": "64Mi"}));
     let wrong = kubelet_mount_options("pv-fail", "xfs", "rw", json!({}));
     let pod1 = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-fail");
@@ -1250,12 +1092,12 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
     assert_eq!(loops_under(&s.root()).len(), 1);
     assert_eq!(std::fs::read(pod1.join("f")).unwrap(), b"still here");
     flex.ok(&["unmount", &pod1s]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 
     // Attach mode: waitforattach attached the device; mountdevice is refused; kubelet gives up
     // on the pod and the controller detaches. Nothing may stay attached on the node.
-    let cm = Flex::new(&s, "controller", true);
-    let node = Flex::new(&s, "node-a", true);
+    let cm = Flex::new(EXE, &s, "controller", true);
+    let node = Flex::new(EXE, &s, "node-a", true);
     let a_opts = kubelet_attach_options("pv-fail", "", "rw", json!({}));
     let a_wrong = kubelet_attach_options("pv-fail", "xfs", "rw", json!({}));
     let dmp = s.path("node-a/plugins/kubernetes.io/flexvolume/loopvol/loopvol/mounts/pv-fail");
@@ -1270,7 +1112,7 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
         .to_owned();
     let m = node.fail(&["mountdevice", &dmps, &device, &a_wrong]);
     assert!(m.contains("already holds a ext4 filesystem"), "{m}");
-    assert_clean(&s);
+    s.assert_clean("left behind");
     // kubelet retries waitforattach, then mountdevice: it works once the options are right.
     let device = node.ok(&["waitforattach", &handle, &a_opts])["device"]
         .as_str()
@@ -1280,7 +1122,7 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
     assert_eq!(mount_count(&s, &dmp), 1);
     node.ok(&["unmountdevice", &dmps]);
     cm.ok(&["detach", "pv-fail", "node-a"]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 }
 
 /// Options that are not UTF-8 (never from kubelet, whose JSON encoder replaces bad bytes, but
@@ -1290,7 +1132,7 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
 fn a_non_utf8_argument_is_refused_without_echoing_it() {
     use std::os::unix::ffi::OsStrExt;
     let s = Scratch::new();
-    let flex = Flex::node_mode(&s);
+    let flex = node_mode(&s);
     let mut json =
         format!(r#"{{"volumeID":"v","kubernetes.io/secret/password":"{SECRET_B64}","x":""#)
             .into_bytes();
@@ -1319,8 +1161,11 @@ fn detach_alone_releases_a_rebooted_node() {
         return;
     }
     let s = Scratch::new();
-    let cm = Flex::new(&s, "controller", true);
-    let (node_a, node_b) = (Flex::new(&s, "node-a", true), Flex::new(&s, "node-b", true));
+    let cm = Flex::new(EXE, &s, "controller", true);
+    let (node_a, node_b) = (
+        Flex::new(EXE, &s, "node-a", true),
+        Flex::new(EXE, &s, "node-b", true),
+    );
     let opts = kubelet_attach_options("pv-rb", "ext4", "rw", json!({"size": "64Mi"}));
     let dmp = |n: &str| mkdir(&s.path(&format!("{n}/mounts/pv-rb")));
     cm.ok(&["attach", &opts, "node-b"]);
@@ -1339,5 +1184,5 @@ fn detach_alone_releases_a_rebooted_node() {
     node_a.ok(&["mountdevice", &dmp("node-a"), &dev, &opts]);
     node_a.ok(&["unmountdevice", &dmp("node-a")]);
     cm.ok(&["detach", "pv-rb", "node-a"]);
-    assert_clean(&s);
+    s.assert_clean("left behind");
 }

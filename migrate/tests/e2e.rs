@@ -1,25 +1,29 @@
-//! From FlexVolume to CSI, end to end (issue 5; deploy/README.md "Migrating from FlexVolume to
-//! CSI"):
-//! - `loopvol-migrate` (the real binary) on the shipped example PV and on generated ones: the CSI
-//!   PV it prints, in YAML and JSON, and its refusals;
-//! - as root: data written through the real `loopvol-flexvolume` (called as kubelet calls it) is
-//!   read back through the real `loopvol-csi` (over its Unix socket, staged and published as
-//!   kubelet would for the migrated PV), in place (same image file), and the other way back.
+//! From FlexVolume to CSI, end to end (deploy/README.md "Migrating from FlexVolume to CSI"):
+//! - `loopvol-migrate` (the binary cargo built for this test run) on the shipped example PV and on
+//!   generated ones: the CSI PV it prints, in YAML and JSON, and its refusals;
+//! - as root: data written through `loopvol-flexvolume` (called as kubelet calls it) is read back
+//!   through `loopvol-csi` (over its Unix socket, staged and published as kubelet would for the
+//!   migrated PV), in place (same image file), and the other way back. Those two binaries belong
+//!   to other packages, so cargo does not build them for this test: `loopvol_e2e::binary` has
+//!   cargo build them from the current sources, once per test run (see its module for why that
+//!   is sound, and a no-op after `cargo test --workspace`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, run, Scratch};
-use loopvol_proto::csi::v1 as pb;
-use pb::node_client::NodeClient;
+use loopvol_e2e::csi::{pb, Csi, CsiServer, Kubelet, DRIVER};
+use loopvol_e2e::flex::{kubelet_pod_options, pod_volume_dir, Flex};
+use loopvol_e2e::kernel::mount_at;
+use loopvol_e2e::{binary, fs_tools, pattern, require_root, write_synced, Scratch};
 use pb::volume_capability::access_mode::Mode;
 use pb::volume_capability::{AccessMode, AccessType, MountVolume};
 use serde_json::{json, Value};
 
+/// The binary under test.
+const EXE: &str = env!("CARGO_BIN_EXE_loopvol-migrate");
 const NODE: &str = "node-a";
-const DRIVER: &str = "csi.loopvol.io";
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../deploy/examples/flexvolume-pv.yaml"
@@ -31,7 +35,7 @@ const EXAMPLE: &str = concat!(
 
 /// Runs loopvol-migrate with `args` and `stdin`; returns (exit code, stdout, stderr).
 fn migrate(args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(binary("loopvol-migrate"))
+    let mut child = Command::new(EXE)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -266,95 +270,25 @@ fn migrate_prints_the_csi_pv() {
 // FlexVolume → CSI with real data
 // ---------------------------------------------------------------------------------------------
 
-/// `loopvol-flexvolume <args>` in node mode as kubelet runs it; returns the reply, which must be
-/// Success.
-fn flex(s: &Scratch, args: &[&str]) -> Value {
-    let mut cmd = Command::new(binary("loopvol-flexvolume"));
-    cmd.args(args)
-        .env("LOOPVOL_POOL", s.pool())
-        .env("LOOPVOL_NODE", NODE)
-        .env("LOOPVOL_LOG", s.path("flexvolume.log"))
-        .env("LOOPVOL_ATTACH", "false")
-        .stdin(Stdio::null());
-    let (code, stdout, stderr) = run(&mut cmd);
-    let reply: Value = serde_json::from_str(&format!("{stdout}{stderr}"))
-        .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}): {stdout}{stderr}"));
-    assert!(
-        code == 0 && reply["status"] == "Success",
-        "{args:?}: {reply}\nlog:\n{}",
-        std::fs::read_to_string(s.path("flexvolume.log")).unwrap_or_default()
-    );
-    reply
-}
-
 /// The JSON options kubelet passes to `mount` for the FlexVolume PV `pv` in a pod.
 fn kubelet_options(pv: &Value, pod_uid: &str) -> String {
     let flex = &pv["spec"]["flexVolume"];
-    let mut o = json!({
-        "kubernetes.io/fsType": flex["fsType"].as_str().unwrap_or(""),
-        "kubernetes.io/readwrite": if flex["readOnly"] == true { "ro" } else { "rw" },
-        "kubernetes.io/pvOrVolumeName": pv["metadata"]["name"],
-        "kubernetes.io/pod.name": "app-0",
-        "kubernetes.io/pod.namespace": "default",
-        "kubernetes.io/pod.uid": pod_uid,
-        "kubernetes.io/serviceAccount.name": "default",
-    });
-    for (k, v) in flex["options"].as_object().unwrap() {
-        o[k] = v.clone();
-    }
-    o.to_string()
+    kubelet_pod_options(
+        pv["metadata"]["name"].as_str().unwrap(),
+        flex["fsType"].as_str().unwrap_or(""),
+        if flex["readOnly"] == true { "ro" } else { "rw" },
+        pod_uid,
+        &flex["options"],
+    )
 }
 
 /// The pod's volume dir kubelet makes for a FlexVolume PV.
 fn flex_pod_dir(s: &Scratch, pod_uid: &str, pv: &Value) -> PathBuf {
-    let dir = s.path(&format!(
-        "kubelet/pods/{pod_uid}/volumes/loopvol~loopvol/{}",
-        pv["metadata"]["name"].as_str().unwrap()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Deterministic, incompressible test data.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f = std::fs::File::create(path).unwrap();
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
-}
-
-/// Options of the mount at exactly `path`.
-fn mount_options_at(path: &Path) -> Option<Vec<String>> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    loopvol::mount::parse_mountinfo(&table)
-        .into_iter()
-        .rev()
-        .find(|m| m.mount_point == path)
-        .map(|m| m.options)
-}
-
-fn assert_clean(s: &Scratch, when: &str) {
-    assert!(
-        mounts_under(&s.root()).is_empty(),
-        "{when}: left mounted: {:?}",
-        mounts_under(&s.root())
-    );
-    assert!(
-        loops_under(&s.root()).is_empty(),
-        "{when}: left attached: {:?}",
-        loops_under(&s.root())
-    );
+    pod_volume_dir(
+        &s.path("kubelet"),
+        pod_uid,
+        pv["metadata"]["name"].as_str().unwrap(),
+    )
 }
 
 fn image_inode(s: &Scratch, id: &str) -> u64 {
@@ -364,15 +298,13 @@ fn image_inode(s: &Scratch, id: &str) -> u64 {
         .ino()
 }
 
-type Server = loopvol_e2e::CsiServer;
-
-fn start_server(s: &Scratch) -> Server {
+fn start_server(s: &Scratch) -> CsiServer {
     let args = [
         format!("--pool={}", s.pool().display()),
         format!("--node-id={NODE}"),
-        format!("--path-prefix={}", s.path("kubelet").display()),
+        Kubelet::new(s, "kubelet").path_prefix_flag(),
     ];
-    Server::start(s, "csi", &args)
+    CsiServer::start(binary("loopvol-csi"), s, "csi", &args)
 }
 
 /// What kubelet asks of the CSI driver for a migrated PV: its fsType and mountOptions, and for a
@@ -398,17 +330,12 @@ fn capability(pv: &Value) -> pb::VolumeCapability {
 /// Kubelet's staging and pod paths for a CSI PV (the staging dir is made by kubelet, the target
 /// by the driver, inside the dir kubelet made).
 fn csi_paths(s: &Scratch, pv: &Value, pod_uid: &str) -> (PathBuf, PathBuf) {
-    let handle = pv["spec"]["csi"]["volumeHandle"].as_str().unwrap();
-    let staging = s.path(&format!(
-        "kubelet/plugins/kubernetes.io/csi/{DRIVER}/{handle}/globalmount"
-    ));
+    let kubelet = Kubelet::new(s, "kubelet");
+    let staging = kubelet.staging(pv["spec"]["csi"]["volumeHandle"].as_str().unwrap());
     std::fs::create_dir_all(&staging).unwrap();
-    let volume_dir = s.path(&format!(
-        "kubelet/pods/{pod_uid}/volumes/kubernetes.io~csi/{}",
-        pv["metadata"]["name"].as_str().unwrap()
-    ));
-    std::fs::create_dir_all(&volume_dir).unwrap();
-    (staging, volume_dir.join("mount"))
+    let target = kubelet.target(pod_uid, pv["metadata"]["name"].as_str().unwrap());
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    (staging, target)
 }
 
 #[tokio::test]
@@ -420,6 +347,7 @@ async fn flexvolume_data_is_served_by_csi() {
     }
     let started = Instant::now();
     let s = Scratch::new();
+    let flex = Flex::new(binary("loopvol-flexvolume"), &s, NODE, false);
 
     // The FlexVolume PVs: the shipped example (ext4, options.volumeID = its name) and generated
     // ones (no volumeID, xfs, noatime; a volumeID that is not the name, ext4).
@@ -436,15 +364,15 @@ async fn flexvolume_data_is_served_by_csi() {
         let pod = format!("flex-pod-{i}");
         let dir = flex_pod_dir(&s, &pod, pv);
         let dir_s = dir.display().to_string();
-        flex(&s, &["mount", &dir_s, &kubelet_options(pv, &pod)]);
+        flex.ok(&["mount", &dir_s, &kubelet_options(pv, &pod)]);
         let content = pattern(3 << 20, i as u64 + 7);
         write_synced(&dir.join("data.bin"), &content);
         std::fs::create_dir(dir.join("sub")).unwrap();
         write_synced(&dir.join("sub/hello.txt"), b"written through FlexVolume");
         data.push(content);
-        flex(&s, &["unmount", &dir_s]);
+        flex.ok(&["unmount", &dir_s]);
     }
-    assert_clean(&s, "after the FlexVolume unmounts");
+    s.assert_clean("after the FlexVolume unmounts");
 
     // 2. The migration command, on the same PVs as they come: the example file (with a claim
     //    and a pod), and the live PVs as a kubectl List on stdin.
@@ -459,7 +387,7 @@ async fn flexvolume_data_is_served_by_csi() {
 
     // 3. The CSI server on the same pool and node.
     let mut server = start_server(&s);
-    let mut node = NodeClient::new(server.channel().await);
+    let mut node = Csi::connect(&server).await.node;
     // The node affinity the migration wrote is the topology this node's driver reports.
     let info = node
         .node_get_info(pb::NodeGetInfoRequest {})
@@ -510,7 +438,7 @@ async fn flexvolume_data_is_served_by_csi() {
             std::fs::read(target.join("sub/hello.txt")).unwrap(),
             b"written through FlexVolume"
         );
-        let options = mount_options_at(&target).expect("target mounted");
+        let options = mount_at(&target).expect("target mounted").options;
         for o in pv["spec"]["mountOptions"].as_array().into_iter().flatten() {
             assert!(options.iter().any(|x| x == o), "{o} not in {options:?}");
         }
@@ -529,10 +457,10 @@ async fn flexvolume_data_is_served_by_csi() {
         .await
         .unwrap();
     }
-    assert_clean(&s, "after NodeUnpublish/NodeUnstage");
+    s.assert_clean("after NodeUnpublish/NodeUnstage");
     drop(node);
     server.stop().await;
-    assert_clean(&s, "after the CSI server stopped");
+    s.assert_clean("after the CSI server stopped");
     // In place: the same image files, nothing copied.
     assert_eq!(
         ids.iter().map(|id| image_inode(&s, id)).collect::<Vec<_>>(),
@@ -543,16 +471,13 @@ async fn flexvolume_data_is_served_by_csi() {
     let pv = &flex_pvs[1];
     let dir = flex_pod_dir(&s, "flex-pod-again", pv);
     let dir_s = dir.display().to_string();
-    flex(
-        &s,
-        &["mount", &dir_s, &kubelet_options(pv, "flex-pod-again")],
-    );
+    flex.ok(&["mount", &dir_s, &kubelet_options(pv, "flex-pod-again")]);
     assert_eq!(
         std::fs::read(dir.join("sub/csi.txt")).unwrap(),
         b"written through CSI"
     );
     assert!(std::fs::read(dir.join("data.bin")).unwrap() == data[1]);
-    flex(&s, &["unmount", &dir_s]);
-    assert_clean(&s, "at the end");
+    flex.ok(&["unmount", &dir_s]);
+    s.assert_clean("at the end");
     eprintln!("FlexVolume → CSI → FlexVolume took {:?}", started.elapsed());
 }

@@ -1,55 +1,39 @@
-//! The shared-pool deployment of `loopvol-csi`, run for real on this machine: one pool directory
-//! served by three processes with `--shared-pool`, a controller (`ctl`) and two node plugins
-//! (`node-a`, `node-b`), each on its own Unix socket, driven over those sockets by tonic clients
-//! the way the external-attacher and two kubelets would. It covers the claim that keeps a
-//! read-write-once volume on one node, the staging hold behind it, moving a volume between nodes
-//! with its data, read-only sharing across nodes, and the failover of a node that died holding
-//! the volume (its server SIGKILLed, its kernel state gone).
+//! The shared-pool deployment of `loopvol-csi`, run for real on this machine, as root: one pool
+//! directory served by three processes with `--shared-pool`, a controller (`ctl`) and two node
+//! plugins (`node-a`, `node-b`), each on its own Unix socket, driven over those sockets the way
+//! the external-attacher and two kubelets would. It covers the claim that keeps a read-write-once
+//! volume on one node, the staging hold behind it, moving a volume between nodes with its data,
+//! read-only sharing across nodes, and the failover of a node that died holding the volume (its
+//! server SIGKILLed, its kernel state gone).
 //!
 //! The "nodes" share one kernel here: node-a's loop devices and mounts are visible to node-b's
 //! server. Each node gets its own kubelet directory (`<scratch>/node-a`, `<scratch>/node-b`,
 //! enforced with `--path-prefix`), and what a dead node would lose with its machine is removed by
 //! the test, for that node's paths only.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use loopvol_e2e::{cleanup_under, fs_tools, loops_under, mounts_under, require_root, Scratch};
-use loopvol_proto::csi::v1 as pb;
-use pb::controller_client::ControllerClient;
-use pb::node_client::NodeClient;
+use loopvol_e2e::csi::*;
+use loopvol_e2e::kernel::{self, mount_at};
+use loopvol_e2e::{
+    cleanup_under, fs_tools, loops_under, mounts_under, pattern, require_root, write_synced,
+    Scratch,
+};
 use pb::volume_capability::access_mode::Mode;
-use pb::volume_capability::{AccessMode, AccessType, MountVolume};
-use tonic::transport::Channel;
 use tonic::Code;
 
-const MIB: i64 = 1 << 20;
-
-type Server = loopvol_e2e::CsiServer;
+use crate::{EXE, MIB};
 
 /// Spawns `loopvol-csi --shared-pool` over the scratch pool with `extra` flags; does not wait for
 /// it to listen.
-fn spawn_server(scratch: &Scratch, name: &str, extra: &[String]) -> Server {
+fn spawn_server(scratch: &Scratch, name: &str, extra: &[String]) -> CsiServer {
     let mut args = vec![
         format!("--pool={}", scratch.pool().display()),
         "--shared-pool".to_owned(),
     ];
     args.extend_from_slice(extra);
-    Server::spawn(scratch, name, &args)
-}
-
-async fn connect(server: &Server) -> Csi {
-    let channel = server.channel().await;
-    Csi {
-        ctl: ControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel),
-    }
-}
-
-struct Csi {
-    ctl: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
+    CsiServer::spawn(EXE, scratch, name, &args)
 }
 
 /// One node's kubelet paths for the volume: everything under `<scratch>/<node>`.
@@ -61,55 +45,17 @@ struct NodePaths {
 
 impl NodePaths {
     fn new(scratch: &Scratch, node: &str, id: &str) -> NodePaths {
-        let root = scratch.path(node);
+        let kubelet = Kubelet::new(scratch, node);
         NodePaths {
-            staging: root.join(format!(
-                "plugins/kubernetes.io/csi/csi.loopvol.io/{id}/globalmount"
-            )),
-            target: root.join(format!("pods/pod-1/volumes/kubernetes.io~csi/{id}/mount")),
-            root,
+            staging: kubelet.staging(id),
+            target: kubelet.target("pod-1", id),
+            root: kubelet.root,
         }
     }
 }
 
 fn cap(mode: Mode) -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
-}
-
-/// Asserts `result` failed with `code` and its message contains `needle`.
-#[track_caller]
-fn assert_refused<T: std::fmt::Debug>(
-    result: Result<T, tonic::Status>,
-    code: Code,
-    needle: &str,
-    what: &str,
-) {
-    match result {
-        Ok(v) => panic!("{what}: expected {code:?}, got OK {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{what}: {}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "{what}: the message does not name {needle:?}: {}",
-                s.message()
-            );
-        }
-    }
-}
-
-/// Unwraps an OK reply, naming `what` in the panic.
-#[track_caller]
-fn ok<T>(result: Result<tonic::Response<T>, tonic::Status>, what: &str) -> T {
-    match result {
-        Ok(r) => r.into_inner(),
-        Err(s) => panic!("{what}: expected OK, got {:?}: {}", s.code(), s.message()),
-    }
+    mount_cap("ext4", mode)
 }
 
 fn controller_publish(
@@ -118,121 +64,33 @@ fn controller_publish(
     mode: Mode,
     readonly: bool,
 ) -> pb::ControllerPublishVolumeRequest {
-    pb::ControllerPublishVolumeRequest {
-        volume_id: id.into(),
-        node_id: node.into(),
-        volume_capability: Some(cap(mode)),
-        readonly,
-        ..Default::default()
-    }
-}
-
-fn controller_unpublish(id: &str, node: &str) -> pb::ControllerUnpublishVolumeRequest {
-    pb::ControllerUnpublishVolumeRequest {
-        volume_id: id.into(),
-        node_id: node.into(),
-        ..Default::default()
-    }
-}
-
-fn stage_req(id: &str, p: &NodePaths, mode: Mode) -> pb::NodeStageVolumeRequest {
-    pb::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: p.staging.display().to_string(),
-        volume_capability: Some(cap(mode)),
-        ..Default::default()
-    }
+    controller_publish_req(id, node, cap(mode), readonly)
 }
 
 /// NodeStage + NodePublish on one node.
 async fn stage_and_publish(c: &mut Csi, id: &str, p: &NodePaths, mode: Mode, readonly: bool) {
-    ok(
-        c.node.node_stage_volume(stage_req(id, p, mode)).await,
-        "NodeStageVolume",
-    );
-    ok(
-        c.node
-            .node_publish_volume(pb::NodePublishVolumeRequest {
-                volume_id: id.into(),
-                staging_target_path: p.staging.display().to_string(),
-                target_path: p.target.display().to_string(),
-                volume_capability: Some(cap(mode)),
-                readonly,
-                ..Default::default()
-            })
-            .await,
-        "NodePublishVolume",
-    );
+    c.stage(id, &p.staging, cap(mode)).await;
+    c.publish(id, &p.staging, &p.target, cap(mode), readonly)
+        .await;
     assert_eq!(
-        mount_options(&p.target).map(|o| o.iter().any(|f| f == "ro")),
+        mount_at(&p.target).map(|m| m.has_option("ro")),
         Some(readonly),
         "{} after publish (read-only: {readonly})",
         p.target.display()
     );
 }
 
-fn unstage_req(id: &str, p: &NodePaths) -> pb::NodeUnstageVolumeRequest {
-    pb::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: p.staging.display().to_string(),
-    }
-}
-
 /// NodeUnpublish on one node; its target is then unmounted.
 async fn unpublish(c: &mut Csi, id: &str, p: &NodePaths) {
-    ok(
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: id.into(),
-                target_path: p.target.display().to_string(),
-            })
-            .await,
-        "NodeUnpublishVolume",
-    );
-    assert_eq!(mount_options(&p.target), None, "{}", p.target.display());
+    c.unpublish(id, &p.target).await;
+    assert_eq!(mount_at(&p.target), None, "{}", p.target.display());
 }
 
 /// NodeUnpublish + NodeUnstage on one node; its paths are then free of mounts.
 async fn unpublish_and_unstage(c: &mut Csi, id: &str, p: &NodePaths) {
     unpublish(c, id, p).await;
-    ok(
-        c.node.node_unstage_volume(unstage_req(id, p)).await,
-        "NodeUnstageVolume",
-    );
+    c.unstage(id, &p.staging).await;
     assert_eq!(mounts_under(&p.root), Vec::<PathBuf>::new());
-}
-
-/// The options of the mount at exactly `path` (the topmost one), from mountinfo.
-fn mount_options(path: &Path) -> Option<Vec<String>> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    loopvol::mount::parse_mountinfo(&table)
-        .iter()
-        .rev()
-        .find(|m| m.mount_point == path)
-        .map(|m| m.options.clone())
-}
-
-/// Loop devices attached to volume `id`'s image.
-fn loops_of(scratch: &Scratch, id: &str) -> Vec<loopvol::loopdev::LoopDevice> {
-    loopvol::loopdev::find(&scratch.pool().join("volumes").join(id).join("image")).unwrap()
-}
-
-/// A deterministic pattern of `len` bytes seeded by `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
-}
-
-/// Writes `data` to `path` and fsyncs the file and its directory.
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f = std::fs::File::create(path).expect("create file on the volume");
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
-    std::fs::File::open(path.parent().unwrap())
-        .unwrap()
-        .sync_all()
-        .unwrap();
 }
 
 #[track_caller]
@@ -280,29 +138,14 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
         s.wait_listening();
     }
     let [ctl_server, a_server, b_server] = &mut servers;
-    let mut ctl = connect(ctl_server).await;
-    let mut a = connect(a_server).await;
-    let mut b = connect(b_server).await;
+    let mut ctl = Csi::connect(ctl_server).await;
+    let mut a = Csi::connect(a_server).await;
+    let mut b = Csi::connect(b_server).await;
     let rwo = Mode::SingleNodeWriter;
     let rox = Mode::MultiNodeReaderOnly;
 
     // 1. CreateVolume on the controller: a shared pool's volume has no node topology.
-    let vol = ok(
-        ctl.ctl
-            .create_volume(pb::CreateVolumeRequest {
-                name: "pvc-shared".into(),
-                capacity_range: Some(pb::CapacityRange {
-                    required_bytes: 64 * MIB,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![cap(rwo)],
-                ..Default::default()
-            })
-            .await,
-        "CreateVolume",
-    )
-    .volume
-    .expect("volume in the reply");
+    let vol = ctl.create("pvc-shared", 64 * MIB, cap(rwo)).await;
     assert!(
         vol.accessible_topology.is_empty(),
         "{:?}",
@@ -336,16 +179,18 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
 
     // 4. node-b staging anyway (no claim, the staging hold of node-a): refused, and it leaves
     // nothing behind for node-b: no mount, no extra loop device.
-    assert_eq!(loops_of(&scratch, &id).len(), 1, "node-a's device");
+    assert_eq!(scratch.loops_of(&id).len(), 1, "node-a's device");
     assert_refused(
-        b.node.node_stage_volume(stage_req(&id, &pb_, rwo)).await,
+        b.node
+            .node_stage_volume(stage_req(&id, &pb_.staging, cap(rwo)))
+            .await,
         Code::FailedPrecondition,
         "node-a",
         "NodeStage on node-b while node-a has it staged",
     );
     assert_eq!(mounts_under(&pb_.root), Vec::<PathBuf>::new());
     assert_eq!(
-        loops_of(&scratch, &id).len(),
+        scratch.loops_of(&id).len(),
         1,
         "the refused stage attached a device"
     );
@@ -358,10 +203,10 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
 
     // 5. The move: node-a lets go, the controller releases it, node-b takes it with the data.
     unpublish_and_unstage(&mut a, &id, &pa).await;
-    assert!(loops_of(&scratch, &id).is_empty(), "node-a left its device");
+    assert!(scratch.loops_of(&id).is_empty(), "node-a left its device");
     ok(
         ctl.ctl
-            .controller_unpublish_volume(controller_unpublish(&id, "node-a"))
+            .controller_unpublish_volume(controller_unpublish_req(&id, "node-a"))
             .await,
         "ControllerUnpublish node-a",
     );
@@ -382,7 +227,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     unpublish_and_unstage(&mut b, &id, &pb_).await;
     ok(
         ctl.ctl
-            .controller_unpublish_volume(controller_unpublish(&id, "node-b"))
+            .controller_unpublish_volume(controller_unpublish_req(&id, "node-b"))
             .await,
         "ControllerUnpublish node-b",
     );
@@ -395,11 +240,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
         );
     }
     let published = ok(
-        ctl.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: id.clone(),
-            })
-            .await,
+        ctl.ctl.controller_get_volume(get_volume_req(&id)).await,
         "ControllerGetVolume",
     );
     let mut nodes = published.status.unwrap().published_node_ids;
@@ -428,19 +269,23 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     // refuses to unmount or detach. On separate machines neither would see the other's mount.
     let refusal = |other: &NodePaths| other.staging.display().to_string();
     assert_refused(
-        a.node.node_unstage_volume(unstage_req(&id, &pa)).await,
+        a.node
+            .node_unstage_volume(unstage_req(&id, &pa.staging))
+            .await,
         Code::FailedPrecondition,
         &refusal(&pb_),
         "node-a's unstage while node-b's staging mount shares its device (one kernel)",
     );
     assert_refused(
-        b.node.node_unstage_volume(unstage_req(&id, &pb_)).await,
+        b.node
+            .node_unstage_volume(unstage_req(&id, &pb_.staging))
+            .await,
         Code::FailedPrecondition,
         &refusal(&pa),
         "node-b's unstage while node-a's staging mount shares its device (one kernel)",
     );
     assert!(
-        mount_options(&pa.staging).is_some() && mount_options(&pb_.staging).is_some(),
+        mount_at(&pa.staging).is_some() && mount_at(&pb_.staging).is_some(),
         "a refused unstage unmounted its staging path"
     );
     // What node-a's machine would not show node-b: node-a's staging mount goes by hand, then
@@ -448,20 +293,24 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     // nothing left to do but drop its hold.
     nix::mount::umount(&pa.staging).expect("unmount node-a's staging path");
     ok(
-        b.node.node_unstage_volume(unstage_req(&id, &pb_)).await,
+        b.node
+            .node_unstage_volume(unstage_req(&id, &pb_.staging))
+            .await,
         "node-b's unstage once node-a's mount is gone",
     );
     ok(
-        a.node.node_unstage_volume(unstage_req(&id, &pa)).await,
+        a.node
+            .node_unstage_volume(unstage_req(&id, &pa.staging))
+            .await,
         "node-a's unstage with nothing mounted",
     );
     assert_eq!(mounts_under(&pa.root), Vec::<PathBuf>::new());
     assert_eq!(mounts_under(&pb_.root), Vec::<PathBuf>::new());
-    assert!(loops_of(&scratch, &id).is_empty(), "a reader left a device");
+    assert!(scratch.loops_of(&id).is_empty(), "a reader left a device");
     for node in ["node-a", "node-b"] {
         ok(
             ctl.ctl
-                .controller_unpublish_volume(controller_unpublish(&id, node))
+                .controller_unpublish_volume(controller_unpublish_req(&id, node))
                 .await,
             &format!("ControllerUnpublish {node} (reader)"),
         );
@@ -493,10 +342,10 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     );
     cleanup_under(&pa.root);
     assert_eq!(mounts_under(&pa.root), Vec::<PathBuf>::new());
-    let left = loops_of(&scratch, &id);
+    let left = scratch.loops_of(&id);
     assert_eq!(left.len(), 1, "node-a's device");
-    loopvol::loopdev::detach(&left[0]).expect("detach node-a's device");
-    assert!(loops_of(&scratch, &id).is_empty());
+    kernel::detach(&left[0]).expect("detach node-a's device");
+    assert!(scratch.loops_of(&id).is_empty());
     // Until the controller declares node-a gone, node-b cannot have the volume...
     assert_refused(
         ctl.ctl
@@ -507,7 +356,9 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
         "ControllerPublish to node-b while dead node-a still has the claim",
     );
     assert_refused(
-        b.node.node_stage_volume(stage_req(&id, &pb_, rwo)).await,
+        b.node
+            .node_stage_volume(stage_req(&id, &pb_.staging, cap(rwo)))
+            .await,
         Code::FailedPrecondition,
         "node-a",
         "NodeStage on node-b while dead node-a still holds it",
@@ -515,7 +366,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     // ...and the controller's release frees it: claim and staging hold of node-a both.
     ok(
         ctl.ctl
-            .controller_unpublish_volume(controller_unpublish(&id, "node-a"))
+            .controller_unpublish_volume(controller_unpublish_req(&id, "node-a"))
             .await,
         "ControllerUnpublish of dead node-a",
     );
@@ -538,19 +389,11 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     unpublish_and_unstage(&mut b, &id, &pb_).await;
     ok(
         ctl.ctl
-            .controller_unpublish_volume(controller_unpublish(&id, "node-b"))
+            .controller_unpublish_volume(controller_unpublish_req(&id, "node-b"))
             .await,
         "ControllerUnpublish node-b",
     );
-    ok(
-        ctl.ctl
-            .delete_volume(pb::DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await,
-        "DeleteVolume",
-    );
+    ok(ctl.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
     assert!(
         !scratch.pool().join("volumes").join(&id).exists(),
         "the volume's directory outlived DeleteVolume"

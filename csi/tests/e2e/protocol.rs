@@ -1,338 +1,17 @@
-//! Conformance tests for `loopvol-csi`: the real binary, spawned per test with its own pool and
-//! socket, driven over a real Unix socket by tonic clients. They cover, RPC by RPC, the rules of
-//! `reference/csi.md`: required fields, error codes, idempotency (lifecycles repeated 10 times),
-//! maximum lengths, paging, capabilities, and the kernel-facing paths (stage, publish, block,
-//! snapshots, clones, expansion, crash recovery) with real loop devices as root.
+//! The controller's answers and the protocol's rules, no root: identity and capabilities,
+//! services not served, required fields, lengths, idempotency, parameters, topology, unknown IDs,
+//! paging, snapshots, group snapshots, expansion and claims on a shared pool. Volumes here are
+//! created and copied, never attached.
 
-use std::collections::HashMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::os::unix::fs::MetadataExt;
 
-use loopvol_e2e::{binary, fs_tools, loops_under, mounts_under, require_root, Scratch};
-use loopvol_proto::csi::v1 as pb;
-use pb::controller_client::ControllerClient;
-use pb::group_controller_client::GroupControllerClient;
-use pb::identity_client::IdentityClient;
-use pb::node_client::NodeClient;
+use loopvol_e2e::csi::*;
+use loopvol_e2e::Scratch;
 use pb::volume_capability::access_mode::Mode;
-use pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
-use tonic::transport::Channel;
+use pb::volume_capability::AccessMode;
 use tonic::Code;
 
-const MIB: i64 = 1 << 20;
-const GIB: i64 = 1 << 30;
-const NODE: &str = "node-a";
-const TOPOLOGY_KEY: &str = "topology.loopvol.io/node";
-
-// ---------------------------------------------------------------------------------------------
-// Harness: the server process and its clients
-// ---------------------------------------------------------------------------------------------
-
-type Server = loopvol_e2e::CsiServer;
-
-/// Starts the server on `<scratch>/csi.sock` with the scratch pool, this node and `extra` flags,
-/// and waits until it listens.
-fn start_server(scratch: &Scratch, extra: &[&str]) -> Server {
-    let mut args = vec![
-        format!("--pool={}", scratch.pool().display()),
-        format!("--node-id={NODE}"),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Server::start(scratch, "csi", &args)
-}
-
-async fn connect(server: &Server) -> Csi {
-    let channel = server.channel().await;
-    Csi {
-        channel: channel.clone(),
-        id: IdentityClient::new(channel.clone()),
-        ctl: ControllerClient::new(channel.clone()),
-        node: NodeClient::new(channel.clone()),
-        grp: GroupControllerClient::new(channel),
-    }
-}
-
-#[derive(Clone)]
-struct Csi {
-    channel: Channel,
-    id: IdentityClient<Channel>,
-    ctl: ControllerClient<Channel>,
-    node: NodeClient<Channel>,
-    grp: GroupControllerClient<Channel>,
-}
-
-/// Starts a server with `extra` flags and connects to it.
-async fn start(scratch: &Scratch, extra: &[&str]) -> (Server, Csi) {
-    let server = start_server(scratch, extra);
-    let csi = connect(&server).await;
-    (server, csi)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Request builders and assertions
-// ---------------------------------------------------------------------------------------------
-
-fn mount_cap(fs: &str, mode: Mode) -> pb::VolumeCapability {
-    mount_cap_with(fs, mode, &[], "")
-}
-
-fn mount_cap_with(fs: &str, mode: Mode, flags: &[&str], group: &str) -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: fs.into(),
-            mount_flags: flags.iter().map(|s| s.to_string()).collect(),
-            volume_mount_group: group.into(),
-        })),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
-}
-
-fn block_cap(mode: Mode) -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
-}
-
-fn rwo(fs: &str) -> pb::VolumeCapability {
-    mount_cap(fs, Mode::SingleNodeWriter)
-}
-
-fn range(required: i64, limit: i64) -> Option<pb::CapacityRange> {
-    Some(pb::CapacityRange {
-        required_bytes: required,
-        limit_bytes: limit,
-    })
-}
-
-fn create_req(name: &str, size: i64, cap: pb::VolumeCapability) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: range(size, 0),
-        volume_capabilities: vec![cap],
-        ..Default::default()
-    }
-}
-
-fn stage_req(id: &str, staging: &Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {
-    pb::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn unstage_req(id: &str, staging: &Path) -> pb::NodeUnstageVolumeRequest {
-    pb::NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    }
-}
-
-fn publish_req(
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: pb::VolumeCapability,
-    readonly: bool,
-) -> pb::NodePublishVolumeRequest {
-    pb::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(cap),
-        readonly,
-        ..Default::default()
-    }
-}
-
-fn unpublish_req(id: &str, target: &Path) -> pb::NodeUnpublishVolumeRequest {
-    pb::NodeUnpublishVolumeRequest {
-        volume_id: id.into(),
-        target_path: target.display().to_string(),
-    }
-}
-
-fn delete_req(id: &str) -> pb::DeleteVolumeRequest {
-    pb::DeleteVolumeRequest {
-        volume_id: id.into(),
-        ..Default::default()
-    }
-}
-
-fn snapshot_req(name: &str, source: &str) -> pb::CreateSnapshotRequest {
-    pb::CreateSnapshotRequest {
-        name: name.into(),
-        source_volume_id: source.into(),
-        ..Default::default()
-    }
-}
-
-fn from_snapshot(id: &str) -> Option<pb::VolumeContentSource> {
-    Some(pb::VolumeContentSource {
-        r#type: Some(pb::volume_content_source::Type::Snapshot(
-            pb::volume_content_source::SnapshotSource {
-                snapshot_id: id.into(),
-            },
-        )),
-    })
-}
-
-fn from_volume(id: &str) -> Option<pb::VolumeContentSource> {
-    Some(pb::VolumeContentSource {
-        r#type: Some(pb::volume_content_source::Type::Volume(
-            pb::volume_content_source::VolumeSource {
-                volume_id: id.into(),
-            },
-        )),
-    })
-}
-
-fn topology(node: &str) -> pb::Topology {
-    pb::Topology {
-        segments: [(TOPOLOGY_KEY.to_string(), node.to_string())].into(),
-    }
-}
-
-/// Asserts `result` failed with `code`, naming `what` in the panic.
-#[track_caller]
-fn assert_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, what: &str) {
-    match result {
-        Ok(v) => panic!("{what}: expected {code:?}, got OK {v:?}"),
-        Err(s) => assert_eq!(s.code(), code, "{what}: {}", s.message()),
-    }
-}
-
-/// Unwraps an OK reply, naming `what` in the panic.
-#[track_caller]
-fn ok<T>(result: Result<tonic::Response<T>, tonic::Status>, what: &str) -> T {
-    match result {
-        Ok(r) => r.into_inner(),
-        Err(s) => panic!("{what}: expected OK, got {:?}: {}", s.code(), s.message()),
-    }
-}
-
-async fn create(csi: &mut Csi, name: &str, size: i64, cap: pb::VolumeCapability) -> pb::Volume {
-    let reply = ok(
-        csi.ctl.create_volume(create_req(name, size, cap)).await,
-        "CreateVolume",
-    );
-    reply.volume.expect("volume in reply")
-}
-
-/// The mount at exactly `path`, as (fs type, options) from mountinfo.
-fn mount_at(path: &Path) -> Option<(String, Vec<String>)> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let entries = loopvol::mount::parse_mountinfo(&table);
-    entries
-        .iter()
-        .rev()
-        .find(|m| m.mount_point == path)
-        .map(|m| (m.fs_type.clone(), m.options.clone()))
-}
-
-fn image_of(scratch: &Scratch, id: &str) -> PathBuf {
-    scratch.pool().join("volumes").join(id).join("image")
-}
-
-/// Loop devices attached to volume `id`'s image.
-fn loops_of(scratch: &Scratch, id: &str) -> Vec<PathBuf> {
-    loopvol::loopdev::find(&image_of(scratch, id))
-        .unwrap()
-        .iter()
-        .map(|d| d.path())
-        .collect()
-}
-
-fn statvfs_total(path: &Path) -> u64 {
-    let st = nix::sys::statvfs::statvfs(path).unwrap();
-    st.blocks() as u64 * st.fragment_size() as u64
-}
-
-/// A deterministic pattern of `len` bytes seeded by `seed`.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
-}
-
-fn run_tool(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().expect(program);
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn tool_output(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().expect(program);
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// A frozen filesystem (FIFREEZE via `fsfreeze`), thawed on drop even when a test fails: writes
-/// to it block in the kernel, which holds a call in flight for as long as a test needs.
-struct Frozen(PathBuf);
-
-impl Frozen {
-    fn freeze(path: &Path) -> Frozen {
-        run_tool("fsfreeze", &["--freeze", &path.display().to_string()]);
-        Frozen(path.to_owned())
-    }
-    fn thaw(self) {}
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .args(["--unfreeze", &self.0.display().to_string()])
-            .output();
-    }
-}
-
-/// Waits until a thread of process `pid` is blocked on a frozen filesystem: asleep
-/// uninterruptibly (state D) in the kernel's wait for a frozen superblock (a brief D state
-/// during other I/O does not count). Fails after 20 s.
-fn wait_for_blocked_thread(pid: i32) {
-    wait_for_blocked_threads(pid, 1)
-}
-
-/// Waits until `n` threads of process `pid` are blocked on frozen filesystems.
-fn wait_for_blocked_threads(pid: i32, n: usize) {
-    let on_freeze = |task: &Path| {
-        let in_d = std::fs::read_to_string(task.join("stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .map(|(_, rest)| rest.trim_start().starts_with('D'))
-            })
-            .unwrap_or(false);
-        // wchan names the wait: percpu_rwsem_wait (sb_start_write) on current kernels.
-        let wchan = std::fs::read_to_string(task.join("wchan")).unwrap_or_default();
-        in_d && ["percpu_rwsem", "percpu_down", "sb_start", "freeze"]
-            .iter()
-            .any(|w| wchan.contains(w))
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-        if tasks.flatten().filter(|t| on_freeze(&t.path())).count() >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no thread of the server blocked on the frozen filesystem within 20 s"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Identity, capabilities, services
-// ---------------------------------------------------------------------------------------------
+use crate::{start, GIB, MIB, NODE};
 
 fn plugin_services(caps: &pb::GetPluginCapabilitiesResponse) -> Vec<i32> {
     caps.capabilities
@@ -507,7 +186,7 @@ async fn services_not_served_answer_unimplemented() {
         "NodeStageVolume in controller mode",
     );
     // ControllerPublish on a node-local pool (no PUBLISH_UNPUBLISH_VOLUME).
-    create(&mut csi, "v", MIB, rwo("ext4")).await;
+    csi.create("v", MIB, rwo("ext4")).await;
     assert_code(
         csi.ctl
             .controller_publish_volume(pb::ControllerPublishVolumeRequest {
@@ -574,16 +253,12 @@ async fn services_not_served_answer_unimplemented() {
     assert!(!services.contains(&(S::GroupControllerService as i32)));
 }
 
-// ---------------------------------------------------------------------------------------------
-// Request validation: required fields, lengths, parameters
-// ---------------------------------------------------------------------------------------------
-
 #[tokio::test]
 async fn every_rpc_refuses_missing_required_fields() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
-    create(c, "v1", MIB, rwo("ext4")).await;
+    c.create("v1", MIB, rwo("ext4")).await;
     let bad = Code::InvalidArgument;
     let staging = scratch.path("staging");
     let target = scratch.path("target");
@@ -966,7 +641,7 @@ async fn every_rpc_refuses_missing_required_fields() {
     // Controller publish (served for shared pools only).
     let shared = Scratch::new();
     let (_s2, mut c2) = start(&shared, &["--shared-pool"]).await;
-    create(&mut c2, "v1", MIB, rwo("ext4")).await;
+    c2.create("v1", MIB, rwo("ext4")).await;
     let full = pb::ControllerPublishVolumeRequest {
         volume_id: "v1".into(),
         node_id: NODE.into(),
@@ -1014,7 +689,7 @@ async fn names_and_ids_of_128_bytes_are_accepted_and_129_refused() {
     // A name that is a valid ID becomes the ID itself.
     let name = format!("pvc-{}", "a".repeat(124));
     assert_eq!(name.len(), 128);
-    let vol = create(c, &name, MIB, rwo("ext4")).await;
+    let vol = c.create(&name, MIB, rwo("ext4")).await;
     assert_eq!(vol.volume_id, name);
     assert!(vol.volume_id.len() <= 128);
     ok(
@@ -1028,10 +703,10 @@ async fn names_and_ids_of_128_bytes_are_accepted_and_129_refused() {
     // Any UTF-8 name of 128 bytes works too (its ID is derived, and short).
     let utf8 = "é".repeat(64);
     assert_eq!(utf8.len(), 128);
-    let other = create(c, &utf8, MIB, rwo("ext4")).await;
+    let other = c.create(&utf8, MIB, rwo("ext4")).await;
     assert!(other.volume_id.len() <= 128);
     assert_eq!(
-        create(c, &utf8, MIB, rwo("ext4")).await.volume_id,
+        c.create(&utf8, MIB, rwo("ext4")).await.volume_id,
         other.volume_id
     );
 
@@ -1111,11 +786,11 @@ async fn create_volume_is_idempotent_by_name_and_refuses_incompatible_repeats() 
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
 
-    let first = create(c, "pvc-1", 8 * MIB, rwo("ext4")).await;
+    let first = c.create("pvc-1", 8 * MIB, rwo("ext4")).await;
     assert_eq!(first.capacity_bytes, 8 * MIB);
     assert_eq!(first.accessible_topology, vec![topology(NODE)]);
     for _ in 0..10 {
-        let again = create(c, "pvc-1", 8 * MIB, rwo("ext4")).await;
+        let again = c.create("pvc-1", 8 * MIB, rwo("ext4")).await;
         assert_eq!(again, first);
     }
     // A compatible repeat (the existing size is within the new range) gets the same volume.
@@ -1166,7 +841,7 @@ async fn create_volume_is_idempotent_by_name_and_refuses_incompatible_repeats() 
         GIB
     );
     assert_eq!(
-        create(c, "odd", 5000, rwo("ext4")).await.capacity_bytes,
+        c.create("odd", 5000, rwo("ext4")).await.capacity_bytes,
         8192
     );
     let mut r = create_req("bad-range", 8 * MIB, rwo("ext4"));
@@ -1185,7 +860,7 @@ async fn create_volume_is_idempotent_by_name_and_refuses_incompatible_repeats() 
     );
     // Without a limit, a too-small xfs volume is made big enough for mkfs.xfs.
     assert_eq!(
-        create(c, "small-xfs", MIB, rwo("xfs")).await.capacity_bytes,
+        c.create("small-xfs", MIB, rwo("xfs")).await.capacity_bytes,
         300 * MIB
     );
 
@@ -1205,7 +880,7 @@ async fn create_volume_is_idempotent_by_name_and_refuses_incompatible_repeats() 
         .volume
         .unwrap();
     assert_eq!(thick.capacity_bytes, 128 * MIB, "btrfs minimum size");
-    let image = std::fs::metadata(image_of(&scratch, &thick.volume_id)).unwrap();
+    let image = std::fs::metadata(scratch.image(&thick.volume_id)).unwrap();
     assert!(
         image.blocks() * 512 >= image.len(),
         "thick volume is fully allocated"
@@ -1267,7 +942,7 @@ async fn create_volume_is_idempotent_by_name_and_refuses_incompatible_repeats() 
     .into_iter()
     .enumerate()
     {
-        create(c, &format!("mode-{i}"), MIB, cap).await;
+        c.create(&format!("mode-{i}"), MIB, cap).await;
     }
 
     // Sources that do not exist; a restore smaller than its source.
@@ -1558,7 +1233,7 @@ async fn unknown_ids_get_not_found_or_ok_as_the_spec_says() {
         "NodeExpandVolume",
     );
     // A known volume at a path where it is not: stats are NOT_FOUND too.
-    create(c, "known", MIB, rwo("ext4")).await;
+    c.create("known", MIB, rwo("ext4")).await;
     assert_code(
         c.node
             .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
@@ -1612,9 +1287,7 @@ async fn unknown_ids_get_not_found_or_ok_as_the_spec_says() {
         "NodeExpandVolume at a path that does not exist",
     );
     assert_eq!(
-        std::fs::metadata(image_of(&scratch, "known"))
-            .unwrap()
-            .len(),
+        std::fs::metadata(scratch.image("known")).unwrap().len(),
         MIB as u64,
         "a refused expansion grew the image"
     );
@@ -1641,7 +1314,7 @@ async fn list_volumes_pages_through_every_volume_once() {
     let mut want: Vec<String> = Vec::new();
     for i in 0..7 {
         want.push(
-            create(c, &format!("vol-{i}"), MIB, rwo("ext4"))
+            c.create(&format!("vol-{i}"), MIB, rwo("ext4"))
                 .await
                 .volume_id,
         );
@@ -1701,7 +1374,7 @@ async fn list_volumes_pages_through_every_volume_once() {
     assert_eq!(pages, 3);
     assert_eq!(seen, want, "every volume exactly once, in order");
     // The condition is the volume's own: an image gone from under it is reported.
-    std::fs::remove_file(image_of(&scratch, &want[1])).unwrap();
+    std::fs::remove_file(scratch.image(&want[1])).unwrap();
     let listed = ok(
         c.ctl.list_volumes(pb::ListVolumesRequest::default()).await,
         "ListVolumes after an image went missing",
@@ -1735,8 +1408,8 @@ async fn snapshots_are_idempotent_listed_filtered_and_paged() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
-    create(c, "vol-a", 4 * MIB, rwo("ext4")).await;
-    create(c, "vol-b", 4 * MIB, rwo("ext4")).await;
+    c.create("vol-a", 4 * MIB, rwo("ext4")).await;
+    c.create("vol-b", 4 * MIB, rwo("ext4")).await;
     let first = ok(
         c.ctl
             .create_snapshot(snapshot_req("snap-a1", "vol-a"))
@@ -1908,7 +1581,7 @@ async fn validate_volume_capabilities_confirms_only_what_is_supported() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
-    create(c, "vol", MIB, rwo("xfs")).await;
+    c.create("vol", MIB, rwo("xfs")).await;
     let validate = |caps: Vec<pb::VolumeCapability>, params: &[(&str, &str)]| {
         pb::ValidateVolumeCapabilitiesRequest {
             volume_id: "vol".into(),
@@ -1975,13 +1648,8 @@ async fn modify_volume_changes_allocation_and_refuses_unknown_parameters() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
-    create(c, "vol", 32 * MIB, rwo("ext4")).await;
-    let allocated = || {
-        std::fs::metadata(image_of(&scratch, "vol"))
-            .unwrap()
-            .blocks()
-            * 512
-    };
+    c.create("vol", 32 * MIB, rwo("ext4")).await;
+    let allocated = || std::fs::metadata(scratch.image("vol")).unwrap().blocks() * 512;
     assert!(allocated() < MIB as u64, "a new volume is thin");
     let modify = |params: &[(&str, &str)]| pb::ControllerModifyVolumeRequest {
         volume_id: "vol".into(),
@@ -2033,7 +1701,7 @@ async fn modify_volume_changes_allocation_and_refuses_unknown_parameters() {
         "back to thin",
     );
     // The volume's own create call, repeated, still finds it compatible.
-    create(c, "vol", 32 * MIB, rwo("ext4")).await;
+    c.create("vol", 32 * MIB, rwo("ext4")).await;
 }
 
 #[tokio::test]
@@ -2041,8 +1709,9 @@ async fn controller_expand_grows_and_reports_node_expansion() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &["--shared-pool"]).await;
     let c = &mut csi;
-    create(c, "fs", 8 * MIB, rwo("ext4")).await;
-    create(c, "raw", 8 * MIB, block_cap(Mode::SingleNodeWriter)).await;
+    c.create("fs", 8 * MIB, rwo("ext4")).await;
+    c.create("raw", 8 * MIB, block_cap(Mode::SingleNodeWriter))
+        .await;
     let expand = |id: &str, required: i64, limit: i64, cap: Option<pb::VolumeCapability>| {
         pb::ControllerExpandVolumeRequest {
             volume_id: id.into(),
@@ -2089,7 +1758,7 @@ async fn controller_expand_grows_and_reports_node_expansion() {
     let status = got.status.unwrap();
     assert!(!status.volume_condition.unwrap().abnormal);
     assert_eq!(
-        std::fs::metadata(image_of(&scratch, "fs")).unwrap().len(),
+        std::fs::metadata(scratch.image("fs")).unwrap().len(),
         16 * MIB as u64
     );
     // A smaller size: volumes do not shrink, the current size is returned.
@@ -2128,9 +1797,9 @@ async fn group_snapshots_cover_several_volumes() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
-    create(c, "vol-a", 4 * MIB, rwo("ext4")).await;
-    create(c, "vol-b", 4 * MIB, rwo("ext4")).await;
-    create(c, "vol-c", 4 * MIB, rwo("ext4")).await;
+    c.create("vol-a", 4 * MIB, rwo("ext4")).await;
+    c.create("vol-b", 4 * MIB, rwo("ext4")).await;
+    c.create("vol-c", 4 * MIB, rwo("ext4")).await;
     let req = |name: &str, ids: &[&str]| pb::CreateVolumeGroupSnapshotRequest {
         name: name.into(),
         source_volume_ids: ids.iter().map(|s| s.to_string()).collect(),
@@ -2269,7 +1938,7 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
         .accessible_topology,
         None
     );
-    let vol = create(c, "shared", 4 * MIB, rwo("ext4")).await;
+    let vol = c.create("shared", 4 * MIB, rwo("ext4")).await;
     assert!(vol.accessible_topology.is_empty());
 
     let publish = |node: &str, cap: pb::VolumeCapability, readonly: bool| {
@@ -2434,7 +2103,8 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
     );
     ok(c.ctl.delete_volume(delete_req("shared")).await, "delete");
     // Many writers only for block volumes on a shared pool.
-    create(c, "raw", 4 * MIB, block_cap(Mode::MultiNodeMultiWriter)).await;
+    c.create("raw", 4 * MIB, block_cap(Mode::MultiNodeMultiWriter))
+        .await;
     for node in ["node-a", "node-b"] {
         ok(
             c.ctl
@@ -2448,1353 +2118,4 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
             "multi-writer block publish",
         );
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The process: startup, misconfiguration, logging, shutdown
-// ---------------------------------------------------------------------------------------------
-
-fn run_server(args: &[String]) -> (Option<i32>, String, Duration) {
-    let start = Instant::now();
-    let out = Command::new(binary("loopvol-csi"))
-        .args(args)
-        .env_remove("CSI_ENDPOINT")
-        .env_remove("LOOPVOL_POOL")
-        .env_remove("LOOPVOL_LOG")
-        .env("LOOPVOL_NODE", NODE)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        start.elapsed(),
-    )
-}
-
-#[tokio::test]
-async fn misconfiguration_fails_fast_with_a_clear_message() {
-    let scratch = Scratch::new();
-    let sock = format!("--endpoint=unix://{}", scratch.path("csi.sock").display());
-    let pool = format!("--pool={}", scratch.pool().display());
-    let file = scratch.path("a-file");
-    std::fs::write(&file, b"").unwrap();
-    let cases: Vec<(Vec<String>, &str)> = vec![
-        (
-            vec![
-                sock.clone(),
-                format!("--pool={}", scratch.path("missing").display()),
-            ],
-            "missing",
-        ),
-        (
-            vec![sock.clone(), format!("--pool={}", file.display())],
-            "not a directory",
-        ),
-        (
-            vec!["--endpoint=tcp://127.0.0.1:10000".into(), pool.clone()],
-            "unix://",
-        ),
-        (
-            vec!["--endpoint=unix://relative.sock".into(), pool.clone()],
-            "absolute",
-        ),
-        (
-            vec![sock.clone(), pool.clone(), "--driver-name=Bad_Name".into()],
-            "driver-name",
-        ),
-        (
-            vec![sock.clone(), pool.clone(), "--overcommit=0.5".into()],
-            "overcommit",
-        ),
-        (
-            vec![
-                sock.clone(),
-                pool.clone(),
-                "--path-prefix=relative/dir".into(),
-            ],
-            "path-prefix",
-        ),
-        (
-            vec![sock.clone(), pool.clone(), "--mode=everything".into()],
-            "mode",
-        ),
-        (
-            vec![
-                format!("--endpoint=unix://{}", file.display()),
-                pool.clone(),
-            ],
-            "not a socket",
-        ),
-    ];
-    for (args, needle) in cases {
-        let (code, stderr, took) = run_server(&args);
-        assert!(code.is_some_and(|c| c != 0), "{args:?} exited {code:?}");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: stderr lacks {needle:?}: {stderr}"
-        );
-        assert!(took < Duration::from_secs(10), "{args:?} took {took:?}");
-    }
-    assert!(
-        !scratch.path("csi.sock").exists(),
-        "a failed start left a socket"
-    );
-    assert!(
-        file.is_file(),
-        "a regular file at the socket path was replaced"
-    );
-}
-
-#[tokio::test]
-async fn socket_is_private_stale_ones_are_replaced_and_sigterm_removes_it() {
-    let scratch = Scratch::new();
-    let socket = scratch.path("csi.sock");
-    // A stale socket (its server died) is replaced.
-    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-    assert!(socket.exists());
-    let mut server = start_server(&scratch, &[]);
-    let md = std::fs::metadata(&socket).unwrap();
-    assert!(md.file_type().is_socket());
-    assert_eq!(
-        md.permissions().mode() & 0o777,
-        0o600,
-        "socket must be owner-only"
-    );
-    let mut csi = connect(&server).await;
-    ok(csi.id.probe(pb::ProbeRequest {}).await, "Probe");
-    // A second server on the same socket refuses to steal it.
-    let (code, stderr, _) = run_server(&[
-        format!("--endpoint=unix://{}", socket.display()),
-        format!("--pool={}", scratch.pool().display()),
-    ]);
-    assert_ne!(code, Some(0));
-    assert!(stderr.contains("another server is listening"), "{stderr}");
-    ok(
-        csi.id.probe(pb::ProbeRequest {}).await,
-        "first server still serves",
-    );
-    // Nothing else was created beside the socket.
-    let mut beside: Vec<String> = std::fs::read_dir(scratch.root())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    beside.sort();
-    assert_eq!(beside, ["csi.log", "csi.sock", "pool"]);
-
-    server.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(0), "SIGTERM exit: {status}");
-    assert!(!socket.exists(), "socket left after SIGTERM");
-    let log = std::fs::read_to_string(scratch.path("csi.log")).unwrap();
-    assert!(
-        log.contains("listening") && log.contains(&socket.display().to_string()),
-        "{log}"
-    );
-    assert!(log.contains("SIGTERM"), "{log}");
-
-    // SIGINT too.
-    let mut server = start_server(&scratch, &[]);
-    server.signal(nix::sys::signal::Signal::SIGINT);
-    assert_eq!(
-        server.wait_exit(Duration::from_secs(20)).await.code(),
-        Some(0)
-    );
-    assert!(!socket.exists(), "socket left after SIGINT");
-}
-
-#[tokio::test]
-async fn requests_are_logged_without_secrets_or_mount_flags() {
-    let scratch = Scratch::new();
-    let (server, mut csi) = start(&scratch, &[]).await;
-    let secrets: HashMap<String, String> =
-        [("password".to_string(), "hunter2-secret-value".to_string())].into();
-    let mut r = create_req("logged", MIB, rwo("ext4"));
-    r.secrets = secrets.clone();
-    ok(csi.ctl.create_volume(r).await, "CreateVolume with secrets");
-    // A refused mount flag whose value is a credential: the reply and the log say what was
-    // wrong without repeating it.
-    let mut r = create_req(
-        "logged-2",
-        MIB,
-        mount_cap_with(
-            "ext4",
-            Mode::SingleNodeWriter,
-            &["password=flag-s3cret-value;x"],
-            "",
-        ),
-    );
-    r.secrets = secrets.clone();
-    let err = csi.ctl.create_volume(r).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        !err.message().contains("flag-s3cret-value"),
-        "{}",
-        err.message()
-    );
-    let mut stage = stage_req(
-        "logged",
-        &scratch.path("staging"),
-        mount_cap_with(
-            "ext4",
-            Mode::SingleNodeWriter,
-            &["user=flag-user-value", "bind"],
-            "",
-        ),
-    );
-    stage.secrets = secrets;
-    assert_code(
-        csi.node.node_stage_volume(stage).await,
-        Code::InvalidArgument,
-        "stage with a bind flag",
-    );
-    ok(
-        csi.ctl.delete_volume(delete_req("logged")).await,
-        "DeleteVolume",
-    );
-
-    let log = server.log_text();
-    for needle in [
-        "CreateVolume",
-        "DeleteVolume",
-        "NodeStageVolume",
-        "logged",
-        "duration_ms",
-        "InvalidArgument",
-        "OK",
-    ] {
-        assert!(log.contains(needle), "log lacks {needle:?}:\n{log}");
-    }
-    for secret in [
-        "hunter2-secret-value",
-        "flag-s3cret-value",
-        "flag-user-value",
-    ] {
-        assert!(!log.contains(secret), "log leaks {secret:?}:\n{log}");
-    }
-}
-
-#[tokio::test]
-async fn paths_are_confined_to_prefixes_and_never_system_directories() {
-    let scratch = Scratch::new();
-    let kubelet = scratch.path("kubelet");
-    let (_server, mut csi) =
-        start(&scratch, &[&format!("--path-prefix={}", kubelet.display())]).await;
-    let c = &mut csi;
-    create(c, "vol", MIB, rwo("ext4")).await;
-    let inside = kubelet.join("plugins/x/globalmount");
-    let bad_paths = [
-        scratch.path("outside"),
-        PathBuf::from("/etc/loopvol-x"),
-        PathBuf::from("/proc/1/root"),
-        PathBuf::from("/"),
-        kubelet.join("../outside"),
-        kubelet.join("a//b"),
-        PathBuf::from("relative/path"),
-        kubelet.clone(),
-    ];
-    for bad in &bad_paths {
-        let what = format!("stage at {}", bad.display());
-        assert_code(
-            c.node
-                .node_stage_volume(stage_req("vol", bad, rwo("ext4")))
-                .await,
-            Code::InvalidArgument,
-            &what,
-        );
-        let what = format!("publish at {}", bad.display());
-        assert_code(
-            c.node
-                .node_publish_volume(publish_req("vol", &inside, bad, rwo("ext4"), false))
-                .await,
-            Code::InvalidArgument,
-            &what,
-        );
-        assert_code(
-            c.node
-                .node_unpublish_volume(unpublish_req("vol", bad))
-                .await,
-            Code::InvalidArgument,
-            &format!("unpublish at {}", bad.display()),
-        );
-        assert_code(
-            c.node.node_unstage_volume(unstage_req("vol", bad)).await,
-            Code::InvalidArgument,
-            &format!("unstage at {}", bad.display()),
-        );
-    }
-    assert!(!scratch.path("outside").exists());
-    // Without prefixes, system directories are still refused.
-    let other = Scratch::new();
-    let (_s2, mut c2) = start(&other, &[]).await;
-    create(&mut c2, "vol", MIB, rwo("ext4")).await;
-    for bad in ["/etc/x", "/usr/lib/x", "/sys/x", "/dev/x", "/boot/x", "/"] {
-        assert_code(
-            c2.node
-                .node_stage_volume(stage_req("vol", Path::new(bad), rwo("ext4")))
-                .await,
-            Code::InvalidArgument,
-            &format!("stage at {bad}"),
-        );
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Root: real loop devices, filesystems and mounts
-// ---------------------------------------------------------------------------------------------
-
-/// A staging path the way kubelet lays them out (under `<scratch>/kubelet`).
-fn staging_path(scratch: &Scratch, id: &str) -> PathBuf {
-    scratch.path(&format!(
-        "kubelet/plugins/kubernetes.io/csi/csi.loopvol.io/{id}/globalmount"
-    ))
-}
-
-/// A pod's target path (under `<scratch>/kubelet`).
-fn target_path(scratch: &Scratch, pod: &str, id: &str) -> PathBuf {
-    scratch.path(&format!(
-        "kubelet/pods/{pod}/volumes/kubernetes.io~csi/{id}/mount"
-    ))
-}
-
-fn kubelet_prefix(scratch: &Scratch) -> String {
-    format!("--path-prefix={}", scratch.path("kubelet").display())
-}
-
-async fn stage(c: &mut Csi, id: &str, staging: &Path, cap: pb::VolumeCapability) {
-    ok(
-        c.node.node_stage_volume(stage_req(id, staging, cap)).await,
-        "NodeStageVolume",
-    );
-}
-
-async fn publish(
-    c: &mut Csi,
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: pb::VolumeCapability,
-    readonly: bool,
-) {
-    ok(
-        c.node
-            .node_publish_volume(publish_req(id, staging, target, cap, readonly))
-            .await,
-        "NodePublishVolume",
-    );
-}
-
-async fn unpublish(c: &mut Csi, id: &str, target: &Path) {
-    ok(
-        c.node
-            .node_unpublish_volume(unpublish_req(id, target))
-            .await,
-        "NodeUnpublishVolume",
-    );
-}
-
-async fn unstage(c: &mut Csi, id: &str, staging: &Path) {
-    ok(
-        c.node.node_unstage_volume(unstage_req(id, staging)).await,
-        "NodeUnstageVolume",
-    );
-}
-
-#[tokio::test]
-async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
-    if !require_root(fs_tools("ext4")) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (_server, mut csi) = start(&scratch, &[&kubelet_prefix(&scratch)]).await;
-    let c = &mut csi;
-    let cap = mount_cap_with("ext4", Mode::SingleNodeWriter, &["noatime"], "4242");
-    let staging = staging_path(&scratch, "pvc-life");
-    let target = target_path(&scratch, "pod-1", "pvc-life");
-
-    let first = create(c, "pvc-life", 64 * MIB, cap.clone()).await;
-    for _ in 0..10 {
-        assert_eq!(create(c, "pvc-life", 64 * MIB, cap.clone()).await, first);
-    }
-    let id = first.volume_id.clone();
-
-    for _ in 0..10 {
-        stage(c, &id, &staging, cap.clone()).await;
-        let (fs, options) = mount_at(&staging).expect("staged mount");
-        assert_eq!(fs, "ext4");
-        for o in ["nodev", "nosuid", "noatime", "rw"] {
-            assert!(
-                options.iter().any(|x| x == o),
-                "staging mount lacks {o}: {options:?}"
-            );
-        }
-        assert_eq!(
-            loops_of(&scratch, &id).len(),
-            1,
-            "one loop device, whatever the repeats"
-        );
-        assert_eq!(mounts_under(&scratch.root()).len(), 1);
-    }
-    // Incompatible repeats at the same staging path.
-    assert_code(
-        c.node
-            .node_stage_volume(stage_req(&id, &staging, rwo("xfs")))
-            .await,
-        Code::AlreadyExists,
-        "stage again as another fs type",
-    );
-    create(c, "pvc-other", 64 * MIB, rwo("ext4")).await;
-    assert_code(
-        c.node
-            .node_stage_volume(stage_req("pvc-other", &staging, rwo("ext4")))
-            .await,
-        Code::AlreadyExists,
-        "another volume at the same staging path",
-    );
-    assert!(
-        loops_of(&scratch, "pvc-other").is_empty(),
-        "a refused stage left a loop device"
-    );
-
-    for _ in 0..10 {
-        publish(c, &id, &staging, &target, cap.clone(), false).await;
-        let (fs, options) = mount_at(&target).expect("published mount");
-        assert_eq!(fs, "ext4");
-        assert!(options.iter().any(|x| x == "nodev") && options.iter().any(|x| x == "nosuid"));
-        assert_eq!(mounts_under(&scratch.root()).len(), 2, "no stacked binds");
-    }
-    // VOLUME_MOUNT_GROUP: the volume's root belongs to the pod's fsGroup, setgid.
-    let root = std::fs::metadata(&target).unwrap();
-    assert_eq!(root.gid(), 4242);
-    assert!(root.mode() & 0o2070 == 0o2070, "mode {:o}", root.mode());
-    std::fs::write(target.join("data"), b"lifecycle").unwrap();
-    assert_code(
-        c.node
-            .node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), true))
-            .await,
-        Code::AlreadyExists,
-        "publish the same target read-only",
-    );
-    // A second pod on the same node.
-    let target2 = target_path(&scratch, "pod-2", "pvc-life");
-    publish(c, &id, &staging, &target2, cap.clone(), true).await;
-    assert_eq!(std::fs::read(target2.join("data")).unwrap(), b"lifecycle");
-    assert!(
-        std::fs::write(target2.join("x"), b"x").is_err(),
-        "read-only publish is writable"
-    );
-    unpublish(c, &id, &target2).await;
-    assert!(!target2.exists(), "unpublish leaves the target directory");
-    // Publishing without staging first: FAILED_PRECONDITION.
-    let other_target = target_path(&scratch, "pod-3", "pvc-other");
-    assert_code(
-        c.node
-            .node_publish_volume(publish_req(
-                "pvc-other",
-                &staging_path(&scratch, "pvc-other"),
-                &other_target,
-                rwo("ext4"),
-                false,
-            ))
-            .await,
-        Code::FailedPrecondition,
-        "publish an unstaged volume",
-    );
-
-    for path in [&target, &staging] {
-        let stats = ok(
-            c.node
-                .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                    volume_id: id.clone(),
-                    volume_path: path.display().to_string(),
-                    ..Default::default()
-                })
-                .await,
-            "NodeGetVolumeStats",
-        );
-        let bytes = stats
-            .usage
-            .iter()
-            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
-            .unwrap();
-        let inodes = stats
-            .usage
-            .iter()
-            .find(|u| u.unit == pb::volume_usage::Unit::Inodes as i32)
-            .unwrap();
-        assert!(
-            bytes.total > 50 * MIB && bytes.total <= 64 * MIB,
-            "{bytes:?}"
-        );
-        assert!(bytes.used > 0 && bytes.available > 0);
-        assert!(inodes.total > 0 && inodes.used > 0);
-        assert!(!stats.volume_condition.unwrap().abnormal);
-    }
-    // A directory that exists but is not where the volume is mounted: NOT_FOUND (not an OK for
-    // a filesystem that never grew), and the image stays as it was.
-    let elsewhere = scratch.path("kubelet/elsewhere");
-    std::fs::create_dir_all(&elsewhere).unwrap();
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: id.clone(),
-                volume_path: elsewhere.display().to_string(),
-                capacity_range: range(128 * MIB, 0),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "NodeExpandVolume at a directory that is not the volume",
-    );
-    assert_eq!(
-        std::fs::metadata(image_of(&scratch, &id)).unwrap().len(),
-        64 * MIB as u64
-    );
-    assert_code(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: id.clone(),
-                volume_path: elsewhere.display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "NodeGetVolumeStats at a directory that is not the volume",
-    );
-    let got = ok(
-        c.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: id.clone(),
-            })
-            .await,
-        "ControllerGetVolume",
-    );
-    let status = got.status.unwrap();
-    assert_eq!(status.published_node_ids, [NODE]);
-    assert!(!status.volume_condition.unwrap().abnormal);
-
-    // In use: neither deletion nor unstaging may pull it from under the pod.
-    assert_code(
-        c.ctl.delete_volume(delete_req(&id)).await,
-        Code::FailedPrecondition,
-        "delete while published",
-    );
-    assert_code(
-        c.node.node_unstage_volume(unstage_req(&id, &staging)).await,
-        Code::FailedPrecondition,
-        "unstage while published",
-    );
-    assert!(
-        mount_at(&staging).is_some(),
-        "a refused unstage unmounted the staging path"
-    );
-
-    for _ in 0..10 {
-        unpublish(c, &id, &target).await;
-        assert!(mount_at(&target).is_none());
-        assert!(!target.exists());
-    }
-    for _ in 0..10 {
-        unstage(c, &id, &staging).await;
-        assert!(mount_at(&staging).is_none());
-        assert!(
-            loops_of(&scratch, &id).is_empty(),
-            "loop device left after unstage"
-        );
-    }
-    // Staged again later: the data is still there.
-    stage(c, &id, &staging, cap.clone()).await;
-    publish(c, &id, &staging, &target, cap.clone(), false).await;
-    assert_eq!(std::fs::read(target.join("data")).unwrap(), b"lifecycle");
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-
-    for _ in 0..10 {
-        ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
-    }
-    assert!(!scratch.pool().join("volumes").join(&id).exists());
-    assert!(mounts_under(&scratch.root()).is_empty());
-    assert!(loops_under(&scratch.root()).is_empty());
-}
-
-#[tokio::test]
-async fn block_volumes_work_end_to_end() {
-    if !require_root(&[]) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (_server, mut csi) = start(&scratch, &[&kubelet_prefix(&scratch)]).await;
-    let c = &mut csi;
-    let cap = block_cap(Mode::SingleNodeWriter);
-    let id = create(c, "pvc-block", 16 * MIB, cap.clone())
-        .await
-        .volume_id;
-    let staging = scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-block");
-    let target =
-        scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-1");
-    for _ in 0..10 {
-        stage(c, &id, &staging, cap.clone()).await;
-        assert_eq!(loops_of(&scratch, &id).len(), 1);
-    }
-    for _ in 0..10 {
-        publish(c, &id, &staging, &target, cap.clone(), false).await;
-        assert!(
-            std::fs::metadata(&target)
-                .unwrap()
-                .file_type()
-                .is_block_device(),
-            "target is not the device"
-        );
-        assert_eq!(mounts_under(&scratch.root()).len(), 1);
-    }
-    // Write through the published device file, read it back.
-    let data = pattern(64 * 1024, 7);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&target)
-            .unwrap();
-        f.write_all_at(&data, MIB as u64).unwrap();
-        f.sync_all().unwrap();
-    }
-    let read_back = |path: &Path| {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; data.len()];
-        std::fs::File::open(path)
-            .unwrap()
-            .read_exact_at(&mut buf, MIB as u64)
-            .unwrap();
-        buf
-    };
-    assert_eq!(read_back(&target), data);
-    // A read-only publication of the same device shows the data. (Writes through it are refused
-    // by the container runtime's device rules: a read-only bind cannot stop writes to a device
-    // node.)
-    let ro_target =
-        scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-2");
-    publish(c, &id, &staging, &ro_target, cap.clone(), true).await;
-    assert_eq!(read_back(&ro_target), data);
-    let (_, options) = mount_at(&ro_target).unwrap();
-    assert!(options.iter().any(|o| o == "ro"), "{options:?}");
-    unpublish(c, &id, &ro_target).await;
-    // A block volume expands without a filesystem step.
-    let grown = ok(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: id.clone(),
-                volume_path: target.display().to_string(),
-                capacity_range: range(32 * MIB, 0),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await,
-        "NodeExpandVolume of a block volume",
-    );
-    assert_eq!(grown.capacity_bytes, 32 * MIB);
-    let dev_size = {
-        let f = std::fs::File::open(&target).unwrap();
-        use std::io::Seek;
-        let mut f = f;
-        f.seek(std::io::SeekFrom::End(0)).unwrap()
-    };
-    assert_eq!(
-        dev_size,
-        32 * MIB as u64,
-        "the published device did not grow"
-    );
-    let stats = ok(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: id.clone(),
-                volume_path: target.display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        "NodeGetVolumeStats of a block volume",
-    );
-    assert_eq!(stats.usage[0].total, 32 * MIB);
-
-    for _ in 0..10 {
-        unpublish(c, &id, &target).await;
-        assert!(!target.exists());
-    }
-    for _ in 0..10 {
-        unstage(c, &id, &staging).await;
-        assert!(loops_of(&scratch, &id).is_empty());
-    }
-    // The data is in the image: attach again and read it.
-    stage(c, &id, &staging, cap.clone()).await;
-    publish(c, &id, &staging, &target, cap.clone(), false).await;
-    assert_eq!(read_back(&target), data);
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-    // A reader-only mode attaches the device itself read-only: no write reaches the image.
-    let reader = block_cap(Mode::SingleNodeReaderOnly);
-    stage(c, &id, &staging, reader.clone()).await;
-    publish(c, &id, &staging, &target, reader.clone(), true).await;
-    assert_eq!(read_back(&target), data);
-    let refused = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&target)
-        .and_then(|f| {
-            use std::os::unix::fs::FileExt;
-            f.write_all_at(b"x", 0)?;
-            f.sync_all()
-        });
-    assert!(refused.is_err(), "a reader-only block volume took a write");
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-    for _ in 0..10 {
-        ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
-    }
-    assert!(mounts_under(&scratch.root()).is_empty());
-    assert!(loops_under(&scratch.root()).is_empty());
-}
-
-#[tokio::test]
-async fn single_node_single_writer_is_published_for_one_workload_at_a_time() {
-    if !require_root(fs_tools("ext4")) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (_server, mut csi) = start(&scratch, &[&kubelet_prefix(&scratch)]).await;
-    let c = &mut csi;
-    // ReadWriteOncePod: Kubernetes sends SINGLE_NODE_SINGLE_WRITER (SINGLE_NODE_MULTI_WRITER is
-    // advertised), which the spec defines as one workload at a time.
-    let once = mount_cap("ext4", Mode::SingleNodeSingleWriter);
-    let id = create(c, "pvc-rwop", 16 * MIB, once.clone())
-        .await
-        .volume_id;
-    let staging = staging_path(&scratch, &id);
-    let (first, second) = (
-        target_path(&scratch, "pod-1", &id),
-        target_path(&scratch, "pod-2", &id),
-    );
-    stage(c, &id, &staging, once.clone()).await;
-    for _ in 0..3 {
-        publish(c, &id, &staging, &first, once.clone(), false).await;
-    }
-    assert_code(
-        c.node
-            .node_publish_volume(publish_req(&id, &staging, &second, once.clone(), false))
-            .await,
-        Code::FailedPrecondition,
-        "a second workload of a SINGLE_NODE_SINGLE_WRITER volume",
-    );
-    assert!(mount_at(&second).is_none());
-    unpublish(c, &id, &first).await;
-    publish(c, &id, &staging, &second, once.clone(), false).await;
-    // SINGLE_NODE_MULTI_WRITER (ReadWriteOnce) and the older SINGLE_NODE_WRITER share the node.
-    for mode in [Mode::SingleNodeMultiWriter, Mode::SingleNodeWriter] {
-        publish(c, &id, &staging, &first, mount_cap("ext4", mode), false).await;
-        unpublish(c, &id, &first).await;
-    }
-    unpublish(c, &id, &second).await;
-    unstage(c, &id, &staging).await;
-    assert!(loops_of(&scratch, &id).is_empty());
-}
-
-#[tokio::test]
-async fn reader_only_modes_stage_and_publish_read_only() {
-    if !require_root(fs_tools("ext4")) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (_server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    let id = create(c, "pvc-ro", 32 * MIB, rwo("ext4")).await.volume_id;
-    let staging = staging_path(&scratch, &id);
-    let target = target_path(&scratch, "p", &id);
-    // Written once read-write...
-    stage(c, &id, &staging, rwo("ext4")).await;
-    publish(c, &id, &staging, &target, rwo("ext4"), false).await;
-    std::fs::write(target.join("seed"), b"seed").unwrap();
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-    // ...then used by readers.
-    let ro = mount_cap("ext4", Mode::MultiNodeReaderOnly);
-    for _ in 0..3 {
-        stage(c, &id, &staging, ro.clone()).await;
-    }
-    let (_, options) = mount_at(&staging).unwrap();
-    assert!(
-        options.iter().any(|o| o == "ro"),
-        "reader-only stage is not read-only: {options:?}"
-    );
-    publish(c, &id, &staging, &target, ro.clone(), false).await;
-    assert_eq!(std::fs::read(target.join("seed")).unwrap(), b"seed");
-    let err = std::fs::write(target.join("new"), b"x").unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-    assert!(loops_under(&scratch.root()).is_empty());
-    // A blank volume cannot be formatted read-only.
-    let blank = create(c, "pvc-blank", 32 * MIB, rwo("ext4"))
-        .await
-        .volume_id;
-    assert_code(
-        c.node
-            .node_stage_volume(stage_req(&blank, &staging_path(&scratch, &blank), ro))
-            .await,
-        Code::FailedPrecondition,
-        "read-only stage of a blank volume",
-    );
-}
-
-#[tokio::test]
-async fn snapshot_restore_and_clone_preserve_contents() {
-    if !require_root(fs_tools("ext4")) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (_server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    let cap = rwo("ext4");
-    let src = create(c, "pvc-src", 64 * MIB, cap.clone()).await.volume_id;
-    let (s_stage, s_target) = (
-        staging_path(&scratch, &src),
-        target_path(&scratch, "p0", &src),
-    );
-    stage(c, &src, &s_stage, cap.clone()).await;
-    publish(c, &src, &s_stage, &s_target, cap.clone(), false).await;
-    let before = pattern(512 * 1024, 1);
-    std::fs::write(s_target.join("data.bin"), &before).unwrap();
-
-    // Snapshot of the mounted volume (frozen while copied), then the source changes.
-    let snap = ok(
-        c.ctl.create_snapshot(snapshot_req("snap-1", &src)).await,
-        "CreateSnapshot",
-    )
-    .snapshot
-    .unwrap();
-    assert!(snap.ready_to_use);
-    let after = pattern(512 * 1024, 2);
-    std::fs::write(s_target.join("data.bin"), &after).unwrap();
-    std::fs::write(s_target.join("later.txt"), b"after the snapshot").unwrap();
-
-    // Restore, larger than the snapshot: the filesystem grows when staged.
-    let mut r = create_req("pvc-restored", 128 * MIB, cap.clone());
-    r.volume_content_source = from_snapshot(&snap.snapshot_id);
-    let restored = ok(c.ctl.create_volume(r).await, "restore")
-        .volume
-        .unwrap()
-        .volume_id;
-    // Clone of the (mounted, changed) source.
-    let mut r = create_req("pvc-clone", 64 * MIB, cap.clone());
-    r.volume_content_source = from_volume(&src);
-    let clone = ok(c.ctl.create_volume(r).await, "clone")
-        .volume
-        .unwrap()
-        .volume_id;
-
-    let (r_stage, r_target) = (
-        staging_path(&scratch, &restored),
-        target_path(&scratch, "p1", &restored),
-    );
-    stage(c, &restored, &r_stage, cap.clone()).await;
-    publish(c, &restored, &r_stage, &r_target, cap.clone(), false).await;
-    assert!(
-        std::fs::read(r_target.join("data.bin")).unwrap() == before,
-        "restored contents differ from the snapshot"
-    );
-    assert!(
-        !r_target.join("later.txt").exists(),
-        "restore holds a write made after the snapshot"
-    );
-    assert!(
-        statvfs_total(&r_target) > 100 * MIB as u64,
-        "the restored filesystem did not grow to its volume"
-    );
-
-    let (c_stage, c_target) = (
-        staging_path(&scratch, &clone),
-        target_path(&scratch, "p2", &clone),
-    );
-    stage(c, &clone, &c_stage, cap.clone()).await;
-    publish(c, &clone, &c_stage, &c_target, cap.clone(), false).await;
-    assert!(
-        std::fs::read(c_target.join("data.bin")).unwrap() == after,
-        "clone contents differ from the source"
-    );
-    assert_eq!(
-        std::fs::read(c_target.join("later.txt")).unwrap(),
-        b"after the snapshot"
-    );
-    // Independent copies: writing the clone leaves the source alone.
-    std::fs::write(c_target.join("data.bin"), b"clone only").unwrap();
-    assert!(std::fs::read(s_target.join("data.bin")).unwrap() == after);
-
-    for (id, st, tg) in [
-        (&src, &s_stage, &s_target),
-        (&restored, &r_stage, &r_target),
-        (&clone, &c_stage, &c_target),
-    ] {
-        unpublish(c, id, tg).await;
-        unstage(c, id, st).await;
-        ok(c.ctl.delete_volume(delete_req(id)).await, "DeleteVolume");
-    }
-    ok(
-        c.ctl
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                snapshot_id: snap.snapshot_id,
-                ..Default::default()
-            })
-            .await,
-        "DeleteSnapshot",
-    );
-    assert!(loops_under(&scratch.root()).is_empty());
-}
-
-/// Stages and publishes a `fs` volume of `initial` bytes, grows it to `grown` and checks the
-/// mounted filesystem sees the new size. `shared`: through ControllerExpandVolume first (a
-/// shared pool), else NodeExpandVolume alone (a node-local pool grows on its node).
-async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
-    let scratch = Scratch::new();
-    let extra: &[&str] = if shared { &["--shared-pool"] } else { &[] };
-    let (_server, mut csi) = start(&scratch, extra).await;
-    let c = &mut csi;
-    let cap = rwo(fs);
-    let id = create(c, &format!("pvc-{fs}"), initial, cap.clone())
-        .await
-        .volume_id;
-    let (staging, target) = (staging_path(&scratch, &id), target_path(&scratch, "p", &id));
-    stage(c, &id, &staging, cap.clone()).await;
-    publish(c, &id, &staging, &target, cap.clone(), false).await;
-    std::fs::write(target.join("keep"), b"kept").unwrap();
-    let before = statvfs_total(&target);
-    assert!(before <= initial as u64);
-    if shared {
-        let r = ok(
-            c.ctl
-                .controller_expand_volume(pb::ControllerExpandVolumeRequest {
-                    volume_id: id.clone(),
-                    capacity_range: range(grown, 0),
-                    volume_capability: Some(cap.clone()),
-                    ..Default::default()
-                })
-                .await,
-            "ControllerExpandVolume",
-        );
-        assert!(r.node_expansion_required);
-        assert_eq!(r.capacity_bytes, grown);
-        assert_code(
-            c.node
-                .node_expand_volume(pb::NodeExpandVolumeRequest {
-                    volume_id: id.clone(),
-                    volume_path: target.display().to_string(),
-                    capacity_range: range(2 * grown, 0),
-                    ..Default::default()
-                })
-                .await,
-            Code::OutOfRange,
-            "NodeExpandVolume beyond the controller's size",
-        );
-    }
-    for _ in 0..3 {
-        let r = ok(
-            c.node
-                .node_expand_volume(pb::NodeExpandVolumeRequest {
-                    volume_id: id.clone(),
-                    volume_path: target.display().to_string(),
-                    staging_target_path: staging.display().to_string(),
-                    capacity_range: range(grown, 0),
-                    volume_capability: Some(cap.clone()),
-                    ..Default::default()
-                })
-                .await,
-            "NodeExpandVolume",
-        );
-        assert_eq!(r.capacity_bytes, grown);
-    }
-    let after = statvfs_total(&target);
-    assert!(
-        after > before + (grown - initial) as u64 / 2,
-        "{fs}: mounted filesystem {before} -> {after} bytes after growing {initial} -> {grown}"
-    );
-    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
-    let got = ok(
-        c.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: id.clone(),
-            })
-            .await,
-        "ControllerGetVolume",
-    );
-    assert_eq!(got.volume.unwrap().capacity_bytes, grown);
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: id.clone(),
-                volume_path: target.display().to_string(),
-                capacity_range: range(0, initial),
-                ..Default::default()
-            })
-            .await,
-        Code::OutOfRange,
-        "NodeExpandVolume with a limit below the size",
-    );
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: id.clone(),
-                volume_path: scratch.path("kubelet/nowhere").display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        Code::NotFound,
-        "NodeExpandVolume at a path that does not exist",
-    );
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-    ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
-}
-
-#[tokio::test]
-async fn xfs_grows_online_on_its_node() {
-    if require_root(fs_tools("xfs")) {
-        expand_online("xfs", 300 * MIB, 600 * MIB, false).await;
-    }
-}
-
-#[tokio::test]
-async fn btrfs_grows_online_after_controller_expansion() {
-    if require_root(fs_tools("btrfs")) {
-        expand_online("btrfs", 256 * MIB, 512 * MIB, true).await;
-    }
-}
-
-#[tokio::test]
-async fn ext4_grows_online_or_says_why_and_grows_at_the_next_stage() {
-    if !require_root(fs_tools("ext4")) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (_server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    let cap = rwo("ext4");
-    let id = create(c, "pvc-ext4", 64 * MIB, cap.clone()).await.volume_id;
-    let (staging, target) = (staging_path(&scratch, &id), target_path(&scratch, "p", &id));
-    stage(c, &id, &staging, cap.clone()).await;
-    publish(c, &id, &staging, &target, cap.clone(), false).await;
-    let before = statvfs_total(&target);
-    let expand = pb::NodeExpandVolumeRequest {
-        volume_id: id.clone(),
-        volume_path: target.display().to_string(),
-        capacity_range: range(128 * MIB, 0),
-        ..Default::default()
-    };
-    let online = loopvol::fs::can_grow_ext4_online();
-    let result = c.node.node_expand_volume(expand.clone()).await;
-    if online {
-        ok(result, "online ext4 growth with CAP_SYS_RESOURCE");
-        assert!(statvfs_total(&target) > before + 32 * MIB as u64);
-    } else {
-        // No CAP_SYS_RESOURCE (as in most containers): a clear refusal, not a silent no-op...
-        let err = result.unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-        assert!(
-            err.message().contains("CAP_SYS_RESOURCE"),
-            "{}",
-            err.message()
-        );
-        assert_eq!(statvfs_total(&target), before);
-        // ...and the next stage grows it offline.
-        unpublish(c, &id, &target).await;
-        unstage(c, &id, &staging).await;
-        stage(c, &id, &staging, cap.clone()).await;
-        publish(c, &id, &staging, &target, cap.clone(), false).await;
-        assert!(
-            statvfs_total(&target) > before + 32 * MIB as u64,
-            "ext4 not grown at the next stage: {before} -> {}",
-            statvfs_total(&target)
-        );
-        ok(
-            c.node.node_expand_volume(expand).await,
-            "NodeExpandVolume once grown",
-        );
-    }
-    unpublish(c, &id, &target).await;
-    unstage(c, &id, &staging).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
-    if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    let cap = rwo("ext4");
-    let a = create(c, "pvc-a", 32 * MIB, cap.clone()).await.volume_id;
-    let b = create(c, "pvc-b", 32 * MIB, cap.clone()).await.volume_id;
-    let (a_stage, a_target) = (staging_path(&scratch, &a), target_path(&scratch, "p", &a));
-    stage(c, &a, &a_stage, cap.clone()).await;
-
-    // Hold a NodePublish of A in flight: it applies the pod's fsGroup to the volume's root, and
-    // that write waits while the filesystem is frozen.
-    let frozen = Frozen::freeze(&a_stage);
-    let with_group = mount_cap_with("ext4", Mode::SingleNodeWriter, &[], "4242");
-    let first = {
-        let mut node = c.node.clone();
-        let req = publish_req(&a, &a_stage, &a_target, with_group.clone(), false);
-        tokio::spawn(async move { node.node_publish_volume(req).await })
-    };
-    wait_for_blocked_thread(server.pid());
-
-    // The same call again (a CO retrying after its timeout), and other calls on A: ABORTED.
-    let retry = c
-        .node
-        .node_publish_volume(publish_req(
-            &a,
-            &a_stage,
-            &a_target,
-            with_group.clone(),
-            false,
-        ))
-        .await;
-    assert_code(
-        retry,
-        Code::Aborted,
-        "the same publish while the first is in flight",
-    );
-    assert_code(
-        c.node.node_unstage_volume(unstage_req(&a, &a_stage)).await,
-        Code::Aborted,
-        "unstage A",
-    );
-    assert_code(
-        c.ctl.delete_volume(delete_req(&a)).await,
-        Code::Aborted,
-        "delete A",
-    );
-    assert!(
-        !first.is_finished(),
-        "the first call finished while A was frozen"
-    );
-
-    // Another volume is not held up.
-    let other = async {
-        let (b_stage, b_target) = (staging_path(&scratch, &b), target_path(&scratch, "p", &b));
-        stage(c, &b, &b_stage, cap.clone()).await;
-        publish(c, &b, &b_stage, &b_target, cap.clone(), false).await;
-        unpublish(c, &b, &b_target).await;
-        unstage(c, &b, &b_stage).await;
-    };
-    tokio::time::timeout(Duration::from_secs(60), other)
-        .await
-        .expect("a call on another volume waited for the busy one");
-    assert!(!first.is_finished());
-
-    // A caller that gives up (its deadline passes) does not release the volume: the work goes on
-    // in the background, and a retry is ABORTED until it ends.
-    let v = create(c, "pvc-c", 32 * MIB, cap.clone()).await.volume_id;
-    let (v_stage, v_target) = (staging_path(&scratch, &v), target_path(&scratch, "p", &v));
-    stage(c, &v, &v_stage, cap.clone()).await;
-    let frozen_v = Frozen::freeze(&v_stage);
-    let mut impatient = tonic::Request::new(publish_req(
-        &v,
-        &v_stage,
-        &v_target,
-        with_group.clone(),
-        false,
-    ));
-    impatient.set_timeout(Duration::from_millis(300));
-    let gave_up = c.node.node_publish_volume(impatient).await.unwrap_err();
-    assert!(
-        matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{gave_up:?}"
-    );
-    wait_for_blocked_threads(server.pid(), 2);
-    let err = c
-        .node
-        .node_publish_volume(publish_req(
-            &v,
-            &v_stage,
-            &v_target,
-            with_group.clone(),
-            false,
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Aborted, "{}", err.message());
-    assert!(err.message().contains("in progress"), "{}", err.message());
-    frozen_v.thaw();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match c
-            .node
-            .node_publish_volume(publish_req(
-                &v,
-                &v_stage,
-                &v_target,
-                with_group.clone(),
-                false,
-            ))
-            .await
-        {
-            Ok(_) => break,
-            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("publish after the abandoned one: {e:?}"),
-        }
-    }
-    assert_eq!(std::fs::metadata(&v_target).unwrap().gid(), 4242);
-    assert!(
-        server.log_text().contains("Cancelled"),
-        "{}",
-        server.log_text()
-    );
-    unpublish(c, &v, &v_target).await;
-    unstage(c, &v, &v_stage).await;
-
-    // The same answer across processes: the backend's lock, held here by the test.
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(scratch.pool().join("locks").join(format!("v-{b}.lock")))
-        .unwrap();
-    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
-    assert_code(
-        c.node
-            .node_stage_volume(stage_req(&b, &staging_path(&scratch, &b), cap.clone()))
-            .await,
-        Code::Aborted,
-        "stage B while another process holds its lock",
-    );
-    drop(held);
-
-    frozen.thaw();
-    let done = tokio::time::timeout(Duration::from_secs(60), first)
-        .await
-        .expect("first call")
-        .unwrap();
-    ok(done, "the held publish, once the filesystem thawed");
-    assert_eq!(std::fs::metadata(&a_target).unwrap().gid(), 4242);
-    // Now the retry is just a repeat.
-    publish(c, &a, &a_stage, &a_target, with_group, false).await;
-    unpublish(c, &a, &a_target).await;
-    unstage(c, &a, &a_stage).await;
-    assert!(loops_under(&scratch.root()).is_empty());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_call_in_flight_finish_then_removes_the_socket() {
-    if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (mut server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    let cap = mount_cap_with("ext4", Mode::SingleNodeWriter, &[], "777");
-    let a = create(c, "pvc-a", 32 * MIB, cap.clone()).await.volume_id;
-    let (a_stage, a_target) = (staging_path(&scratch, &a), target_path(&scratch, "p", &a));
-    stage(c, &a, &a_stage, cap.clone()).await;
-    let frozen = Frozen::freeze(&a_stage);
-    let first = {
-        let mut node = c.node.clone();
-        let req = publish_req(&a, &a_stage, &a_target, cap.clone(), false);
-        tokio::spawn(async move { node.node_publish_volume(req).await })
-    };
-    wait_for_blocked_thread(server.pid());
-    server.signal(nix::sys::signal::Signal::SIGTERM);
-    // The socket goes at once (no new connections)...
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "socket still there after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    // ...but the process stays until the call in flight is done.
-    assert!(server.is_running(), "exited with a call in flight");
-    assert!(!first.is_finished());
-    frozen.thaw();
-    let done = tokio::time::timeout(Duration::from_secs(60), first)
-        .await
-        .expect("first call")
-        .unwrap();
-    ok(done, "the call in flight at SIGTERM");
-    assert_eq!(mount_at(&a_target).map(|m| m.0).as_deref(), Some("ext4"));
-    let status = server.wait_exit(Duration::from_secs(30)).await;
-    assert_eq!(status.code(), Some(0), "{status}");
-    assert!(!server.socket.exists());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stage_then_the_same_call_finishes_the_job() {
-    if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
-        return;
-    }
-    let scratch = Scratch::new();
-    let (mut server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    let cap = rwo("ext4");
-    // The staging path lies on a filesystem the test freezes (itself a loopvol volume), so the
-    // stage stops after attaching and formatting, at creating the staging directory: there
-    // the server is killed.
-    let parent = create(c, "pvc-parent", 32 * MIB, cap.clone())
-        .await
-        .volume_id;
-    let parent_stage = staging_path(&scratch, &parent);
-    stage(c, &parent, &parent_stage, cap.clone()).await;
-    let id = create(c, "pvc-victim", 32 * MIB, cap.clone())
-        .await
-        .volume_id;
-    let victim_stage = parent_stage.join("victim/globalmount");
-
-    let frozen = Frozen::freeze(&parent_stage);
-    let doomed = {
-        let mut node = c.node.clone();
-        let req = stage_req(&id, &victim_stage, cap.clone());
-        tokio::spawn(async move { node.node_stage_volume(req).await })
-    };
-    wait_for_blocked_thread(server.pid());
-    server.signal(nix::sys::signal::Signal::SIGKILL);
-    frozen.thaw(); // the kill takes effect once the blocked thread leaves the kernel
-    let status = server.wait_exit(Duration::from_secs(30)).await;
-    assert_eq!(status.code(), None, "not killed by the signal: {status}");
-    assert!(
-        doomed.await.unwrap().is_err(),
-        "the killed call reported success"
-    );
-
-    // Half done: attached and formatted, not mounted.
-    let devices = loops_of(&scratch, &id);
-    assert_eq!(devices.len(), 1, "the killed stage attached the volume");
-    let dev = devices[0].display().to_string();
-    let uuid = tool_output("blkid", &["-p", "-s", "UUID", "-o", "value", &dev]);
-    assert!(
-        !uuid.is_empty(),
-        "the killed stage had formatted the volume"
-    );
-    assert!(mount_at(&victim_stage).is_none());
-    assert!(server.socket.exists(), "a killed server leaves its socket");
-
-    // Restarted (replacing the stale socket), the same call finishes the job.
-    server.restart();
-    let mut c = connect(&server).await;
-    for _ in 0..3 {
-        stage(&mut c, &id, &victim_stage, cap.clone()).await;
-    }
-    let (fs, _) = mount_at(&victim_stage).expect("staged after the restart");
-    assert_eq!(fs, "ext4");
-    assert_eq!(
-        loops_of(&scratch, &id),
-        devices,
-        "the restart attached a second loop device"
-    );
-    assert_eq!(
-        tool_output("blkid", &["-p", "-s", "UUID", "-o", "value", &dev]),
-        uuid,
-        "the volume was formatted again"
-    );
-    unstage(&mut c, &id, &victim_stage).await;
-    unstage(&mut c, &parent, &parent_stage).await;
-    assert!(loops_under(&scratch.root()).is_empty());
-    assert!(mounts_under(&scratch.root()).is_empty());
 }

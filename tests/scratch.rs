@@ -1,0 +1,131 @@
+//! A temporary directory per test, holding its pool and its paths, and the cleanup of exactly
+//! what the test made there.
+
+use std::path::{Path, PathBuf};
+
+use crate::kernel;
+
+/// A temporary directory for a test: the pool (`pool()`) and scratch paths (`path()`) live in it.
+/// On drop, even after a failed assertion, it unmounts every mount under it (deepest first) and
+/// detaches every loop device whose image is under it, then removes it. Nothing else is touched.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        // Under /var/tmp (disk-backed): loop direct I/O needs a real filesystem, not tmpfs.
+        let base = std::env::var_os("LOOPVOL_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = tempfile::Builder::new()
+            .prefix("loopvol-test-")
+            .tempdir_in(base)
+            .expect("temp dir");
+        Scratch { dir }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().canonicalize().expect("canonical scratch")
+    }
+
+    /// The pool directory (created).
+    pub fn pool(&self) -> PathBuf {
+        let p = self.root().join("pool");
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A path under the scratch dir (not created), e.g. a staging or target path.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root().join(rel)
+    }
+
+    /// The image file of volume `id` in the pool (the layout both front ends share).
+    pub fn image(&self, id: &str) -> PathBuf {
+        self.pool().join("volumes").join(id).join("image")
+    }
+
+    /// The loop devices attached to volume `id`'s image.
+    pub fn loops_of(&self, id: &str) -> Vec<kernel::LoopDevice> {
+        kernel::loops_backing(&self.image(id))
+    }
+
+    /// Fails, naming them, when any mount or loop device of this scratch dir is left.
+    #[track_caller]
+    pub fn assert_clean(&self, when: &str) {
+        let (mounts, loops) = (mounts_under(&self.root()), loops_under(&self.root()));
+        assert!(
+            mounts.is_empty() && loops.is_empty(),
+            "{when}: left mounted {mounts:?}, left attached {loops:?}"
+        );
+    }
+
+    /// Unmounts and detaches everything under the scratch dir (a simulated reboot, too).
+    pub fn cleanup_kernel_state(&self) {
+        cleanup_under(&self.root());
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.cleanup_kernel_state();
+    }
+}
+
+/// Unmounts every mount point under `root` (deepest first) and detaches loop devices backed by
+/// files under `root`.
+pub fn cleanup_under(root: &Path) {
+    // Loops first: once a pool mounted under `root` is (lazily) unmounted, sysfs shows its images'
+    // paths relative to that mount and they no longer match. A busy device detaches on last close.
+    detach_loops_under(root);
+    for _ in 0..4 {
+        let mut points = mounts_under(root);
+        if points.is_empty() {
+            break;
+        }
+        points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in points {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    detach_loops_under(root);
+}
+
+fn detach_loops_under(root: &Path) {
+    for dev in kernel::loop_devices() {
+        if backs_under(&dev, root) {
+            let _ = kernel::detach(&dev);
+        }
+    }
+}
+
+/// Whether `dev`'s image is under `root` (sysfs marks an image deleted since with " (deleted)").
+fn backs_under(dev: &kernel::LoopDevice, root: &Path) -> bool {
+    let backing = dev.backing_file.to_string_lossy();
+    Path::new(backing.trim_end_matches(" (deleted)")).starts_with(root)
+}
+
+/// Mount points currently under `root` (for asserting a failed call left nothing behind).
+pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    kernel::mounts()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(root))
+        .collect()
+}
+
+/// Loop devices whose images are under `root`.
+pub fn loops_under(root: &Path) -> Vec<PathBuf> {
+    kernel::loop_devices()
+        .iter()
+        .filter(|d| backs_under(d, root))
+        .map(|d| d.path())
+        .collect()
+}
