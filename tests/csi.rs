@@ -259,6 +259,20 @@ impl Csi {
             &format!("NodeUnstageVolume {id} at {}", staging.display()),
         );
     }
+
+    /// NodeStageVolume and a read-write NodePublishVolume of `v`: what kubelet does to start a
+    /// pod. Both must succeed.
+    pub async fn stage_and_publish(&mut self, v: &PodVolume, cap: &pb::VolumeCapability) {
+        self.stage(&v.id, &v.staging, cap.clone()).await;
+        self.publish(&v.id, &v.staging, &v.target, cap.clone(), false)
+            .await;
+    }
+
+    /// NodeUnpublishVolume and NodeUnstageVolume of `v`: what kubelet does once the pod is gone.
+    pub async fn unpublish_and_unstage(&mut self, v: &PodVolume) {
+        self.unpublish(&v.id, &v.target).await;
+        self.unstage(&v.id, &v.staging).await;
+    }
 }
 
 /// Declares [`Call`] (one variant per unary RPC, built from its request with `.into()`) and
@@ -615,10 +629,27 @@ impl Kubelet {
         ))
     }
 
+    /// Volume `id` as kubelet lays it out for pod `pod`: its staging and target paths.
+    pub fn pod_volume(&self, pod: &str, id: &str) -> PodVolume {
+        PodVolume {
+            id: id.to_owned(),
+            staging: self.staging(id),
+            target: self.target(pod, id),
+        }
+    }
+
     /// The server flag that confines node paths to this kubelet root.
     pub fn path_prefix_flag(&self) -> String {
         format!("--path-prefix={}", self.root.display())
     }
+}
+
+/// A volume as one pod uses it: the volume's staging path and the pod's target path.
+#[derive(Debug, Clone)]
+pub struct PodVolume {
+    pub id: String,
+    pub staging: PathBuf,
+    pub target: PathBuf,
 }
 
 // ---------------------------------------------------------------------------------------------

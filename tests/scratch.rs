@@ -52,6 +52,31 @@ impl Scratch {
         self.pool().join("volumes").join(id).join("image")
     }
 
+    /// Opens the scratch pool as node `node` (creating its layout), as a front end does when it
+    /// starts; on a `shared` pool that registers the node, as its node plugin would.
+    pub fn open_pool(&self, node: &str, shared: bool) -> loopvol::Pool {
+        let mut options = loopvol::PoolOptions::new(node.to_owned());
+        options.shared = shared;
+        let pool = loopvol::Pool::open(self.pool(), options).expect("open the scratch pool");
+        if shared {
+            pool.register_node().expect("register the node");
+        }
+        pool
+    }
+
+    /// Holds volume `id`'s lock, as a call in another process would, until the guard drops.
+    pub fn hold_volume_lock(&self, id: &str) -> nix::fcntl::Flock<std::fs::File> {
+        let path = self.pool().join("locks").join(format!("v-{id}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .unwrap_or_else(|(_, e)| panic!("lock {}: {e}", path.display()))
+    }
+
     /// The loop devices attached to volume `id`'s image.
     pub fn loops_of(&self, id: &str) -> Vec<kernel::LoopDevice> {
         kernel::loops_backing(&self.image(id))

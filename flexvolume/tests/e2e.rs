@@ -97,7 +97,7 @@ fn assert_no_secrets_logged(s: &Scratch) {
 
 /// Everything a call could change: the pool's files (metadata content included), the mounts
 /// and loop devices under the scratch dir.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct State {
     files: BTreeMap<PathBuf, String>,
     mounts: Vec<PathBuf>,
@@ -278,9 +278,8 @@ fn busy_volume_fails_after_the_configured_wait() {
         &json!({"pool": s.pool(), "log": "", "node": "node-a", "lockTimeoutSeconds": 1}),
     );
     // Open the pool's layout, then hold the volume's lock as another call would.
-    loopvol::Pool::open(s.pool(), loopvol::PoolOptions::new("node-a")).unwrap();
-    let lock = std::fs::File::create(s.pool().join("locks/v-busy.lock")).unwrap();
-    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    s.open_pool("node-a", false);
+    let _held = s.hold_volume_lock("busy");
     let pod = mkdir(&s.path("pods/p/vol"));
     let started = std::time::Instant::now();
     let m = flex.fail(&[
@@ -309,12 +308,15 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
         &kubelet_mount_options("good", "ext4", "rw", json!({"size": "64Mi"})),
     ]);
     let pod = mkdir(&s.path("pods/p1/vol"));
-    let before = state(&s);
+    let start = state(&s);
+    let mut before = start.clone();
 
     let opts = |extra: Value| kubelet_mount_options("pv-new", "", "rw", extra);
     let no_name =
         json!({"kubernetes.io/fsType": "ext4", "kubernetes.io/readwrite": "rw"}).to_string();
     let missing_dir = s.path("pods/never-created/vol").display().to_string();
+    // `mount <pod dir> <options>`, the call most bad inputs come with.
+    let mount = |options: String| vec!["mount".to_owned(), pod.clone(), options];
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![], "no call given"),
         (vec!["mount".into()], "mount needs pod volume dir"),
@@ -322,124 +324,78 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
             vec!["mount".into(), pod.clone()],
             "mount needs the JSON options",
         ),
+        (mount("{not json".into()), "not valid JSON"),
+        (mount("".into()), "not valid JSON"),
+        (mount("[1,2]".into()), "must be a JSON object, not an array"),
         (
-            vec!["mount".into(), pod.clone(), "{not json".into()],
-            "not valid JSON",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), "".into()],
-            "not valid JSON",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), "[1,2]".into()],
-            "must be a JSON object, not an array",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), "\"volumeID\"".into()],
+            mount("\"volumeID\"".into()),
             "must be a JSON object, not a string",
         ),
+        (mount("null".into()), "must be a JSON object, not null"),
+        (mount("{}".into()), "no volume named"),
+        (mount(no_name), "no volume named"),
         (
-            vec!["mount".into(), pod.clone(), "null".into()],
-            "must be a JSON object, not null",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), "{}".into()],
-            "no volume named",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), no_name],
-            "no volume named",
-        ),
-        (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"volumeID": "../evil", "size": "64Mi"})),
-            ],
+            mount(opts(json!({"volumeID": "../evil", "size": "64Mi"}))),
             "invalid volume ID",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"volumeID": "..", "size": "64Mi"})),
-            ],
+            mount(opts(json!({"volumeID": "..", "size": "64Mi"}))),
             "invalid volume ID",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"volumeID": "a/b", "size": "64Mi"})),
-            ],
+            mount(opts(json!({"volumeID": "a/b", "size": "64Mi"}))),
             "invalid volume ID",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                kubelet_mount_options("../../etc", "", "rw", json!({"size": "64Mi"})),
-            ],
+            mount(kubelet_mount_options(
+                "../../etc",
+                "",
+                "rw",
+                json!({"size": "64Mi"}),
+            )),
             "invalid volume ID",
         ),
+        (mount(opts(json!({"size": "lots"}))), "invalid size"),
+        (mount(opts(json!({"size": "-1Gi"}))), "invalid size"),
+        (mount(opts(json!({"size": "0"}))), "invalid size"),
         (
-            vec!["mount".into(), pod.clone(), opts(json!({"size": "lots"}))],
-            "invalid size",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), opts(json!({"size": "-1Gi"}))],
-            "invalid size",
-        ),
-        (
-            vec!["mount".into(), pod.clone(), opts(json!({"size": "0"}))],
-            "invalid size",
-        ),
-        (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"size": {"Gi": 1}})),
-            ],
+            mount(opts(json!({"size": {"Gi": 1}}))),
             "\"size\" must be a string",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                kubelet_mount_options("pv-new", "ntfs", "rw", json!({"size": "64Mi"})),
-            ],
+            mount(kubelet_mount_options(
+                "pv-new",
+                "ntfs",
+                "rw",
+                json!({"size": "64Mi"}),
+            )),
             "\"ntfs\" is not supported",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                kubelet_mount_options("pv-new", "ext4", "maybe", json!({"size": "64Mi"})),
-            ],
+            mount(kubelet_mount_options(
+                "pv-new",
+                "ext4",
+                "maybe",
+                json!({"size": "64Mi"}),
+            )),
             "\"rw\" or \"ro\"",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"size": "64Mi", "kubernetes.io/mounterArgs.FsGroup": "staff"})),
-            ],
+            mount(opts(
+                json!({"size": "64Mi", "kubernetes.io/mounterArgs.FsGroup": "staff"}),
+            )),
             "group ID",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"size": "64Mi", "mountOptions": "noatime,bind"})),
-            ],
+            mount(opts(
+                json!({"size": "64Mi", "mountOptions": "noatime,bind"}),
+            )),
             "invalid mount option",
         ),
         (
-            vec![
-                "mount".into(),
-                pod.clone(),
-                opts(json!({"size": "64Mi", "mountOptions": "device=/dev/sda"})),
-            ],
+            mount(opts(
+                json!({"size": "64Mi", "mountOptions": "device=/dev/sda"}),
+            )),
             "invalid mount option",
         ),
         (
@@ -470,10 +426,7 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
             ],
             "not normalized",
         ),
-        (
-            vec!["mount".into(), pod.clone(), opts(json!({}))],
-            "not found",
-        ),
+        (mount(opts(json!({}))), "not found"),
         (vec!["unmount".into()], "unmount needs pod volume dir"),
         (
             vec!["unmount".into(), "pods/p1/vol".into()],
@@ -506,16 +459,30 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
             "expandfs needs the device mount path",
         ),
     ];
+    // Every case runs; the failure lists each one that did not fail as it should.
+    let mut wrong = Vec::new();
     for (args, expect) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let m = flex.fail(&args);
-        assert!(m.contains(expect), "{args:?}: expected {expect:?} in {m:?}");
-        assert_eq!(
-            state(&s),
-            before,
-            "{args:?} changed the pool or the mount table"
-        );
+        let reply = flex.call(&args);
+        let message = reply["message"].as_str().unwrap_or_default();
+        if reply["status"] != "Failure" || !message.contains(expect) {
+            wrong.push(format!(
+                "  {args:?}: expected a Failure naming {expect:?}, got {reply}"
+            ));
+        }
+        let after = state(&s);
+        if after != before {
+            wrong.push(format!("  {args:?} changed the pool or the mount table"));
+        }
+        before = after; // each case is judged on its own change
     }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} bad inputs were not refused cleanly:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
     // A pool that does not exist is refused, not created.
     let m = flex
         .clone()
@@ -523,7 +490,7 @@ fn bad_inputs_fail_clearly_and_change_nothing() {
         .fail(&["unmount", &pod]);
     assert!(m.contains("no-pool") && m.contains("cannot use it"), "{m}");
     assert!(!s.path("no-pool").exists());
-    assert_eq!(state(&s), before);
+    assert_eq!(state(&s), start);
 
     flex.ok(&["unmount", &good_pod]);
     s.assert_clean("left behind");

@@ -22,8 +22,8 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
     let (_server, mut csi) = start(&scratch, &[&kubelet(&scratch).path_prefix_flag()]).await;
     let c = &mut csi;
     let cap = mount_cap_with("ext4", Mode::SingleNodeWriter, &["noatime"], "4242");
-    let staging = kubelet(&scratch).staging("pvc-life");
-    let target = kubelet(&scratch).target("pod-1", "pvc-life");
+    let v = kubelet(&scratch).pod_volume("pod-1", "pvc-life");
+    let (staging, target) = (&v.staging, &v.target);
 
     let first = c.create("pvc-life", 64 * MIB, cap.clone()).await;
     for _ in 0..10 {
@@ -32,8 +32,8 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
     let id = first.volume_id.clone();
 
     for _ in 0..10 {
-        c.stage(&id, &staging, cap.clone()).await;
-        let m = mount_at(&staging).expect("staged mount");
+        c.stage(&id, staging, cap.clone()).await;
+        let m = mount_at(staging).expect("staged mount");
         assert_eq!(m.fs_type, "ext4");
         for o in ["nodev", "nosuid", "noatime", "rw"] {
             assert!(m.has_option(o), "staging mount lacks {o}: {m:?}");
@@ -48,7 +48,7 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
     // Incompatible repeats at the same staging path.
     assert_code(
         c.node
-            .node_stage_volume(stage_req(&id, &staging, rwo("xfs")))
+            .node_stage_volume(stage_req(&id, staging, rwo("xfs")))
             .await,
         Code::AlreadyExists,
         "stage again as another fs type",
@@ -56,7 +56,7 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
     c.create("pvc-other", 64 * MIB, rwo("ext4")).await;
     assert_code(
         c.node
-            .node_stage_volume(stage_req("pvc-other", &staging, rwo("ext4")))
+            .node_stage_volume(stage_req("pvc-other", staging, rwo("ext4")))
             .await,
         Code::AlreadyExists,
         "another volume at the same staging path",
@@ -67,27 +67,27 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
     );
 
     for _ in 0..10 {
-        c.publish(&id, &staging, &target, cap.clone(), false).await;
-        let m = mount_at(&target).expect("published mount");
+        c.publish(&id, staging, target, cap.clone(), false).await;
+        let m = mount_at(target).expect("published mount");
         assert_eq!(m.fs_type, "ext4");
         assert!(m.has_option("nodev") && m.has_option("nosuid"), "{m:?}");
         assert_eq!(mounts_under(&scratch.root()).len(), 2, "no stacked binds");
     }
     // VOLUME_MOUNT_GROUP: the volume's root belongs to the pod's fsGroup, setgid.
-    let root = std::fs::metadata(&target).unwrap();
+    let root = std::fs::metadata(target).unwrap();
     assert_eq!(root.gid(), 4242);
     assert!(root.mode() & 0o2070 == 0o2070, "mode {:o}", root.mode());
     std::fs::write(target.join("data"), b"lifecycle").unwrap();
     assert_code(
         c.node
-            .node_publish_volume(publish_req(&id, &staging, &target, cap.clone(), true))
+            .node_publish_volume(publish_req(&id, staging, target, cap.clone(), true))
             .await,
         Code::AlreadyExists,
         "publish the same target read-only",
     );
     // A second pod on the same node.
     let target2 = kubelet(&scratch).target("pod-2", "pvc-life");
-    c.publish(&id, &staging, &target2, cap.clone(), true).await;
+    c.publish(&id, staging, &target2, cap.clone(), true).await;
     assert_eq!(std::fs::read(target2.join("data")).unwrap(), b"lifecycle");
     assert!(
         std::fs::write(target2.join("x"), b"x").is_err(),
@@ -190,34 +190,33 @@ async fn mount_lifecycle_repeated_ten_times_gives_the_same_results() {
         "delete while published",
     );
     assert_code(
-        c.node.node_unstage_volume(unstage_req(&id, &staging)).await,
+        c.node.node_unstage_volume(unstage_req(&id, staging)).await,
         Code::FailedPrecondition,
         "unstage while published",
     );
     assert!(
-        mount_at(&staging).is_some(),
+        mount_at(staging).is_some(),
         "a refused unstage unmounted the staging path"
     );
 
     for _ in 0..10 {
-        c.unpublish(&id, &target).await;
-        assert!(mount_at(&target).is_none());
+        c.unpublish(&id, target).await;
+        assert!(mount_at(target).is_none());
         assert!(!target.exists());
     }
     for _ in 0..10 {
-        c.unstage(&id, &staging).await;
-        assert!(mount_at(&staging).is_none());
+        c.unstage(&id, staging).await;
+        assert!(mount_at(staging).is_none());
         assert!(
             scratch.loops_of(&id).is_empty(),
             "loop device left after unstage"
         );
     }
     // Staged again later: the data is still there.
-    c.stage(&id, &staging, cap.clone()).await;
-    c.publish(&id, &staging, &target, cap.clone(), false).await;
+    c.stage(&id, staging, cap.clone()).await;
+    c.publish(&id, staging, target, cap.clone(), false).await;
     assert_eq!(std::fs::read(target.join("data")).unwrap(), b"lifecycle");
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.unpublish_and_unstage(&v).await;
 
     for _ in 0..10 {
         ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
@@ -237,17 +236,22 @@ async fn block_volumes_work_end_to_end() {
     let c = &mut csi;
     let cap = block_cap(Mode::SingleNodeWriter);
     let id = c.create("pvc-block", 16 * MIB, cap.clone()).await.volume_id;
-    let staging = scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-block");
-    let target =
-        scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-1");
+    // Where kubelet stages and publishes block volumes.
+    let v = PodVolume {
+        id: id.clone(),
+        staging: scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/staging/pvc-block"),
+        target: scratch
+            .path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-1"),
+    };
+    let (staging, target) = (&v.staging, &v.target);
     for _ in 0..10 {
-        c.stage(&id, &staging, cap.clone()).await;
+        c.stage(&id, staging, cap.clone()).await;
         assert_eq!(scratch.loops_of(&id).len(), 1);
     }
     for _ in 0..10 {
-        c.publish(&id, &staging, &target, cap.clone(), false).await;
+        c.publish(&id, staging, target, cap.clone(), false).await;
         assert!(
-            std::fs::metadata(&target)
+            std::fs::metadata(target)
                 .unwrap()
                 .file_type()
                 .is_block_device(),
@@ -261,7 +265,7 @@ async fn block_volumes_work_end_to_end() {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .open(&target)
+            .open(target)
             .unwrap();
         f.write_all_at(&data, MIB as u64).unwrap();
         f.sync_all().unwrap();
@@ -275,14 +279,13 @@ async fn block_volumes_work_end_to_end() {
             .unwrap();
         buf
     };
-    assert_eq!(read_back(&target), data);
+    assert_eq!(read_back(target), data);
     // A read-only publication of the same device shows the data. (Writes through it are refused
     // by the container runtime's device rules: a read-only bind cannot stop writes to a device
     // node.)
     let ro_target =
         scratch.path("kubelet/plugins/kubernetes.io/csi/volumeDevices/publish/pvc-block/pod-2");
-    c.publish(&id, &staging, &ro_target, cap.clone(), true)
-        .await;
+    c.publish(&id, staging, &ro_target, cap.clone(), true).await;
     assert_eq!(read_back(&ro_target), data);
     let m = mount_at(&ro_target).unwrap();
     assert!(m.has_option("ro"), "{m:?}");
@@ -302,7 +305,7 @@ async fn block_volumes_work_end_to_end() {
     );
     assert_eq!(grown.capacity_bytes, 32 * MIB);
     let dev_size = {
-        let f = std::fs::File::open(&target).unwrap();
+        let f = std::fs::File::open(target).unwrap();
         use std::io::Seek;
         let mut f = f;
         f.seek(std::io::SeekFrom::End(0)).unwrap()
@@ -325,36 +328,33 @@ async fn block_volumes_work_end_to_end() {
     assert_eq!(stats.usage[0].total, 32 * MIB);
 
     for _ in 0..10 {
-        c.unpublish(&id, &target).await;
+        c.unpublish(&id, target).await;
         assert!(!target.exists());
     }
     for _ in 0..10 {
-        c.unstage(&id, &staging).await;
+        c.unstage(&id, staging).await;
         assert!(scratch.loops_of(&id).is_empty());
     }
     // The data is in the image: attach again and read it.
-    c.stage(&id, &staging, cap.clone()).await;
-    c.publish(&id, &staging, &target, cap.clone(), false).await;
-    assert_eq!(read_back(&target), data);
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.stage(&id, staging, cap.clone()).await;
+    c.publish(&id, staging, target, cap.clone(), false).await;
+    assert_eq!(read_back(target), data);
+    c.unpublish_and_unstage(&v).await;
     // A reader-only mode attaches the device itself read-only: no write reaches the image.
     let reader = block_cap(Mode::SingleNodeReaderOnly);
-    c.stage(&id, &staging, reader.clone()).await;
-    c.publish(&id, &staging, &target, reader.clone(), true)
-        .await;
-    assert_eq!(read_back(&target), data);
+    c.stage(&id, staging, reader.clone()).await;
+    c.publish(&id, staging, target, reader.clone(), true).await;
+    assert_eq!(read_back(target), data);
     let refused = std::fs::OpenOptions::new()
         .write(true)
-        .open(&target)
+        .open(target)
         .and_then(|f| {
             use std::os::unix::fs::FileExt;
             f.write_all_at(b"x", 0)?;
             f.sync_all()
         });
     assert!(refused.is_err(), "a reader-only block volume took a write");
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.unpublish_and_unstage(&v).await;
     for _ in 0..10 {
         ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
     }
@@ -413,30 +413,27 @@ async fn reader_only_modes_stage_and_publish_read_only() {
     let (_server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
     let id = c.create("pvc-ro", 32 * MIB, rwo("ext4")).await.volume_id;
-    let staging = kubelet(&scratch).staging(&id);
-    let target = kubelet(&scratch).target("p", &id);
+    let v = kubelet(&scratch).pod_volume("p", &id);
+    let (staging, target) = (&v.staging, &v.target);
     // Written once read-write...
-    c.stage(&id, &staging, rwo("ext4")).await;
-    c.publish(&id, &staging, &target, rwo("ext4"), false).await;
+    c.stage_and_publish(&v, &rwo("ext4")).await;
     std::fs::write(target.join("seed"), b"seed").unwrap();
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.unpublish_and_unstage(&v).await;
     // ...then used by readers.
     let ro = mount_cap("ext4", Mode::MultiNodeReaderOnly);
     for _ in 0..3 {
-        c.stage(&id, &staging, ro.clone()).await;
+        c.stage(&id, staging, ro.clone()).await;
     }
-    let m = mount_at(&staging).unwrap();
+    let m = mount_at(staging).unwrap();
     assert!(
         m.has_option("ro"),
         "reader-only stage is not read-only: {m:?}"
     );
-    c.publish(&id, &staging, &target, ro.clone(), false).await;
+    c.publish(&id, staging, target, ro.clone(), false).await;
     assert_eq!(std::fs::read(target.join("seed")).unwrap(), b"seed");
     let err = std::fs::write(target.join("new"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.unpublish_and_unstage(&v).await;
     assert!(loops_under(&scratch.root()).is_empty());
     // A blank volume cannot be formatted read-only.
     let blank = c.create("pvc-blank", 32 * MIB, rwo("ext4")).await.volume_id;
@@ -459,15 +456,10 @@ async fn snapshot_restore_and_clone_preserve_contents() {
     let c = &mut csi;
     let cap = rwo("ext4");
     let src = c.create("pvc-src", 64 * MIB, cap.clone()).await.volume_id;
-    let (s_stage, s_target) = (
-        kubelet(&scratch).staging(&src),
-        kubelet(&scratch).target("p0", &src),
-    );
-    c.stage(&src, &s_stage, cap.clone()).await;
-    c.publish(&src, &s_stage, &s_target, cap.clone(), false)
-        .await;
+    let s = kubelet(&scratch).pod_volume("p0", &src);
+    c.stage_and_publish(&s, &cap).await;
     let before = pattern(512 * 1024, 1);
-    std::fs::write(s_target.join("data.bin"), &before).unwrap();
+    std::fs::write(s.target.join("data.bin"), &before).unwrap();
 
     // Snapshot of the mounted volume (frozen while copied), then the source changes.
     let snap = ok(
@@ -478,8 +470,8 @@ async fn snapshot_restore_and_clone_preserve_contents() {
     .unwrap();
     assert!(snap.ready_to_use);
     let after = pattern(512 * 1024, 2);
-    std::fs::write(s_target.join("data.bin"), &after).unwrap();
-    std::fs::write(s_target.join("later.txt"), b"after the snapshot").unwrap();
+    std::fs::write(s.target.join("data.bin"), &after).unwrap();
+    std::fs::write(s.target.join("later.txt"), b"after the snapshot").unwrap();
 
     // Restore, larger than the snapshot: the filesystem grows when staged.
     let mut r = create_req("pvc-restored", 128 * MIB, cap.clone());
@@ -496,53 +488,38 @@ async fn snapshot_restore_and_clone_preserve_contents() {
         .unwrap()
         .volume_id;
 
-    let (r_stage, r_target) = (
-        kubelet(&scratch).staging(&restored),
-        kubelet(&scratch).target("p1", &restored),
-    );
-    c.stage(&restored, &r_stage, cap.clone()).await;
-    c.publish(&restored, &r_stage, &r_target, cap.clone(), false)
-        .await;
+    let r = kubelet(&scratch).pod_volume("p1", &restored);
+    c.stage_and_publish(&r, &cap).await;
     assert!(
-        std::fs::read(r_target.join("data.bin")).unwrap() == before,
+        std::fs::read(r.target.join("data.bin")).unwrap() == before,
         "restored contents differ from the snapshot"
     );
     assert!(
-        !r_target.join("later.txt").exists(),
+        !r.target.join("later.txt").exists(),
         "restore holds a write made after the snapshot"
     );
     assert!(
-        fs_size(&r_target) > 100 * MIB as u64,
+        fs_size(&r.target) > 100 * MIB as u64,
         "the restored filesystem did not grow to its volume"
     );
 
-    let (c_stage, c_target) = (
-        kubelet(&scratch).staging(&clone),
-        kubelet(&scratch).target("p2", &clone),
-    );
-    c.stage(&clone, &c_stage, cap.clone()).await;
-    c.publish(&clone, &c_stage, &c_target, cap.clone(), false)
-        .await;
+    let cl = kubelet(&scratch).pod_volume("p2", &clone);
+    c.stage_and_publish(&cl, &cap).await;
     assert!(
-        std::fs::read(c_target.join("data.bin")).unwrap() == after,
+        std::fs::read(cl.target.join("data.bin")).unwrap() == after,
         "clone contents differ from the source"
     );
     assert_eq!(
-        std::fs::read(c_target.join("later.txt")).unwrap(),
+        std::fs::read(cl.target.join("later.txt")).unwrap(),
         b"after the snapshot"
     );
     // Independent copies: writing the clone leaves the source alone.
-    std::fs::write(c_target.join("data.bin"), b"clone only").unwrap();
-    assert!(std::fs::read(s_target.join("data.bin")).unwrap() == after);
+    std::fs::write(cl.target.join("data.bin"), b"clone only").unwrap();
+    assert!(std::fs::read(s.target.join("data.bin")).unwrap() == after);
 
-    for (id, st, tg) in [
-        (&src, &s_stage, &s_target),
-        (&restored, &r_stage, &r_target),
-        (&clone, &c_stage, &c_target),
-    ] {
-        c.unpublish(id, tg).await;
-        c.unstage(id, st).await;
-        ok(c.ctl.delete_volume(delete_req(id)).await, "DeleteVolume");
+    for v in [&s, &r, &cl] {
+        c.unpublish_and_unstage(v).await;
+        ok(c.ctl.delete_volume(delete_req(&v.id)).await, "DeleteVolume");
     }
     ok(
         c.ctl
@@ -569,14 +546,11 @@ async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
         .create(&format!("pvc-{fs}"), initial, cap.clone())
         .await
         .volume_id;
-    let (staging, target) = (
-        kubelet(&scratch).staging(&id),
-        kubelet(&scratch).target("p", &id),
-    );
-    c.stage(&id, &staging, cap.clone()).await;
-    c.publish(&id, &staging, &target, cap.clone(), false).await;
+    let v = kubelet(&scratch).pod_volume("p", &id);
+    c.stage_and_publish(&v, &cap).await;
+    let (staging, target) = (&v.staging, &v.target);
     std::fs::write(target.join("keep"), b"kept").unwrap();
-    let before = fs_size(&target);
+    let before = fs_size(target);
     assert!(before <= initial as u64);
     if shared {
         let r = ok(
@@ -621,7 +595,7 @@ async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
         );
         assert_eq!(r.capacity_bytes, grown);
     }
-    let after = fs_size(&target);
+    let after = fs_size(target);
     assert!(
         after > before + (grown - initial) as u64 / 2,
         "{fs}: mounted filesystem {before} -> {after} bytes after growing {initial} -> {grown}"
@@ -659,8 +633,7 @@ async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
         Code::NotFound,
         "NodeExpandVolume at a path that does not exist",
     );
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.unpublish_and_unstage(&v).await;
     ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
 }
 
@@ -688,13 +661,10 @@ async fn ext4_grows_online_or_says_why_and_grows_at_the_next_stage() {
     let c = &mut csi;
     let cap = rwo("ext4");
     let id = c.create("pvc-ext4", 64 * MIB, cap.clone()).await.volume_id;
-    let (staging, target) = (
-        kubelet(&scratch).staging(&id),
-        kubelet(&scratch).target("p", &id),
-    );
-    c.stage(&id, &staging, cap.clone()).await;
-    c.publish(&id, &staging, &target, cap.clone(), false).await;
-    let before = fs_size(&target);
+    let v = kubelet(&scratch).pod_volume("p", &id);
+    c.stage_and_publish(&v, &cap).await;
+    let target = &v.target;
+    let before = fs_size(target);
     let expand = pb::NodeExpandVolumeRequest {
         volume_id: id.clone(),
         volume_path: target.display().to_string(),
@@ -705,7 +675,7 @@ async fn ext4_grows_online_or_says_why_and_grows_at_the_next_stage() {
     let result = c.node.node_expand_volume(expand.clone()).await;
     if online {
         ok(result, "online ext4 growth with CAP_SYS_RESOURCE");
-        assert!(fs_size(&target) > before + 32 * MIB as u64);
+        assert!(fs_size(target) > before + 32 * MIB as u64);
     } else {
         // No CAP_SYS_RESOURCE (as in most containers): a clear refusal, not a silent no-op...
         let err = result.unwrap_err();
@@ -715,22 +685,19 @@ async fn ext4_grows_online_or_says_why_and_grows_at_the_next_stage() {
             "{}",
             err.message()
         );
-        assert_eq!(fs_size(&target), before);
+        assert_eq!(fs_size(target), before);
         // ...and the next stage grows it offline.
-        c.unpublish(&id, &target).await;
-        c.unstage(&id, &staging).await;
-        c.stage(&id, &staging, cap.clone()).await;
-        c.publish(&id, &staging, &target, cap.clone(), false).await;
+        c.unpublish_and_unstage(&v).await;
+        c.stage_and_publish(&v, &cap).await;
         assert!(
-            fs_size(&target) > before + 32 * MIB as u64,
+            fs_size(target) > before + 32 * MIB as u64,
             "ext4 not grown at the next stage: {before} -> {}",
-            fs_size(&target)
+            fs_size(target)
         );
         ok(
             c.node.node_expand_volume(expand).await,
             "NodeExpandVolume once grown",
         );
     }
-    c.unpublish(&id, &target).await;
-    c.unstage(&id, &staging).await;
+    c.unpublish_and_unstage(&v).await;
 }

@@ -254,48 +254,43 @@ async fn paths_are_confined_to_prefixes_and_never_system_directories() {
         PathBuf::from("relative/path"),
         kubelet.clone(),
     ];
+    let mut t = CallTable::new();
     for bad in &bad_paths {
-        let what = format!("stage at {}", bad.display());
-        assert_code(
-            c.node
-                .node_stage_volume(stage_req("vol", bad, rwo("ext4")))
-                .await,
+        let at = bad.display();
+        t.case(
+            format!("stage at {at}"),
+            stage_req("vol", bad, rwo("ext4")),
             Code::InvalidArgument,
-            &what,
-        );
-        let what = format!("publish at {}", bad.display());
-        assert_code(
-            c.node
-                .node_publish_volume(publish_req("vol", &inside, bad, rwo("ext4"), false))
-                .await,
+        )
+        .case(
+            format!("publish at {at}"),
+            publish_req("vol", &inside, bad, rwo("ext4"), false),
             Code::InvalidArgument,
-            &what,
-        );
-        assert_code(
-            c.node
-                .node_unpublish_volume(unpublish_req("vol", bad))
-                .await,
+        )
+        .case(
+            format!("unpublish at {at}"),
+            unpublish_req("vol", bad),
             Code::InvalidArgument,
-            &format!("unpublish at {}", bad.display()),
-        );
-        assert_code(
-            c.node.node_unstage_volume(unstage_req("vol", bad)).await,
+        )
+        .case(
+            format!("unstage at {at}"),
+            unstage_req("vol", bad),
             Code::InvalidArgument,
-            &format!("unstage at {}", bad.display()),
         );
     }
+    t.check(c).await;
     assert!(!scratch.path("outside").exists());
     // Without prefixes, system directories are still refused.
     let other = Scratch::new();
     let (_s2, mut c2) = start(&other, &[]).await;
     c2.create("vol", MIB, rwo("ext4")).await;
+    let mut t = CallTable::new();
     for bad in ["/etc/x", "/usr/lib/x", "/sys/x", "/dev/x", "/boot/x", "/"] {
-        assert_code(
-            c2.node
-                .node_stage_volume(stage_req("vol", Path::new(bad), rwo("ext4")))
-                .await,
+        t.case(
+            format!("stage at {bad}"),
+            stage_req("vol", Path::new(bad), rwo("ext4")),
             Code::InvalidArgument,
-            &format!("stage at {bad}"),
         );
     }
+    t.check(&mut c2).await;
 }

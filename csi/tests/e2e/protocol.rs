@@ -4,6 +4,7 @@
 //! created and copied, never attached.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use loopvol_e2e::csi::*;
 use loopvol_e2e::Scratch;
@@ -253,432 +254,298 @@ async fn services_not_served_answer_unimplemented() {
     assert!(!services.contains(&(S::GroupControllerService as i32)));
 }
 
+/// Every RPC, each required field left out in turn: INVALID_ARGUMENT (or, for a publish without
+/// staging path, FAILED_PRECONDITION), and nothing created. Each case is "the full request, less
+/// one field"; all run, and a failure lists every case that got another code.
 #[tokio::test]
 async fn every_rpc_refuses_missing_required_fields() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
-    c.create("v1", MIB, rwo("ext4")).await;
+    csi.create("v1", MIB, rwo("ext4")).await;
     let bad = Code::InvalidArgument;
     let staging = scratch.path("staging");
     let target = scratch.path("target");
+    let mut t = CallTable::new();
 
-    // CreateVolume
     let full = create_req("v2", MIB, rwo("ext4"));
-    let mut r = full.clone();
-    r.name.clear();
-    assert_code(
-        c.ctl.create_volume(r).await,
-        bad,
+    t.case(
         "CreateVolume without name",
-    );
-    let mut r = full.clone();
-    r.volume_capabilities.clear();
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| r.name.clear()),
         bad,
+    )
+    .case(
         "CreateVolume without capabilities",
-    );
-    let mut r = full.clone();
-    r.volume_capabilities[0].access_type = None;
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| r.volume_capabilities.clear()),
         bad,
+    )
+    .case(
         "CreateVolume without access type",
-    );
-    let mut r = full.clone();
-    r.volume_capabilities[0].access_mode = None;
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| r.volume_capabilities[0].access_type = None),
         bad,
+    )
+    .case(
         "CreateVolume without access mode",
-    );
-    let mut r = full.clone();
-    r.volume_capabilities[0].access_mode = Some(AccessMode {
-        mode: Mode::Unknown as i32,
-    });
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| r.volume_capabilities[0].access_mode = None),
         bad,
+    )
+    .case(
         "CreateVolume with mode UNKNOWN",
-    );
-    let mut r = full.clone();
-    r.volume_content_source = from_snapshot("");
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| {
+            r.volume_capabilities[0].access_mode = Some(AccessMode {
+                mode: Mode::Unknown as i32,
+            })
+        }),
         bad,
+    )
+    .case(
         "CreateVolume with empty snapshot ID",
-    );
-    let mut r = full.clone();
-    r.volume_content_source = from_volume("");
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| r.volume_content_source = from_snapshot("")),
         bad,
+    )
+    .case(
         "CreateVolume with empty source volume ID",
-    );
-    let mut r = full.clone();
-    r.volume_content_source = Some(pb::VolumeContentSource { r#type: None });
-    assert_code(
-        c.ctl.create_volume(r).await,
+        with(&full, |r| r.volume_content_source = from_volume("")),
         bad,
+    )
+    .case(
         "CreateVolume with empty content source",
-    );
-    // Nothing of the refused requests was created.
-    assert_code(
-        c.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: "v2".into(),
-            })
-            .await,
-        Code::NotFound,
-        "v2 after refused creates",
-    );
-
-    assert_code(
-        c.ctl.delete_volume(delete_req("")).await,
+        with(&full, |r| {
+            r.volume_content_source = Some(pb::VolumeContentSource { r#type: None })
+        }),
         bad,
-        "DeleteVolume without ID",
-    );
-
-    // ValidateVolumeCapabilities
-    assert_code(
-        c.ctl
-            .validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
-                volume_capabilities: vec![rwo("")],
-                ..Default::default()
-            })
-            .await,
-        bad,
+    )
+    .case("DeleteVolume without ID", delete_req(""), bad)
+    .case(
         "ValidateVolumeCapabilities without ID",
-    );
-    assert_code(
-        c.ctl
-            .validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
-                volume_id: "v1".into(),
-                ..Default::default()
-            })
-            .await,
+        pb::ValidateVolumeCapabilitiesRequest {
+            volume_capabilities: vec![rwo("")],
+            ..Default::default()
+        },
         bad,
+    )
+    .case(
         "ValidateVolumeCapabilities without capabilities",
-    );
-    assert_code(
-        c.ctl
-            .list_volumes(pb::ListVolumesRequest {
-                max_entries: -1,
-                ..Default::default()
-            })
-            .await,
+        pb::ValidateVolumeCapabilitiesRequest {
+            volume_id: "v1".into(),
+            ..Default::default()
+        },
         bad,
+    )
+    .case(
         "ListVolumes with negative max_entries",
-    );
-    let mut cap = rwo("");
-    cap.access_mode = None;
-    assert_code(
-        c.ctl
-            .get_capacity(pb::GetCapacityRequest {
-                volume_capabilities: vec![cap],
-                ..Default::default()
-            })
-            .await,
+        pb::ListVolumesRequest {
+            max_entries: -1,
+            ..Default::default()
+        },
         bad,
+    )
+    .case(
         "GetCapacity with a capability without mode",
+        pb::GetCapacityRequest {
+            volume_capabilities: vec![with(&rwo(""), |c| c.access_mode = None)],
+            ..Default::default()
+        },
+        bad,
     );
 
-    // Snapshots
-    assert_code(
-        c.ctl.create_snapshot(snapshot_req("", "v1")).await,
-        bad,
-        "CreateSnapshot without name",
-    );
-    assert_code(
-        c.ctl.create_snapshot(snapshot_req("s1", "")).await,
-        bad,
-        "CreateSnapshot without source",
-    );
-    assert_code(
-        c.ctl
-            .delete_snapshot(pb::DeleteSnapshotRequest::default())
-            .await,
-        bad,
-        "DeleteSnapshot without ID",
-    );
-    assert_code(
-        c.ctl.get_snapshot(pb::GetSnapshotRequest::default()).await,
-        bad,
-        "GetSnapshot without ID",
-    );
-    assert_code(
-        c.ctl
-            .list_snapshots(pb::ListSnapshotsRequest {
+    t.case("CreateSnapshot without name", snapshot_req("", "v1"), bad)
+        .case("CreateSnapshot without source", snapshot_req("s1", ""), bad)
+        .case("DeleteSnapshot without ID", delete_snapshot_req(""), bad)
+        .case("GetSnapshot without ID", get_snapshot_req(""), bad)
+        .case(
+            "ListSnapshots with negative max_entries",
+            pb::ListSnapshotsRequest {
                 max_entries: -5,
                 ..Default::default()
-            })
-            .await,
-        bad,
-        "ListSnapshots with negative max_entries",
-    );
+            },
+            bad,
+        );
 
-    // Expand, get, modify
-    assert_code(
-        c.ctl
-            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
-                capacity_range: range(2 * MIB, 0),
-                ..Default::default()
-            })
-            .await,
-        bad,
+    t.case(
         "ControllerExpandVolume without ID",
-    );
-    assert_code(
-        c.ctl
-            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
-                volume_id: "v1".into(),
-                ..Default::default()
-            })
-            .await,
+        pb::ControllerExpandVolumeRequest {
+            capacity_range: range(2 * MIB, 0),
+            ..Default::default()
+        },
         bad,
+    )
+    .case(
         "ControllerExpandVolume without capacity range",
-    );
-    assert_code(
-        c.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest::default())
-            .await,
+        pb::ControllerExpandVolumeRequest {
+            volume_id: "v1".into(),
+            ..Default::default()
+        },
         bad,
-        "ControllerGetVolume without ID",
-    );
-    assert_code(
-        c.ctl
-            .controller_modify_volume(pb::ControllerModifyVolumeRequest {
-                mutable_parameters: [("allocation".to_string(), "thick".to_string())].into(),
-                ..Default::default()
-            })
-            .await,
-        bad,
+    )
+    .case("ControllerGetVolume without ID", get_volume_req(""), bad)
+    .case(
         "ControllerModifyVolume without ID",
+        pb::ControllerModifyVolumeRequest {
+            mutable_parameters: params(&[("allocation", "thick")]),
+            ..Default::default()
+        },
+        bad,
     );
 
-    // Node: stage
     let full = stage_req("v1", &staging, rwo("ext4"));
-    let mut r = full.clone();
-    r.volume_id.clear();
-    assert_code(
-        c.node.node_stage_volume(r).await,
-        bad,
+    t.case(
         "NodeStageVolume without ID",
-    );
-    let mut r = full.clone();
-    r.staging_target_path.clear();
-    assert_code(
-        c.node.node_stage_volume(r).await,
+        with(&full, |r| r.volume_id.clear()),
         bad,
+    )
+    .case(
         "NodeStageVolume without staging path",
-    );
-    let mut r = full.clone();
-    r.volume_capability = None;
-    assert_code(
-        c.node.node_stage_volume(r).await,
+        with(&full, |r| r.staging_target_path.clear()),
         bad,
+    )
+    .case(
         "NodeStageVolume without capability",
-    );
-    let mut r = full.clone();
-    r.volume_capability.as_mut().unwrap().access_type = None;
-    assert_code(
-        c.node.node_stage_volume(r).await,
+        with(&full, |r| r.volume_capability = None),
         bad,
+    )
+    .case(
         "NodeStageVolume without access type",
-    );
-    assert_code(
-        c.node.node_unstage_volume(unstage_req("", &staging)).await,
+        with(&full, |r| {
+            r.volume_capability.as_mut().unwrap().access_type = None
+        }),
         bad,
+    )
+    .case(
         "NodeUnstageVolume without ID",
-    );
-    assert_code(
-        c.node
-            .node_unstage_volume(pb::NodeUnstageVolumeRequest {
-                volume_id: "v1".into(),
-                staging_target_path: String::new(),
-            })
-            .await,
+        unstage_req("", &staging),
         bad,
+    )
+    .case(
         "NodeUnstageVolume without staging path",
+        unstage_req("v1", Path::new("")),
+        bad,
     );
 
-    // Node: publish
-    let full = publish_req("v1", &staging, &target, rwo("ext4"), false);
-    let mut r = full.clone();
-    r.volume_id.clear();
-    assert_code(
-        c.node.node_publish_volume(r).await,
-        bad,
-        "NodePublishVolume without ID",
-    );
-    let mut r = full.clone();
-    r.target_path.clear();
-    assert_code(
-        c.node.node_publish_volume(r).await,
-        bad,
-        "NodePublishVolume without target",
-    );
     // STAGE_UNSTAGE_VOLUME is advertised: a publish that names no staging path is told to stage
     // first (FAILED_PRECONDITION), after the checks of malformed fields (csi-sanity sends no
     // staging path and no capability, and wants INVALID_ARGUMENT).
-    let mut r = full.clone();
-    r.staging_target_path.clear();
-    assert_code(
-        c.node.node_publish_volume(r.clone()).await,
-        Code::FailedPrecondition,
+    let full = publish_req("v1", &staging, &target, rwo("ext4"), false);
+    let unstaged = with(&full, |r| r.staging_target_path.clear());
+    t.case(
+        "NodePublishVolume without ID",
+        with(&full, |r| r.volume_id.clear()),
+        bad,
+    )
+    .case(
+        "NodePublishVolume without target",
+        with(&full, |r| r.target_path.clear()),
+        bad,
+    )
+    .case(
         "NodePublishVolume without staging path",
-    );
-    r.volume_capability = None;
-    assert_code(
-        c.node.node_publish_volume(r).await,
-        bad,
+        unstaged.clone(),
+        Code::FailedPrecondition,
+    )
+    .case(
         "NodePublishVolume without staging path nor capability",
-    );
-    let mut r = full.clone();
-    r.volume_capability = None;
-    assert_code(
-        c.node.node_publish_volume(r).await,
+        with(&unstaged, |r| r.volume_capability = None),
         bad,
+    )
+    .case(
         "NodePublishVolume without capability",
-    );
-    assert_code(
-        c.node
-            .node_unpublish_volume(unpublish_req("", &target))
-            .await,
+        with(&full, |r| r.volume_capability = None),
         bad,
+    )
+    .case(
         "NodeUnpublishVolume without ID",
-    );
-    assert_code(
-        c.node
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: "v1".into(),
-                target_path: String::new(),
-            })
-            .await,
+        unpublish_req("", &target),
         bad,
+    )
+    .case(
         "NodeUnpublishVolume without target",
+        unpublish_req("v1", Path::new("")),
+        bad,
     );
 
-    // Node: stats, expand
-    assert_code(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+    t.case("NodeGetVolumeStats without ID", stats_req("", &target), bad)
+        .case(
+            "NodeGetVolumeStats without path",
+            stats_req("v1", Path::new("")),
+            bad,
+        )
+        .case(
+            "NodeExpandVolume without ID",
+            pb::NodeExpandVolumeRequest {
                 volume_path: target.display().to_string(),
                 ..Default::default()
-            })
-            .await,
-        bad,
-        "NodeGetVolumeStats without ID",
-    );
-    assert_code(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            },
+            bad,
+        )
+        .case(
+            "NodeExpandVolume without path",
+            pb::NodeExpandVolumeRequest {
                 volume_id: "v1".into(),
                 ..Default::default()
-            })
-            .await,
-        bad,
-        "NodeGetVolumeStats without path",
-    );
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_path: target.display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        bad,
-        "NodeExpandVolume without ID",
-    );
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: "v1".into(),
-                ..Default::default()
-            })
-            .await,
-        bad,
-        "NodeExpandVolume without path",
-    );
+            },
+            bad,
+        );
 
-    // Group snapshots
-    assert_code(
-        c.grp
-            .create_volume_group_snapshot(pb::CreateVolumeGroupSnapshotRequest {
-                source_volume_ids: vec!["v1".into()],
-                ..Default::default()
-            })
-            .await,
-        bad,
+    t.case(
         "CreateVolumeGroupSnapshot without name",
-    );
-    assert_code(
-        c.grp
-            .create_volume_group_snapshot(pb::CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                ..Default::default()
-            })
-            .await,
+        pb::CreateVolumeGroupSnapshotRequest {
+            source_volume_ids: vec!["v1".into()],
+            ..Default::default()
+        },
         bad,
+    )
+    .case(
         "CreateVolumeGroupSnapshot without sources",
-    );
-    assert_code(
-        c.grp
-            .delete_volume_group_snapshot(pb::DeleteVolumeGroupSnapshotRequest::default())
-            .await,
+        pb::CreateVolumeGroupSnapshotRequest {
+            name: "g".into(),
+            ..Default::default()
+        },
         bad,
+    )
+    .case(
         "DeleteVolumeGroupSnapshot without ID",
-    );
-    assert_code(
-        c.grp
-            .get_volume_group_snapshot(pb::GetVolumeGroupSnapshotRequest::default())
-            .await,
+        pb::DeleteVolumeGroupSnapshotRequest::default(),
         bad,
+    )
+    .case(
         "GetVolumeGroupSnapshot without ID",
+        pb::GetVolumeGroupSnapshotRequest::default(),
+        bad,
+    );
+    t.check(&mut csi).await;
+    // Nothing of the refused requests was created.
+    assert_code(
+        csi.ctl.controller_get_volume(get_volume_req("v2")).await,
+        Code::NotFound,
+        "v2 after refused creates",
     );
 
     // Controller publish (served for shared pools only).
     let shared = Scratch::new();
     let (_s2, mut c2) = start(&shared, &["--shared-pool"]).await;
     c2.create("v1", MIB, rwo("ext4")).await;
-    let full = pb::ControllerPublishVolumeRequest {
-        volume_id: "v1".into(),
-        node_id: NODE.into(),
-        volume_capability: Some(rwo("ext4")),
-        ..Default::default()
-    };
-    let mut r = full.clone();
-    r.volume_id.clear();
-    assert_code(
-        c2.ctl.controller_publish_volume(r).await,
-        bad,
+    let full = controller_publish_req("v1", NODE, rwo("ext4"), false);
+    let mut t = CallTable::new();
+    t.case(
         "ControllerPublish without ID",
-    );
-    let mut r = full.clone();
-    r.node_id.clear();
-    assert_code(
-        c2.ctl.controller_publish_volume(r).await,
+        with(&full, |r| r.volume_id.clear()),
         bad,
+    )
+    .case(
         "ControllerPublish without node",
-    );
-    let mut r = full.clone();
-    r.volume_capability = None;
-    assert_code(
-        c2.ctl.controller_publish_volume(r).await,
+        with(&full, |r| r.node_id.clear()),
         bad,
+    )
+    .case(
         "ControllerPublish without capability",
-    );
-    assert_code(
-        c2.ctl
-            .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-                node_id: NODE.into(),
-                ..Default::default()
-            })
-            .await,
+        with(&full, |r| r.volume_capability = None),
         bad,
+    )
+    .case(
         "ControllerUnpublish without ID",
+        controller_unpublish_req("", NODE),
+        bad,
     );
+    t.check(&mut c2).await;
 }
 
 #[tokio::test]
@@ -1066,243 +933,156 @@ async fn topology_confines_node_local_volumes_and_capacity() {
     );
 }
 
+/// IDs that name nothing: deletions succeed, everything else is NOT_FOUND, and node calls that
+/// find nothing to undo succeed. All cases run; a failure lists every case that got another code.
 #[tokio::test]
 async fn unknown_ids_get_not_found_or_ok_as_the_spec_says() {
     let scratch = Scratch::new();
     let (_server, mut csi) = start(&scratch, &[]).await;
-    let c = &mut csi;
     let staging = scratch.path("staging");
     let target = scratch.path("target");
     let nf = Code::NotFound;
+    let mut t = CallTable::new();
     // Deletions of what does not exist succeed.
-    ok(
-        c.ctl.delete_volume(delete_req("no-such")).await,
-        "DeleteVolume unknown",
-    );
-    ok(
-        c.ctl
-            .delete_snapshot(pb::DeleteSnapshotRequest {
-                snapshot_id: "no-such".into(),
-                ..Default::default()
-            })
-            .await,
-        "DeleteSnapshot unknown",
-    );
-    ok(
-        c.grp
-            .delete_volume_group_snapshot(pb::DeleteVolumeGroupSnapshotRequest {
+    t.case("DeleteVolume unknown", delete_req("no-such"), Code::Ok)
+        .case(
+            "DeleteSnapshot unknown",
+            delete_snapshot_req("no-such"),
+            Code::Ok,
+        )
+        .case(
+            "DeleteVolumeGroupSnapshot unknown",
+            pb::DeleteVolumeGroupSnapshotRequest {
                 group_snapshot_id: "no-such".into(),
                 ..Default::default()
-            })
-            .await,
-        "DeleteVolumeGroupSnapshot unknown",
-    );
+            },
+            Code::Ok,
+        );
     // Everything else: NOT_FOUND.
-    assert_code(
-        c.ctl
-            .validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
-                volume_id: "no-such".into(),
-                volume_capabilities: vec![rwo("ext4")],
-                ..Default::default()
-            })
-            .await,
-        nf,
+    t.case(
         "ValidateVolumeCapabilities",
-    );
-    assert_code(
-        c.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: "no-such".into(),
-            })
-            .await,
+        pb::ValidateVolumeCapabilitiesRequest {
+            volume_id: "no-such".into(),
+            volume_capabilities: vec![rwo("ext4")],
+            ..Default::default()
+        },
         nf,
-        "ControllerGetVolume",
-    );
-    assert_code(
-        c.ctl
-            .get_snapshot(pb::GetSnapshotRequest {
-                snapshot_id: "no-such".into(),
-                ..Default::default()
-            })
-            .await,
-        nf,
-        "GetSnapshot",
-    );
-    assert_code(
-        c.ctl.create_snapshot(snapshot_req("s", "no-such")).await,
-        nf,
+    )
+    .case("ControllerGetVolume", get_volume_req("no-such"), nf)
+    .case("GetSnapshot", get_snapshot_req("no-such"), nf)
+    .case(
         "CreateSnapshot of an unknown volume",
-    );
-    assert_code(
-        c.ctl
-            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
-                volume_id: "no-such".into(),
-                capacity_range: range(GIB, 0),
-                ..Default::default()
-            })
-            .await,
+        snapshot_req("s", "no-such"),
         nf,
+    )
+    .case(
         "ControllerExpandVolume",
-    );
-    assert_code(
-        c.ctl
-            .controller_modify_volume(pb::ControllerModifyVolumeRequest {
-                volume_id: "no-such".into(),
-                mutable_parameters: [("allocation".to_string(), "thick".to_string())].into(),
-                ..Default::default()
-            })
-            .await,
+        pb::ControllerExpandVolumeRequest {
+            volume_id: "no-such".into(),
+            capacity_range: range(GIB, 0),
+            ..Default::default()
+        },
         nf,
+    )
+    .case(
         "ControllerModifyVolume",
-    );
-    assert_code(
-        c.grp
-            .get_volume_group_snapshot(pb::GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: "no-such".into(),
-                ..Default::default()
-            })
-            .await,
+        pb::ControllerModifyVolumeRequest {
+            volume_id: "no-such".into(),
+            mutable_parameters: params(&[("allocation", "thick")]),
+            ..Default::default()
+        },
         nf,
+    )
+    .case(
         "GetVolumeGroupSnapshot",
-    );
-    assert_code(
-        c.grp
-            .create_volume_group_snapshot(pb::CreateVolumeGroupSnapshotRequest {
-                name: "g".into(),
-                source_volume_ids: vec!["no-such".into()],
-                ..Default::default()
-            })
-            .await,
+        pb::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: "no-such".into(),
+            ..Default::default()
+        },
         nf,
+    )
+    .case(
         "CreateVolumeGroupSnapshot of an unknown volume",
-    );
-    assert_code(
-        c.node
-            .node_stage_volume(stage_req("no-such", &staging, rwo("ext4")))
-            .await,
+        pb::CreateVolumeGroupSnapshotRequest {
+            name: "g".into(),
+            source_volume_ids: vec!["no-such".into()],
+            ..Default::default()
+        },
         nf,
+    )
+    .case(
         "NodeStageVolume",
-    );
-    assert_code(
-        c.node
-            .node_unstage_volume(unstage_req("no-such", &staging))
-            .await,
+        stage_req("no-such", &staging, rwo("ext4")),
         nf,
-        "NodeUnstageVolume",
-    );
-    assert_code(
-        c.node
-            .node_publish_volume(publish_req(
-                "no-such",
-                &staging,
-                &target,
-                rwo("ext4"),
-                false,
-            ))
-            .await,
-        nf,
+    )
+    .case("NodeUnstageVolume", unstage_req("no-such", &staging), nf)
+    .case(
         "NodePublishVolume",
-    );
-    assert_code(
-        c.node
-            .node_unpublish_volume(unpublish_req("no-such", &target))
-            .await,
+        publish_req("no-such", &staging, &target, rwo("ext4"), false),
         nf,
-        "NodeUnpublishVolume",
-    );
-    assert_code(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: "no-such".into(),
-                volume_path: target.display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        nf,
-        "NodeGetVolumeStats",
-    );
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: "no-such".into(),
-                volume_path: target.display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        nf,
+    )
+    .case("NodeUnpublishVolume", unpublish_req("no-such", &target), nf)
+    .case("NodeGetVolumeStats", stats_req("no-such", &target), nf)
+    .case(
         "NodeExpandVolume",
-    );
-    // A known volume at a path where it is not: stats are NOT_FOUND too.
-    c.create("known", MIB, rwo("ext4")).await;
-    assert_code(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: "known".into(),
-                volume_path: scratch.path("nowhere").display().to_string(),
-                ..Default::default()
-            })
-            .await,
+        pb::NodeExpandVolumeRequest {
+            volume_id: "no-such".into(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        },
         nf,
+    );
+    t.check(&mut csi).await;
+
+    // A known volume at a path where it is not: NOT_FOUND too.
+    csi.create("known", MIB, rwo("ext4")).await;
+    let plain = scratch.path("plain-file");
+    std::fs::write(&plain, b"x").unwrap();
+    let mut t = CallTable::new();
+    t.case(
         "NodeGetVolumeStats at an unknown path",
+        stats_req("known", &scratch.path("nowhere")),
+        nf,
     );
     // csi-sanity's stats checks name a relative path: the volume is not there either.
     for id in ["no-such", "known"] {
-        assert_code(
-            c.node
-                .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                    volume_id: id.into(),
-                    volume_path: "some/path".into(),
-                    ..Default::default()
-                })
-                .await,
+        t.case(
+            format!("NodeGetVolumeStats of {id} at a relative path"),
+            stats_req(id, Path::new("some/path")),
             nf,
-            &format!("NodeGetVolumeStats of {id} at a relative path"),
         );
     }
-    // A file that is not the volume's published device.
-    let plain = scratch.path("plain-file");
-    std::fs::write(&plain, b"x").unwrap();
-    assert_code(
-        c.node
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: "known".into(),
-                volume_path: plain.display().to_string(),
-                ..Default::default()
-            })
-            .await,
-        nf,
+    t.case(
         "NodeGetVolumeStats at a file that is not the volume",
-    );
-    // Expansion at a path that does not exist: NOT_FOUND, and the image did not grow.
-    assert_code(
-        c.node
-            .node_expand_volume(pb::NodeExpandVolumeRequest {
-                volume_id: "known".into(),
-                volume_path: scratch.path("nowhere").display().to_string(),
-                capacity_range: range(2 * MIB, 0),
-                ..Default::default()
-            })
-            .await,
+        stats_req("known", &plain),
         nf,
+    )
+    .case(
         "NodeExpandVolume at a path that does not exist",
+        pb::NodeExpandVolumeRequest {
+            volume_id: "known".into(),
+            volume_path: scratch.path("nowhere").display().to_string(),
+            capacity_range: range(2 * MIB, 0),
+            ..Default::default()
+        },
+        nf,
+    )
+    // Node operations that find nothing to undo succeed.
+    .case(
+        "NodeUnstage of an unstaged volume",
+        unstage_req("known", &staging),
+        Code::Ok,
+    )
+    .case(
+        "NodeUnpublish of an unpublished target",
+        unpublish_req("known", &target),
+        Code::Ok,
     );
+    t.check(&mut csi).await;
     assert_eq!(
         std::fs::metadata(scratch.image("known")).unwrap().len(),
         MIB as u64,
         "a refused expansion grew the image"
-    );
-    // Node operations that find nothing to undo succeed.
-    ok(
-        c.node
-            .node_unstage_volume(unstage_req("known", &staging))
-            .await,
-        "NodeUnstage of an unstaged volume",
-    );
-    ok(
-        c.node
-            .node_unpublish_volume(unpublish_req("known", &target))
-            .await,
-        "NodeUnpublish of an unpublished target",
     );
 }
 
@@ -1942,19 +1722,9 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
     assert!(vol.accessible_topology.is_empty());
 
     let publish = |node: &str, cap: pb::VolumeCapability, readonly: bool| {
-        pb::ControllerPublishVolumeRequest {
-            volume_id: "shared".into(),
-            node_id: node.into(),
-            volume_capability: Some(cap),
-            readonly,
-            ..Default::default()
-        }
+        controller_publish_req("shared", node, cap, readonly)
     };
-    let unpublish = |node: &str| pb::ControllerUnpublishVolumeRequest {
-        volume_id: "shared".into(),
-        node_id: node.into(),
-        ..Default::default()
-    };
+    let unpublish = |node: &str| controller_unpublish_req("shared", node);
     // A node that never registered (no node plugin ever ran there) is NOT_FOUND; this server
     // serves node-a too, so node-a registered when it started.
     assert_code(
@@ -1966,45 +1736,33 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
     );
     // What the plugins of the other nodes (one with a 256-byte name) do when they start.
     for node in ["node-b".to_owned(), "node-c".to_owned(), "n".repeat(256)] {
-        let mut options = loopvol::PoolOptions::new(node);
-        options.shared = true;
-        loopvol::Pool::open(scratch.pool(), options)
-            .unwrap()
-            .register_node()
-            .unwrap();
+        scratch.open_pool(&node, true);
     }
-    for _ in 0..10 {
-        ok(
-            c.ctl
-                .controller_publish_volume(publish("node-a", rwo("ext4"), false))
-                .await,
-            "publish to node-a",
+    // A claim, its repeats and its conflicts, in order (each call sees what the earlier did).
+    let mut t = CallTable::new();
+    for i in 0..10 {
+        t.case(
+            format!("publish to node-a, #{i}"),
+            publish("node-a", rwo("ext4"), false),
+            Code::Ok,
         );
     }
-    assert_code(
-        c.ctl
-            .controller_publish_volume(publish("node-b", rwo("ext4"), false))
-            .await,
-        Code::FailedPrecondition,
+    t.case(
         "read-write-once volume published to a second node",
-    );
-    assert_code(
-        c.ctl
-            .controller_publish_volume(publish("node-a", rwo("ext4"), true))
-            .await,
-        Code::AlreadyExists,
+        publish("node-b", rwo("ext4"), false),
+        Code::FailedPrecondition,
+    )
+    .case(
         "same node, now read-only",
-    );
-    assert_code(
-        c.ctl
-            .controller_publish_volume(pb::ControllerPublishVolumeRequest {
-                volume_id: "no-such".into(),
-                ..publish("node-a", rwo("ext4"), false)
-            })
-            .await,
-        Code::NotFound,
+        publish("node-a", rwo("ext4"), true),
+        Code::AlreadyExists,
+    )
+    .case(
         "publish an unknown volume",
+        controller_publish_req("no-such", "node-a", rwo("ext4"), false),
+        Code::NotFound,
     );
+    t.check(c).await;
     let list = ok(
         c.ctl.list_volumes(pb::ListVolumesRequest::default()).await,
         "ListVolumes",
@@ -2013,109 +1771,83 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
         list.entries[0].status.as_ref().unwrap().published_node_ids,
         ["node-a"]
     );
-    assert_code(
-        c.ctl.delete_volume(delete_req("shared")).await,
-        Code::FailedPrecondition,
+    // Releases, and the next claims. Node IDs go up to 256 bytes (CSI's limit; Kubernetes node
+    // names reach 253).
+    let mut t = CallTable::new();
+    t.case(
         "delete a published volume",
+        delete_req("shared"),
+        Code::FailedPrecondition,
     );
-    for _ in 0..10 {
-        ok(
-            c.ctl.controller_unpublish_volume(unpublish("node-a")).await,
-            "unpublish from node-a",
+    for i in 0..10 {
+        t.case(
+            format!("unpublish from node-a, #{i}"),
+            unpublish("node-a"),
+            Code::Ok,
         );
     }
-    ok(
-        c.ctl.controller_unpublish_volume(unpublish("node-z")).await,
+    t.case(
         "unpublish from a node never published to",
-    );
-    ok(
-        c.ctl
-            .controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-                volume_id: "no-such".into(),
-                node_id: "node-a".into(),
-                ..Default::default()
-            })
-            .await,
+        unpublish("node-z"),
+        Code::Ok,
+    )
+    .case(
         "unpublish an unknown volume",
-    );
-    ok(
-        c.ctl
-            .controller_publish_volume(publish("node-b", rwo("ext4"), false))
-            .await,
+        controller_unpublish_req("no-such", "node-a"),
+        Code::Ok,
+    )
+    .case(
         "now node-b may have it",
-    );
-    // Node IDs up to 256 bytes (CSI's limit; Kubernetes node names reach 253).
-    let long_node = "n".repeat(256);
-    assert_code(
-        c.ctl
-            .controller_publish_volume(publish(&"n".repeat(257), rwo("ext4"), false))
-            .await,
-        Code::InvalidArgument,
+        publish("node-b", rwo("ext4"), false),
+        Code::Ok,
+    )
+    .case(
         "a 257-byte node ID",
-    );
-    assert_code(
-        c.ctl
-            .controller_publish_volume(publish(&long_node, rwo("ext4"), false))
-            .await,
-        Code::FailedPrecondition,
+        publish(&"n".repeat(257), rwo("ext4"), false),
+        Code::InvalidArgument,
+    )
+    .case(
         "a 256-byte node ID, while node-b holds the volume",
-    );
-    ok(
-        c.ctl.controller_unpublish_volume(unpublish("node-b")).await,
-        "release node-b",
-    );
+        publish(&"n".repeat(256), rwo("ext4"), false),
+        Code::FailedPrecondition,
+    )
+    .case("release node-b", unpublish("node-b"), Code::Ok);
     // Readers share across nodes; a writer then waits for them all.
     let ro = mount_cap("ext4", Mode::MultiNodeReaderOnly);
-    ok(
-        c.ctl
-            .controller_publish_volume(publish("node-a", ro.clone(), true))
-            .await,
+    t.case(
         "reader on node-a",
-    );
-    ok(
-        c.ctl
-            .controller_publish_volume(publish("node-b", ro, true))
-            .await,
-        "reader on node-b",
-    );
-    assert_code(
-        c.ctl
-            .controller_publish_volume(publish("node-c", rwo("ext4"), false))
-            .await,
-        Code::FailedPrecondition,
+        publish("node-a", ro.clone(), true),
+        Code::Ok,
+    )
+    .case("reader on node-b", publish("node-b", ro, true), Code::Ok)
+    .case(
         "writer while readers hold it",
+        publish("node-c", rwo("ext4"), false),
+        Code::FailedPrecondition,
     );
+    t.check(c).await;
     let got = ok(
-        c.ctl
-            .controller_get_volume(pb::ControllerGetVolumeRequest {
-                volume_id: "shared".into(),
-            })
-            .await,
+        c.ctl.controller_get_volume(get_volume_req("shared")).await,
         "ControllerGetVolume",
     );
     let mut nodes = got.status.unwrap().published_node_ids;
     nodes.sort();
     assert_eq!(nodes, ["node-a", "node-b"]);
-    // No node: unpublish everywhere.
-    ok(
-        c.ctl.controller_unpublish_volume(unpublish("")).await,
-        "unpublish from all nodes",
-    );
-    ok(c.ctl.delete_volume(delete_req("shared")).await, "delete");
-    // Many writers only for block volumes on a shared pool.
-    c.create("raw", 4 * MIB, block_cap(Mode::MultiNodeMultiWriter))
-        .await;
+    // No node: unpublish everywhere. Many writers only for block volumes on a shared pool.
+    let mut t = CallTable::new();
+    t.case("unpublish from all nodes", unpublish(""), Code::Ok)
+        .case("delete", delete_req("shared"), Code::Ok)
+        .case(
+            "a multi-writer block volume",
+            create_req("raw", 4 * MIB, block_cap(Mode::MultiNodeMultiWriter)),
+            Code::Ok,
+        );
     for node in ["node-a", "node-b"] {
-        ok(
-            c.ctl
-                .controller_publish_volume(pb::ControllerPublishVolumeRequest {
-                    volume_id: "raw".into(),
-                    node_id: node.into(),
-                    volume_capability: Some(block_cap(Mode::MultiNodeMultiWriter)),
-                    ..Default::default()
-                })
-                .await,
-            "multi-writer block publish",
+        t.case(
+            format!("multi-writer block publish to {node}"),
+            controller_publish_req("raw", node, block_cap(Mode::MultiNodeMultiWriter), false),
+            Code::Ok,
         );
     }
+    t.check(c).await;
 }

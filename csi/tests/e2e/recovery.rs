@@ -15,6 +15,19 @@ use tonic::Code;
 
 use crate::{kubelet, start, MIB};
 
+/// Creates volume `name` and stages it for pod "p": where a held NodePublish starts from.
+async fn create_and_stage(
+    c: &mut Csi,
+    scratch: &Scratch,
+    name: &str,
+    cap: &pb::VolumeCapability,
+) -> PodVolume {
+    let id = c.create(name, 32 * MIB, cap.clone()).await.volume_id;
+    let v = kubelet(scratch).pod_volume("p", &id);
+    c.stage(&v.id, &v.staging, cap.clone()).await;
+    v
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
     if !require_root(&["fsfreeze", "mkfs.ext4", "blkid"]) {
@@ -24,51 +37,31 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
     let (server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
     let cap = rwo("ext4");
-    let a = c.create("pvc-a", 32 * MIB, cap.clone()).await.volume_id;
+    let pa = create_and_stage(c, &scratch, "pvc-a", &cap).await;
+    let (a, a_stage, a_target) = (&pa.id, &pa.staging, &pa.target);
     let b = c.create("pvc-b", 32 * MIB, cap.clone()).await.volume_id;
-    let (a_stage, a_target) = (
-        kubelet(&scratch).staging(&a),
-        kubelet(&scratch).target("p", &a),
-    );
-    c.stage(&a, &a_stage, cap.clone()).await;
 
     // Hold a NodePublish of A in flight: it applies the pod's fsGroup to the volume's root, and
     // that write waits while the filesystem is frozen.
-    let frozen = Frozen::freeze(&a_stage);
+    let frozen = Frozen::freeze(a_stage);
     let with_group = mount_cap_with("ext4", Mode::SingleNodeWriter, &[], "4242");
     let first = {
         let mut node = c.node.clone();
-        let req = publish_req(&a, &a_stage, &a_target, with_group.clone(), false);
+        let req = publish_req(a, a_stage, a_target, with_group.clone(), false);
         tokio::spawn(async move { node.node_publish_volume(req).await })
     };
     wait_for_blocked_threads(server.pid(), 1);
 
     // The same call again (a CO retrying after its timeout), and other calls on A: ABORTED.
-    let retry = c
-        .node
-        .node_publish_volume(publish_req(
-            &a,
-            &a_stage,
-            &a_target,
-            with_group.clone(),
-            false,
-        ))
-        .await;
-    assert_code(
-        retry,
-        Code::Aborted,
+    let mut t = CallTable::new();
+    t.case(
         "the same publish while the first is in flight",
-    );
-    assert_code(
-        c.node.node_unstage_volume(unstage_req(&a, &a_stage)).await,
+        publish_req(a, a_stage, a_target, with_group.clone(), false),
         Code::Aborted,
-        "unstage A",
-    );
-    assert_code(
-        c.ctl.delete_volume(delete_req(&a)).await,
-        Code::Aborted,
-        "delete A",
-    );
+    )
+    .case("unstage A", unstage_req(a, a_stage), Code::Aborted)
+    .case("delete A", delete_req(a), Code::Aborted);
+    t.check(c).await;
     assert!(
         !first.is_finished(),
         "the first call finished while A was frozen"
@@ -76,14 +69,9 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
 
     // Another volume is not held up.
     let other = async {
-        let (b_stage, b_target) = (
-            kubelet(&scratch).staging(&b),
-            kubelet(&scratch).target("p", &b),
-        );
-        c.stage(&b, &b_stage, cap.clone()).await;
-        c.publish(&b, &b_stage, &b_target, cap.clone(), false).await;
-        c.unpublish(&b, &b_target).await;
-        c.unstage(&b, &b_stage).await;
+        let pb_ = kubelet(&scratch).pod_volume("p", &b);
+        c.stage_and_publish(&pb_, &cap).await;
+        c.unpublish_and_unstage(&pb_).await;
     };
     tokio::time::timeout(Duration::from_secs(60), other)
         .await
@@ -92,20 +80,10 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
 
     // A caller that gives up (its deadline passes) does not release the volume: the work goes on
     // in the background, and a retry is ABORTED until it ends.
-    let v = c.create("pvc-c", 32 * MIB, cap.clone()).await.volume_id;
-    let (v_stage, v_target) = (
-        kubelet(&scratch).staging(&v),
-        kubelet(&scratch).target("p", &v),
-    );
-    c.stage(&v, &v_stage, cap.clone()).await;
-    let frozen_v = Frozen::freeze(&v_stage);
-    let mut impatient = tonic::Request::new(publish_req(
-        &v,
-        &v_stage,
-        &v_target,
-        with_group.clone(),
-        false,
-    ));
+    let pv = create_and_stage(c, &scratch, "pvc-c", &cap).await;
+    let frozen_v = Frozen::freeze(&pv.staging);
+    let publish_v = publish_req(&pv.id, &pv.staging, &pv.target, with_group.clone(), false);
+    let mut impatient = tonic::Request::new(publish_v.clone());
     impatient.set_timeout(Duration::from_millis(300));
     let gave_up = c.node.node_publish_volume(impatient).await.unwrap_err();
     assert!(
@@ -115,25 +93,18 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
     wait_for_blocked_threads(server.pid(), 2);
     let err = c
         .node
-        .node_publish_volume(publish_req(
-            &v,
-            &v_stage,
-            &v_target,
-            with_group.clone(),
-            false,
-        ))
+        .node_publish_volume(publish_v.clone())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{}", err.message());
     assert!(err.message().contains("in progress"), "{}", err.message());
     frozen_v.thaw();
     // ABORTED until the abandoned publish ends, then done.
-    let retry = publish_req(&v, &v_stage, &v_target, with_group.clone(), false);
     poll_until_async(
         Duration::from_secs(30),
         "the publish after the abandoned one",
         || {
-            let (mut node, retry) = (c.node.clone(), retry.clone());
+            let (mut node, retry) = (c.node.clone(), publish_v.clone());
             async move {
                 match node.node_publish_volume(retry).await {
                     Ok(_) => true,
@@ -144,23 +115,16 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
         },
     )
     .await;
-    assert_eq!(std::fs::metadata(&v_target).unwrap().gid(), 4242);
+    assert_eq!(std::fs::metadata(&pv.target).unwrap().gid(), 4242);
     assert!(
         server.log_text().contains("Cancelled"),
         "{}",
         server.log_text()
     );
-    c.unpublish(&v, &v_target).await;
-    c.unstage(&v, &v_stage).await;
+    c.unpublish_and_unstage(&pv).await;
 
     // The same answer across processes: the backend's lock, held here by the test.
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(scratch.pool().join("locks").join(format!("v-{b}.lock")))
-        .unwrap();
-    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let held = scratch.hold_volume_lock(&b);
     assert_code(
         c.node
             .node_stage_volume(stage_req(&b, &kubelet(&scratch).staging(&b), cap.clone()))
@@ -176,11 +140,10 @@ async fn a_second_call_on_a_busy_volume_is_aborted_while_others_proceed() {
         .expect("first call")
         .unwrap();
     ok(done, "the held publish, once the filesystem thawed");
-    assert_eq!(std::fs::metadata(&a_target).unwrap().gid(), 4242);
+    assert_eq!(std::fs::metadata(a_target).unwrap().gid(), 4242);
     // Now the retry is just a repeat.
-    c.publish(&a, &a_stage, &a_target, with_group, false).await;
-    c.unpublish(&a, &a_target).await;
-    c.unstage(&a, &a_stage).await;
+    c.publish(a, a_stage, a_target, with_group, false).await;
+    c.unpublish_and_unstage(&pa).await;
     assert!(loops_under(&scratch.root()).is_empty());
 }
 
@@ -193,16 +156,11 @@ async fn sigterm_lets_the_call_in_flight_finish_then_removes_the_socket() {
     let (mut server, mut csi) = start(&scratch, &[]).await;
     let c = &mut csi;
     let cap = mount_cap_with("ext4", Mode::SingleNodeWriter, &[], "777");
-    let a = c.create("pvc-a", 32 * MIB, cap.clone()).await.volume_id;
-    let (a_stage, a_target) = (
-        kubelet(&scratch).staging(&a),
-        kubelet(&scratch).target("p", &a),
-    );
-    c.stage(&a, &a_stage, cap.clone()).await;
-    let frozen = Frozen::freeze(&a_stage);
+    let pa = create_and_stage(c, &scratch, "pvc-a", &cap).await;
+    let frozen = Frozen::freeze(&pa.staging);
     let first = {
         let mut node = c.node.clone();
-        let req = publish_req(&a, &a_stage, &a_target, cap.clone(), false);
+        let req = publish_req(&pa.id, &pa.staging, &pa.target, cap.clone(), false);
         tokio::spawn(async move { node.node_publish_volume(req).await })
     };
     wait_for_blocked_threads(server.pid(), 1);
@@ -224,7 +182,7 @@ async fn sigterm_lets_the_call_in_flight_finish_then_removes_the_socket() {
         .unwrap();
     ok(done, "the call in flight at SIGTERM");
     assert_eq!(
-        mount_at(&a_target).map(|m| m.fs_type).as_deref(),
+        mount_at(&pa.target).map(|m| m.fs_type).as_deref(),
         Some("ext4")
     );
     let status = server.wait_exit(Duration::from_secs(30)).await;

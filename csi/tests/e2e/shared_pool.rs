@@ -67,6 +67,22 @@ fn controller_publish(
     controller_publish_req(id, node, cap(mode), readonly)
 }
 
+/// The controller releases `from`'s claim (ControllerUnpublish) and gives `to` a read-write one.
+async fn move_claim(ctl: &mut Csi, id: &str, from: &str, to: &str) {
+    ok(
+        ctl.ctl
+            .controller_unpublish_volume(controller_unpublish_req(id, from))
+            .await,
+        &format!("ControllerUnpublish {from}"),
+    );
+    ok(
+        ctl.ctl
+            .controller_publish_volume(controller_publish(id, to, Mode::SingleNodeWriter, false))
+            .await,
+        &format!("ControllerPublish to {to} once {from} was released"),
+    );
+}
+
 /// NodeStage + NodePublish on one node.
 async fn stage_and_publish(c: &mut Csi, id: &str, p: &NodePaths, mode: Mode, readonly: bool) {
     c.stage(id, &p.staging, cap(mode)).await;
@@ -204,18 +220,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     // 5. The move: node-a lets go, the controller releases it, node-b takes it with the data.
     unpublish_and_unstage(&mut a, &id, &pa).await;
     assert!(scratch.loops_of(&id).is_empty(), "node-a left its device");
-    ok(
-        ctl.ctl
-            .controller_unpublish_volume(controller_unpublish_req(&id, "node-a"))
-            .await,
-        "ControllerUnpublish node-a",
-    );
-    ok(
-        ctl.ctl
-            .controller_publish_volume(controller_publish(&id, "node-b", rwo, false))
-            .await,
-        "ControllerPublish to node-b once node-a released it",
-    );
+    move_claim(&mut ctl, &id, "node-a", "node-b").await;
     stage_and_publish(&mut b, &id, &pb_, rwo, false).await;
     assert_eq!(
         std::fs::read(pb_.target.join("data.bin")).unwrap(),
@@ -364,18 +369,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
         "NodeStage on node-b while dead node-a still holds it",
     );
     // ...and the controller's release frees it: claim and staging hold of node-a both.
-    ok(
-        ctl.ctl
-            .controller_unpublish_volume(controller_unpublish_req(&id, "node-a"))
-            .await,
-        "ControllerUnpublish of dead node-a",
-    );
-    ok(
-        ctl.ctl
-            .controller_publish_volume(controller_publish(&id, "node-b", rwo, false))
-            .await,
-        "ControllerPublish to node-b after node-a's release",
-    );
+    move_claim(&mut ctl, &id, "node-a", "node-b").await;
     stage_and_publish(&mut b, &id, &pb_, rwo, false).await;
     assert_eq!(std::fs::read(pb_.target.join("data.bin")).unwrap(), data);
     assert_eq!(
