@@ -2,7 +2,8 @@
 //! `flexvolume/tests`, `migrate/tests`, and the backend's and deployment's tests here in
 //! `tests/tests/`.
 //!
-//! - [`gate`]: a test that needs root or a tool runs, or says why not (a failure under CI);
+//! - [`gate`]: a test that needs root or a tool runs, or fails saying what it needs, or (only
+//!   when the run opts out with `LOOPVOL_TEST_SKIP_ROOT=1`) skips saying why;
 //! - [`scratch`]: a temporary pool per test, and the cleanup of exactly what the test made;
 //! - [`kernel`]: loop devices and mounts as tests see them (the one adapter to the backend's
 //!   low-level modules);
@@ -24,6 +25,6 @@ pub mod scratch;
 pub use binaries::{binary, run};
 pub use csi::CsiServer;
 pub use data::{fs_size, pattern, write_synced};
-pub use gate::{fs_tools, require_root};
+pub use gate::{fs_tools, require_root, SKIP_ROOT};
 pub use poll::{poll_until, poll_until_async};
 pub use scratch::{cleanup_under, loops_under, mounts_under, Scratch};
