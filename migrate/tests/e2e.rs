@@ -1,12 +1,16 @@
 //! From FlexVolume to CSI, end to end (deploy/README.md "Migrating from FlexVolume to CSI"):
-//! - `loopvol-migrate` (the binary cargo built for this test run) on the shipped example PV and on
-//!   generated ones: the CSI PV it prints, in YAML and JSON, and its refusals;
+//! - `loopvol-migrate` on the shipped example PV and on generated ones: the CSI PV it prints, in
+//!   YAML and JSON, and its refusals;
 //! - as root: data written through `loopvol-flexvolume` (called as kubelet calls it) is read back
 //!   through `loopvol-csi` (over its Unix socket, staged and published as kubelet would for the
-//!   migrated PV), in place (same image file), and the other way back. Those two binaries belong
-//!   to other packages, so cargo does not build them for this test: `loopvol_e2e::binary` has
-//!   cargo build them from the current sources, once per test run (see its module for why that
-//!   is sound, and a no-op after `cargo test --workspace`).
+//!   migrated PV), in place (same image file), and the other way back.
+//!
+//! All three binaries come from `loopvol_e2e::binary`, which has cargo build them from the current
+//! sources once per test process (a no-op after `cargo test --workspace`). Cargo builds only
+//! `loopvol-migrate` for this package's tests; the other two need that build, and the migrate
+//! binary comes from it too, because in a partial run (`cargo test -p loopvol-migrate`) the build
+//! may re-link it: taking every binary from the one build keeps this file's tests off a binary
+//! that is being replaced.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,8 +25,6 @@ use pb::volume_capability::access_mode::Mode;
 use pb::volume_capability::{AccessMode, AccessType, MountVolume};
 use serde_json::{json, Value};
 
-/// The binary under test.
-const EXE: &str = env!("CARGO_BIN_EXE_loopvol-migrate");
 const NODE: &str = "node-a";
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -35,7 +37,7 @@ const EXAMPLE: &str = concat!(
 
 /// Runs loopvol-migrate with `args` and `stdin`; returns (exit code, stdout, stderr).
 fn migrate(args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(EXE)
+    let mut child = Command::new(binary("loopvol-migrate"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
