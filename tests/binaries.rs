@@ -2,8 +2,8 @@
 //!
 //! A test that drives only its own package's binary uses `env!("CARGO_BIN_EXE_<name>")`: cargo
 //! builds that binary before the test. A test that needs another package's binary (the migration
-//! test runs all three; the deploy checks read their `--help`) asks [`binary`], which has cargo
-//! build the workspace's test targets, binaries included, once per test process:
+//! test runs all three) asks [`binary`], which has cargo build the workspace's test targets,
+//! binaries included, once per test process:
 //!
 //! - no deadlock: cargo holds its build-directory lock while it compiles, not while tests run, so
 //!   the nested cargo runs at once (or waits its turn behind another cargo that is building);
