@@ -1588,3 +1588,277 @@ fn an_interrupted_format_is_finished_and_only_then() {
     assert_eq!(first, vec![0xA5; 16], "nothing was written over the volume");
     unstage(&pool, &id, &staging).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Policy decided once, in the backend, for both front ends
+// ---------------------------------------------------------------------------------------------
+
+/// Sizes resolve the same way whoever asks: whole 4 KiB blocks, each filesystem's minimum, 1 GiB
+/// by default. (FlexVolume's `size: "1000"` used to make a 1000-byte image; an xfs volume under
+/// 300 MiB used to fail late, in mkfs.)
+#[test]
+fn sizes_are_resolved_by_the_backend() {
+    let s = Scratch::new();
+    let pool = open(&s);
+    // (name, request, fs) → size
+    let table: &[(&str, SizeRequest, Option<FsType>, u64)] = &[
+        ("tiny", SizeRequest::at_least(1000), None, 4096),
+        (
+            "odd",
+            SizeRequest::at_least(5 * MIB + 1),
+            Some(FsType::Ext4),
+            5 * MIB + 4096,
+        ),
+        (
+            "small-xfs",
+            SizeRequest::at_least(64 * MIB),
+            Some(FsType::Xfs),
+            300 * MIB,
+        ),
+        (
+            "small-btrfs",
+            SizeRequest::at_least(MIB),
+            Some(FsType::Btrfs),
+            128 * MIB,
+        ),
+        ("default", SizeRequest::default(), None, 1 << 30),
+    ];
+    for (name, size, fs, want) in table {
+        let m = pool
+            .create_volume(&CreateVolume {
+                name: (*name).into(),
+                size: *size,
+                fs_type: *fs,
+                allocation: None,
+                source: None,
+            })
+            .unwrap();
+        assert_eq!(m.size_bytes, *want, "{name}");
+        assert_eq!(
+            std::fs::metadata(image(&pool, name)).unwrap().len(),
+            *want,
+            "{name}"
+        );
+    }
+    // Open-or-create (FlexVolume) takes an existing volume as it is, whatever the request says.
+    let again = pool
+        .open_or_create_volume(&request("tiny", 10 * MIB, Some(FsType::Xfs)))
+        .unwrap();
+    assert_eq!(again.meta().size_bytes, 4096);
+    assert_eq!(again.meta().fs_type, None);
+    drop(again);
+    // Get-or-create (CSI) returns it only when the request admits it.
+    assert_eq!(
+        pool.create_volume(&request("tiny", 10 * MIB, None))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::AlreadyExists
+    );
+    pool.create_volume(&request("tiny", 4096, None)).unwrap();
+}
+
+/// No filesystem is recorded at create unless one is asked for; the first format fixes it (the
+/// stage's request, else ext4) and records it, for both front ends alike.
+#[test]
+fn the_default_filesystem_is_fixed_at_the_first_format() {
+    if !gate(FsType::Ext4) || !gate(FsType::Xfs) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let any = Access::Mount {
+        fs_type: None,
+        mount_options: vec![],
+    };
+    // (volume, fs asked at stage) → fs formatted and recorded
+    for (name, asked, want) in [
+        ("plain", None, FsType::Ext4),
+        ("asked-xfs", Some(FsType::Xfs), FsType::Xfs),
+    ] {
+        let id = create(&pool, name, None);
+        assert_eq!(get_volume(&pool, &id).unwrap().fs_type, None, "{name}");
+        let staging = s.path(&format!("staging-{name}"));
+        let access = match asked {
+            Some(fs) => mount_access(fs),
+            None => any.clone(),
+        };
+        let staged = stage(&pool, &id, &staging, &access, false).unwrap();
+        assert_eq!(staged.formatted, Some(want), "{name}");
+        assert_eq!(
+            get_volume(&pool, &id).unwrap().fs_type,
+            Some(want),
+            "{name}"
+        );
+        unstage(&pool, &id, &staging).unwrap();
+        // Recorded: a later stage without a request mounts the same filesystem.
+        stage(&pool, &id, &staging, &any, false).unwrap();
+        assert_eq!(
+            mount::mounts()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|m| m.mount_point == staging)
+                .unwrap()
+                .fs_type,
+            want.as_str()
+        );
+        unstage(&pool, &id, &staging).unwrap();
+    }
+}
+
+/// One workload at a time (CSI's SINGLE_NODE_SINGLE_WRITER) is enforced under the volume's
+/// lock, so it holds between processes too: of two racing exclusive publications at different
+/// targets, exactly one wins.
+#[test]
+fn exclusive_publication_is_enforced_under_the_lock() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "rwop", Some(FsType::Ext4));
+    let staging = s.path("staging");
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
+    let exclusive = |pool: &Pool, target: &Path| {
+        let request = Publish {
+            staging: Some(pool.node_path("staging path", &staging).unwrap()),
+            target: pool.node_path("target path", target).unwrap(),
+            access: mount_access(FsType::Ext4),
+            read_only: false,
+            fs_group: None,
+            exclusive: true,
+        };
+        pool.volume(&vid(&id).unwrap())?.publish(&request)
+    };
+    let (t1, t2) = (s.path("pods/p1/vol"), s.path("pods/p2/vol"));
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let racers: Vec<_> = [&t1, &t2]
+            .into_iter()
+            .map(|target| {
+                let pool = open(&s); // its own lock file descriptions, as another process
+                let exclusive = &exclusive;
+                scope.spawn(move || exclusive(&pool, target))
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let won: Vec<&PathBuf> = [&t1, &t2]
+        .into_iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    let (winner, loser) = if won[0] == &t1 {
+        (&t1, &t2)
+    } else {
+        (&t2, &t1)
+    };
+    let err = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("one workload at a time"), "{err}");
+    assert!(mount::mount_at(&mount::mounts().unwrap(), loser).is_none());
+    // A repeat at the winner's target is fine; the loser gets it once the winner is gone.
+    exclusive(&pool, winner).unwrap();
+    unpublish(&pool, &id, winner).unwrap();
+    exclusive(&pool, loser).unwrap();
+    unpublish(&pool, &id, loser).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+}
+
+/// Deleting a group snapshot is one backend call: the members named by the caller are checked
+/// before anything is deleted, then every member goes; an unknown group is already deleted.
+#[test]
+fn group_snapshots_are_deleted_whole() {
+    let s = Scratch::new();
+    let pool = open(&s);
+    for v in ["g1", "g2"] {
+        create(&pool, v, None);
+    }
+    let group = create_group_snapshot(&pool, "grp", &["g1", "g2"]).unwrap();
+    let members: Vec<SnapshotId> = group.members.iter().map(|m| m.id.clone()).collect();
+    let wrong = [members[0].clone()];
+    for result in [
+        pool.get_group_snapshot(&group.id, &wrong).map(drop),
+        pool.delete_group_snapshot(&group.id, &wrong),
+    ] {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    }
+    assert_eq!(pool.list_snapshots(None, None, 0).unwrap().entries.len(), 2);
+    pool.get_group_snapshot(&group.id, &members).unwrap();
+    pool.delete_group_snapshot(&group.id, &members).unwrap();
+    assert!(pool
+        .list_snapshots(None, None, 0)
+        .unwrap()
+        .entries
+        .is_empty());
+    pool.delete_group_snapshot(&group.id, &members).unwrap();
+    assert_eq!(
+        pool.get_group_snapshot(&group.id, &[]).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+/// Unpublishing from every node (CSI ControllerUnpublish without a node) is one call on the
+/// volume's handle: every claim goes, with the staging holds of those nodes.
+#[test]
+fn release_all_drops_every_claim_and_its_holds() {
+    let s = Scratch::new();
+    let mut o = options("node-a");
+    o.shared = true;
+    let pool = Pool::open(s.pool(), o).unwrap();
+    let id = create(&pool, "shared", None);
+    for n in ["node-a", "node-b"] {
+        claim(&pool, &id, n, AccessMode::ReadOnly, None).unwrap();
+    }
+    assert_eq!(
+        claim(&pool, &id, "node-c", AccessMode::SingleNodeWriter, None)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::FailedPrecondition
+    );
+    let mut volume = pool.volume(&vid(&id).unwrap()).unwrap();
+    volume.release_all().unwrap();
+    volume.release_all().unwrap();
+    assert!(volume.meta().claims.is_empty());
+    drop(volume);
+    assert!(get_volume(&pool, &id).unwrap().claims.is_empty());
+    claim(&pool, &id, "node-c", AccessMode::SingleNodeWriter, None).unwrap();
+}
+
+/// An ID read from metadata is validated like one from a caller: a `volume.json` that names
+/// `../../x`, or another volume, is corrupt, named as such, and never followed.
+#[test]
+fn metadata_naming_an_invalid_id_is_corrupt() {
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "victim", None);
+    let meta_path = s.pool().join("volumes/victim/volume.json");
+    let good = std::fs::read_to_string(&meta_path).unwrap();
+    for (replacement, why) in [
+        ("../../x", "invalid volume ID"),
+        ("other", "records volume other"),
+    ] {
+        std::fs::write(
+            &meta_path,
+            good.replace("\"id\": \"victim\"", &format!("\"id\": \"{replacement}\"")),
+        )
+        .unwrap();
+        for err in [
+            get_volume(&pool, &id).unwrap_err(),
+            pool.volume(&vid(&id).unwrap()).unwrap_err(),
+            pool.list_volumes(None, 0).unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("corrupt metadata")
+                    && msg.contains("volume.json")
+                    && msg.contains(why),
+                "{msg}"
+            );
+        }
+    }
+    std::fs::write(&meta_path, good).unwrap();
+    get_volume(&pool, &id).unwrap();
+}
