@@ -259,14 +259,8 @@ mod tests {
             ("tab\there", false),
             ("del\u{7f}", false),
         ];
-        let mut wrong = Vec::new();
-        for (input, accepted) in table {
-            let got = NodeName::try_from(*input);
-            if got.is_ok() != *accepted {
-                wrong.push(format!("{input:?}: {got:?}"));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        let rows = table.iter().map(|&(input, accepted)| (input, accepted));
+        crate::table::check(rows, |input| NodeName::try_from(*input).is_ok());
         let odd = NodeName::try_from("../../etc").unwrap();
         let component = odd.path_component();
         assert!(component.starts_with("h-"), "{component}");
@@ -296,14 +290,7 @@ mod tests {
             (r#"{"id": "v", "node": ""}"#, false),
             (r#"{"id": "v", "node": "a\u0000b"}"#, false),
         ];
-        let mut wrong = Vec::new();
-        for (json, accepted) in table {
-            let got = serde_json::from_str::<Record>(json);
-            if got.is_ok() != accepted {
-                wrong.push(format!("{json}: {got:?}"));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        crate::table::check(table, |json| serde_json::from_str::<Record>(json).is_ok());
         let err = serde_json::from_str::<Record>(r#"{"id": "../../x", "node": null}"#)
             .unwrap_err()
             .to_string();

@@ -45,6 +45,33 @@ pub mod testing;
 pub mod validate;
 mod volume;
 
+/// Table tests: every row checked, one failure listing every wrong row.
+#[cfg(test)]
+mod table {
+    use std::fmt::Debug;
+
+    /// Runs `f` on each row's input and fails once, naming every row whose result is not the
+    /// expected one.
+    pub(crate) fn check<I: Debug, O: Debug + PartialEq>(
+        rows: impl IntoIterator<Item = (I, O)>,
+        f: impl Fn(&I) -> O,
+    ) {
+        let wrong: Vec<String> = rows
+            .into_iter()
+            .filter_map(|(input, want)| {
+                let got = f(&input);
+                (got != want).then(|| format!("{input:?}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{} rows wrong:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
+}
+
 /// Names both front ends and the tools agree on (deployments depend on them).
 pub mod names {
     /// The CSI driver name `loopvol-csi` reports by default.

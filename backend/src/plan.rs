@@ -418,20 +418,16 @@ mod tests {
             (Ext4, true, &["rw"], ro, ""),
             (Ext4, false, &["ro"], ro, ""),
         ];
-        let mut wrong = Vec::new();
-        for &(fs, read_only, options, flags, data) in table {
-            let got = staging_mount(fs, read_only, &opts(options));
+        let rows = table.iter().map(|&(fs, ro, options, flags, data)| {
             let want = MountPlan {
                 flags,
                 data: data.to_owned(),
             };
-            if got != want {
-                wrong.push(format!(
-                    "{fs} ro={read_only} {options:?}: got {got:?}, want {want:?}"
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+            ((fs, ro, options), want)
+        });
+        crate::table::check(rows, |&(fs, ro, options)| {
+            staging_mount(fs, ro, &opts(options))
+        });
     }
 
     #[test]
@@ -455,16 +451,12 @@ mod tests {
                 MsFlags::MS_NOSUID | MsFlags::MS_RDONLY,
             ),
         ];
-        let mut wrong = Vec::new();
-        for &(block, read_only, options, want) in table {
-            let got = bind_flags(block, read_only, &opts(options));
-            if got != want {
-                wrong.push(format!(
-                    "block={block} ro={read_only} {options:?}: got {got:?}"
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        let rows = table
+            .iter()
+            .map(|&(block, ro, options, want)| ((block, ro, options), want));
+        crate::table::check(rows, |&(block, ro, options)| {
+            bind_flags(block, ro, &opts(options))
+        });
     }
 
     #[test]
@@ -506,15 +498,13 @@ mod tests {
             (Ext4, false, true, Some(100 * MIB), 200 * MIB, Nothing),
             (Ext4, false, false, None, 200 * MIB, Nothing),
         ];
-        let mut wrong = Vec::new();
-        for &(fs, formatted, ro, size, device, want) in table {
-            let got = grow_plan(fs, formatted, ro, size, device);
-            if got != want {
-                wrong.push(format!(
-                    "{fs} {formatted} {ro} {size:?} {device}: got {got:?}"
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        let rows = table
+            .iter()
+            .map(|&(fs, formatted, ro, size, device, want)| {
+                ((fs, formatted, ro, size, device), want)
+            });
+        crate::table::check(rows, |&(fs, formatted, ro, size, device)| {
+            grow_plan(fs, formatted, ro, size, device)
+        });
     }
 }

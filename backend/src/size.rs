@@ -228,16 +228,10 @@ mod tests {
                 None,
             ),
         ];
-        let mut wrong = Vec::new();
-        for &(req, source, fs, want) in table {
-            let got = for_create(req, source, fs).ok();
-            if got != want {
-                wrong.push(format!(
-                    "{req:?} {source:?} {fs:?}: got {got:?}, want {want:?}"
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        let rows = table
+            .iter()
+            .map(|&(req, source, fs, want)| ((req, source, fs), want));
+        crate::table::check(rows, |&(req, source, fs)| for_create(req, source, fs).ok());
     }
 
     #[test]
@@ -271,16 +265,12 @@ mod tests {
                 Some(MIB),
             ),
         ];
-        let mut wrong = Vec::new();
-        for &(req, current, want) in table {
-            let got = for_expansion(&id, req, current).ok();
-            if got != want {
-                wrong.push(format!(
-                    "{req:?} from {current}: got {got:?}, want {want:?}"
-                ));
-            }
-        }
-        assert!(wrong.is_empty(), "{wrong:#?}");
+        let rows = table
+            .iter()
+            .map(|&(req, current, want)| ((req, current), want));
+        crate::table::check(rows, |&(req, current)| {
+            for_expansion(&id, req, current).ok()
+        });
         let err = for_expansion(
             &id,
             SizeRequest {

@@ -62,7 +62,7 @@ impl Identity {
         })
     }
 
-    async fn probe(&self, _r: pb::ProbeRequest) -> Result<pb::ProbeResponse, Status> {
+    async fn check_ready(&self, _r: pb::ProbeRequest) -> Result<pb::ProbeResponse, Status> {
         self.driver
             .run(Rpc::Probe, Vec::new(), |pool| Ok(pool.probe()?))
             .await?;
@@ -93,6 +93,6 @@ impl pb::identity_server::Identity for Identity {
         &self,
         req: Request<pb::ProbeRequest>,
     ) -> Result<Response<pb::ProbeResponse>, Status> {
-        serve(Rpc::Probe, req, |r| Identity::probe(self, r)).await
+        serve(Rpc::Probe, req, |r| self.check_ready(r)).await
     }
 }
