@@ -136,11 +136,11 @@ pub fn cleanup_under(root: &Path) {
 }
 
 fn detach_loops_under(root: &Path) {
-    for dev in loopvol::loopdev::list().unwrap_or_default() {
+    for dev in loopvol::testing::loopdev::list().unwrap_or_default() {
         let backing = dev.backing_file.to_string_lossy();
         let backing = backing.trim_end_matches(" (deleted)");
         if Path::new(backing).starts_with(root) {
-            let _ = loopvol::loopdev::detach(&dev);
+            let _ = loopvol::testing::loopdev::detach(&dev);
         }
     }
 }
@@ -190,7 +190,7 @@ pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
 
 /// Loop devices whose images are under `root`.
 pub fn loops_under(root: &Path) -> Vec<PathBuf> {
-    loopvol::loopdev::list()
+    loopvol::testing::loopdev::list()
         .unwrap_or_default()
         .into_iter()
         .filter(|d| d.backing_file.starts_with(root))

@@ -226,7 +226,7 @@ async fn create(csi: &mut Csi, name: &str, size: i64, cap: pb::VolumeCapability)
 /// The mount at exactly `path`, as (fs type, options) from mountinfo.
 fn mount_at(path: &Path) -> Option<(String, Vec<String>)> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let entries = loopvol::mount::parse_mountinfo(&table);
+    let entries = loopvol::testing::mount::parse_mountinfo(&table);
     entries
         .iter()
         .rev()
@@ -240,7 +240,7 @@ fn image_of(scratch: &Scratch, id: &str) -> PathBuf {
 
 /// Loop devices attached to volume `id`'s image.
 fn loops_of(scratch: &Scratch, id: &str) -> Vec<PathBuf> {
-    loopvol::loopdev::find(&image_of(scratch, id))
+    loopvol::testing::loopdev::find(&image_of(scratch, id))
         .unwrap()
         .iter()
         .map(|d| d.path())
@@ -2297,7 +2297,7 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
     );
     // What the plugins of the other nodes (one with a 256-byte name) do when they start.
     for node in ["node-b".to_owned(), "node-c".to_owned(), "n".repeat(256)] {
-        let mut options = loopvol::PoolOptions::new(node);
+        let mut options = loopvol::PoolOptions::new(node.parse().unwrap());
         options.shared = true;
         loopvol::Pool::open(scratch.pool(), options)
             .unwrap()
@@ -3484,7 +3484,7 @@ async fn ext4_grows_online_or_says_why_and_grows_at_the_next_stage() {
         capacity_range: range(128 * MIB, 0),
         ..Default::default()
     };
-    let online = loopvol::fs::can_grow_ext4_online();
+    let online = loopvol::testing::fs::can_grow_ext4_online();
     let result = c.node.node_expand_volume(expand.clone()).await;
     if online {
         ok(result, "online ext4 growth with CAP_SYS_RESOURCE");

@@ -205,7 +205,7 @@ async fn unpublish_and_unstage(c: &mut Csi, id: &str, p: &NodePaths) {
 /// The options of the mount at exactly `path` (the topmost one), from mountinfo.
 fn mount_options(path: &Path) -> Option<Vec<String>> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    loopvol::mount::parse_mountinfo(&table)
+    loopvol::testing::mount::parse_mountinfo(&table)
         .iter()
         .rev()
         .find(|m| m.mount_point == path)
@@ -213,8 +213,8 @@ fn mount_options(path: &Path) -> Option<Vec<String>> {
 }
 
 /// Loop devices attached to volume `id`'s image.
-fn loops_of(scratch: &Scratch, id: &str) -> Vec<loopvol::loopdev::LoopDevice> {
-    loopvol::loopdev::find(&scratch.pool().join("volumes").join(id).join("image")).unwrap()
+fn loops_of(scratch: &Scratch, id: &str) -> Vec<loopvol::testing::loopdev::LoopDevice> {
+    loopvol::testing::loopdev::find(&scratch.pool().join("volumes").join(id).join("image")).unwrap()
 }
 
 /// A deterministic pattern of `len` bytes seeded by `seed`.
@@ -495,7 +495,7 @@ async fn shared_pool_moves_a_volume_between_nodes_and_survives_a_dead_node() {
     assert_eq!(mounts_under(&pa.root), Vec::<PathBuf>::new());
     let left = loops_of(&scratch, &id);
     assert_eq!(left.len(), 1, "node-a's device");
-    loopvol::loopdev::detach(&left[0]).expect("detach node-a's device");
+    loopvol::testing::loopdev::detach(&left[0]).expect("detach node-a's device");
     assert!(loops_of(&scratch, &id).is_empty());
     // Until the controller declares node-a gone, node-b cannot have the volume...
     assert_refused(

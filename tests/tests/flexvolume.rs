@@ -418,7 +418,11 @@ fn busy_volume_fails_after_the_configured_wait() {
         env: vec![],
     };
     // Open the pool's layout, then hold the volume's lock as another call would.
-    loopvol::Pool::open(s.pool(), loopvol::PoolOptions::new("node-a")).unwrap();
+    loopvol::Pool::open(
+        s.pool(),
+        loopvol::PoolOptions::new("node-a".parse().unwrap()),
+    )
+    .unwrap();
     let lock = std::fs::File::create(s.pool().join("locks/v-busy.lock")).unwrap();
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
     let pod = mkdir(&s.path("pods/p/vol"));
@@ -944,7 +948,7 @@ fn expandfs_ext4_grows_online_or_at_next_mount() {
     let before = fs_size(&pod);
     let json = kubelet_attach_options("pv-grow-ext4", "ext4", "rw", json!({}));
     let args = ["expandfs", &json, "", &pods, "402653184", "134217728"];
-    if loopvol::fs::can_grow_ext4_online() {
+    if loopvol::testing::fs::can_grow_ext4_online() {
         flex.ok(&args);
         assert!(fs_size(&pod) > before + 200 * MIB);
     } else {

@@ -337,7 +337,7 @@ fn write_synced(path: &Path, data: &[u8]) {
 /// Options of the mount at exactly `path`.
 fn mount_options_at(path: &Path) -> Option<Vec<String>> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    loopvol::mount::parse_mountinfo(&table)
+    loopvol::testing::mount::parse_mountinfo(&table)
         .into_iter()
         .rev()
         .find(|m| m.mount_point == path)
