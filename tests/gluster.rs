@@ -230,6 +230,7 @@ impl Drop for GlusterPool<'_> {
             client.stop();
         }
         if self.created {
+            stop_brick(&self.volume);
             let stop: &[&str] = &["volume", "stop", &self.volume, "force"];
             let delete: &[&str] = &["volume", "delete", &self.volume];
             for args in [stop, delete] {
@@ -342,6 +343,36 @@ impl Drop for Client {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// SIGTERMs the volume's brick process (named by the pid file glusterd keeps for it) and waits
+/// for it, bounded: `gluster volume stop` then takes about 0.1 s instead of the 1 s it otherwise
+/// waits for the brick. Anything unexpected is left to `volume stop`.
+fn stop_brick(volume: &str) {
+    let Ok(entries) = std::fs::read_dir(Path::new("/run/gluster/vols").join(volume)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pid") {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !is_running(pid, "glusterfsd") || kill(Pid::from_raw(pid), Signal::SIGTERM).is_err() {
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut backoff = Duration::from_millis(1);
+        while is_running(pid, "glusterfsd") && Instant::now() < deadline {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(50));
         }
     }
 }
@@ -556,7 +587,7 @@ fn stop_glusterd_if_ours() {
     let _ = std::fs::remove_file(GLUSTERD_PIDFILE);
 }
 
-/// PIDs of running glusterd processes (zombies excluded: a daemon's parent may never reap it).
+/// PIDs of running glusterd processes.
 fn glusterd_pids() -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -564,16 +595,20 @@ fn glusterd_pids() -> Vec<i32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            // /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split at ") ".
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let (head, tail) = s.rsplit_once(") ")?;
-                    let comm = head.split_once(" (")?.1;
-                    Some(comm == "glusterd" && !tail.starts_with('Z'))
-                })
-                .unwrap_or(false)
-        })
+        .filter(|&pid| is_running(pid, "glusterd"))
         .collect()
+}
+
+/// Whether `pid` runs a program named `comm` (zombies excluded: a daemon's parent may never reap
+/// it).
+fn is_running(pid: i32, comm: &str) -> bool {
+    // /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces, so split at ") ".
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (head, tail) = s.rsplit_once(") ")?;
+            let name = head.split_once(" (")?.1;
+            Some(name == comm && !tail.starts_with('Z'))
+        })
+        .unwrap_or(false)
 }
