@@ -2,6 +2,8 @@
 //! skip into a failure under CI, a temporary pool that cleans up exactly what a test made, and
 //! the paths of the built binaries.
 
+pub mod gluster;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
