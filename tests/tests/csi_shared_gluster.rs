@@ -206,7 +206,7 @@ async fn unpublish_and_unstage(c: &mut Csi, id: &str, p: &NodePaths) {
 /// The options of the mount at exactly `path` (the topmost one), from mountinfo.
 fn mount_options(path: &Path) -> Option<Vec<String>> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    loopvol::mount::parse_mountinfo(&table)
+    loopvol::testing::mount::parse_mountinfo(&table)
         .iter()
         .rev()
         .find(|m| m.mount_point == path)
@@ -215,11 +215,11 @@ fn mount_options(path: &Path) -> Option<Vec<String>> {
 
 /// Loop devices attached to volume `id`'s image, through either mount (a device attached
 /// through one mount has that mount's device number: the other mount's path does not match it).
-fn loops_of(gp: &GlusterPool, id: &str) -> Vec<loopvol::loopdev::LoopDevice> {
-    let mut found: Vec<loopvol::loopdev::LoopDevice> = [Node::A, Node::B]
+fn loops_of(gp: &GlusterPool, id: &str) -> Vec<loopvol::testing::loopdev::LoopDevice> {
+    let mut found: Vec<loopvol::testing::loopdev::LoopDevice> = [Node::A, Node::B]
         .into_iter()
         .flat_map(|n| {
-            loopvol::loopdev::find(&gp.pool(n).join("volumes").join(id).join("image")).unwrap()
+            loopvol::testing::loopdev::find(&gp.pool(n).join("volumes").join(id).join("image")).unwrap()
         })
         .collect();
     found.sort_by_key(|d| d.number);
@@ -507,7 +507,7 @@ async fn scenario(options: &[(&str, &str)]) {
     assert_eq!(mounts_under(&pa.root), Vec::<PathBuf>::new());
     let left = loops_of(&gp, &id);
     assert_eq!(left.len(), 1, "node-a's device");
-    loopvol::loopdev::detach(&left[0]).expect("detach node-a's device");
+    loopvol::testing::loopdev::detach(&left[0]).expect("detach node-a's device");
     assert!(loops_of(&gp, &id).is_empty());
     // Until the controller declares node-a gone, node-b cannot have the volume...
     assert_refused(
