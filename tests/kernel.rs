@@ -1,26 +1,26 @@
 //! What the tests see of the kernel: loop devices, the mount table, filesystem capabilities.
-//! The ONE module of the test code that reaches into the backend's low-level modules, so that
-//! when they move behind `loopvol::testing` (a cargo feature) only this file changes.
+//! The ONE module of this test code that reaches into the backend's low-level modules (through
+//! `loopvol::testing`, the `test-support` feature), so a change there is a change here alone.
 
 use std::path::{Path, PathBuf};
 
 /// A bound loop device: `path()` is its node, `backing_file` its image as sysfs names it.
-pub use loopvol::loopdev::LoopDevice;
+pub use loopvol::testing::loopdev::LoopDevice;
 
 /// Every bound loop device (none when sysfs cannot be read).
 pub fn loop_devices() -> Vec<LoopDevice> {
-    loopvol::loopdev::list().unwrap_or_default()
+    loopvol::testing::loopdev::list().unwrap_or_default()
 }
 
 /// The loop devices bound to `image`, found as the backend finds them (by the image's inode).
 pub fn loops_backing(image: &Path) -> Vec<LoopDevice> {
-    loopvol::loopdev::find(image)
+    loopvol::testing::loopdev::find(image)
         .unwrap_or_else(|e| panic!("loop devices of {}: {e}", image.display()))
 }
 
 /// Detaches `dev` (already detached counts as done).
 pub fn detach(dev: &LoopDevice) -> Result<(), String> {
-    loopvol::loopdev::detach(dev).map_err(|e| e.to_string())
+    loopvol::testing::loopdev::detach(dev).map_err(|e| e.to_string())
 }
 
 /// One line of this process's mountinfo, as much of it as the tests look at.
@@ -41,7 +41,7 @@ impl Mount {
 /// The mount table, in mountinfo order (later lines stack over earlier ones). Empty when it
 /// cannot be read.
 pub fn mounts() -> Vec<Mount> {
-    loopvol::mount::mounts()
+    loopvol::testing::mount::mounts()
         .unwrap_or_default()
         .into_iter()
         .map(|m| Mount {
@@ -59,5 +59,5 @@ pub fn mount_at(path: &Path) -> Option<Mount> {
 
 /// Whether this process may grow a mounted ext4 (the resize ioctl needs CAP_SYS_RESOURCE).
 pub fn can_grow_ext4_online() -> bool {
-    loopvol::fs::can_grow_ext4_online()
+    loopvol::testing::fs::can_grow_ext4_online()
 }

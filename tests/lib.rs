@@ -10,6 +10,7 @@
 //! - [`binaries`]: the workspace's binaries, built from the current sources;
 //! - [`csi`]: the `loopvol-csi` process, a client, request builders, tables of calls;
 //! - [`flex`]: `loopvol-flexvolume` run as kubelet runs it, and kubelet's options;
+//! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes;
 //! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight.
 
 pub mod binaries;
@@ -18,6 +19,7 @@ pub mod data;
 pub mod flex;
 pub mod freeze;
 pub mod gate;
+pub mod gluster;
 pub mod kernel;
 pub mod poll;
 pub mod scratch;

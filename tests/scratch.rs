@@ -55,7 +55,10 @@ impl Scratch {
     /// Opens the scratch pool as node `node` (creating its layout), as a front end does when it
     /// starts; on a `shared` pool that registers the node, as its node plugin would.
     pub fn open_pool(&self, node: &str, shared: bool) -> loopvol::Pool {
-        let mut options = loopvol::PoolOptions::new(node.to_owned());
+        let node = node
+            .parse()
+            .unwrap_or_else(|e| panic!("node name {node:?}: {e}"));
+        let mut options = loopvol::PoolOptions::new(node);
         options.shared = shared;
         let pool = loopvol::Pool::open(self.pool(), options).expect("open the scratch pool");
         if shared {

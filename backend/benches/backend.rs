@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use loopvol::{Access, Allocation, CreateVolume, FsType, Pool, PoolOptions};
+use loopvol::{
+    Access, AccessMode, CreateVolume, FsType, Pool, PoolOptions, SizeRequest, SnapshotRequest,
+    VolumeId,
+};
 
 const GIB: u64 = 1 << 30;
 
@@ -59,18 +62,35 @@ const EXT4: Access = Access::Mount {
     mount_options: Vec::new(),
 };
 
+fn options() -> PoolOptions {
+    PoolOptions::new("bench".parse().unwrap())
+}
+
+fn stage(pool: &Pool, id: &VolumeId, staging: &Path) {
+    let staging = pool.node_path("staging path", staging).unwrap();
+    pool.volume(id)
+        .unwrap()
+        .stage(&staging, &EXT4, AccessMode::SingleNodeWriter)
+        .unwrap();
+}
+
+fn unstage(pool: &Pool, id: &VolumeId, staging: &Path) {
+    let staging = pool.node_path("staging path", staging).unwrap();
+    pool.volume(id).unwrap().unstage(&staging).unwrap();
+}
+
 /// Creates a thin ext4 volume and stages it at `staging`: what provisioning to mounted means.
-fn create_and_stage(pool: &Pool, name: &str, size: u64, staging: &Path) -> String {
+fn create_and_stage(pool: &Pool, name: &str, size: u64, staging: &Path) -> VolumeId {
     let m = pool
         .create_volume(&CreateVolume {
             name: name.into(),
-            size_bytes: size,
+            size: SizeRequest::at_least(size),
             fs_type: Some(FsType::Ext4),
-            allocation: Allocation::Thin,
+            allocation: None,
             source: None,
         })
         .unwrap();
-    pool.stage(&m.id, staging, &EXT4, false).unwrap();
+    stage(pool, &m.id, staging);
     m.id
 }
 
@@ -83,7 +103,7 @@ fn provision_loopvol(pool: &Pool, scratch: &Path, size: u64, runs: usize) -> Dur
         let t = Instant::now();
         let id = create_and_stage(pool, &name, size, &staging);
         times.push(t.elapsed());
-        pool.unstage(&id, &staging).unwrap();
+        unstage(pool, &id, &staging);
         pool.delete_volume(&id).unwrap();
     }
     median(times)
@@ -169,7 +189,7 @@ fn write_gib(dir: &Path) {
 /// Snapshot rows: the volume at rest (vs plain `cp`) and mounted (frozen for consistency, vs
 /// `fsfreeze -f; cp; fsfreeze -u`, the bare tools doing the same consistent copy).
 fn snapshot_rows(pool_dir: &Path, scratch: &Path, label: &str, cp_flag: &str, rows: &mut Vec<Row>) {
-    let mut options = PoolOptions::new("bench");
+    let mut options = options();
     options.overcommit = 8.0;
     let pool = Pool::open(pool_dir, options).unwrap();
     let staging = scratch.join(format!("snap-stage-{label}"));
@@ -178,16 +198,21 @@ fn snapshot_rows(pool_dir: &Path, scratch: &Path, label: &str, cp_flag: &str, ro
     let image = pool.volume_image(&id);
     for mounted in [false, true] {
         if !mounted {
-            pool.unstage(&id, &staging).unwrap();
+            unstage(&pool, &id, &staging);
         } else {
-            pool.stage(&id, &staging, &EXT4, false).unwrap();
+            stage(&pool, &id, &staging);
         }
         let mut ours = Vec::new();
         let mut bare = Vec::new();
         for i in 0..3 {
             drop_caches();
             let t = Instant::now();
-            let snap = pool.create_snapshot(&format!("s{i}"), &id).unwrap();
+            let snap = pool
+                .create_snapshot(&SnapshotRequest {
+                    name: format!("s{i}"),
+                    source: id.clone(),
+                })
+                .unwrap();
             ours.push(t.elapsed());
             pool.delete_snapshot(&snap.id).unwrap();
             drop_caches();
@@ -221,7 +246,7 @@ fn snapshot_rows(pool_dir: &Path, scratch: &Path, label: &str, cp_flag: &str, ro
             target: "≤ 1.1",
         });
     }
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging);
     pool.delete_volume(&id).unwrap();
 }
 
@@ -242,7 +267,7 @@ fn main() {
     std::fs::create_dir_all(&pool_dir).unwrap();
     // A 100 GiB thin volume may exceed the free space of a small test disk: allow overcommit, as a
     // thin-provisioning operator would.
-    let mut options = PoolOptions::new("bench");
+    let mut options = options();
     options.overcommit = 8.0;
     let pool = Pool::open(&pool_dir, options).unwrap();
     let mut rows = Vec::new();
@@ -294,7 +319,7 @@ fn main() {
             });
         }
         let _ = std::fs::remove_file(&outside);
-        pool.unstage(&id, &staging).unwrap();
+        unstage(&pool, &id, &staging);
         pool.delete_volume(&id).unwrap();
     } else {
         eprintln!("fio not installed: skipping the I/O rows (apt-get install fio)");

@@ -10,16 +10,16 @@ use crate::error::{Error, Result};
 
 /// Long enough for mkfs of a very large sparse image or an offline fsck; short enough that no
 /// caller hangs forever (kubelet waits on FlexVolume calls without a timeout).
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
-pub struct Output {
+pub(crate) struct Output {
     pub status: std::process::ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs `program args…` and returns its output whatever the exit status.
-pub fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+pub(crate) fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output> {
     let started = Instant::now();
     let mut command = Command::new(program);
     command
@@ -51,10 +51,12 @@ pub fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output
         })?,
         Err(_) => {
             // The waiting thread still owns the child and reaps it once it dies.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             return Err(Error::Command {
                 program: program.to_owned(),
                 status: format!("killed after {}s", timeout.as_secs()),
@@ -62,7 +64,7 @@ pub fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output
             });
         }
     };
-    tracing::debug!(program, ?args, status = %output.status, elapsed_ms = started.elapsed().as_millis() as u64, "ran");
+    tracing::debug!(program, ?args, status = %output.status, elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), "ran");
     Ok(Output {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -71,7 +73,7 @@ pub fn run_raw(program: &str, args: &[&str], timeout: Duration) -> Result<Output
 }
 
 /// Runs `program args…`; a non-zero exit is an error holding the status and stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = run_raw(program, args, DEFAULT_TIMEOUT)?;
     if out.status.success() {
         Ok(out.stdout)
@@ -80,7 +82,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     }
 }
 
-pub fn failure(program: &str, out: &Output) -> Error {
+pub(crate) fn failure(program: &str, out: &Output) -> Error {
     let stderr = if out.stderr.trim().is_empty() {
         out.stdout.trim()
     } else {

@@ -6,10 +6,9 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use crate::error::{Context, Result};
-use crate::loopdev;
-use crate::meta::VolumeSource;
-use crate::mount;
-use crate::pool::Pool;
+use crate::ids::VolumeId;
+use crate::kernel::KernelView;
+use crate::loopdev::LoopDevice;
 use crate::sys;
 
 /// Frozen filesystems; thawed on drop, whatever happened in between.
@@ -29,22 +28,18 @@ impl Drop for Frozen {
     }
 }
 
-/// Freezes the writable mounted filesystem of each listed volume that is attached on this node.
-/// (On a shared pool a volume staged on another node cannot be frozen from here; its copy is
-/// crash-consistent, like a power cut.)
-pub(crate) fn freeze_volumes(pool: &Pool, ids: &[&str]) -> Result<Frozen> {
+/// Freezes the writable mounted filesystem on each of the listed volumes' loop devices (their
+/// devices on this node, as `view` found them). On a shared pool a volume staged on another node
+/// cannot be frozen from here; its copy is crash-consistent, like a power cut.
+pub(crate) fn freeze(
+    view: &KernelView,
+    volumes: &[(&VolumeId, Vec<LoopDevice>)],
+) -> Result<Frozen> {
     let mut frozen = Frozen { dirs: Vec::new() };
-    let table = mount::mounts()?;
-    for id in ids {
-        for dev in loopdev::find(&pool.volume_image(id))? {
-            if dev.read_only {
-                continue;
-            }
+    for (id, devices) in volumes {
+        for dev in devices.iter().filter(|d| !d.read_only) {
             // One mount per filesystem is enough: freezing acts on the superblock.
-            let Some(m) = table
-                .iter()
-                .find(|m| m.source == dev.path().to_string_lossy() && !m.read_only())
-            else {
+            let Some(m) = view.fs_mounts(dev).find(|m| !m.read_only()) else {
                 continue;
             };
             let dir = File::open(&m.mount_point)
@@ -55,17 +50,4 @@ pub(crate) fn freeze_volumes(pool: &Pool, ids: &[&str]) -> Result<Frozen> {
         }
     }
     Ok(frozen)
-}
-
-/// Runs `copy` with the source volume (if the source is a volume) frozen.
-pub(crate) fn with_frozen<T>(
-    pool: &Pool,
-    source: Option<&VolumeSource>,
-    copy: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    let _frozen = match source {
-        Some(VolumeSource::Volume(id)) => Some(freeze_volumes(pool, &[id.as_str()])?),
-        _ => None,
-    };
-    copy()
 }

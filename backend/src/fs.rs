@@ -11,7 +11,7 @@ use crate::validate::FsType;
 
 /// What `blkid` finds on a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
+pub(crate) enum Content {
     Blank,
     Filesystem(String),
     /// A partition table or other non-filesystem signature: data we must not overwrite.
@@ -19,7 +19,7 @@ pub enum Content {
 }
 
 /// Probes the device directly (`-p`: no cache, so a just-written filesystem is seen).
-pub fn probe(device: &Path) -> Result<Content> {
+pub(crate) fn probe(device: &Path) -> Result<Content> {
     let dev = device.to_string_lossy();
     let out = cmd::run_raw("blkid", &["-p", "-o", "export", &dev], cmd::DEFAULT_TIMEOUT)?;
     match out.status.code() {
@@ -48,14 +48,14 @@ fn parse_blkid_export(text: &str) -> Content {
 /// Formats a blank device. Callers must have seen [`Content::Blank`] under the volume's lock.
 /// No discard (a thin image has nothing to discard) and lazy inode tables: mkfs of a 100 GiB
 /// volume takes well under a second.
-pub fn format(device: &Path, fs: FsType) -> Result<()> {
+pub(crate) fn format(device: &Path, fs: FsType) -> Result<()> {
     mkfs(device, fs, false)
 }
 
 /// Formats over whatever an interrupted [`format`] of this same volume left (a partial
 /// filesystem that blkid may recognise). Only for a device whose metadata records that loopvol
 /// itself was formatting it, so it never held user data.
-pub fn reformat_interrupted(device: &Path, fs: FsType) -> Result<()> {
+pub(crate) fn reformat_interrupted(device: &Path, fs: FsType) -> Result<()> {
     mkfs(device, fs, true)
 }
 
@@ -83,7 +83,7 @@ fn mkfs(device: &Path, fs: FsType, force: bool) -> Result<()> {
 
 /// Mount data every mount of `fs` needs: clones and restored snapshots of an xfs volume share its
 /// UUID, and xfs refuses a second mount of the same UUID without `nouuid`.
-pub fn required_mount_data(fs: FsType) -> &'static [&'static str] {
+pub(crate) fn required_mount_data(fs: FsType) -> &'static [&'static str] {
     match fs {
         FsType::Xfs => &["nouuid"],
         FsType::Ext4 | FsType::Btrfs => &[],
@@ -92,7 +92,7 @@ pub fn required_mount_data(fs: FsType) -> &'static [&'static str] {
 
 /// What the on-disk superblock says (read directly: no tool, no cache).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Superblock {
+pub(crate) struct Superblock {
     pub fs: FsType,
     pub size_bytes: u64,
     /// The filesystem recorded errors (ext4: error state or error count).
@@ -107,13 +107,17 @@ fn read_at(file: &File, offset: u64, len: usize) -> Result<Vec<u8>> {
 }
 
 fn le32(b: &[u8], at: usize) -> u64 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes")) as u64
+    u64::from(u32::from_le_bytes(
+        b[at..at + 4].try_into().expect("4 bytes"),
+    ))
 }
 fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 fn be32(b: &[u8], at: usize) -> u64 {
-    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes")) as u64
+    u64::from(u32::from_be_bytes(
+        b[at..at + 4].try_into().expect("4 bytes"),
+    ))
 }
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -125,7 +129,7 @@ fn parse_ext4(sb: &[u8]) -> Option<Superblock> {
         return None;
     }
     let log_block = le32(sb, 0x18);
-    let block_size = 1024u64.checked_shl(log_block as u32)?;
+    let block_size = 1024u64.checked_shl(u32::try_from(log_block).ok()?)?;
     let incompat = le32(sb, 0x60);
     let mut blocks = le32(sb, 0x04);
     if incompat & 0x80 != 0 {
@@ -165,7 +169,7 @@ fn parse_btrfs(sb: &[u8]) -> Option<Superblock> {
 }
 
 /// Reads the superblock of whichever supported filesystem is on `device`.
-pub fn superblock(device: &Path) -> Result<Option<Superblock>> {
+pub(crate) fn superblock(device: &Path) -> Result<Option<Superblock>> {
     let file = File::open(device).context(|| format!("open {}", device.display()))?;
     let size = crate::loopdev::device_size(device)?;
     if size >= 2048 {
@@ -186,7 +190,7 @@ pub fn superblock(device: &Path) -> Result<Option<Superblock>> {
 
 /// How far a filesystem may stay below its device before we call it "not grown": xfs cannot use
 /// a tail smaller than its minimum allocation group (16 MiB); the others fill the device to a block.
-pub fn grow_slack(fs: FsType) -> u64 {
+pub(crate) fn grow_slack(fs: FsType) -> u64 {
     match fs {
         FsType::Xfs => 16 << 20,
         FsType::Ext4 | FsType::Btrfs => 1 << 20,
@@ -194,7 +198,7 @@ pub fn grow_slack(fs: FsType) -> u64 {
 }
 
 /// Whether this process may grow a mounted ext4 (the resize ioctl needs CAP_SYS_RESOURCE).
-pub fn can_grow_ext4_online() -> bool {
+pub(crate) fn can_grow_ext4_online() -> bool {
     const CAP_SYS_RESOURCE: u32 = 24;
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -207,7 +211,7 @@ pub fn can_grow_ext4_online() -> bool {
 }
 
 /// Grows a mounted filesystem to fill its device.
-pub fn grow_online(fs: FsType, device: &Path, mount_point: &Path) -> Result<()> {
+pub(crate) fn grow_online(fs: FsType, device: &Path, mount_point: &Path) -> Result<()> {
     let mp = mount_point.to_string_lossy();
     match fs {
         FsType::Ext4 => {
@@ -229,7 +233,7 @@ pub fn grow_online(fs: FsType, device: &Path, mount_point: &Path) -> Result<()> 
 
 /// Grows an unmounted ext4 filesystem to fill its device (xfs and btrfs only grow mounted, so
 /// callers grow those right after mounting).
-pub fn grow_ext4_offline(device: &Path) -> Result<()> {
+pub(crate) fn grow_ext4_offline(device: &Path) -> Result<()> {
     let dev = device.to_string_lossy();
     // resize2fs insists on a fresh check first; -p repairs only what is safe without asking.
     let out = cmd::run_raw("e2fsck", &["-f", "-p", &dev], cmd::DEFAULT_TIMEOUT)?;
@@ -260,16 +264,21 @@ pub struct InodeUsage {
 }
 
 /// statvfs of a mounted filesystem.
-pub fn usage(path: &Path) -> Result<Usage> {
+#[allow(
+    clippy::useless_conversion,
+    reason = "fsblkcnt_t, fsfilcnt_t and c_ulong are u32 on 32-bit targets"
+)]
+pub(crate) fn usage(path: &Path) -> Result<Usage> {
     let st = nix::sys::statvfs::statvfs(path).context(|| format!("statvfs {}", path.display()))?;
-    let frsize = st.fragment_size() as u64;
-    let total = st.blocks() as u64 * frsize;
-    let free = st.blocks_free() as u64 * frsize;
-    let files = st.files() as u64;
-    let files_free = st.files_free() as u64;
+    let frsize = u64::from(st.fragment_size());
+    let bytes = |blocks| u64::from(blocks).saturating_mul(frsize);
+    let total = bytes(st.blocks());
+    let free = bytes(st.blocks_free());
+    let files = u64::from(st.files());
+    let files_free = u64::from(st.files_free());
     Ok(Usage {
         total_bytes: total,
-        available_bytes: st.blocks_available() as u64 * frsize,
+        available_bytes: bytes(st.blocks_available()),
         used_bytes: total.saturating_sub(free),
         inodes: Some(InodeUsage {
             total: files,

@@ -1,29 +1,76 @@
 //! loopvol's storage backend: volumes as sparse image files in a pool directory, attached as
 //! loop devices, formatted and mounted. Both front ends (FlexVolume, CSI) only translate to and
-//! from this API; all storage work, validation and locking happens here.
+//! from this API; all storage work, validation, policy and locking happens here.
 //!
 //! The kernel is the source of truth for what is attached (sysfs) and mounted (mountinfo); the
 //! metadata for what should exist. Every operation is idempotent and finishes what an interrupted
 //! earlier call left half done.
+//!
+//! Where things are decided (see `docs/design.md` for the whole map):
+//! - [`ids`]: what a valid volume, snapshot or node name is;
+//! - `size`: what size a request resolves to;
+//! - `plan`: format or not, and how a staging mount or a publication is mounted;
+//! - `pool`: the layout, listings, capacity and locks; `pool::fsops`: every access to the pool's
+//!   files;
+//! - `volume`: the locked [`Volume`] handle and every operation on a volume;
+//! - `kernel`: one view of mounts and loop devices per operation, and which of them are whose.
+
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    clippy::cast_lossless
+)]
 
 mod cmd;
 mod copy;
 pub mod error;
 mod freeze;
-pub mod fs;
-mod health;
+mod fs;
+mod host;
+pub mod ids;
+mod kernel;
 mod lock;
-pub mod loopdev;
-pub mod meta;
-pub mod mount;
-mod node;
+mod loopdev;
+mod meta;
+mod mount;
+mod plan;
 mod pool;
-mod publish;
+mod size;
 mod snapshot;
 #[allow(unsafe_code)] // the one place for ioctls; every block has a SAFETY comment
 mod sys;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod validate;
 mod volume;
+
+/// Table tests: every row checked, one failure listing every wrong row.
+#[cfg(test)]
+mod table {
+    use std::fmt::Debug;
+
+    /// Runs `f` on each row's input and fails once, naming every row whose result is not the
+    /// expected one.
+    pub(crate) fn check<I: Debug, O: Debug + PartialEq>(
+        rows: impl IntoIterator<Item = (I, O)>,
+        f: impl Fn(&I) -> O,
+    ) {
+        let wrong: Vec<String> = rows
+            .into_iter()
+            .filter_map(|(input, want)| {
+                let got = f(&input);
+                (got != want).then(|| format!("{input:?}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{} rows wrong:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
+}
 
 /// Names both front ends and the tools agree on (deployments depend on them).
 pub mod names {
@@ -38,9 +85,12 @@ pub mod names {
 
 pub use copy::CopyMethod;
 pub use error::{Error, ErrorKind, Result};
+pub use fs::{InodeUsage, Usage};
+pub use ids::{GroupSnapshotId, NodeName, SnapshotId, VolumeId};
 pub use lock::LockWait;
 pub use meta::{AccessMode, Allocation, Hold, SnapshotMeta, VolumeMeta, VolumeSource};
-pub use node::{Access, Condition, Staged, Usage};
-pub use pool::{default_node_name, Capacity, Page, Pool, PoolOptions};
+pub use pool::{default_node_name, Capacity, NodePath, Page, Pool, PoolOptions};
+pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
+pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;
-pub use volume::{CreateVolume, Expanded};
+pub use volume::{Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume};

@@ -1,7 +1,8 @@
 //! Advisory per-volume locks (flock), shared by every process on the node and, on a shared pool
-//! whose filesystem supports it (NFSv4, CephFS), across nodes.
+//! whose filesystem supports it (NFSv4, CephFS, GlusterFS), across nodes. The lock files are
+//! opened by the pool's access module; this is only the waiting.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,14 +26,9 @@ pub struct LockGuard {
     _lock: Flock<File>,
 }
 
-/// Locks `path` (created if missing) exclusively, for the subject named `what`.
-pub fn lock(path: &Path, what: &str, wait: LockWait) -> Result<LockGuard> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .context(|| format!("open lock {}", path.display()))?;
+/// Locks the open lock file `file` (at `path`, for messages) exclusively, for the subject named
+/// `what`.
+pub(crate) fn lock(file: File, path: &Path, what: &str, wait: LockWait) -> Result<LockGuard> {
     let deadline = match wait {
         LockWait::Try => None,
         LockWait::Bounded(d) => Some(Instant::now() + d),
@@ -66,6 +62,16 @@ pub fn lock(path: &Path, what: &str, wait: LockWait) -> Result<LockGuard> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lock(path: &Path, what: &str, wait: LockWait) -> Result<LockGuard> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .unwrap();
+        super::lock(file, path, what, wait)
+    }
 
     #[test]
     fn second_holder_is_busy_until_release() {

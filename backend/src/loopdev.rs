@@ -1,9 +1,9 @@
 //! Loop devices: which image is attached where (read back from sysfs, never stored), attach with
 //! direct I/O, capacity refresh, detach.
 
+use std::cell::OnceCell;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -15,22 +15,65 @@ use crate::sys;
 /// direct-I/O alignment, which changes with the file's state (a reflinked copy on xfs needs 4096
 /// where the sparse original took 512): a filesystem made with 1 KiB blocks would then no longer
 /// mount. A fixed 4096 keeps every image mountable wherever it is attached.
-pub const BLOCK_SIZE: u32 = 4096;
+pub(crate) const BLOCK_SIZE: u32 = 4096;
 
 /// The block major number of loop devices.
-pub const LOOP_MAJOR: u32 = 7;
+pub(crate) const LOOP_MAJOR: u32 = 7;
+
+/// A file's identity: the device of its filesystem and its inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
 
 /// A loop device and the image bound to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoopDevice {
     pub number: u32,
+    /// The path the image had when it was bound (sysfs' `loop/backing_file`).
     pub backing_file: PathBuf,
     pub read_only: bool,
+    /// The identity of the backing file, asked of the device (one ioctl) the first time it is
+    /// needed: a different path to the same file (a bind mount of the pool) is still that file.
+    backing_id: OnceCell<Option<FileId>>,
 }
 
 impl LoopDevice {
+    pub(crate) fn new(number: u32, backing_file: PathBuf, read_only: bool) -> LoopDevice {
+        LoopDevice {
+            number,
+            backing_file,
+            read_only,
+            backing_id: OnceCell::new(),
+        }
+    }
+
+    /// A device whose backing identity is already known (table tests need no kernel).
+    #[cfg(test)]
+    pub(crate) fn with_backing_id(self, id: Option<FileId>) -> LoopDevice {
+        let _ = self.backing_id.set(id);
+        self
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/loop{}", self.number))
+    }
+
+    /// Whether this device is bound to the image at `path` whose identity is `id`.
+    pub fn is_backed_by(&self, path: &Path, id: FileId) -> bool {
+        self.backing_file == path || self.backing_id() == Some(id)
+    }
+
+    fn backing_id(&self) -> Option<FileId> {
+        *self.backing_id.get_or_init(|| {
+            let dev = File::open(self.path()).ok()?;
+            let info = sys::loop_get_status64(dev.as_fd()).ok()?;
+            Some(FileId {
+                dev: info.lo_device,
+                ino: info.lo_inode,
+            })
+        })
     }
 }
 
@@ -39,7 +82,7 @@ fn sys_block() -> &'static Path {
 }
 
 /// Every bound loop device, from `/sys/block/loopN/loop/backing_file`.
-pub fn list() -> Result<Vec<LoopDevice>> {
+pub(crate) fn list() -> Result<Vec<LoopDevice>> {
     let mut devices = Vec::new();
     let entries = std::fs::read_dir(sys_block()).context(|| "read /sys/block".into())?;
     for entry in entries.flatten() {
@@ -57,46 +100,20 @@ pub fn list() -> Result<Vec<LoopDevice>> {
         };
         let read_only =
             std::fs::read_to_string(entry.path().join("ro")).is_ok_and(|s| s.trim() == "1");
-        devices.push(LoopDevice {
+        devices.push(LoopDevice::new(
             number,
-            backing_file: PathBuf::from(backing.trim_end_matches('\n')),
+            PathBuf::from(backing.trim_end_matches('\n')),
             read_only,
-        });
+        ));
     }
     devices.sort_by_key(|d| d.number);
     Ok(devices)
 }
 
-/// The loop devices bound to `image` (normally zero or one). Matches on device and inode, so a
-/// different path to the same file (bind mounts of the pool, symlinks) is still recognised.
-pub fn find(image: &Path) -> Result<Vec<LoopDevice>> {
-    let Ok(meta) = std::fs::metadata(image) else {
-        return Ok(Vec::new());
-    };
-    let mut found = Vec::new();
-    for dev in list()? {
-        let same_path = dev.backing_file == image;
-        let same_inode = || {
-            File::open(dev.path())
-                .ok()
-                .and_then(|f| sys::loop_get_status64(f.as_fd()).ok())
-                .is_some_and(|info| info.lo_inode == meta.ino() && info.lo_device == meta.dev())
-        };
-        if same_path || same_inode() {
-            found.push(dev);
-        }
-    }
-    Ok(found)
-}
-
-/// Attaches `image` to a free loop device (direct I/O, read-only when asked) and returns it.
-/// Not idempotent by itself: callers look with [`find`] first, under the volume's lock.
-pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
-    let backing = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(image)
-        .context(|| format!("open image {}", image.display()))?;
+/// Attaches the open image `backing` (at `image`, for messages) to a free loop device (direct
+/// I/O, read-only when asked) and returns it. The device binds the descriptor, never re-opens the
+/// path. Not idempotent by itself: callers look in the kernel view first, under the volume's lock.
+pub(crate) fn attach(backing: &File, image: &Path, read_only: bool) -> Result<LoopDevice> {
     let control = OpenOptions::new()
         .read(true)
         .write(true)
@@ -140,11 +157,7 @@ pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
             }
         }
         tracing::info!(image = %image.display(), device = %path.display(), read_only, "attached");
-        return Ok(LoopDevice {
-            number,
-            backing_file: image.to_path_buf(),
-            read_only,
-        });
+        return Ok(LoopDevice::new(number, image.to_path_buf(), read_only));
     }
     Err(Error::Busy(format!(
         "loop devices (could not bind {})",
@@ -153,14 +166,14 @@ pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
 }
 
 /// Re-reads the image size into the loop device after the image grew.
-pub fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
+pub(crate) fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
     let file = File::open(dev.path()).context(|| format!("open {}", dev.path().display()))?;
     sys::loop_set_capacity(file.as_fd())
         .context(|| format!("refresh capacity of {}", dev.path().display()))
 }
 
 /// Detaches a loop device; already detached counts as done.
-pub fn detach(dev: &LoopDevice) -> Result<()> {
+pub(crate) fn detach(dev: &LoopDevice) -> Result<()> {
     let file = match File::open(dev.path()) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -176,7 +189,7 @@ pub fn detach(dev: &LoopDevice) -> Result<()> {
 }
 
 /// Size in bytes of a block device.
-pub fn device_size(device: &Path) -> Result<u64> {
+pub(crate) fn device_size(device: &Path) -> Result<u64> {
     let file = File::open(device).context(|| format!("open {}", device.display()))?;
     sys::blkgetsize64(&file).context(|| format!("size of {}", device.display()))
 }

@@ -1,13 +1,12 @@
-//! Volume and snapshot metadata: what *should* exist. Written atomically (temp file, fsync,
-//! rename, fsync of the directory) so a crash leaves either the old or the new record.
+//! Volume and snapshot metadata: what *should* exist (the kernel says what does). One JSON file
+//! per volume or snapshot, read and written only through the pool's access module
+//! (`pool::fsops`), atomically. Every ID in a record is a typed ID, so a record naming an invalid
+//! one fails to load as corrupt.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
+use serde::{Deserialize, Serialize};
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
+use crate::ids::{GroupSnapshotId, NodeName, SnapshotId, VolumeId};
 use crate::validate::FsType;
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -49,8 +48,8 @@ impl Allocation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "id")]
 pub enum VolumeSource {
-    Snapshot(String),
-    Volume(String),
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
 }
 
 /// How a node uses a volume it holds (staged or claimed).
@@ -66,6 +65,24 @@ pub enum AccessMode {
 }
 
 impl AccessMode {
+    /// One node: read-only or read-write.
+    pub fn single_node(read_only: bool) -> AccessMode {
+        if read_only {
+            AccessMode::ReadOnly
+        } else {
+            AccessMode::SingleNodeWriter
+        }
+    }
+
+    /// How a message names the mode.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AccessMode::ReadOnly => "read-only",
+            AccessMode::SingleNodeWriter => "read-write",
+            AccessMode::MultiNodeWriter => "multi-writer",
+        }
+    }
+
     /// Whether a holder in mode `self` on one node tolerates a holder in `other` on another node.
     pub fn shares_with(self, other: AccessMode) -> bool {
         use AccessMode::*;
@@ -80,7 +97,7 @@ impl AccessMode {
 /// node's staging.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
-    pub node: String,
+    pub node: NodeName,
     pub mode: AccessMode,
     /// The PV the claim was made for: FlexVolume's `detach` names only the PV.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,7 +107,7 @@ pub struct Hold {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeMeta {
     pub schema: u32,
-    pub id: String,
+    pub id: VolumeId,
     pub name: String,
     pub size_bytes: u64,
     /// The filesystem to create on first stage; `None` for a volume created for raw block use
@@ -103,7 +120,7 @@ pub struct VolumeMeta {
     pub source: Option<VolumeSource>,
     /// For a node-local pool: the node whose pool holds the image.
     #[serde(default)]
-    pub node: Option<String>,
+    pub node: Option<NodeName>,
     pub created_unix: u64,
     /// Controller claims (who may attach it).
     #[serde(default)]
@@ -120,104 +137,28 @@ pub struct VolumeMeta {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
     pub schema: u32,
-    pub id: String,
+    pub id: SnapshotId,
     pub name: String,
-    pub source_volume_id: String,
+    pub source_volume_id: VolumeId,
     pub size_bytes: u64,
     #[serde(default)]
     pub fs_type: Option<FsType>,
     pub created_unix: u64,
     /// Set for members of a group snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group_id: Option<String>,
+    pub group_id: Option<GroupSnapshotId>,
 }
 
-pub fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-/// Reads a JSON record; `Ok(None)` when the file does not exist.
-pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).context(|| format!("read {}", path.display())),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::Metadata {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
-}
-
-/// Replaces `path` with `value` atomically and durably.
-pub fn write<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let dir = path.parent().expect("metadata lives in a directory");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().expect("file name").to_string_lossy()
-    ));
-    let json = serde_json::to_vec_pretty(value).expect("metadata serializes");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .context(|| format!("create {}", tmp.display()))?;
-    file.write_all(&json)
-        .context(|| format!("write {}", tmp.display()))?;
-    file.sync_all()
-        .context(|| format!("fsync {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-    sync_dir(dir)
-}
-
-/// fsyncs a directory so a rename or create in it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("fsync {}", dir.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn round_trip_and_missing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("meta.json");
-        assert!(read::<VolumeMeta>(&path).unwrap().is_none());
-        let meta = VolumeMeta {
-            schema: SCHEMA_VERSION,
-            id: "v".into(),
-            name: "v".into(),
-            size_bytes: 1 << 30,
-            fs_type: Some(FsType::Xfs),
-            allocation: Allocation::Thin,
-            source: Some(VolumeSource::Snapshot("s".into())),
-            node: Some("n1".into()),
-            created_unix: 1,
-            claims: vec![Hold {
-                node: "n1".into(),
-                mode: AccessMode::ReadOnly,
-                pv_name: Some("pv".into()),
-            }],
-            staged: vec![],
-            formatting: None,
-        };
-        write(&path, &meta).unwrap();
-        assert_eq!(read::<VolumeMeta>(&path).unwrap().unwrap(), meta);
-        assert!(!dir.path().join(".meta.json.tmp").exists());
-        std::fs::write(&path, b"{not json").unwrap();
-        let err = read::<VolumeMeta>(&path).unwrap_err();
-        assert!(err.to_string().contains("corrupt metadata"));
-    }
 
     #[test]
     fn sharing_rules() {

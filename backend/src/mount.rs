@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::error::{Context, Error, Result};
-use crate::validate::FLAG_OPTIONS;
 
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +60,7 @@ fn unescape(field: &str) -> String {
 }
 
 /// Parses mountinfo text; malformed lines are skipped (the kernel does not write them).
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
 
@@ -98,57 +97,19 @@ fn parse_line(line: &str) -> Option<MountEntry> {
 }
 
 /// The current mount table.
-pub fn mounts() -> Result<Vec<MountEntry>> {
+pub(crate) fn mounts() -> Result<Vec<MountEntry>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .context(|| "read /proc/self/mountinfo".into())?;
     Ok(parse_mountinfo(&text))
 }
 
 /// The topmost mount at exactly `path`, if any (later lines stack over earlier ones).
-pub fn mount_at<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+pub(crate) fn mount_at<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
     table.iter().rev().find(|m| m.mount_point == path)
 }
 
-/// Splits options into mount(2) flags (starting from `base`, which options may override: `dev`
-/// clears a default `nodev`) and the filesystem's data string.
-pub fn split_options(base: MsFlags, options: &[String]) -> (MsFlags, String) {
-    let mut flags = base;
-    let mut data = Vec::new();
-    for opt in options {
-        let o = opt.as_str();
-        match o {
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "rw" => flags &= !MsFlags::MS_RDONLY,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "dev" => flags &= !MsFlags::MS_NODEV,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "suid" => flags &= !MsFlags::MS_NOSUID,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "exec" => flags &= !MsFlags::MS_NOEXEC,
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            "atime" => flags &= !MsFlags::MS_NOATIME,
-            "relatime" => flags |= MsFlags::MS_RELATIME,
-            "norelatime" => flags &= !MsFlags::MS_RELATIME,
-            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
-            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
-            "diratime" => flags &= !MsFlags::MS_NODIRATIME,
-            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
-            "async" => flags &= !MsFlags::MS_SYNCHRONOUS,
-            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
-            "lazytime" => flags |= MsFlags::MS_LAZYTIME,
-            "nolazytime" => flags &= !MsFlags::MS_LAZYTIME,
-            "defaults" => {}
-            _ => {
-                debug_assert!(!FLAG_OPTIONS.contains(&o));
-                data.push(o)
-            }
-        }
-    }
-    (flags, data.join(","))
-}
-
 /// Mounts `source` (a block device) of type `fs_type` at `target`.
-pub fn mount_fs(
+pub(crate) fn mount_fs(
     source: &Path,
     target: &Path,
     fs_type: &str,
@@ -167,7 +128,7 @@ pub fn mount_fs(
 
 /// Bind-mounts `source` onto `target`, then applies `flags` (read-only, nodev, ...) to the bind:
 /// a bind ignores flags on its first call, so they need a remount of the bind itself.
-pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
+pub(crate) fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
     nix::mount::mount(
         Some(source),
         target,
@@ -192,7 +153,7 @@ pub fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
 ///
 /// EBUSY is retried for a short, bounded time: a process forked by any thread of ours (mkfs,
 /// blkid) holds copies of our descriptors until its exec, which can make a mount briefly busy.
-pub fn unmount(target: &Path) -> Result<()> {
+pub(crate) fn unmount(target: &Path) -> Result<()> {
     let mut backoff = std::time::Duration::from_millis(5);
     for attempt in 0.. {
         match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
@@ -248,18 +209,5 @@ bogus line
     fn unescapes() {
         assert_eq!(unescape("a\\040b\\134c"), "a b\\c");
         assert_eq!(unescape("trail\\04"), "trail\\04");
-    }
-
-    #[test]
-    fn splits_flags_from_data() {
-        let opts: Vec<String> = ["ro", "noatime", "discard", "commit=30", "nodev"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let (flags, data) = split_options(MsFlags::empty(), &opts);
-        assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOATIME | MsFlags::MS_NODEV));
-        assert_eq!(data, "discard,commit=30");
-        let (flags, _) = split_options(MsFlags::MS_NODEV, &["dev".into()]);
-        assert!(!flags.contains(MsFlags::MS_NODEV));
     }
 }

@@ -1,195 +1,338 @@
 //! Snapshots: independent copies of a volume's image (reflinked where the pool's filesystem can),
-//! taken with the volume's filesystem frozen. A snapshot outlives its source.
+//! taken with the volume's filesystem frozen. A snapshot outlives its source. A group snapshot
+//! is several snapshots taken at one point in time, each recording the group's ID.
+//!
+//! Lock order: a snapshot's lock before its source volume's.
+
+use std::collections::BTreeSet;
 
 use crate::copy;
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 use crate::freeze;
-use crate::meta::{self, SnapshotMeta, VolumeMeta};
-use crate::pool::Pool;
-use crate::validate;
+use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
+use crate::kernel::KernelView;
+use crate::meta::{self, SnapshotMeta};
+use crate::pool::{fsops, Pool};
+use crate::volume::Volume;
+use crate::ErrorKind;
+
+/// What to snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The caller's idempotency key; the snapshot ID is derived from it.
+    pub name: String,
+    pub source: VolumeId,
+}
+
+/// A group snapshot: its ID and its members in ID order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    pub id: GroupSnapshotId,
+    pub members: Vec<SnapshotMeta>,
+}
+
+/// One snapshot to take: its ID, its name and its source.
+struct Member {
+    id: SnapshotId,
+    name: String,
+    source: VolumeId,
+}
 
 impl Pool {
-    pub fn get_snapshot(&self, id: &str) -> Result<SnapshotMeta> {
-        validate::check_id("snapshot ID", id)?;
-        meta::read(&self.snapshot_meta_path(id))?.ok_or_else(|| Error::not_found("snapshot", id))
+    pub fn get_snapshot(&self, id: &SnapshotId) -> Result<SnapshotMeta> {
+        self.read_snapshot_meta(id)?
+            .ok_or_else(|| Error::not_found("snapshot", id.as_str()))
     }
 
-    /// Snapshots volume `source_id` under `name`. Idempotent by name: the same name and source
+    /// Snapshots `req.source` under `req.name`. Idempotent by name: the same name and source
     /// return the existing snapshot; the same name with another source is `AlreadyExists`.
-    pub fn create_snapshot(&self, name: &str, source_id: &str) -> Result<SnapshotMeta> {
-        validate::check_name("snapshot name", name)?;
-        validate::check_id("source volume ID", source_id)?;
-        let id = validate::id_for_name(name);
-        let mut group =
-            self.create_snapshots(&[(id, name.to_owned(), source_id.to_owned())], None)?;
-        Ok(group.remove(0))
+    pub fn create_snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotMeta> {
+        let member = Member {
+            id: SnapshotId::for_name(&req.name)?,
+            name: req.name.clone(),
+            source: req.source.clone(),
+        };
+        let mut taken = self.create_snapshots(&[member], None)?;
+        Ok(taken.remove(0))
     }
 
     /// Snapshots several volumes at one point in time: all are frozen together, then copied.
-    /// Members are named `<group name>/<volume ID>` and carry the group's ID.
-    pub fn create_group_snapshot(
-        &self,
-        name: &str,
-        source_ids: &[String],
-    ) -> Result<(String, Vec<SnapshotMeta>)> {
-        validate::check_name("group snapshot name", name)?;
-        if source_ids.is_empty() {
+    /// Members are named `<group name>/<volume ID>` and carry the group's ID. Idempotent by name:
+    /// a repeat must name the same volumes (a group with only some of them committed is an
+    /// interrupted earlier call, which this one finishes).
+    pub fn create_group_snapshot(&self, name: &str, sources: &[VolumeId]) -> Result<GroupSnapshot> {
+        let group_id = GroupSnapshotId::for_name(name)?;
+        if sources.is_empty() {
             return Err(Error::invalid("source volume IDs", "must not be empty"));
         }
-        let mut sorted = source_ids.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        for s in &sorted {
-            validate::check_id("source volume ID", s)?;
-        }
-        let group_id = validate::id_for_name(name);
-        // Idempotent by name: a repeat must name the same volumes. Members already committed
-        // must all be among the requested ones (a subset is an interrupted earlier call that
-        // this one finishes).
-        match self.get_group_snapshot(&group_id) {
+        let sources: BTreeSet<&VolumeId> = sources.iter().collect();
+        match self.group_members(&group_id) {
             Ok(existing) => {
-                let have: Vec<&str> = existing
+                if existing
                     .iter()
-                    .map(|s| s.source_volume_id.as_str())
-                    .collect();
-                if have.iter().any(|v| !sorted.iter().any(|s| s == v)) {
+                    .any(|s| !sources.contains(&s.source_volume_id))
+                {
+                    let have: Vec<&str> = existing
+                        .iter()
+                        .map(|s| s.source_volume_id.as_str())
+                        .collect();
                     return Err(Error::AlreadyExists {
                         what: "group snapshot",
-                        id: group_id,
+                        id: group_id.to_string(),
                         detail: format!("source volumes ({})", have.join(", ")),
                     });
                 }
             }
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let members: Vec<(String, String, String)> = sorted
-            .iter()
+        let members = sources
+            .into_iter()
             .map(|v| {
                 let member_name = format!("{name}/{v}");
-                (validate::id_for_name(&member_name), member_name, v.clone())
+                Ok(Member {
+                    id: SnapshotId::for_name(&member_name)?,
+                    name: member_name,
+                    source: v.clone(),
+                })
             })
-            .collect();
-        let snaps = self.create_snapshots(&members, Some(&group_id))?;
-        Ok((group_id, snaps))
+            .collect::<Result<Vec<_>>>()?;
+        let members = self.create_snapshots(&members, Some(&group_id))?;
+        Ok(GroupSnapshot {
+            id: group_id,
+            members,
+        })
     }
 
-    /// The members of group snapshot `group_id`, in ID order.
-    pub fn get_group_snapshot(&self, group_id: &str) -> Result<Vec<SnapshotMeta>> {
-        validate::check_id("group snapshot ID", group_id)?;
+    /// Group snapshot `id`. When `expected` is not empty (the CO may name the members it
+    /// expects), a group with other members is `InvalidArgument`.
+    pub fn get_group_snapshot(
+        &self,
+        id: &GroupSnapshotId,
+        expected: &[SnapshotId],
+    ) -> Result<GroupSnapshot> {
+        let members = self.group_members(id)?;
+        check_members(id, &members, expected)?;
+        Ok(GroupSnapshot {
+            id: id.clone(),
+            members,
+        })
+    }
+
+    /// Deletes every member of group snapshot `id`; an unknown group succeeds. `expected` as for
+    /// [`Pool::get_group_snapshot`], checked before anything is deleted.
+    pub fn delete_group_snapshot(
+        &self,
+        id: &GroupSnapshotId,
+        expected: &[SnapshotId],
+    ) -> Result<()> {
+        let members = match self.group_members(id) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        check_members(id, &members, expected)?;
+        for s in &members {
+            self.delete_snapshot(&s.id)?;
+        }
+        tracing::info!(group_snapshot = %id, members = members.len(), "deleted group snapshot");
+        Ok(())
+    }
+
+    /// The members of group snapshot `id`, in ID order; `NotFound` when there are none.
+    fn group_members(&self, id: &GroupSnapshotId) -> Result<Vec<SnapshotMeta>> {
         let members: Vec<SnapshotMeta> = self
             .list_snapshots(None, None, 0)?
             .entries
             .into_iter()
-            .filter(|s| s.group_id.as_deref() == Some(group_id))
+            .filter(|s| s.group_id.as_ref() == Some(id))
             .collect();
         if members.is_empty() {
-            return Err(Error::not_found("group snapshot", group_id));
+            return Err(Error::not_found("group snapshot", id.as_str()));
         }
         Ok(members)
     }
 
-    /// Creates (or finds) each `(id, name, source)` snapshot, all copies made under one freeze.
+    /// Creates (or finds) each member snapshot, all copies made under one freeze.
     fn create_snapshots(
         &self,
-        members: &[(String, String, String)],
-        group_id: Option<&str>,
+        members: &[Member],
+        group_id: Option<&GroupSnapshotId>,
     ) -> Result<Vec<SnapshotMeta>> {
-        // Lock order everywhere: snapshot, then volume.
         let mut guards = Vec::new();
-        for (id, _, _) in members {
-            guards.push(self.lock_snapshot(id)?);
+        for m in members {
+            guards.push(self.lock_snapshot(&m.id)?);
         }
         let mut done: Vec<Option<SnapshotMeta>> = Vec::new();
-        for (id, name, source) in members {
-            match meta::read::<SnapshotMeta>(&self.snapshot_meta_path(id))? {
+        for m in members {
+            match self.read_snapshot_meta(&m.id)? {
                 Some(existing)
-                    if existing.source_volume_id == *source && existing.name == *name =>
+                    if existing.source_volume_id == m.source && existing.name == m.name =>
                 {
-                    done.push(Some(existing))
+                    done.push(Some(existing));
                 }
                 Some(existing) => {
                     return Err(Error::AlreadyExists {
                         what: "snapshot",
-                        id: id.clone(),
+                        id: m.id.to_string(),
                         detail: format!("source (volume {})", existing.source_volume_id),
                     })
                 }
                 None => done.push(None),
             }
         }
-        let todo: Vec<usize> = (0..members.len()).filter(|i| done[*i].is_none()).collect();
+        let todo: Vec<&Member> = members
+            .iter()
+            .zip(&done)
+            .filter(|(_, d)| d.is_none())
+            .map(|(m, _)| m)
+            .collect();
         if todo.is_empty() {
             return Ok(done.into_iter().flatten().collect());
         }
-        let mut sources: Vec<VolumeMeta> = Vec::new();
-        for i in &todo {
-            let source = &members[*i].2;
-            guards.push(self.lock_volume(source)?);
-            sources.push(self.get_volume(source)?);
-        }
+        let sources: Vec<Volume<'_>> = todo
+            .iter()
+            .map(|m| self.volume(&m.source))
+            .collect::<Result<_>>()?;
         // Without reflinks a copy takes the source's allocated bytes.
         let needed: u64 = todo
             .iter()
-            .map(|i| allocated_bytes(&self.volume_image(&members[*i].2)))
-            .sum();
+            .filter_map(|m| fsops::stat_image(&self.volume_image(&m.source)))
+            .map(|st| st.allocated)
+            .fold(0, u64::saturating_add);
         let free = self.capacity()?.free_bytes;
         if needed > free {
             return Err(Error::NoSpace(format!(
                 "snapshot needs up to {needed} bytes; the pool has {free} free"
             )));
         }
-        for i in &todo {
-            let dir = self.snapshot_dir(&members[*i].0);
-            if dir.exists() {
+        for m in &todo {
+            let dir = self.snapshot_dir(&m.id);
+            if fsops::exists(&dir) {
                 self.remove_dir_atomically(&dir)?; // leftovers of an interrupted attempt
             }
-            std::fs::create_dir_all(&dir).context(|| format!("create {}", dir.display()))?;
+            fsops::create_dirs(&dir)?;
         }
         {
-            let ids: Vec<&str> = todo.iter().map(|i| members[*i].2.as_str()).collect();
-            let _frozen = freeze::freeze_volumes(self, &ids)?;
-            for i in &todo {
-                let (id, _, source) = &members[*i];
-                let tmp = self.snapshot_dir(id).join("image.tmp");
-                let method = copy::copy_image(&self.volume_image(source), &tmp)?;
-                tracing::info!(snapshot = %id, volume = %source, ?method, "copied image");
+            let view = KernelView::read()?;
+            let frozen_sources: Vec<(&VolumeId, _)> = sources
+                .iter()
+                .map(|v| (v.id(), view.devices_of(v.image().as_ref())))
+                .collect();
+            let _frozen = freeze::freeze(&view, &frozen_sources)?;
+            for m in &todo {
+                let input = fsops::open_image(&self.volume_image(&m.source), true)?;
+                let output = fsops::create_image(&self.snapshot_dir(&m.id).join("image.tmp"))?;
+                let what = format!("volume {} to snapshot {}", m.source, m.id);
+                let method = copy::copy_image(&input, &output, &what)?;
+                tracing::info!(snapshot = %m.id, volume = %m.source, ?method, "copied image");
             }
         }
-        for (k, i) in todo.iter().enumerate() {
-            let (id, name, source) = &members[*i];
-            let tmp = self.snapshot_dir(id).join("image.tmp");
-            std::fs::rename(&tmp, self.snapshot_image(id))
-                .context(|| format!("commit image of snapshot {id}"))?;
-            let m = SnapshotMeta {
+        let mut made = sources.iter();
+        for (m, slot) in members.iter().zip(done.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            let source = made.next().expect("one source per snapshot to take");
+            let tmp = self.snapshot_dir(&m.id).join("image.tmp");
+            fsops::rename(&tmp, &self.snapshot_image(&m.id)).map_err(|e| Error::Io {
+                context: format!("commit image of snapshot {}", m.id),
+                source: e,
+            })?;
+            let meta = SnapshotMeta {
                 schema: meta::SCHEMA_VERSION,
-                id: id.clone(),
-                name: name.clone(),
-                source_volume_id: source.clone(),
-                size_bytes: sources[k].size_bytes,
-                fs_type: sources[k].fs_type,
+                id: m.id.clone(),
+                name: m.name.clone(),
+                source_volume_id: m.source.clone(),
+                size_bytes: source.meta().size_bytes,
+                fs_type: source.meta().fs_type,
                 created_unix: meta::now_unix(),
-                group_id: group_id.map(str::to_owned),
+                group_id: group_id.cloned(),
             };
-            meta::write(&self.snapshot_meta_path(id), &m)?;
-            done[*i] = Some(m);
+            fsops::write_json(&self.snapshot_meta_path(&m.id), &meta)?;
+            *slot = Some(meta);
         }
         Ok(done.into_iter().flatten().collect())
     }
 
     /// Deletes a snapshot; unknown IDs succeed. Volumes restored from it are independent copies,
     /// so a snapshot is never in use.
-    pub fn delete_snapshot(&self, id: &str) -> Result<()> {
-        validate::check_id("snapshot ID", id)?;
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let dir = self.snapshot_dir(id);
+        if !fsops::exists(&dir) {
+            return Ok(());
+        }
         let _guard = self.lock_snapshot(id)?;
-        self.remove_dir_atomically(&self.snapshot_dir(id))?;
+        self.remove_dir_atomically(&dir)?;
         tracing::info!(snapshot = %id, "deleted snapshot");
         Ok(())
     }
 }
 
-fn allocated_bytes(path: &std::path::Path) -> u64 {
-    std::fs::metadata(path)
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-        .unwrap_or(0)
+/// The CO may name the members it expects; a list that does not match the group is
+/// `InvalidArgument`.
+fn check_members(
+    id: &GroupSnapshotId,
+    members: &[SnapshotMeta],
+    expected: &[SnapshotId],
+) -> Result<()> {
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let have: BTreeSet<&SnapshotId> = members.iter().map(|s| &s.id).collect();
+    let want: BTreeSet<&SnapshotId> = expected.iter().collect();
+    if have != want {
+        let names: Vec<&str> = have.iter().map(|s| s.as_str()).collect();
+        return Err(Error::invalid(
+            "snapshot IDs",
+            format!(
+                "they do not match group snapshot {id}, whose members are {}",
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_members() {
+        let snap = |id: &str| SnapshotMeta {
+            schema: 1,
+            id: SnapshotId::try_from(id).unwrap(),
+            name: id.into(),
+            source_volume_id: VolumeId::try_from("v").unwrap(),
+            size_bytes: 1,
+            fs_type: None,
+            created_unix: 0,
+            group_id: None,
+        };
+        let ids = |list: &[&str]| -> Vec<SnapshotId> {
+            list.iter()
+                .map(|s| SnapshotId::try_from(*s).unwrap())
+                .collect()
+        };
+        let group = GroupSnapshotId::try_from("g").unwrap();
+        let members = [snap("a"), snap("b")];
+        // (expected, accepted)
+        let table: &[(&[&str], bool)] = &[
+            (&[], true),
+            (&["a", "b"], true),
+            (&["b", "a"], true),
+            (&["a"], false),
+            (&["a", "b", "c"], false),
+            (&["c"], false),
+        ];
+        for (expected, accepted) in table {
+            let got = check_members(&group, &members, &ids(expected));
+            assert_eq!(got.is_ok(), *accepted, "{expected:?}: {got:?}");
+            if let Err(e) = got {
+                assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+                assert!(e.to_string().contains("whose members are a, b"), "{e}");
+            }
+        }
+    }
 }

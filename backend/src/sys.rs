@@ -12,13 +12,13 @@ const LOOP_GET_STATUS64: u32 = 0x4C05;
 const LOOP_CONFIGURE: u32 = 0x4C0A;
 const LOOP_CTL_GET_FREE: u32 = 0x4C82;
 
-pub const LO_FLAGS_READ_ONLY: u32 = 1;
-pub const LO_FLAGS_DIRECT_IO: u32 = 16;
+pub(crate) const LO_FLAGS_READ_ONLY: u32 = 1;
+pub(crate) const LO_FLAGS_DIRECT_IO: u32 = 16;
 
 /// `struct loop_info64` from `<linux/loop.h>`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct LoopInfo64 {
+pub(crate) struct LoopInfo64 {
     pub lo_device: u64,
     pub lo_inode: u64,
     pub lo_rdevice: u64,
@@ -65,7 +65,7 @@ nix::ioctl_write_int!(ioctl_ficlone, 0x94, 9);
 nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
 
 /// Asks `/dev/loop-control` for a free loop device number (the kernel creates one if needed).
-pub fn loop_ctl_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
+pub(crate) fn loop_ctl_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
     // SAFETY: LOOP_CTL_GET_FREE takes no argument; `control` is a live descriptor for the borrow.
     let n = unsafe { ioctl_loop_ctl_get_free(control.as_raw_fd()) }?;
     u32::try_from(n).map_err(|_| Errno::EINVAL)
@@ -73,14 +73,14 @@ pub fn loop_ctl_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
 
 /// Binds `backing` to the loop device `loop_dev` in one step, with `flags` (LO_FLAGS_*) and
 /// logical block size `block_size`. Fails with EBUSY when another process bound the device first.
-pub fn loop_configure(
+pub(crate) fn loop_configure(
     loop_dev: BorrowedFd<'_>,
     backing: BorrowedFd<'_>,
     flags: u32,
     block_size: u32,
 ) -> Result<(), Errno> {
     let config = LoopConfig {
-        fd: backing.as_raw_fd() as u32,
+        fd: u32::try_from(backing.as_raw_fd()).map_err(|_| Errno::EBADF)?,
         block_size,
         info: LoopInfo64 {
             lo_flags: flags,
@@ -95,19 +95,19 @@ pub fn loop_configure(
 }
 
 /// Unbinds a loop device (the kernel defers it until the last opener closes).
-pub fn loop_clr_fd(loop_dev: BorrowedFd<'_>) -> Result<(), Errno> {
+pub(crate) fn loop_clr_fd(loop_dev: BorrowedFd<'_>) -> Result<(), Errno> {
     // SAFETY: LOOP_CLR_FD takes no argument; the descriptor is live for the borrow.
     unsafe { ioctl_loop_clr_fd(loop_dev.as_raw_fd()) }.map(drop)
 }
 
 /// Makes the loop device re-read its backing file's size.
-pub fn loop_set_capacity(loop_dev: BorrowedFd<'_>) -> Result<(), Errno> {
+pub(crate) fn loop_set_capacity(loop_dev: BorrowedFd<'_>) -> Result<(), Errno> {
     // SAFETY: LOOP_SET_CAPACITY takes no argument; the descriptor is live for the borrow.
     unsafe { ioctl_loop_set_capacity(loop_dev.as_raw_fd()) }.map(drop)
 }
 
 /// Reads a loop device's status; ENXIO means nothing is bound to it.
-pub fn loop_get_status64(loop_dev: BorrowedFd<'_>) -> Result<LoopInfo64, Errno> {
+pub(crate) fn loop_get_status64(loop_dev: BorrowedFd<'_>) -> Result<LoopInfo64, Errno> {
     let mut info = LoopInfo64::default();
     // SAFETY: the kernel writes one loop_info64 into `info`, which is valid, writable and sized
     // for exactly that; the descriptor is live for the borrow.
@@ -116,14 +116,14 @@ pub fn loop_get_status64(loop_dev: BorrowedFd<'_>) -> Result<LoopInfo64, Errno> 
 }
 
 /// Freezes the filesystem mounted at the directory `dir` (open any file on it).
-pub fn fifreeze(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+pub(crate) fn fifreeze(dir: BorrowedFd<'_>) -> Result<(), Errno> {
     let mut unused: libc::c_int = 0;
     // SAFETY: FIFREEZE ignores its argument; we still pass a valid int pointer. Descriptor live.
     unsafe { ioctl_fifreeze(dir.as_raw_fd(), &mut unused) }.map(drop)
 }
 
 /// Thaws a filesystem frozen by [`fifreeze`].
-pub fn fithaw(dir: BorrowedFd<'_>) -> Result<(), Errno> {
+pub(crate) fn fithaw(dir: BorrowedFd<'_>) -> Result<(), Errno> {
     let mut unused: libc::c_int = 0;
     // SAFETY: as for FIFREEZE.
     unsafe { ioctl_fithaw(dir.as_raw_fd(), &mut unused) }.map(drop)
@@ -131,13 +131,14 @@ pub fn fithaw(dir: BorrowedFd<'_>) -> Result<(), Errno> {
 
 /// Makes `dest` share all of `src`'s extents (reflink). EOPNOTSUPP, EXDEV or EINVAL mean the
 /// filesystem cannot, and the caller copies instead.
-pub fn ficlone(dest: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<(), Errno> {
+pub(crate) fn ficlone(dest: BorrowedFd<'_>, src: BorrowedFd<'_>) -> Result<(), Errno> {
+    let src = libc::c_ulong::try_from(src.as_raw_fd()).map_err(|_| Errno::EBADF)?;
     // SAFETY: FICLONE takes the source descriptor as its integer argument; both are live.
-    unsafe { ioctl_ficlone(dest.as_raw_fd(), src.as_raw_fd() as _) }.map(drop)
+    unsafe { ioctl_ficlone(dest.as_raw_fd(), src) }.map(drop)
 }
 
 /// Size in bytes of the block device open at `dev`.
-pub fn blkgetsize64(dev: impl AsFd) -> Result<u64, Errno> {
+pub(crate) fn blkgetsize64(dev: impl AsFd) -> Result<u64, Errno> {
     let mut size: u64 = 0;
     // SAFETY: the kernel writes one u64 into `size`; the descriptor is live for the call.
     unsafe { ioctl_blkgetsize64(dev.as_fd().as_raw_fd(), &mut size) }?;
@@ -146,7 +147,7 @@ pub fn blkgetsize64(dev: impl AsFd) -> Result<u64, Errno> {
 
 /// Makes a child started from `cmd` die (SIGKILL) when the thread that started it dies, so a
 /// killed driver leaves no mkfs writing to a device behind the volume's released lock.
-pub fn kill_child_with_parent(cmd: &mut std::process::Command) {
+pub(crate) fn kill_child_with_parent(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // calls are allowed: prctl(PR_SET_PDEATHSIG) is one, and it allocates nothing and touches no

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 /// Longest volume ID, snapshot ID or name (the CSI limit).
 pub const MAX_ID_LEN: usize = 128;
 
-/// A volume or snapshot ID: becomes a directory name in the pool, so it must be one plain path
-/// component. Letters, digits, `-`, `_` and `.`, not starting with `.` (hides it, and rules out `..`).
+/// A volume or snapshot ID (see [`crate::VolumeId`]): becomes a directory name in the pool, so it
+/// must be one plain path component. Letters, digits, `-`, `_` and `.`, not starting with `.` (hides it, and rules out `..`).
 pub fn check_id(what: &'static str, id: &str) -> Result<()> {
     check_name(what, id)?;
     if id.starts_with('.') {
@@ -34,54 +34,27 @@ pub fn check_id(what: &'static str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// A name chosen by the caller (CSI's idempotency key). Any UTF-8 up to 128 bytes without NUL.
-pub fn check_name(what: &'static str, name: &str) -> Result<()> {
-    if name.is_empty() {
+/// Not empty, at most `max` bytes.
+pub(crate) fn check_length(what: &'static str, value: &str, max: usize) -> Result<()> {
+    if value.is_empty() {
         return Err(Error::invalid(what, "must not be empty"));
     }
-    if name.len() > MAX_ID_LEN {
+    if value.len() > max {
         return Err(Error::invalid(
             what,
-            format!("{} bytes, longer than {MAX_ID_LEN}", name.len()),
+            format!("{} bytes, longer than {max}", value.len()),
         ));
     }
+    Ok(())
+}
+
+/// A name chosen by the caller (CSI's idempotency key). Any UTF-8 up to 128 bytes without NUL.
+pub fn check_name(what: &'static str, name: &str) -> Result<()> {
+    check_length(what, name, MAX_ID_LEN)?;
     if name.contains('\0') {
         return Err(Error::invalid(what, "contains a NUL byte"));
     }
     Ok(())
-}
-
-/// Longest node name (CSI's limit on node IDs; Kubernetes node names are at most 253 bytes).
-pub const MAX_NODE_LEN: usize = 256;
-
-/// A node name: the CSI node ID or the Kubernetes node name. Recorded in metadata and, through
-/// [`id_for_name`], used as a directory name.
-pub fn check_node(what: &'static str, node: &str) -> Result<()> {
-    if node.is_empty() {
-        return Err(Error::invalid(what, "must not be empty"));
-    }
-    if node.len() > MAX_NODE_LEN {
-        return Err(Error::invalid(
-            what,
-            format!("{} bytes, longer than {MAX_NODE_LEN}", node.len()),
-        ));
-    }
-    if node.contains('\0') {
-        return Err(Error::invalid(what, "contains a NUL byte"));
-    }
-    Ok(())
-}
-
-/// The ID a name maps to: the name itself when it is a valid ID (so operators find `pvc-…` in the
-/// pool), else a stable hash of it. Deterministic, so creation by name needs no name index.
-pub fn id_for_name(name: &str) -> String {
-    if check_id("name", name).is_ok() {
-        return name.to_owned();
-    }
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(name.as_bytes());
-    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
-    format!("h-{hex}")
 }
 
 /// Filesystems loopvol formats and mounts.
@@ -174,7 +147,8 @@ pub fn parse_quantity(s: &str) -> Result<u64> {
     } else {
         whole.parse().map_err(|_| bad("number too large"))?
     };
-    let frac_scale = 10u128.pow(frac.len() as u32);
+    let frac_digits = u32::try_from(frac.len()).map_err(|_| bad("malformed number"))?;
+    let frac_scale = 10u128.pow(frac_digits);
     let frac_value: u128 = if frac.is_empty() {
         0
     } else {
@@ -349,19 +323,11 @@ mod tests {
     }
 
     #[test]
-    fn names_map_to_ids() {
-        assert_eq!(id_for_name("pvc-123"), "pvc-123");
-        let hashed = id_for_name("ns/claim with spaces");
-        assert!(hashed.starts_with("h-"));
-        check_id("id", &hashed).unwrap();
-        assert_eq!(hashed, id_for_name("ns/claim with spaces"));
-        assert_ne!(hashed, id_for_name("ns/claim with spaces2"));
+    fn names() {
         assert!(check_name("name", "a\0b").is_err());
         check_name("name", &"é".repeat(64)).unwrap();
-        check_node("node", &"n".repeat(253)).unwrap();
-        assert!(check_node("node", "").is_err());
-        assert!(check_node("node", &"n".repeat(257)).is_err());
         assert!(check_name("name", &"é".repeat(65)).is_err());
+        assert!(check_name("name", "").is_err());
     }
 
     #[test]

@@ -7,12 +7,14 @@
 use loopvol::ErrorKind;
 use tonic::{Code, Status};
 
-/// The gRPC code for a backend error returned by `method` (the CSI RPC name).
-pub fn code_for(method: &str, kind: ErrorKind) -> Code {
-    match (method, kind) {
+use crate::rpc::Rpc;
+
+/// The gRPC code for a backend error returned by `rpc`.
+pub fn code_for(rpc: Rpc, kind: ErrorKind) -> Code {
+    match (rpc, kind) {
         // The only InvalidArgument a list call can get from the backend is its starting token:
         // the spec wants ABORTED for a token the plugin did not issue (or no longer knows).
-        ("ListVolumes" | "ListSnapshots", ErrorKind::InvalidArgument) => Code::Aborted,
+        (Rpc::ListVolumes | Rpc::ListSnapshots, ErrorKind::InvalidArgument) => Code::Aborted,
         (_, ErrorKind::NotFound) => Code::NotFound,
         (_, ErrorKind::AlreadyExists) => Code::AlreadyExists,
         (_, ErrorKind::InvalidArgument) => Code::InvalidArgument,
@@ -26,13 +28,25 @@ pub fn code_for(method: &str, kind: ErrorKind) -> Code {
     }
 }
 
-/// The status a handler of `method` returns for a backend error.
-pub fn to_status(method: &str, err: loopvol::Error) -> Status {
-    Status::new(code_for(method, err.kind()), err.to_string())
+/// The status a handler of `rpc` returns for a backend error.
+pub fn to_status(rpc: Rpc, err: loopvol::Error) -> Status {
+    Status::new(code_for(rpc, err.kind()), err.to_string())
 }
 
-/// How blocking work fails: a backend error (mapped by [`to_status`] with the RPC's name) or a
-/// status the handler decided itself. `?` converts both.
+/// A backend result as the status `rpc` answers with ([`to_status`]): for the validation a
+/// handler does itself (IDs, names, sizes) before any blocking work.
+pub trait OrStatus<T> {
+    fn or_status(self, rpc: Rpc) -> Result<T, Status>;
+}
+
+impl<T> OrStatus<T> for loopvol::Result<T> {
+    fn or_status(self, rpc: Rpc) -> Result<T, Status> {
+        self.map_err(|e| to_status(rpc, e))
+    }
+}
+
+/// How blocking work fails: a backend error (mapped by [`to_status`] with the RPC) or a status
+/// the handler decided itself. `?` converts both.
 #[derive(Debug)]
 pub enum Fail {
     Backend(loopvol::Error),
@@ -69,34 +83,43 @@ pub fn require(field: &str, value: &str) -> Result<(), Status> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn kinds_map_one_to_one() {
-        let table = [
-            (ErrorKind::NotFound, Code::NotFound),
-            (ErrorKind::AlreadyExists, Code::AlreadyExists),
-            (ErrorKind::InvalidArgument, Code::InvalidArgument),
-            (ErrorKind::Busy, Code::Aborted),
-            (ErrorKind::FailedPrecondition, Code::FailedPrecondition),
-            (ErrorKind::OutOfRange, Code::OutOfRange),
-            (ErrorKind::ResourceExhausted, Code::ResourceExhausted),
-            (ErrorKind::Internal, Code::Internal),
-        ];
-        for (kind, code) in table {
-            assert_eq!(code_for("DeleteVolume", kind), code, "{kind:?}");
-        }
-    }
+    /// Each kind and the code it gets from every RPC but the exceptions below.
+    const TABLE: [(ErrorKind, Code); 8] = [
+        (ErrorKind::NotFound, Code::NotFound),
+        (ErrorKind::AlreadyExists, Code::AlreadyExists),
+        (ErrorKind::InvalidArgument, Code::InvalidArgument),
+        (ErrorKind::Busy, Code::Aborted),
+        (ErrorKind::FailedPrecondition, Code::FailedPrecondition),
+        (ErrorKind::OutOfRange, Code::OutOfRange),
+        (ErrorKind::ResourceExhausted, Code::ResourceExhausted),
+        (ErrorKind::Internal, Code::Internal),
+    ];
 
+    /// Every RPC × every kind; the only exceptions are the list calls' bad tokens.
     #[test]
-    fn list_token_errors_are_aborted() {
-        assert_eq!(
-            code_for("ListVolumes", ErrorKind::InvalidArgument),
-            Code::Aborted
-        );
-        assert_eq!(
-            code_for("ListSnapshots", ErrorKind::InvalidArgument),
-            Code::Aborted
-        );
-        assert_eq!(code_for("ListVolumes", ErrorKind::Internal), Code::Internal);
+    fn every_rpc_maps_every_kind() {
+        let exceptions = [
+            (Rpc::ListVolumes, ErrorKind::InvalidArgument, Code::Aborted),
+            (
+                Rpc::ListSnapshots,
+                ErrorKind::InvalidArgument,
+                Code::Aborted,
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for rpc in Rpc::ALL {
+            for (kind, usual) in TABLE {
+                let want = exceptions
+                    .iter()
+                    .find(|(r, k, _)| *r == rpc && *k == kind)
+                    .map_or(usual, |(_, _, code)| *code);
+                let got = code_for(rpc, kind);
+                if got != want {
+                    wrong.push(format!("{rpc} {kind:?}: {got:?}, want {want:?}"));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
     #[test]
@@ -107,16 +130,11 @@ mod tests {
             Code::DeadlineExceeded,
             Code::Aborted,
         ];
-        for kind in [
-            ErrorKind::NotFound,
-            ErrorKind::AlreadyExists,
-            ErrorKind::InvalidArgument,
-            ErrorKind::FailedPrecondition,
-            ErrorKind::OutOfRange,
-            ErrorKind::ResourceExhausted,
-            ErrorKind::Internal,
-        ] {
-            assert!(!retry.contains(&code_for("CreateVolume", kind)), "{kind:?}");
+        for (kind, _) in TABLE.into_iter().filter(|(k, _)| *k != ErrorKind::Busy) {
+            assert!(
+                !retry.contains(&code_for(Rpc::CreateVolume, kind)),
+                "{kind:?}"
+            );
         }
     }
 }

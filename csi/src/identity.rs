@@ -6,7 +6,8 @@ use loopvol_proto::csi::v1 as pb;
 use pb::plugin_capability::{service, volume_expansion, Service, Type, VolumeExpansion};
 use tonic::{Request, Response, Status};
 
-use crate::log::{self, Redact};
+use crate::log::serve;
+use crate::rpc::Rpc;
 use crate::server::Driver;
 
 pub struct Identity {
@@ -40,46 +41,58 @@ impl Identity {
         });
         caps
     }
+
+    async fn info(
+        &self,
+        _r: pb::GetPluginInfoRequest,
+    ) -> Result<pb::GetPluginInfoResponse, Status> {
+        Ok(pb::GetPluginInfoResponse {
+            name: self.driver.config.driver_name.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+            manifest: Default::default(),
+        })
+    }
+
+    async fn plugin_capabilities(
+        &self,
+        _r: pb::GetPluginCapabilitiesRequest,
+    ) -> Result<pb::GetPluginCapabilitiesResponse, Status> {
+        Ok(pb::GetPluginCapabilitiesResponse {
+            capabilities: self.capabilities(),
+        })
+    }
+
+    async fn check_ready(&self, _r: pb::ProbeRequest) -> Result<pb::ProbeResponse, Status> {
+        self.driver
+            .run(Rpc::Probe, Vec::new(), |pool| Ok(pool.probe()?))
+            .await?;
+        Ok(pb::ProbeResponse { ready: Some(true) })
+    }
 }
 
 #[tonic::async_trait]
 impl pb::identity_server::Identity for Identity {
     async fn get_plugin_info(
         &self,
-        _req: Request<pb::GetPluginInfoRequest>,
+        req: Request<pb::GetPluginInfoRequest>,
     ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
-        log::call("GetPluginInfo", "", Redact::default(), async {
-            Ok(pb::GetPluginInfoResponse {
-                name: self.driver.config.driver_name.clone(),
-                vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-                manifest: Default::default(),
-            })
-        })
-        .await
+        serve(Rpc::GetPluginInfo, req, |r| self.info(r)).await
     }
 
     async fn get_plugin_capabilities(
         &self,
-        _req: Request<pb::GetPluginCapabilitiesRequest>,
+        req: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
-        log::call("GetPluginCapabilities", "", Redact::default(), async {
-            Ok(pb::GetPluginCapabilitiesResponse {
-                capabilities: self.capabilities(),
-            })
+        serve(Rpc::GetPluginCapabilities, req, |r| {
+            self.plugin_capabilities(r)
         })
         .await
     }
 
     async fn probe(
         &self,
-        _req: Request<pb::ProbeRequest>,
+        req: Request<pb::ProbeRequest>,
     ) -> Result<Response<pb::ProbeResponse>, Status> {
-        log::call("Probe", "", Redact::default(), async {
-            self.driver
-                .run("Probe", Vec::new(), |pool| Ok(pool.probe()?))
-                .await?;
-            Ok(pb::ProbeResponse { ready: Some(true) })
-        })
-        .await
+        serve(Rpc::Probe, req, |r| self.check_ready(r)).await
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use loopvol::{GroupSnapshotId, SnapshotId, VolumeId};
 use tonic::Status;
 
 #[derive(Debug, Default, Clone)]
@@ -55,23 +56,31 @@ impl Drop for Guard {
 }
 
 /// The key of a volume.
-pub fn volume(id: &str) -> String {
+pub fn volume(id: &VolumeId) -> String {
     format!("volume {id}")
 }
 
 /// The key of a snapshot.
-pub fn snapshot(id: &str) -> String {
+pub fn snapshot(id: &SnapshotId) -> String {
     format!("snapshot {id}")
 }
 
 /// The key of a group snapshot.
-pub fn group(id: &str) -> String {
+pub fn group(id: &GroupSnapshotId) -> String {
     format!("group snapshot {id}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn volume(id: &str) -> String {
+        super::volume(&VolumeId::try_from(id).unwrap())
+    }
+
+    fn snapshot(id: &str) -> String {
+        super::snapshot(&SnapshotId::try_from(id).unwrap())
+    }
 
     #[test]
     fn second_call_on_a_key_is_aborted_until_the_first_ends() {

@@ -1,16 +1,21 @@
 //! Logging: where it goes, and the one line every request gets (method, volume, duration, code).
 //!
-//! Requests are never logged whole: they carry secrets and mount flags (which may hold
-//! credentials). Handlers name only the subject (a volume ID, name or snapshot ID), and the values
-//! of `key=value` mount flags are scrubbed from any message before it is logged or returned.
+//! Every handler of every service goes through [`serve`]. Requests are never logged whole: they
+//! carry secrets and mount flags (which may hold credentials). [`Subject`] names what a request
+//! acts on (a volume ID, name or snapshot ID) and which values to redact: those of `key=value`
+//! mount flags are scrubbed from any message before it is logged or returned.
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use tonic::{Response, Status};
+use loopvol_proto::csi::v1 as pb;
+use tonic::{Request, Response, Status};
 use tracing_subscriber::EnvFilter;
+
+use crate::caps;
+use crate::rpc::Rpc;
 
 /// Sends logs to `file` (appended) or, without one, to stderr. `RUST_LOG` overrides the level.
 pub fn init(file: Option<&Path>) -> Result<(), String> {
@@ -66,20 +71,6 @@ impl Redact {
     }
 }
 
-/// Calls a CO makes every few seconds (probes, capability and stats polls): their successes are
-/// logged at debug level so the log shows the work, not the polling.
-const POLLS: &[&str] = &[
-    "Probe",
-    "GetPluginInfo",
-    "GetPluginCapabilities",
-    "ControllerGetCapabilities",
-    "GroupControllerGetCapabilities",
-    "NodeGetCapabilities",
-    "NodeGetInfo",
-    "NodeGetVolumeStats",
-    "GetCapacity",
-];
-
 fn elapsed_ms(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
@@ -88,7 +79,7 @@ fn elapsed_ms(start: Instant) -> f64 {
 /// ended: tonic drops the handler, so the normal line never comes. The backend work itself goes on
 /// to its end, holding the volume.
 struct Abandoned<'a> {
-    method: &'static str,
+    rpc: Rpc,
     subject: &'a str,
     start: Instant,
     armed: bool,
@@ -98,7 +89,7 @@ impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if self.armed {
             tracing::warn!(
-                method = self.method,
+                method = self.rpc.as_str(),
                 volume = self.subject,
                 duration_ms = elapsed_ms(self.start),
                 code = "Cancelled",
@@ -108,17 +99,104 @@ impl Drop for Abandoned<'_> {
     }
 }
 
+/// What a request acts on, for its log line, and what must not reach a log or a message.
+pub trait Subject {
+    /// The volume ID, name or snapshot ID the request names; empty for none.
+    fn subject(&self) -> &str {
+        ""
+    }
+
+    fn redactions(&self) -> Redact {
+        Redact::default()
+    }
+}
+
+/// `impl Subject for Request { subject: field [, redact capabilities: field] }`
+macro_rules! subject {
+    ($($request:ident $(: $field:ident $(, caps $caps:ident)?)?;)*) => {
+        $(impl Subject for pb::$request {
+            $(
+                fn subject(&self) -> &str {
+                    &self.$field
+                }
+                $(
+                    fn redactions(&self) -> Redact {
+                        caps::redactions(&self.$caps)
+                    }
+                )?
+            )?
+        })*
+    };
+}
+
+subject! {
+    GetPluginInfoRequest;
+    GetPluginCapabilitiesRequest;
+    ProbeRequest;
+    CreateVolumeRequest: name, caps volume_capabilities;
+    DeleteVolumeRequest: volume_id;
+    ControllerPublishVolumeRequest: volume_id, caps volume_capability;
+    ControllerUnpublishVolumeRequest: volume_id;
+    ValidateVolumeCapabilitiesRequest: volume_id, caps volume_capabilities;
+    ListVolumesRequest;
+    ControllerGetCapabilitiesRequest;
+    CreateSnapshotRequest: name;
+    DeleteSnapshotRequest: snapshot_id;
+    ListSnapshotsRequest;
+    GetSnapshotRequest: snapshot_id;
+    ControllerExpandVolumeRequest: volume_id, caps volume_capability;
+    ControllerGetVolumeRequest: volume_id;
+    ControllerModifyVolumeRequest: volume_id;
+    GroupControllerGetCapabilitiesRequest;
+    CreateVolumeGroupSnapshotRequest: name;
+    DeleteVolumeGroupSnapshotRequest: group_snapshot_id;
+    GetVolumeGroupSnapshotRequest: group_snapshot_id;
+    NodeStageVolumeRequest: volume_id, caps volume_capability;
+    NodeUnstageVolumeRequest: volume_id;
+    NodePublishVolumeRequest: volume_id, caps volume_capability;
+    NodeUnpublishVolumeRequest: volume_id;
+    NodeGetVolumeStatsRequest: volume_id;
+    NodeExpandVolumeRequest: volume_id, caps volume_capability;
+    NodeGetCapabilitiesRequest;
+    NodeGetInfoRequest;
+}
+
+/// GetCapacity names no volume but carries capabilities.
+impl Subject for pb::GetCapacityRequest {
+    fn redactions(&self) -> Redact {
+        caps::redactions(&self.volume_capabilities)
+    }
+}
+
+/// Serves one request of `rpc`: hands its body to `handler` and logs how it ended (the one
+/// shape every trait method of every service has).
+pub async fn serve<R, T, F>(
+    rpc: Rpc,
+    request: Request<R>,
+    handler: impl FnOnce(R) -> F,
+) -> Result<Response<T>, Status>
+where
+    R: Subject,
+    F: Future<Output = Result<T, Status>>,
+{
+    let body = request.into_inner();
+    let subject = body.subject().to_owned();
+    let redact = body.redactions();
+    call(rpc, &subject, redact, handler(body)).await
+}
+
 /// Runs one request's handler and logs how it ended. `subject` names what it acts on.
-pub async fn call<T>(
-    method: &'static str,
+async fn call<T>(
+    rpc: Rpc,
     subject: &str,
     redact: Redact,
     handler: impl Future<Output = Result<T, Status>>,
 ) -> Result<Response<T>, Status> {
+    let method = rpc.as_str();
     let start = Instant::now();
     tracing::debug!(method, volume = subject, "request");
     let mut abandoned = Abandoned {
-        method,
+        rpc,
         subject,
         start,
         armed: true,
@@ -128,7 +206,7 @@ pub async fn call<T>(
     let duration_ms = elapsed_ms(start);
     match result {
         Ok(reply) => {
-            if POLLS.contains(&method) {
+            if rpc.is_poll() {
                 tracing::debug!(method, volume = subject, duration_ms, code = "OK");
             } else {
                 tracing::info!(method, volume = subject, duration_ms, code = "OK");

@@ -7,6 +7,7 @@
 
 mod caps;
 mod controller;
+mod convert;
 mod error;
 mod group;
 mod identity;
@@ -14,6 +15,7 @@ mod inflight;
 mod log;
 mod node;
 mod params;
+mod rpc;
 mod server;
 
 use std::path::PathBuf;
@@ -83,7 +85,7 @@ struct Args {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub driver_name: String,
-    pub node_id: String,
+    pub node_id: loopvol::NodeName,
     pub mode: Mode,
     pub shared: bool,
     pub max_volumes_per_node: i64,
@@ -116,15 +118,22 @@ fn check_driver_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// This node's name: `--node-id` (the one node-name rule of every front end), else the host name.
+fn node_id(arg: Option<String>) -> Result<loopvol::NodeName, String> {
+    match arg.filter(|n| !n.is_empty()) {
+        Some(n) => {
+            loopvol::NodeName::parse("--node-id (or LOOPVOL_NODE)", n).map_err(|e| e.to_string())
+        }
+        None => loopvol::default_node_name().ok_or_else(|| {
+            "no --node-id given and the host name is unknown; set --node-id or LOOPVOL_NODE".into()
+        }),
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
     check_driver_name(&args.driver_name)?;
     let socket = server::socket_path(&args.endpoint)?;
-    let node_id = match args.node_id.filter(|n| !n.is_empty()) {
-        Some(n) => n,
-        None => loopvol::default_node_name().ok_or(
-            "no --node-id given and the host name is unknown; set --node-id or LOOPVOL_NODE",
-        )?,
-    };
+    let node_id = node_id(args.node_id)?;
     for prefix in &args.path_prefixes {
         if !prefix.is_absolute() {
             return Err(format!(
@@ -197,6 +206,19 @@ mod tests {
         for bad in ["", "-a", "a-", "A.b", "a_b", &"a".repeat(64)] {
             assert!(check_driver_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn node_ids_follow_the_one_rule() {
+        for ok in ["n1", "a/b:c", &"n".repeat(256)] {
+            assert_eq!(node_id(Some(ok.to_owned())).unwrap().as_str(), ok);
+        }
+        for bad in ["a\tb", "a\0b", &"n".repeat(257)] {
+            let err = node_id(Some(bad.to_owned())).unwrap_err();
+            assert!(err.contains("invalid --node-id"), "{bad:?}: {err}");
+        }
+        // Empty: the host name.
+        assert!(node_id(Some(String::new())).is_ok());
     }
 
     #[test]

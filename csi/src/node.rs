@@ -4,24 +4,23 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use loopvol::{Publish, VolumeId};
 use loopvol_proto::csi::v1 as pb;
-use pb::node_service_capability::rpc::Type as Rpc;
+use pb::node_service_capability::rpc::Type as Cap;
 use pb::volume_usage::Unit;
 use tonic::{Request, Response, Status};
 
 use crate::caps::{self, Capability};
-use crate::error::{invalid, require};
+use crate::convert::{self, clamp};
+use crate::error::{invalid, require, OrStatus};
 use crate::inflight;
-use crate::log::{self, Redact};
-use crate::params::Range;
+use crate::log::serve;
+use crate::params;
+use crate::rpc::Rpc;
 use crate::server::Driver;
 
 pub struct Node {
     driver: Arc<Driver>,
-}
-
-fn clamp(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Node {
@@ -40,24 +39,45 @@ impl Node {
         &self,
         r: pb::NodeStageVolumeRequest,
     ) -> Result<pb::NodeStageVolumeResponse, Status> {
+        const RPC: Rpc = Rpc::NodeStageVolume;
         require("volume_id", &r.volume_id)?;
         require("staging_target_path", &r.staging_target_path)?;
         let cap = self.capability(r.volume_capability.as_ref())?;
-        let (id, staging) = (r.volume_id, PathBuf::from(r.staging_target_path));
+        let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
+        let staging = PathBuf::from(r.staging_target_path);
         self.driver
-            .run(
-                "NodeStageVolume",
-                vec![inflight::volume(&id)],
-                move |pool| Ok(pool.stage_with_mode(&id, &staging, &cap.access, cap.mode)?),
-            )
+            .run(RPC, vec![inflight::volume(&id)], move |pool| {
+                let staging = pool.node_path("staging path", staging)?;
+                let mut volume = pool.volume(&id)?;
+                Ok(volume.stage(&staging, &cap.access, cap.mode)?)
+            })
             .await?;
         Ok(pb::NodeStageVolumeResponse {})
+    }
+
+    async fn unstage(
+        &self,
+        r: pb::NodeUnstageVolumeRequest,
+    ) -> Result<pb::NodeUnstageVolumeResponse, Status> {
+        const RPC: Rpc = Rpc::NodeUnstageVolume;
+        require("volume_id", &r.volume_id)?;
+        require("staging_target_path", &r.staging_target_path)?;
+        let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
+        let staging = PathBuf::from(r.staging_target_path);
+        self.driver
+            .run(RPC, vec![inflight::volume(&id)], move |pool| {
+                let staging = pool.node_path("staging path", staging)?;
+                Ok(pool.volume(&id)?.unstage(&staging)?)
+            })
+            .await?;
+        Ok(pb::NodeUnstageVolumeResponse {})
     }
 
     async fn publish(
         &self,
         r: pb::NodePublishVolumeRequest,
     ) -> Result<pb::NodePublishVolumeResponse, Status> {
+        const RPC: Rpc = Rpc::NodePublishVolume;
         require("volume_id", &r.volume_id)?;
         require("target_path", &r.target_path)?;
         let cap = self.capability(r.volume_capability.as_ref())?;
@@ -70,57 +90,63 @@ impl Node {
                  volume must be staged with NodeStageVolume first",
             ));
         }
+        let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
         let read_only = r.readonly || cap.read_only();
-        let (id, staging, target) = (
-            r.volume_id,
+        let (staging, target) = (
             PathBuf::from(r.staging_target_path),
             PathBuf::from(r.target_path),
         );
         self.driver
-            .run(
-                "NodePublishVolume",
-                vec![inflight::volume(&id)],
-                move |pool| {
-                    // SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one workload at a time, so a
-                    // second target while the first is still mounted is FAILED_PRECONDITION.
-                    // The in-flight key holds the volume from this check to the publish.
-                    if cap.single_workload {
-                        if let Some(other) = pool.mounts_of(&id, &[&staging, &target])?.first() {
-                            return Err(Status::failed_precondition(format!(
-                                "volume {id} is SINGLE_NODE_SINGLE_WRITER and already published \
-                                 at {}; unpublish it there first",
-                                other.display()
-                            ))
-                            .into());
-                        }
-                    }
-                    Ok(pool.publish(
-                        &id,
-                        Some(&staging),
-                        &target,
-                        &cap.access,
-                        read_only,
-                        cap.mount_group,
-                    )?)
-                },
-            )
+            .run(RPC, vec![inflight::volume(&id)], move |pool| {
+                let request = Publish {
+                    staging: Some(pool.node_path("staging path", staging)?),
+                    target: pool.node_path("target path", target)?,
+                    access: cap.access,
+                    read_only,
+                    fs_group: cap.mount_group,
+                    // SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod): one workload at a time,
+                    // enforced by the backend under the volume's lock.
+                    exclusive: cap.single_workload,
+                };
+                Ok(pool.volume(&id)?.publish(&request)?)
+            })
             .await?;
         Ok(pb::NodePublishVolumeResponse {})
+    }
+
+    async fn unpublish(
+        &self,
+        r: pb::NodeUnpublishVolumeRequest,
+    ) -> Result<pb::NodeUnpublishVolumeResponse, Status> {
+        const RPC: Rpc = Rpc::NodeUnpublishVolume;
+        require("volume_id", &r.volume_id)?;
+        require("target_path", &r.target_path)?;
+        let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
+        let target = PathBuf::from(r.target_path);
+        self.driver
+            .run(RPC, vec![inflight::volume(&id)], move |pool| {
+                let target = pool.node_path("target path", target)?;
+                Ok(pool.volume(&id)?.unpublish(&target)?)
+            })
+            .await?;
+        Ok(pb::NodeUnpublishVolumeResponse {})
     }
 
     async fn stats(
         &self,
         r: pb::NodeGetVolumeStatsRequest,
     ) -> Result<pb::NodeGetVolumeStatsResponse, Status> {
+        const RPC: Rpc = Rpc::NodeGetVolumeStats;
         require("volume_id", &r.volume_id)?;
         require("volume_path", &r.volume_path)?;
-        let (id, path) = (r.volume_id, PathBuf::from(r.volume_path));
+        let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
+        let path = PathBuf::from(r.volume_path);
+        // A read: no in-flight key, no lock (a poll never waits behind a stage).
         let (usage, condition) = self
             .driver
-            .run("NodeGetVolumeStats", Vec::new(), move |pool| {
-                let usage = pool.volume_usage(&id, &path)?;
-                let condition = pool.volume_condition(&id)?;
-                Ok((usage, condition))
+            .run(RPC, Vec::new(), move |pool| {
+                let meta = pool.get_volume(&id)?;
+                Ok(pool.volume_stats(&meta, &path)?)
             })
             .await?;
         let mut out = vec![pb::VolumeUsage {
@@ -139,7 +165,7 @@ impl Node {
         }
         Ok(pb::NodeGetVolumeStatsResponse {
             usage: out,
-            volume_condition: Some(crate::controller::condition_pb(condition)),
+            volume_condition: Some(convert::condition(condition)),
         })
     }
 
@@ -147,49 +173,61 @@ impl Node {
         &self,
         r: pb::NodeExpandVolumeRequest,
     ) -> Result<pb::NodeExpandVolumeResponse, Status> {
+        const RPC: Rpc = Rpc::NodeExpandVolume;
         require("volume_id", &r.volume_id)?;
         require("volume_path", &r.volume_path)?;
         if let Some(c) = &r.volume_capability {
             caps::parse(c, self.driver.config.shared).map_err(|e| invalid(e.message()))?;
         }
-        let range = Range::parse(r.capacity_range.as_ref())?;
-        let shared = self.driver.config.shared;
-        let (id, path) = (r.volume_id, PathBuf::from(r.volume_path));
+        let size = params::range(RPC, r.capacity_range.as_ref())?;
+        let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
+        let path = PathBuf::from(r.volume_path);
+        // On a shared pool ControllerExpandVolume sizes the image and the node only grows the
+        // filesystem; a node-local pool has no controller expansion, so this node grows the
+        // image too.
+        let grow_image = !self.driver.config.shared;
         let size = self
             .driver
-            .run(
-                "NodeExpandVolume",
-                vec![inflight::volume(&id)],
-                move |pool| {
-                    let m = pool.get_volume(&id)?;
-                    if range.limit > 0 && m.size_bytes > range.limit {
-                        return Err(Status::out_of_range(format!(
-                            "volume {id} already has {} bytes, more than limit_bytes {}",
-                            m.size_bytes, range.limit
-                        ))
-                        .into());
-                    }
-                    if shared {
-                        // ControllerExpandVolume sizes volumes of a shared pool; the node only
-                        // grows the filesystem to what the controller set.
-                        if range.required > m.size_bytes {
-                            return Err(Status::out_of_range(format!(
-                                "volume {id} has {} bytes, less than the required {}; expand it \
-                             with ControllerExpandVolume first",
-                                m.size_bytes, range.required
-                            ))
-                            .into());
-                        }
-                        return Ok(pool.node_expand(&id, Some(&path))?);
-                    }
-                    // A node-local pool has no controller expansion: this node grows the image too.
-                    let size = range.choose(m.size_bytes, 0)?;
-                    Ok(pool.node_expand_to(&id, Some(&path), size)?)
-                },
-            )
+            .run(RPC, vec![inflight::volume(&id)], move |pool| {
+                let mut volume = pool.volume(&id)?;
+                let path = pool.node_path("volume path", path)?;
+                Ok(volume.node_expand(Some(&path), size, grow_image)?)
+            })
             .await?;
         Ok(pb::NodeExpandVolumeResponse {
             capacity_bytes: clamp(size),
+        })
+    }
+
+    async fn capabilities(
+        &self,
+        _r: pb::NodeGetCapabilitiesRequest,
+    ) -> Result<pb::NodeGetCapabilitiesResponse, Status> {
+        let rpcs = [
+            Cap::StageUnstageVolume,
+            Cap::GetVolumeStats,
+            Cap::ExpandVolume,
+            Cap::VolumeCondition,
+            Cap::SingleNodeMultiWriter,
+            Cap::VolumeMountGroup,
+        ];
+        Ok(pb::NodeGetCapabilitiesResponse {
+            capabilities: rpcs
+                .into_iter()
+                .map(|t| pb::NodeServiceCapability {
+                    r#type: Some(pb::node_service_capability::Type::Rpc(
+                        pb::node_service_capability::Rpc { r#type: t as i32 },
+                    )),
+                })
+                .collect(),
+        })
+    }
+
+    async fn info(&self, _r: pb::NodeGetInfoRequest) -> Result<pb::NodeGetInfoResponse, Status> {
+        Ok(pb::NodeGetInfoResponse {
+            node_id: self.driver.config.node_id.to_string(),
+            max_volumes_per_node: self.driver.config.max_volumes_per_node,
+            accessible_topology: self.driver.topology(),
         })
     }
 }
@@ -200,123 +238,55 @@ impl pb::node_server::Node for Node {
         &self,
         req: Request<pb::NodeStageVolumeRequest>,
     ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
-        let r = req.into_inner();
-        let id = r.volume_id.clone();
-        let redact = caps::redactions(&r.volume_capability);
-        log::call("NodeStageVolume", &id, redact, self.stage(r)).await
+        serve(Rpc::NodeStageVolume, req, |r| self.stage(r)).await
     }
 
     async fn node_unstage_volume(
         &self,
         req: Request<pb::NodeUnstageVolumeRequest>,
     ) -> Result<Response<pb::NodeUnstageVolumeResponse>, Status> {
-        let r = req.into_inner();
-        let id = r.volume_id.clone();
-        log::call("NodeUnstageVolume", &id, Redact::default(), async move {
-            require("volume_id", &r.volume_id)?;
-            require("staging_target_path", &r.staging_target_path)?;
-            let (id, staging) = (r.volume_id, PathBuf::from(r.staging_target_path));
-            self.driver
-                .run(
-                    "NodeUnstageVolume",
-                    vec![inflight::volume(&id)],
-                    move |pool| Ok(pool.unstage(&id, &staging)?),
-                )
-                .await?;
-            Ok(pb::NodeUnstageVolumeResponse {})
-        })
-        .await
+        serve(Rpc::NodeUnstageVolume, req, |r| self.unstage(r)).await
     }
 
     async fn node_publish_volume(
         &self,
         req: Request<pb::NodePublishVolumeRequest>,
     ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
-        let r = req.into_inner();
-        let id = r.volume_id.clone();
-        let redact = caps::redactions(&r.volume_capability);
-        log::call("NodePublishVolume", &id, redact, self.publish(r)).await
+        serve(Rpc::NodePublishVolume, req, |r| self.publish(r)).await
     }
 
     async fn node_unpublish_volume(
         &self,
         req: Request<pb::NodeUnpublishVolumeRequest>,
     ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
-        let r = req.into_inner();
-        let id = r.volume_id.clone();
-        log::call("NodeUnpublishVolume", &id, Redact::default(), async move {
-            require("volume_id", &r.volume_id)?;
-            require("target_path", &r.target_path)?;
-            let (id, target) = (r.volume_id, PathBuf::from(r.target_path));
-            self.driver
-                .run(
-                    "NodeUnpublishVolume",
-                    vec![inflight::volume(&id)],
-                    move |pool| Ok(pool.unpublish(&id, &target)?),
-                )
-                .await?;
-            Ok(pb::NodeUnpublishVolumeResponse {})
-        })
-        .await
+        serve(Rpc::NodeUnpublishVolume, req, |r| self.unpublish(r)).await
     }
 
     async fn node_get_volume_stats(
         &self,
         req: Request<pb::NodeGetVolumeStatsRequest>,
     ) -> Result<Response<pb::NodeGetVolumeStatsResponse>, Status> {
-        let r = req.into_inner();
-        let id = r.volume_id.clone();
-        log::call("NodeGetVolumeStats", &id, Redact::default(), self.stats(r)).await
+        serve(Rpc::NodeGetVolumeStats, req, |r| self.stats(r)).await
     }
 
     async fn node_expand_volume(
         &self,
         req: Request<pb::NodeExpandVolumeRequest>,
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
-        let r = req.into_inner();
-        let id = r.volume_id.clone();
-        let redact = caps::redactions(&r.volume_capability);
-        log::call("NodeExpandVolume", &id, redact, self.expand(r)).await
+        serve(Rpc::NodeExpandVolume, req, |r| self.expand(r)).await
     }
 
     async fn node_get_capabilities(
         &self,
-        _req: Request<pb::NodeGetCapabilitiesRequest>,
+        req: Request<pb::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
-        log::call("NodeGetCapabilities", "", Redact::default(), async {
-            let rpcs = [
-                Rpc::StageUnstageVolume,
-                Rpc::GetVolumeStats,
-                Rpc::ExpandVolume,
-                Rpc::VolumeCondition,
-                Rpc::SingleNodeMultiWriter,
-                Rpc::VolumeMountGroup,
-            ];
-            Ok(pb::NodeGetCapabilitiesResponse {
-                capabilities: rpcs
-                    .into_iter()
-                    .map(|t| pb::NodeServiceCapability {
-                        r#type: Some(pb::node_service_capability::Type::Rpc(
-                            pb::node_service_capability::Rpc { r#type: t as i32 },
-                        )),
-                    })
-                    .collect(),
-            })
-        })
-        .await
+        serve(Rpc::NodeGetCapabilities, req, |r| self.capabilities(r)).await
     }
 
     async fn node_get_info(
         &self,
-        _req: Request<pb::NodeGetInfoRequest>,
+        req: Request<pb::NodeGetInfoRequest>,
     ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
-        log::call("NodeGetInfo", "", Redact::default(), async {
-            Ok(pb::NodeGetInfoResponse {
-                node_id: self.driver.config.node_id.clone(),
-                max_volumes_per_node: self.driver.config.max_volumes_per_node,
-                accessible_topology: self.driver.topology(),
-            })
-        })
-        .await
+        serve(Rpc::NodeGetInfo, req, |r| self.info(r)).await
     }
 }

@@ -1,18 +1,17 @@
 //! Request parameters (StorageClass `parameters`, VolumeAttributesClass `mutable_parameters`,
-//! VolumeSnapshotClass `parameters`) and capacity ranges. Unknown keys are refused, except the
-//! metadata keys Kubernetes sidecars add with `--extra-create-metadata`.
+//! VolumeSnapshotClass `parameters`) and capacity ranges, as wire fields. Unknown keys are
+//! refused, except the metadata keys Kubernetes sidecars add with `--extra-create-metadata`.
+//! What a range resolves to is the backend's decision (`loopvol::SizeRequest`).
 
 use std::collections::HashMap;
 
-use loopvol::{Allocation, FsType};
+use loopvol::{Allocation, FsType, SizeRequest};
+use loopvol_proto::csi::v1::CapacityRange;
 use tonic::Status;
 
-use crate::error::invalid;
+use crate::error::{invalid, to_status};
+use crate::rpc::Rpc;
 
-/// The size of a volume created without a capacity range (and without a source to copy).
-pub const DEFAULT_SIZE: u64 = 1 << 30;
-/// Volumes are sized in whole 4 KiB blocks (loop devices need a multiple of their block size).
-pub const BLOCK: u64 = 4096;
 /// CSI's bound on a map's total size.
 const MAX_MAP_BYTES: usize = 4096;
 
@@ -121,80 +120,19 @@ pub fn snapshot(params: &HashMap<String, String>) -> Result<(), Status> {
     }
 }
 
-/// The smallest volume `fs` can be formatted on (mkfs refuses less).
-pub fn min_size(fs: Option<FsType>) -> u64 {
-    match fs {
-        Some(FsType::Xfs) => 300 << 20,
-        Some(FsType::Btrfs) => 128 << 20,
-        Some(FsType::Ext4) | None => BLOCK,
-    }
-}
-
-fn round_up(n: u64) -> Option<u64> {
-    n.checked_add(BLOCK - 1).map(|n| n / BLOCK * BLOCK)
-}
-
-/// A capacity range in bytes, `0` meaning unset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Range {
-    pub required: u64,
-    pub limit: u64,
-}
-
-impl Range {
-    pub fn parse(range: Option<&loopvol_proto::csi::v1::CapacityRange>) -> Result<Range, Status> {
-        let Some(r) = range else {
-            return Ok(Range::default());
-        };
-        if r.required_bytes < 0 || r.limit_bytes < 0 {
-            return Err(invalid("capacity range bytes must not be negative"));
-        }
-        let out = Range {
-            required: r.required_bytes as u64,
-            limit: r.limit_bytes as u64,
-        };
-        if out.limit != 0 && out.limit < out.required {
-            return Err(Status::out_of_range(format!(
-                "limit_bytes {} is smaller than required_bytes {}",
-                out.limit, out.required
-            )));
-        }
-        Ok(out)
-    }
-
-    /// Whether a volume of `size` bytes satisfies this range.
-    pub fn admits(&self, size: u64) -> bool {
-        size >= self.required && (self.limit == 0 || size <= self.limit)
-    }
-
-    /// The size to create: `required` (or `default` when unset), at least `min`, in whole
-    /// blocks, within the limit. OUT_OF_RANGE when no such size exists.
-    pub fn choose(&self, default: u64, min: u64) -> Result<u64, Status> {
-        let mut want = if self.required > 0 {
-            self.required
-        } else if self.limit > 0 {
-            default.min(self.limit)
-        } else {
-            default
-        };
-        want = want.max(min);
-        let too_big = || Status::out_of_range(format!("{} bytes is too large", self.required));
-        let mut size = round_up(want).ok_or_else(too_big)?;
-        if size > i64::MAX as u64 {
-            return Err(too_big());
-        }
-        if self.limit > 0 && size > self.limit {
-            size = self.limit / BLOCK * BLOCK;
-        }
-        if size == 0 || size < self.required || size < min {
-            return Err(Status::out_of_range(format!(
-                "no volume size fits required_bytes {} and limit_bytes {} (volumes come in \
-                 whole {BLOCK}-byte blocks, and this filesystem needs at least {min} bytes)",
-                self.required, self.limit
-            )));
-        }
-        Ok(size)
-    }
+/// A capacity range as the backend's size request (`0`: unset). Negative bytes are
+/// `INVALID_ARGUMENT`; a limit below the requirement is `OUT_OF_RANGE`.
+pub fn range(rpc: Rpc, range: Option<&CapacityRange>) -> Result<SizeRequest, Status> {
+    let Some(r) = range else {
+        return Ok(SizeRequest::default());
+    };
+    let (Ok(required), Ok(limit)) = (
+        u64::try_from(r.required_bytes),
+        u64::try_from(r.limit_bytes),
+    ) else {
+        return Err(invalid("capacity range bytes must not be negative"));
+    };
+    SizeRequest::new(required, limit).map_err(|e| to_status(rpc, e))
 }
 
 #[cfg(test)]
@@ -257,28 +195,31 @@ mod tests {
     }
 
     #[test]
-    fn sizes() {
-        let r = |required, limit| Range { required, limit };
-        assert_eq!(r(0, 0).choose(DEFAULT_SIZE, 0).unwrap(), DEFAULT_SIZE);
-        assert_eq!(r(0, 1 << 20).choose(DEFAULT_SIZE, 0).unwrap(), 1 << 20);
-        assert_eq!(r(1, 0).choose(DEFAULT_SIZE, 0).unwrap(), 4096);
-        assert_eq!(r(1, 4096).choose(DEFAULT_SIZE, 0).unwrap(), 4096);
-        assert_eq!(r(5000, 9000).choose(DEFAULT_SIZE, 0).unwrap(), 8192);
-        assert!(r(5000, 6000).choose(DEFAULT_SIZE, 0).is_err());
-        assert_eq!(
-            r(1 << 20, 0).choose(DEFAULT_SIZE, 300 << 20).unwrap(),
-            300 << 20
-        );
-        assert!(r(1 << 20, 2 << 20).choose(DEFAULT_SIZE, 300 << 20).is_err());
-        assert!(r(u64::MAX, 0).choose(DEFAULT_SIZE, 0).is_err());
-        let pb = loopvol_proto::csi::v1::CapacityRange {
-            required_bytes: 10,
-            limit_bytes: 5,
+    fn ranges() {
+        let pb = |required_bytes, limit_bytes| CapacityRange {
+            required_bytes,
+            limit_bytes,
         };
+        // (required, limit) → Ok(request) or the code
+        type Row = (i64, i64, Result<(u64, u64), tonic::Code>);
+        let table: &[Row] = &[
+            (0, 0, Ok((0, 0))),
+            (10, 0, Ok((10, 0))),
+            (10, 20, Ok((10, 20))),
+            (10, 10, Ok((10, 10))),
+            (10, 5, Err(tonic::Code::OutOfRange)),
+            (-1, 0, Err(tonic::Code::InvalidArgument)),
+            (0, -1, Err(tonic::Code::InvalidArgument)),
+        ];
+        for &(required, limit, want) in table {
+            let got = range(Rpc::CreateVolume, Some(&pb(required, limit)))
+                .map(|r| (r.required, r.limit))
+                .map_err(|s| s.code());
+            assert_eq!(got, want, "({required}, {limit})");
+        }
         assert_eq!(
-            Range::parse(Some(&pb)).unwrap_err().code(),
-            tonic::Code::OutOfRange
+            range(Rpc::CreateVolume, None).unwrap(),
+            SizeRequest::default()
         );
-        assert!(r(10, 20).admits(15) && !r(10, 20).admits(21) && r(10, 0).admits(1 << 40));
     }
 }

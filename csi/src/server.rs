@@ -16,6 +16,7 @@ use tonic::Status;
 
 use crate::error::{self, Fail};
 use crate::inflight::InFlight;
+use crate::rpc::Rpc;
 use crate::Config;
 
 /// The topology key of a node-local pool's volumes: the node whose pool holds them.
@@ -39,7 +40,7 @@ impl Driver {
     /// the one mapping in [`error::to_status`].
     pub async fn run<T: Send + 'static>(
         &self,
-        method: &'static str,
+        rpc: Rpc,
         keys: Vec<String>,
         work: impl FnOnce(&Pool) -> Result<T, Fail> + Send + 'static,
     ) -> Result<T, Status> {
@@ -50,9 +51,9 @@ impl Driver {
             work(&pool)
         })
         .await
-        .map_err(|e| Status::internal(format!("{method}: the operation failed: {e}")))?;
+        .map_err(|e| Status::internal(format!("{rpc}: the operation failed: {e}")))?;
         outcome.map_err(|f| match f {
-            Fail::Backend(e) => error::to_status(method, e),
+            Fail::Backend(e) => error::to_status(rpc, e),
             Fail::Status(s) => s,
         })
     }
@@ -60,15 +61,15 @@ impl Driver {
     /// This node's topology segment, or none on a shared pool (every node reaches it).
     pub fn topology(&self) -> Option<Topology> {
         (!self.config.shared).then(|| Topology {
-            segments: [(TOPOLOGY_KEY.to_owned(), self.config.node_id.clone())].into(),
+            segments: [(TOPOLOGY_KEY.to_owned(), self.config.node_id.to_string())].into(),
         })
     }
 
     /// The topology of a volume that lives in `node`'s pool.
-    pub fn volume_topology(&self, node: Option<&str>) -> Vec<Topology> {
+    pub fn volume_topology(&self, node: Option<&loopvol::NodeName>) -> Vec<Topology> {
         match node {
             Some(n) if !self.config.shared => vec![Topology {
-                segments: [(TOPOLOGY_KEY.to_owned(), n.to_owned())].into(),
+                segments: [(TOPOLOGY_KEY.to_owned(), n.to_string())].into(),
             }],
             _ => Vec::new(),
         }
@@ -80,7 +81,7 @@ impl Driver {
         self.config.shared
             || t.segments
                 .iter()
-                .all(|(k, v)| k == TOPOLOGY_KEY && *v == self.config.node_id)
+                .all(|(k, v)| k == TOPOLOGY_KEY && self.config.node_id == *v.as_str())
     }
 }
 

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use loopvol::{Access, Allocation, CreateVolume, FsType, Pool, PoolOptions};
+use loopvol::testing::{loopdev, mount};
+use loopvol::{Access, CreateVolume, FsType, Pool, PoolOptions, Publish, SizeRequest, VolumeId};
 
 const GIB: u64 = 1 << 30;
 
@@ -61,7 +62,7 @@ struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let table = loopvol::mount::mounts().unwrap_or_default();
+        let table = mount::mounts().unwrap_or_default();
         let mut points: Vec<&Path> = table
             .iter()
             .map(|m| m.mount_point.as_path())
@@ -71,9 +72,9 @@ impl Drop for Cleanup {
         for p in points {
             let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
         }
-        for dev in loopvol::loopdev::list().unwrap_or_default() {
+        for dev in loopdev::list().unwrap_or_default() {
             if dev.backing_file.starts_with(&self.0) {
-                let _ = loopvol::loopdev::detach(&dev);
+                let _ = loopdev::detach(&dev);
             }
         }
         let _ = std::fs::remove_dir_all(&self.0);
@@ -143,13 +144,14 @@ fn main() {
 
     // mount + unmount of a 1 GiB ext4 volume: the binary vs the backend in-process, on the same
     // volume, interleaved. The first mount creates and formats it (not measured).
-    let pool = Pool::open(&pool_dir, PoolOptions::new("bench")).unwrap();
+    let pool = Pool::open(&pool_dir, PoolOptions::new("bench".parse().unwrap())).unwrap();
     let id = "bench-1g";
+    let vid = VolumeId::try_from(id).unwrap();
     pool.create_volume(&CreateVolume {
         name: id.into(),
-        size_bytes: GIB,
+        size: SizeRequest::at_least(GIB),
         fs_type: Some(FsType::Ext4),
-        allocation: Allocation::Thin,
+        allocation: None,
         source: None,
     })
     .unwrap();
@@ -166,7 +168,14 @@ fn main() {
         fs_type: Some(FsType::Ext4),
         mount_options: vec![],
     };
-    let staging = pool.default_staging_path(id).unwrap();
+    let publish = Publish {
+        staging: None,
+        target: pool.node_path("pod volume dir", &pod).unwrap(),
+        access,
+        read_only: false,
+        fs_group: None,
+        exclusive: false,
+    };
     let runs = env_usize("BENCH_MOUNT_RUNS", 20);
     let (mut via_bin, mut via_lib) = (Vec::new(), Vec::new());
     let (mut bin_mount, mut lib_mount) = (Vec::new(), Vec::new());
@@ -182,12 +191,13 @@ fn main() {
 
         std::fs::create_dir_all(&pod).unwrap();
         let started = Instant::now();
-        pool.get_volume(id).unwrap();
-        pool.stage(id, &staging, &access, false).unwrap();
-        pool.publish(id, Some(&staging), &pod, &access, false, None)
+        // What the binary's mount does: one locked handle, stage and publish.
+        pool.volume(&vid)
+            .unwrap()
+            .stage_and_publish(&publish)
             .unwrap();
         let mounted = started.elapsed();
-        pool.release_target(&pod).unwrap();
+        pool.release_target(&publish.target).unwrap();
         via_lib.push(started.elapsed());
         lib_mount.push(mounted);
         assert!(!pod.exists());
@@ -214,5 +224,5 @@ fn main() {
         ms(mean(&via_lib)),
         mb.as_secs_f64() / ml.as_secs_f64()
     );
-    pool.delete_volume(id).unwrap();
+    pool.delete_volume(&vid).unwrap();
 }

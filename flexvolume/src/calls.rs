@@ -1,11 +1,14 @@
 //! Each call-out: its argv and options, translated to backend calls. No file, device or mount
-//! work happens here; the backend does it all, idempotently and under the volume's lock.
+//! work happens here, and no storage decision: the backend does it all, idempotently and under
+//! the volume's lock (one lock per call: a call that does two steps does them through one
+//! `loopvol::Volume` handle).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use loopvol::validate;
 use loopvol::{
-    Access, AccessMode, Allocation, CreateVolume, ErrorKind, LockWait, Pool, PoolOptions,
+    Access, AccessMode, CreateVolume, ErrorKind, LockWait, NodeName, Pool, PoolOptions, Publish,
+    SizeRequest, Volume, VolumeId,
 };
 
 use crate::config::Config;
@@ -16,9 +19,6 @@ pub type CallResult = Result<Reply, CallError>;
 
 /// Prefix of the device handle `attach` returns; `waitforattach` turns it into `/dev/loopN`.
 pub const HANDLE_PREFIX: &str = "loopvol:";
-
-/// How often node-mode `mount` stages and publishes before giving up on a concurrent unmount.
-const MOUNT_ATTEMPTS: u32 = 3;
 
 pub fn capabilities(config: &Config) -> Capabilities {
     Capabilities {
@@ -64,10 +64,54 @@ impl<'a> Args<'a> {
         Ok(p)
     }
 
-    fn node(&self, i: usize) -> Result<&'a str, CallError> {
+    fn node(&self, i: usize) -> Result<NodeName, CallError> {
         let node = self.get(i, "the node name")?;
-        validate::check_name("node name", node)?;
-        Ok(node)
+        Ok(NodeName::parse("node name", node)?)
+    }
+}
+
+/// What a mount or attach call asks of the backend, typed.
+struct Request {
+    id: VolumeId,
+    options: VolumeRequest,
+}
+
+impl Request {
+    fn parse(options: &Options) -> Result<Request, CallError> {
+        let options = VolumeRequest::from_options(options)?;
+        Ok(Request {
+            id: VolumeId::try_from(options.id.as_str())?,
+            options,
+        })
+    }
+
+    fn access(&self) -> Access {
+        Access::Mount {
+            fs_type: self.options.fs_type,
+            mount_options: self.options.mount_options.clone(),
+        }
+    }
+
+    /// The volume, created (thin) when it does not exist and a size is given: one backend call,
+    /// under the volume's lock. The backend sizes it (whole blocks, the filesystem's minimum)
+    /// and records a filesystem only when one is asked for.
+    fn open_or_create<'p>(&self, pool: &'p Pool) -> Result<Volume<'p>, CallError> {
+        let Some(size) = self.options.size else {
+            return pool.find_volume(&self.id)?.ok_or_else(|| {
+                CallError::invalid(format!(
+                    "volume {:?} not found in pool {}, and no \"size\" option was given to create it",
+                    self.id.as_str(),
+                    pool.root().display()
+                ))
+            });
+        };
+        Ok(pool.open_or_create_volume(&CreateVolume {
+            name: self.id.to_string(),
+            size: SizeRequest::at_least(size),
+            fs_type: self.options.fs_type,
+            allocation: None,
+            source: None,
+        })?)
     }
 }
 
@@ -83,50 +127,10 @@ impl Driver<'_> {
         Ok(Pool::open(&self.config.pool, options)?)
     }
 
-    /// The volume of `req`, created (thin) when it does not exist and a size is given.
-    fn ensure_volume(&self, pool: &Pool, req: &VolumeRequest) -> Result<(), CallError> {
-        match pool.get_volume(&req.id) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                let Some(size) = req.size else {
-                    return Err(CallError::invalid(format!(
-                        "volume {:?} not found in pool {}, and no \"size\" option was given to create it",
-                        req.id,
-                        pool.root().display()
-                    )));
-                };
-                pool.create_volume(&CreateVolume {
-                    name: req.id.clone(),
-                    size_bytes: size,
-                    fs_type: Some(req.fs_type.unwrap_or(loopvol::FsType::Ext4)),
-                    allocation: Allocation::Thin,
-                    source: None,
-                })?;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn access(req: &VolumeRequest) -> Access {
-        Access::Mount {
-            fs_type: req.fs_type,
-            mount_options: req.mount_options.clone(),
-        }
-    }
-
-    fn mode(read_only: bool) -> AccessMode {
-        if read_only {
-            AccessMode::ReadOnly
-        } else {
-            AccessMode::SingleNodeWriter
-        }
-    }
-
     /// `mount <podVolumeDir> <json>`.
     pub fn mount(&self, a: &Args) -> CallResult {
         let dir = a.path(0, "pod volume dir")?;
-        let req = VolumeRequest::from_options(&a.options(1)?)?;
+        let req = Request::parse(&a.options(1)?)?;
         tracing::info!(volume = %req.id, dir = %dir.display(), "mount");
         // kubelet creates the directory before calling; a missing one means a confused caller.
         if !dir.is_dir() {
@@ -136,77 +140,36 @@ impl Driver<'_> {
             )));
         }
         let pool = self.pool()?;
-        let access = Self::access(&req);
+        let publish = Publish {
+            staging: None,
+            target: pool.node_path("pod volume dir", dir)?,
+            access: req.access(),
+            read_only: req.options.read_only,
+            fs_group: req.options.fs_group,
+            exclusive: false,
+        };
         if self.config.attach {
             // kubelet has run mountdevice: bind from wherever this node has the volume mounted.
-            pool.publish(&req.id, None, &dir, &access, req.read_only, req.fs_group)?;
+            pool.volume(&req.id)?.publish(&publish)?;
             return Ok(Reply::success());
         }
-        self.ensure_volume(&pool, &req)?;
-        let staging = pool.default_staging_path(&req.id)?;
-        let result = Self::stage_and_publish(&pool, &req, &staging, &dir, &access);
-        if let Err(e) = &result {
-            // Leave no orphan: a failed mount is never unmounted by kubelet (it never counted as
-            // mounted), so a loop device or staging mount this call made would stay forever.
-            // Release them when no other pod uses them. Not after a lock timeout: that would
-            // wait again, and whoever holds the lock owns the volume's state.
-            if e.kind() != ErrorKind::Busy {
-                match pool.release_staging_if_unused(&req.id) {
-                    Ok(released) => {
-                        tracing::info!(volume = %req.id, released, "mount failed; released what no pod uses")
-                    }
-                    Err(undo) => {
-                        tracing::warn!(volume = %req.id, error = %undo, "mount failed; could not release the staging mount")
-                    }
-                }
-            }
-        }
-        result?;
+        // Stage (read-write, whatever this pod asks: other pods on the node may write, and a
+        // blank volume must be formatted) and publish; the backend undoes what a failure left.
+        req.open_or_create(&pool)?.stage_and_publish(&publish)?;
         Ok(Reply::success())
-    }
-
-    /// Stages the volume (read-write whatever this pod asks: other pods on the node may write,
-    /// and a blank volume must be formatted) and binds it into `dir`, read-only when asked.
-    fn stage_and_publish(
-        pool: &Pool,
-        req: &VolumeRequest,
-        staging: &Path,
-        dir: &Path,
-        access: &Access,
-    ) -> loopvol::Result<()> {
-        // A concurrent unmount of the volume's last other pod may release the staging mount
-        // between our stage and publish (publish then says it is not staged): stage again.
-        let mut attempt = 1;
-        loop {
-            pool.stage(&req.id, staging, access, false)?;
-            match pool.publish(
-                &req.id,
-                Some(staging),
-                dir,
-                access,
-                req.read_only,
-                req.fs_group,
-            ) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::FailedPrecondition && attempt < MOUNT_ATTEMPTS => {
-                    tracing::info!(volume = %req.id, error = %e, "staging released meanwhile; staging again");
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     /// `unmount <podVolumeDir>`.
     pub fn unmount(&self, a: &Args) -> CallResult {
         let dir = a.path(0, "pod volume dir")?;
         let pool = self.pool()?;
+        let dir = pool.node_path("pod volume dir", dir)?;
         if self.config.attach {
             // Only the pod's bind: kubelet releases the device mount with unmountdevice.
             match pool.volume_at(&dir)? {
                 Some(id) => {
                     tracing::info!(volume = %id, dir = %dir.display(), "unmount");
-                    pool.unpublish(&id, &dir)?;
+                    pool.volume(&id)?.unpublish(&dir)?;
                 }
                 None => tracing::info!(dir = %dir.display(), "unmount: nothing mounted there"),
             }
@@ -223,7 +186,7 @@ impl Driver<'_> {
     /// the filesystem where this node mounts it.
     pub fn expandfs(&self, a: &Args) -> CallResult {
         let options = a.options(0)?;
-        let id = options.volume_id()?;
+        let id = VolumeId::try_from(options.volume_id()?.as_str())?;
         let mount_path = a.get(2, "the device mount path")?;
         let new_size = a.get(3, "the new size in bytes")?;
         let new_size: u64 = new_size.parse().map_err(|_| {
@@ -238,14 +201,18 @@ impl Driver<'_> {
         };
         tracing::info!(volume = %id, new_size, "expandfs");
         let pool = self.pool()?;
+        // An unknown volume is refused before anything, even a lock file, is made for it.
+        let mut volume = pool.volume(&id)?;
         // kubelet passes the device mount path, or the pod's dir; if the volume is not mounted
-        // there, grow it wherever this node mounts it. (An unknown volume is refused before
-        // anything, even a lock file, is made for it.)
+        // there, grow it wherever this node mounts it.
         let at = match mount_path {
-            Some(p) if pool.volume_at(&p)?.as_deref() == Some(id.as_str()) => Some(p),
+            Some(p) if pool.volume_at(&p)?.as_ref() == Some(&id) => {
+                Some(pool.node_path("device mount path", p)?)
+            }
             _ => None,
         };
-        let device_size = pool.node_expand_to(&id, at.as_deref(), new_size)?;
+        // FlexVolume has no controller expansion: the node grows the image too.
+        let device_size = volume.node_expand(at.as_ref(), SizeRequest::at_least(new_size), true)?;
         tracing::info!(volume = %id, device_size, "expanded");
         Ok(Reply::success())
     }
@@ -253,23 +220,21 @@ impl Driver<'_> {
     /// `attach <json> <nodeName>` (controller-manager): claims the volume for the node, creating
     /// it first when absent and `size` is given.
     pub fn attach(&self, a: &Args) -> CallResult {
-        let req = VolumeRequest::from_options(&a.options(0)?)?;
+        let req = Request::parse(&a.options(0)?)?;
         let node = a.node(1)?;
-        tracing::info!(volume = %req.id, node, read_only = req.read_only, "attach");
+        tracing::info!(volume = %req.id, %node, read_only = req.options.read_only, "attach");
         let pool = self.pool()?;
-        self.ensure_volume(&pool, &req)?;
-        pool.claim(
-            &req.id,
-            node,
-            Self::mode(req.read_only),
-            req.pv_name.as_deref(),
+        req.open_or_create(&pool)?.claim(
+            &node,
+            AccessMode::single_node(req.options.read_only),
+            req.options.pv_name.as_deref(),
         )?;
         Ok(Reply::success().device(format!("{HANDLE_PREFIX}{}", req.id)))
     }
 
     /// `isattached <json> <nodeName>`: whether the node holds a claim.
     pub fn isattached(&self, a: &Args) -> CallResult {
-        let id = a.options(0)?.volume_id()?;
+        let id = VolumeId::try_from(a.options(0)?.volume_id()?.as_str())?;
         let node = a.node(1)?;
         let pool = self.pool()?;
         let attached = match pool.get_volume(&id) {
@@ -286,16 +251,16 @@ impl Driver<'_> {
         validate::check_name("volume name", pv)?;
         let node = a.node(1)?;
         let pool = self.pool()?;
-        let id = match pool.find_claim_by_pv(pv, node)? {
+        let id = match pool.find_claim_by_pv(pv, &node)? {
             Some(id) => Some(id),
             // A claim made without a PV name (hand-written calls): the name may be the volume ID.
-            None => validate::check_id("volume ID", pv)
-                .is_ok()
-                .then(|| pv.to_owned()),
+            None => VolumeId::try_from(pv).ok(),
         };
         if let Some(id) = id {
-            tracing::info!(volume = %id, pv, node, "detach");
-            pool.release_claim(&id, node)?;
+            tracing::info!(volume = %id, pv, %node, "detach");
+            if let Some(mut volume) = pool.find_volume(&id)? {
+                volume.release(&node)?;
+            }
         }
         Ok(Reply::success())
     }
@@ -303,41 +268,29 @@ impl Driver<'_> {
     /// `waitforattach <device> <json>` (kubelet, on the node): attaches the loop device.
     pub fn waitforattach(&self, a: &Args) -> CallResult {
         let handle = a.get(0, "the device")?;
-        let req = VolumeRequest::from_options(&a.options(1)?)?;
+        let req = Request::parse(&a.options(1)?)?;
         check_handle(handle, &req.id)?;
         let pool = self.pool()?;
-        let device = pool.attach_volume(&req.id, req.read_only)?;
+        let device = pool.volume(&req.id)?.attach(req.options.read_only)?;
         tracing::info!(volume = %req.id, device = %device.display(), "attached");
         Ok(Reply::success().device(device.display().to_string()))
     }
 
-    /// `mountdevice <deviceMountPath> <device> <json>`: formats if blank and mounts.
+    /// `mountdevice <deviceMountPath> <device> <json>`: formats if blank and mounts. A failure
+    /// releases the loop device (the backend's `stage_or_release`): kubelet never calls
+    /// unmountdevice for a path that is not mounted.
     pub fn mountdevice(&self, a: &Args) -> CallResult {
         let path = a.path(0, "device mount path")?;
         let handle = a.get(1, "the device")?;
-        let req = VolumeRequest::from_options(&a.options(2)?)?;
+        let req = Request::parse(&a.options(2)?)?;
         check_handle(handle, &req.id)?;
         let pool = self.pool()?;
-        let staged = match pool.stage(&req.id, &path, &Self::access(&req), req.read_only) {
-            Ok(staged) => staged,
-            Err(e) => {
-                // kubelet never calls unmountdevice for a path that is not mounted, and retries
-                // waitforattach before the next mountdevice: a loop device left attached here
-                // would outlive the pod. Detach it when nothing mounts it (never after a lock
-                // timeout: the lock's holder owns the volume's state).
-                if e.kind() != ErrorKind::Busy && pool.volume_at(&path).ok().flatten().is_none() {
-                    match pool.detach_volume(&req.id) {
-                        Ok(()) => {
-                            tracing::info!(volume = %req.id, "mountdevice failed; detached the loop device")
-                        }
-                        Err(undo) => {
-                            tracing::info!(volume = %req.id, error = %undo, "mountdevice failed; loop device left attached")
-                        }
-                    }
-                }
-                return Err(e.into());
-            }
-        };
+        let path = pool.node_path("device mount path", path)?;
+        let staged = pool.volume(&req.id)?.stage_or_release(
+            &path,
+            &req.access(),
+            AccessMode::single_node(req.options.read_only),
+        )?;
         tracing::info!(volume = %req.id, path = %path.display(), device = %staged.device.display(), "mounted device");
         Ok(Reply::success())
     }
@@ -347,8 +300,9 @@ impl Driver<'_> {
     pub fn unmountdevice(&self, a: &Args) -> CallResult {
         let path = a.path(0, "device mount path")?;
         let pool = self.pool()?;
+        let path = pool.node_path("device mount path", path)?;
         if let Some(id) = pool.volume_at(&path)? {
-            pool.unstage(&id, &path)?;
+            pool.volume(&id)?.unstage(&path)?;
             tracing::info!(volume = %id, path = %path.display(), "unmounted device");
             return Ok(Reply::success());
         }
@@ -359,20 +313,22 @@ impl Driver<'_> {
         };
         let id = match pool.find_claim_by_pv(name, &self.config.node)? {
             Some(id) => Some(id),
-            None => validate::check_id("volume ID", name)
-                .is_ok()
-                .then(|| name.to_owned()),
+            None => VolumeId::try_from(name).ok(),
         };
-        if let Some(id) = id {
-            match pool.detach_volume(&id) {
-                Ok(()) => {
-                    tracing::info!(volume = %id, path = %path.display(), "not mounted; released this node's hold")
-                }
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                // The device mount path is not mounted, which is all this call promises.
-                Err(e) => {
-                    tracing::warn!(volume = %id, error = %e, "not mounted; could not release this node's hold")
-                }
+        let Some(id) = id else {
+            return Ok(Reply::success());
+        };
+        match pool
+            .find_volume(&id)
+            .and_then(|v| v.map(|mut v| v.detach()).transpose())
+        {
+            Ok(Some(())) => {
+                tracing::info!(volume = %id, path = %path.display(), "not mounted; released this node's hold")
+            }
+            Ok(None) => {}
+            // The device mount path is not mounted, which is all this call promises.
+            Err(e) => {
+                tracing::warn!(volume = %id, error = %e, "not mounted; could not release this node's hold")
             }
         }
         Ok(Reply::success())
@@ -380,10 +336,11 @@ impl Driver<'_> {
 }
 
 /// A device argument from `attach` must name the same volume as the options.
-fn check_handle(handle: &str, id: &str) -> Result<(), CallError> {
+fn check_handle(handle: &str, id: &VolumeId) -> Result<(), CallError> {
     match handle.strip_prefix(HANDLE_PREFIX) {
-        Some(h) if h != id => Err(CallError::invalid(format!(
-            "device {handle:?} is volume {h:?} but the options name volume {id:?}"
+        Some(h) if h != id.as_str() => Err(CallError::invalid(format!(
+            "device {handle:?} is volume {h:?} but the options name volume {:?}",
+            id.as_str()
         ))),
         _ => Ok(()),
     }
@@ -401,9 +358,10 @@ mod tests {
 
     #[test]
     fn handles() {
-        check_handle("loopvol:v1", "v1").unwrap();
-        check_handle("/dev/loop3", "v1").unwrap();
-        let err = check_handle("loopvol:v2", "v1").unwrap_err().to_string();
+        let v1 = VolumeId::try_from("v1").unwrap();
+        check_handle("loopvol:v1", &v1).unwrap();
+        check_handle("/dev/loop3", &v1).unwrap();
+        let err = check_handle("loopvol:v2", &v1).unwrap_err().to_string();
         assert!(err.contains("v2") && err.contains("v1"), "{err}");
     }
 
@@ -417,5 +375,84 @@ mod tests {
         assert!(err.contains("mount needs the JSON options"), "{err}");
         assert!(path_ok("/var/lib/kubelet/pods/x"));
         assert!(!path_ok("/var/lib/../etc"));
+    }
+
+    /// An attach-mode driver on a temporary pool: `attach` creates and claims without touching
+    /// the kernel, so the translation to the backend's policy is checked without root.
+    fn attach_mode(pool: &std::path::Path) -> Config {
+        Config {
+            attach: true,
+            pool: pool.to_owned(),
+            log: None,
+            node: NodeName::try_from("node-a").unwrap(),
+            lock_timeout: std::time::Duration::from_secs(5),
+            call_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+
+    fn attach(config: &Config, options: &str, node: &str) -> CallResult {
+        let argv = vec![options.to_owned(), node.to_owned()];
+        Driver { config }.attach(&Args::new("attach", &argv, "<json> <nodeName>"))
+    }
+
+    fn recorded(pool: &std::path::Path, id: &str) -> serde_json::Value {
+        let path = pool.join("volumes").join(id).join("volume.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// `size` follows the backend's rules (whole blocks, the filesystem's minimum), and no
+    /// filesystem is recorded unless one is asked for: the first format fixes it.
+    #[test]
+    fn created_volumes_follow_the_backend_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = attach_mode(dir.path());
+        // (options, volume) → (size, recorded fs)
+        let table = [
+            (r#"{"volumeID":"tiny","size":"1000"}"#, "tiny", 4096, None),
+            (
+                r#"{"volumeID":"small-xfs","size":"64Mi","kubernetes.io/fsType":"xfs"}"#,
+                "small-xfs",
+                300 << 20,
+                Some("xfs"),
+            ),
+            (
+                r#"{"volumeID":"no-fs","size":"1Gi"}"#,
+                "no-fs",
+                1 << 30,
+                None,
+            ),
+            (
+                r#"{"volumeID":"no-fs-either","size":"1Gi","kubernetes.io/fsType":""}"#,
+                "no-fs-either",
+                1 << 30,
+                None,
+            ),
+        ];
+        for (options, id, size, fs) in table {
+            let reply = attach(&config, options, "node-a").unwrap();
+            assert_eq!(reply.device.as_deref(), Some(&*format!("loopvol:{id}")));
+            let meta = recorded(dir.path(), id);
+            assert_eq!(meta["size_bytes"], size, "{id}: {meta}");
+            assert_eq!(meta["fs_type"].as_str(), fs, "{id}: {meta}");
+            assert_eq!(meta["claims"][0]["node"], "node-a", "{id}: {meta}");
+        }
+        // An existing volume is used as it is, whatever `size` says now.
+        attach(&config, r#"{"volumeID":"tiny","size":"1Gi"}"#, "node-a").unwrap();
+        assert_eq!(recorded(dir.path(), "tiny")["size_bytes"], 4096);
+    }
+
+    /// Node names in argv follow the one rule of every front end.
+    #[test]
+    fn node_names_follow_the_one_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = attach_mode(dir.path());
+        let options = r#"{"volumeID":"v","size":"1Mi","kubernetes.io/readwrite":"ro"}"#;
+        for ok in ["node-b", &"n".repeat(200), "worker.example.com"] {
+            attach(&config, options, ok).unwrap();
+        }
+        for bad in ["", "a\nb", &"n".repeat(257)] {
+            let err = attach(&config, options, bad).unwrap_err().to_string();
+            assert!(err.contains("invalid node name"), "{bad:?}: {err}");
+        }
     }
 }

@@ -45,7 +45,7 @@ pub struct Config {
     /// Where logs go; `None`: nowhere.
     pub log: Option<PathBuf>,
     /// This node's name (host name, lower-cased as kubelet does, unless configured).
-    pub node: String,
+    pub node: loopvol::NodeName,
     pub lock_timeout: Duration,
     /// How long a call may take in all before it answers Failure anyway (a hung pool filesystem
     /// must not hang kubelet, which waits without a timeout).
@@ -106,14 +106,13 @@ fn resolve(file: ConfigFile, env: impl Fn(&str) -> Option<String>) -> Result<Con
     let log = env("LOOPVOL_LOG")
         .or(file.log)
         .unwrap_or_else(|| DEFAULT_LOG.to_owned());
+    // The one node-name rule of every front end (the pool makes any valid name a safe path).
     let node = match env("LOOPVOL_NODE").or(file.node) {
-        Some(n) if !n.is_empty() => n,
+        Some(n) if !n.is_empty() => loopvol::NodeName::parse("node name", n)
+            .map_err(|e| format!("{e} (config \"node\" or LOOPVOL_NODE)"))?,
         _ => loopvol::default_node_name()
             .ok_or("the host name is empty; set LOOPVOL_NODE or \"node\" in the config")?,
     };
-    // It names a directory in the pool (staging/<node>/): a plain path component only.
-    loopvol::validate::check_id("node name", &node)
-        .map_err(|e| format!("{e} (config \"node\", LOOPVOL_NODE or the host name)"))?;
     let secs = file
         .lock_timeout_seconds
         .unwrap_or(DEFAULT_LOCK_TIMEOUT_SECS);
@@ -162,7 +161,7 @@ mod tests {
         assert!(!c.attach);
         assert_eq!(c.pool, Path::new(DEFAULT_POOL));
         assert_eq!(c.log.as_deref(), Some(Path::new(DEFAULT_LOG)));
-        assert_eq!(c.node, "n1");
+        assert_eq!(c.node.as_str(), "n1");
         assert_eq!(c.lock_timeout, Duration::from_secs(60));
         assert_eq!(
             c.call_timeout,
@@ -172,6 +171,7 @@ mod tests {
         assert!(!resolve(ConfigFile::default(), no_env)
             .unwrap()
             .node
+            .as_str()
             .is_empty());
     }
 
@@ -199,7 +199,7 @@ mod tests {
         assert!(!c.attach);
         assert_eq!(c.pool, Path::new("/q"));
         assert_eq!(c.log.as_deref(), Some(Path::new("/l")));
-        assert_eq!(c.node, "node-b");
+        assert_eq!(c.node.as_str(), "node-b");
     }
 
     #[test]
@@ -215,12 +215,20 @@ mod tests {
         assert!(err.contains("LOOPVOL_ATTACH"), "{err}");
         let err = resolve(parse(r#"{"lockTimeoutSeconds": 99999}"#).unwrap(), no_env).unwrap_err();
         assert!(err.contains("lockTimeoutSeconds"), "{err}");
-        let err = resolve(ConfigFile::default(), |k| match k {
-            "LOOPVOL_NODE" => Some("../../etc".to_owned()),
-            _ => None,
-        })
-        .unwrap_err();
-        assert!(err.contains("invalid node name"), "{err}");
+        // The one node-name rule: any name up to 256 bytes without control characters (the pool
+        // hashes what is not a plain path component).
+        let node = |name: &str| {
+            let name = name.to_owned();
+            resolve(ConfigFile::default(), move |k| {
+                (k == "LOOPVOL_NODE").then(|| name.clone())
+            })
+        };
+        for bad in ["a\nb", &"n".repeat(257)] {
+            let err = node(bad).unwrap_err();
+            assert!(err.contains("invalid node name"), "{err}");
+        }
+        assert_eq!(node("../../etc").unwrap().node.as_str(), "../../etc");
+        assert_eq!(node("a:b").unwrap().node.as_str(), "a:b");
         let err = resolve(ConfigFile::default(), |k| {
             (k == "LOOPVOL_POOL").then(String::new)
         })

@@ -1,13 +1,19 @@
 //! The backend on a real kernel: real images, loop devices, mkfs and mounts, for ext4, xfs and
 //! btrfs. Run as root; each test makes its own pool and cleans up only what it made.
+//!
+//! Volumes are named by string here and reach the backend as typed IDs through the helpers
+//! below (each takes the volume's lock for one operation, as a front end does), so the tests
+//! also show that a malformed ID is refused where it enters.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use loopvol::testing::{fs as test_fs, loopdev, mount};
 use loopvol::{
-    Access, AccessMode, Allocation, CreateVolume, ErrorKind, FsType, Pool, PoolOptions,
-    VolumeSource,
+    Access, AccessMode, Allocation, Condition, CreateVolume, ErrorKind, Expanded, FsType,
+    GroupSnapshot, NodeName, Pool, PoolOptions, Publish, Result, SizeRequest, SnapshotId,
+    SnapshotMeta, SnapshotRequest, Staged, Usage, VolumeId, VolumeMeta, VolumeSource,
 };
 use loopvol_e2e::{fs_tools, loops_under, mounts_under, require_root, Scratch};
 
@@ -15,20 +21,176 @@ const MIB: u64 = 1 << 20;
 /// xfs refuses filesystems under 300 MiB; sparse images cost nothing until written.
 const SIZE: u64 = 320 * MIB;
 
+fn node(name: &str) -> NodeName {
+    NodeName::try_from(name).unwrap()
+}
+
+fn options(name: &str) -> PoolOptions {
+    PoolOptions::new(node(name))
+}
+
 fn open(s: &Scratch) -> Pool {
-    Pool::open(s.pool(), PoolOptions::new("node-a")).unwrap()
+    Pool::open(s.pool(), options("node-a")).unwrap()
+}
+
+fn vid(id: &str) -> Result<VolumeId> {
+    VolumeId::try_from(id)
+}
+
+fn request(name: &str, size: u64, fs: Option<FsType>) -> CreateVolume {
+    CreateVolume {
+        name: name.into(),
+        size: SizeRequest::at_least(size),
+        fs_type: fs,
+        allocation: None,
+        source: None,
+    }
 }
 
 fn create(pool: &Pool, name: &str, fs: Option<FsType>) -> String {
-    pool.create_volume(&CreateVolume {
+    pool.create_volume(&request(name, SIZE, fs))
+        .unwrap()
+        .id
+        .to_string()
+}
+
+fn get_volume(pool: &Pool, id: impl AsRef<str>) -> Result<VolumeMeta> {
+    pool.get_volume(&vid(id.as_ref())?)
+}
+
+fn delete_volume(pool: &Pool, id: impl AsRef<str>) -> Result<()> {
+    pool.delete_volume(&vid(id.as_ref())?)
+}
+
+fn image(pool: &Pool, id: impl AsRef<str>) -> PathBuf {
+    pool.volume_image(&vid(id.as_ref()).unwrap())
+}
+
+fn stage(
+    pool: &Pool,
+    id: impl AsRef<str>,
+    staging: &Path,
+    access: &Access,
+    read_only: bool,
+) -> Result<Staged> {
+    let id = vid(id.as_ref())?;
+    let staging = pool.node_path("staging path", staging)?;
+    pool.volume(&id)?
+        .stage(&staging, access, AccessMode::single_node(read_only))
+}
+
+fn unstage(pool: &Pool, id: impl AsRef<str>, staging: &Path) -> Result<()> {
+    let id = vid(id.as_ref())?;
+    let staging = pool.node_path("staging path", staging)?;
+    pool.volume(&id)?.unstage(&staging)
+}
+
+fn publish(
+    pool: &Pool,
+    id: impl AsRef<str>,
+    staging: Option<&Path>,
+    target: &Path,
+    access: &Access,
+    read_only: bool,
+    fs_group: Option<u32>,
+) -> Result<()> {
+    let id = vid(id.as_ref())?;
+    let request = Publish {
+        staging: staging
+            .map(|s| pool.node_path("staging path", s))
+            .transpose()?,
+        target: pool.node_path("target path", target)?,
+        access: access.clone(),
+        read_only,
+        fs_group,
+        exclusive: false,
+    };
+    pool.volume(&id)?.publish(&request)
+}
+
+fn unpublish(pool: &Pool, id: impl AsRef<str>, target: &Path) -> Result<()> {
+    let id = vid(id.as_ref())?;
+    let target = pool.node_path("target path", target)?;
+    pool.volume(&id)?.unpublish(&target)
+}
+
+fn volume_at(pool: &Pool, path: &Path) -> Option<String> {
+    pool.volume_at(path).unwrap().map(|id| id.to_string())
+}
+
+fn volume_usage(pool: &Pool, id: impl AsRef<str>, path: &Path) -> Result<Usage> {
+    let meta = get_volume(pool, id.as_ref())?;
+    pool.volume_stats(&meta, path).map(|(usage, _)| usage)
+}
+
+fn volume_condition(pool: &Pool, id: impl AsRef<str>) -> Result<Condition> {
+    pool.volume_condition(&get_volume(pool, id.as_ref())?)
+}
+
+fn expand_volume(pool: &Pool, id: impl AsRef<str>, size: u64) -> Result<Expanded> {
+    pool.volume(&vid(id.as_ref())?)?
+        .expand(SizeRequest::at_least(size))
+}
+
+/// Grows the filesystem at `path` (the controller sized the image).
+fn node_expand(pool: &Pool, id: impl AsRef<str>, path: Option<&Path>) -> Result<u64> {
+    let mut volume = pool.volume(&vid(id.as_ref())?)?;
+    let path = path.map(|p| pool.node_path("volume path", p)).transpose()?;
+    volume.node_expand(path.as_ref(), SizeRequest::default(), false)
+}
+
+/// Grows the image to `size` and the filesystem at `path` with it (a node-local pool).
+fn node_expand_to(pool: &Pool, id: impl AsRef<str>, path: Option<&Path>, size: u64) -> Result<u64> {
+    let mut volume = pool.volume(&vid(id.as_ref())?)?;
+    let path = path.map(|p| pool.node_path("volume path", p)).transpose()?;
+    volume.node_expand(path.as_ref(), SizeRequest::at_least(size), true)
+}
+
+fn attach_volume(pool: &Pool, id: impl AsRef<str>, read_only: bool) -> Result<PathBuf> {
+    pool.volume(&vid(id.as_ref())?)?.attach(read_only)
+}
+
+fn detach_volume(pool: &Pool, id: impl AsRef<str>) -> Result<()> {
+    pool.volume(&vid(id.as_ref())?)?.detach()
+}
+
+fn set_allocation(pool: &Pool, id: impl AsRef<str>, allocation: Allocation) -> Result<VolumeMeta> {
+    let mut volume = pool.volume(&vid(id.as_ref())?)?;
+    volume.set_allocation(allocation)?;
+    Ok(volume.into_meta())
+}
+
+fn claim(
+    pool: &Pool,
+    id: impl AsRef<str>,
+    on: &str,
+    mode: AccessMode,
+    pv: Option<&str>,
+) -> Result<()> {
+    pool.volume(&vid(id.as_ref())?)?.claim(&node(on), mode, pv)
+}
+
+fn release_claim(pool: &Pool, id: impl AsRef<str>, on: &str) -> Result<()> {
+    match pool.find_volume(&vid(id.as_ref())?)? {
+        Some(mut volume) => volume.release(&node(on)),
+        None => Ok(()),
+    }
+}
+
+fn create_snapshot(pool: &Pool, name: &str, source: impl AsRef<str>) -> Result<SnapshotMeta> {
+    pool.create_snapshot(&SnapshotRequest {
         name: name.into(),
-        size_bytes: SIZE,
-        fs_type: fs,
-        allocation: Allocation::Thin,
-        source: None,
+        source: vid(source.as_ref())?,
     })
-    .unwrap()
-    .id
+}
+
+fn snapshot_id(id: &str) -> SnapshotId {
+    SnapshotId::try_from(id).unwrap()
+}
+
+fn create_group_snapshot(pool: &Pool, name: &str, sources: &[&str]) -> Result<GroupSnapshot> {
+    let sources: Vec<VolumeId> = sources.iter().map(|s| vid(s).unwrap()).collect();
+    pool.create_group_snapshot(name, &sources)
 }
 
 fn mount_access(fs: FsType) -> Access {
@@ -62,9 +224,9 @@ fn lifecycle(fs: FsType) {
     let staging = s.path("staging");
     let target = s.path("pods/p1/vol");
 
-    let first = pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+    let first = stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
     assert_eq!(first.formatted, Some(fs));
-    let again = pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+    let again = stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
     assert_eq!(again.formatted, None, "second stage must not format");
     assert_eq!(again.device, first.device);
     // Direct I/O (no double caching) and a fixed 4 KiB logical block size.
@@ -82,16 +244,29 @@ fn lifecycle(fs: FsType) {
         "4096"
     );
 
-    pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
-        .unwrap();
-    pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
-        .unwrap();
+    publish(
+        &pool,
+        &id,
+        Some(&staging),
+        &target,
+        &mount_access(fs),
+        false,
+        None,
+    )
+    .unwrap();
+    publish(
+        &pool,
+        &id,
+        Some(&staging),
+        &target,
+        &mount_access(fs),
+        false,
+        None,
+    )
+    .unwrap();
     write_file(&target.join("data"), b"hello loopvol");
-    assert_eq!(
-        pool.volume_at(&target).unwrap().as_deref(),
-        Some(id.as_str())
-    );
-    let usage = pool.volume_usage(&id, &target).unwrap();
+    assert_eq!(volume_at(&pool, &target).as_deref(), Some(id.as_str()));
+    let usage = volume_usage(&pool, &id, &target).unwrap();
     assert!(
         usage.total_bytes > 200 * MIB && usage.total_bytes <= SIZE,
         "{usage:?}"
@@ -108,16 +283,16 @@ fn lifecycle(fs: FsType) {
         );
     }
 
-    pool.unpublish(&id, &target).unwrap();
-    pool.unpublish(&id, &target).unwrap();
+    unpublish(&pool, &id, &target).unwrap();
+    unpublish(&pool, &id, &target).unwrap();
     assert!(!target.exists(), "unpublish removes the target dir");
-    pool.unstage(&id, &staging).unwrap();
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
     assert!(mounts_under(&s.root()).is_empty());
     assert!(loops_under(&s.root()).is_empty(), "unstage detaches");
-    assert!(pool.get_volume(&id).unwrap().staged.is_empty());
+    assert!(get_volume(&pool, &id).unwrap().staged.is_empty());
 
-    let third = pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+    let third = stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
     assert_eq!(
         third.formatted, None,
         "existing filesystem must not be reformatted"
@@ -126,27 +301,27 @@ fn lifecycle(fs: FsType) {
         std::fs::read(staging.join("data")).unwrap(),
         b"hello loopvol"
     );
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 
     // In use → delete refused; after unstage → gone, and deleting again is fine.
-    pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+    stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
     assert_eq!(
-        pool.delete_volume(&id).unwrap_err().kind(),
+        delete_volume(&pool, &id).unwrap_err().kind(),
         ErrorKind::FailedPrecondition
     );
-    pool.unstage(&id, &staging).unwrap();
-    pool.delete_volume(&id).unwrap();
-    pool.delete_volume(&id).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+    delete_volume(&pool, &id).unwrap();
+    delete_volume(&pool, &id).unwrap();
     assert_eq!(
-        pool.get_volume(&id).unwrap_err().kind(),
+        get_volume(&pool, &id).unwrap_err().kind(),
         ErrorKind::NotFound
     );
 }
 
 fn mount_opts(path: &Path) -> String {
-    let table = loopvol::mount::mounts().unwrap();
-    let m = loopvol::mount::mount_at(&table, path)
-        .unwrap_or_else(|| panic!("{} not mounted", path.display()));
+    let table = mount::mounts().unwrap();
+    let m =
+        mount::mount_at(&table, path).unwrap_or_else(|| panic!("{} not mounted", path.display()));
     m.options.join(",")
 }
 
@@ -172,17 +347,15 @@ fn never_formats_a_device_with_content() {
     let pool = open(&s);
     let id = create(&pool, "holds-ext4", None);
     let staging = s.path("staging");
-    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
     write_file(&staging.join("keep"), b"precious");
-    pool.unstage(&id, &staging).unwrap();
-    let err = pool
-        .stage(&id, &staging, &mount_access(FsType::Xfs), false)
-        .unwrap_err();
+    unstage(&pool, &id, &staging).unwrap();
+    let err = stage(&pool, &id, &staging, &mount_access(FsType::Xfs), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(err.to_string().contains("already holds a ext4"), "{err}");
     // No fs type asked: the existing one is used.
-    pool.stage(
+    stage(
+        &pool,
         &id,
         &staging,
         &Access::Mount {
@@ -193,11 +366,11 @@ fn never_formats_a_device_with_content() {
     )
     .unwrap();
     assert_eq!(std::fs::read(staging.join("keep")).unwrap(), b"precious");
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 
     // A partition table is data too.
     let id2 = create(&pool, "holds-gpt", None);
-    let image = pool.volume_image(&id2);
+    let image = image(&pool, &id2);
     let out = Command::new("sfdisk")
         .arg(&image)
         .stdin(std::process::Stdio::piped())
@@ -211,9 +384,7 @@ fn never_formats_a_device_with_content() {
             .write_all(b"label: gpt\n,,L\n")
             .unwrap();
         assert!(child.wait().unwrap().success());
-        let err = pool
-            .stage(&id2, &staging, &mount_access(FsType::Ext4), false)
-            .unwrap_err();
+        let err = stage(&pool, &id2, &staging, &mount_access(FsType::Ext4), false).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.to_string().contains("partition table"), "{err}");
         assert!(mounts_under(&s.root()).is_empty());
@@ -230,18 +401,16 @@ fn read_only_is_really_read_only() {
     let id = create(&pool, "ro", Some(FsType::Ext4));
     let staging = s.path("staging");
     // Blank and read-only: cannot be formatted, nothing is left behind.
-    let err = pool
-        .stage(&id, &staging, &mount_access(FsType::Ext4), true)
-        .unwrap_err();
+    let err = stage(&pool, &id, &staging, &mount_access(FsType::Ext4), true).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 
-    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
     write_file(&staging.join("f"), b"x");
     // A read-only bind of a read-write staging.
     let ro_target = s.path("pods/ro/vol");
-    pool.publish(
+    publish(
+        &pool,
         &id,
         Some(&staging),
         &ro_target,
@@ -253,23 +422,22 @@ fn read_only_is_really_read_only() {
     let err = std::fs::write(ro_target.join("g"), b"y").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc_erofs()));
     // Same target asked read-write: a conflicting repeat.
-    let err = pool
-        .publish(
-            &id,
-            Some(&staging),
-            &ro_target,
-            &mount_access(FsType::Ext4),
-            false,
-            None,
-        )
-        .unwrap_err();
+    let err = publish(
+        &pool,
+        &id,
+        Some(&staging),
+        &ro_target,
+        &mount_access(FsType::Ext4),
+        false,
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
-    pool.unpublish(&id, &ro_target).unwrap();
-    pool.unstage(&id, &staging).unwrap();
+    unpublish(&pool, &id, &ro_target).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 
     // Staged read-only: a read-only loop device and a read-only mount.
-    pool.stage(&id, &staging, &mount_access(FsType::Ext4), true)
-        .unwrap();
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), true).unwrap();
     let dev = &loops_under(&s.root())[0];
     let ro = std::fs::read_to_string(format!(
         "/sys/block/{}/ro",
@@ -285,16 +453,21 @@ fn read_only_is_really_read_only() {
         Some(libc_erofs())
     );
     // Read-write stage while it is staged read-only is refused.
-    let err = pool
-        .stage(&id, &s.path("staging2"), &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    let err = stage(
+        &pool,
+        &id,
+        &s.path("staging2"),
+        &mount_access(FsType::Ext4),
+        false,
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert_eq!(
-        pool.get_volume(&id).unwrap().staged[0].mode,
+        get_volume(&pool, &id).unwrap().staged[0].mode,
         AccessMode::ReadOnly,
         "a refused stage changes no hold"
     );
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
     assert!(loops_under(&s.root()).is_empty());
 }
 
@@ -312,12 +485,28 @@ fn raw_block_volume() {
     let id = create(&pool, "block", None);
     let staging = s.path("staging");
     let target = s.path("pods/p/dev/block");
-    let staged = pool.stage(&id, &staging, &Access::Block, false).unwrap();
-    pool.stage(&id, &staging, &Access::Block, false).unwrap();
-    pool.publish(&id, Some(&staging), &target, &Access::Block, false, None)
-        .unwrap();
-    pool.publish(&id, Some(&staging), &target, &Access::Block, false, None)
-        .unwrap();
+    let staged = stage(&pool, &id, &staging, &Access::Block, false).unwrap();
+    stage(&pool, &id, &staging, &Access::Block, false).unwrap();
+    publish(
+        &pool,
+        &id,
+        Some(&staging),
+        &target,
+        &Access::Block,
+        false,
+        None,
+    )
+    .unwrap();
+    publish(
+        &pool,
+        &id,
+        Some(&staging),
+        &target,
+        &Access::Block,
+        false,
+        None,
+    )
+    .unwrap();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -328,25 +517,22 @@ fn raw_block_volume() {
         f.write_all_at(b"raw block bytes", 4096).unwrap();
         f.sync_all().unwrap();
     }
-    assert_eq!(pool.volume_usage(&id, &target).unwrap().total_bytes, SIZE);
-    assert_eq!(
-        pool.volume_at(&target).unwrap().as_deref(),
-        Some(id.as_str())
-    );
+    assert_eq!(volume_usage(&pool, &id, &target).unwrap().total_bytes, SIZE);
+    assert_eq!(volume_at(&pool, &target).as_deref(), Some(id.as_str()));
     // Grow a block volume: the device follows.
-    pool.expand_volume(&id, SIZE + 64 * MIB).unwrap();
+    expand_volume(&pool, &id, SIZE + 64 * MIB).unwrap();
     assert_eq!(
-        pool.node_expand(&id, Some(&target)).unwrap(),
+        node_expand(&pool, &id, Some(&target)).unwrap(),
         SIZE + 64 * MIB
     );
     assert_eq!(
-        loopvol::loopdev::device_size(&staged.device).unwrap(),
+        loopdev::device_size(&staged.device).unwrap(),
         SIZE + 64 * MIB
     );
-    pool.unpublish(&id, &target).unwrap();
+    unpublish(&pool, &id, &target).unwrap();
     assert!(!target.exists());
-    pool.unstage(&id, &staging).unwrap();
-    let image = std::fs::read(pool.volume_image(&id)).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+    let image = std::fs::read(image(&pool, &id)).unwrap();
     assert_eq!(&image[4096..4096 + 15], b"raw block bytes");
     assert!(loops_under(&s.root()).is_empty());
 }
@@ -361,12 +547,12 @@ fn snapshot_and_clone(fs: FsType) {
     let pool = open(&s);
     let id = create(&pool, &format!("src-{fs}"), Some(fs));
     let staging = s.path("staging");
-    pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
+    stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
     // Written but not synced: the freeze must flush it into the snapshot.
     std::fs::write(staging.join("before"), vec![42u8; 3 << 20]).unwrap();
-    let snap = pool.create_snapshot("snap-1", &id).unwrap();
+    let snap = create_snapshot(&pool, "snap-1", &id).unwrap();
     assert_eq!(
-        pool.create_snapshot("snap-1", &id).unwrap(),
+        create_snapshot(&pool, "snap-1", &id).unwrap(),
         snap,
         "idempotent by name"
     );
@@ -374,10 +560,10 @@ fn snapshot_and_clone(fs: FsType) {
     let clone = pool
         .create_volume(&CreateVolume {
             name: "clone".into(),
-            size_bytes: SIZE,
+            size: SizeRequest::at_least(SIZE),
             fs_type: None,
-            allocation: Allocation::Thin,
-            source: Some(VolumeSource::Volume(id.clone())),
+            allocation: None,
+            source: Some(VolumeSource::Volume(vid(&id).unwrap())),
         })
         .unwrap();
     assert_eq!(
@@ -385,25 +571,23 @@ fn snapshot_and_clone(fs: FsType) {
         Some(fs),
         "a clone inherits the filesystem type"
     );
-    pool.unstage(&id, &staging).unwrap();
-    pool.delete_volume(&id).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+    delete_volume(&pool, &id).unwrap();
 
     let restored = pool
         .create_volume(&CreateVolume {
             name: "restored".into(),
-            size_bytes: SIZE + 128 * MIB,
+            size: SizeRequest::at_least(SIZE + 128 * MIB),
             fs_type: Some(fs),
-            allocation: Allocation::Thin,
+            allocation: None,
             source: Some(VolumeSource::Snapshot(snap.id.clone())),
         })
         .unwrap();
     let r_staging = s.path("r");
     let c_staging = s.path("c");
     // Both copies mounted at once on one node (same filesystem UUID: xfs needs nouuid).
-    pool.stage(&restored.id, &r_staging, &mount_access(fs), false)
-        .unwrap();
-    pool.stage(&clone.id, &c_staging, &mount_access(fs), false)
-        .unwrap();
+    stage(&pool, &restored.id, &r_staging, &mount_access(fs), false).unwrap();
+    stage(&pool, &clone.id, &c_staging, &mount_access(fs), false).unwrap();
     assert_eq!(
         std::fs::read(r_staging.join("before")).unwrap(),
         vec![42u8; 3 << 20]
@@ -419,49 +603,47 @@ fn snapshot_and_clone(fs: FsType) {
     assert_eq!(std::fs::read(c_staging.join("after")).unwrap(), b"later");
     // Restored into a bigger volume: the filesystem was grown to fill it (online for xfs/btrfs,
     // offline before the mount for ext4).
-    let grown = pool
-        .volume_usage(&restored.id, &r_staging)
+    let grown = volume_usage(&pool, &restored.id, &r_staging)
         .unwrap()
         .total_bytes;
-    let same = pool
-        .volume_usage(&clone.id, &c_staging)
+    let same = volume_usage(&pool, &clone.id, &c_staging)
         .unwrap()
         .total_bytes;
     assert!(
         grown >= same + 100 * MIB,
         "restored fs is {grown} bytes, the clone's {same}"
     );
-    pool.unstage(&restored.id, &r_staging).unwrap();
-    pool.unstage(&clone.id, &c_staging).unwrap();
+    unstage(&pool, &restored.id, &r_staging).unwrap();
+    unstage(&pool, &clone.id, &c_staging).unwrap();
 
     // Smaller than the source: out of range; missing sources: not found.
     let err = pool
         .create_volume(&CreateVolume {
             name: "too-small".into(),
-            size_bytes: SIZE / 2,
+            size: SizeRequest::at_least(SIZE / 2),
             fs_type: None,
-            allocation: Allocation::Thin,
+            allocation: None,
             source: Some(VolumeSource::Snapshot(snap.id.clone())),
         })
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::OutOfRange);
     for source in [
-        VolumeSource::Snapshot("nope".into()),
-        VolumeSource::Volume("nope".into()),
+        VolumeSource::Snapshot(snapshot_id("nope")),
+        VolumeSource::Volume(vid("nope").unwrap()),
     ] {
         let err = pool
             .create_volume(&CreateVolume {
                 name: "x".into(),
-                size_bytes: SIZE,
+                size: SizeRequest::at_least(SIZE),
                 fs_type: None,
-                allocation: Allocation::Thin,
+                allocation: None,
                 source: Some(source),
             })
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
     }
     // Same snapshot name, other source.
-    let err = pool.create_snapshot("snap-1", &clone.id).unwrap_err();
+    let err = create_snapshot(&pool, "snap-1", &clone.id).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
     pool.delete_snapshot(&snap.id).unwrap();
     pool.delete_snapshot(&snap.id).unwrap();
@@ -495,52 +677,68 @@ fn expansion(fs: FsType) {
     let id = create(&pool, &format!("grow-{fs}"), Some(fs));
     let staging = s.path("staging");
     let target = s.path("pods/p/vol");
-    pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
-    pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
-        .unwrap();
+    stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
+    publish(
+        &pool,
+        &id,
+        Some(&staging),
+        &target,
+        &mount_access(fs),
+        false,
+        None,
+    )
+    .unwrap();
     write_file(&target.join("data"), b"kept");
-    let before = pool.volume_usage(&id, &target).unwrap().total_bytes;
+    let before = volume_usage(&pool, &id, &target).unwrap().total_bytes;
 
     let new_size = SIZE + 256 * MIB;
-    let expanded = pool.expand_volume(&id, new_size).unwrap();
+    let expanded = expand_volume(&pool, &id, new_size).unwrap();
     assert_eq!(expanded.size_bytes, new_size);
     assert_eq!(
-        pool.expand_volume(&id, new_size).unwrap().size_bytes,
+        expand_volume(&pool, &id, new_size).unwrap().size_bytes,
         new_size,
         "repeat is a no-op"
     );
     assert_eq!(
-        pool.expand_volume(&id, SIZE).unwrap().size_bytes,
+        expand_volume(&pool, &id, SIZE).unwrap().size_bytes,
         new_size,
         "never shrinks"
     );
-    let online = pool.node_expand(&id, Some(&target));
-    if fs == FsType::Ext4 && !loopvol::fs::can_grow_ext4_online() {
+    let online = node_expand(&pool, &id, Some(&target));
+    if fs == FsType::Ext4 && !test_fs::can_grow_ext4_online() {
         let err = online.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.to_string().contains("CAP_SYS_RESOURCE"), "{err}");
-        pool.unpublish(&id, &target).unwrap();
-        pool.unstage(&id, &staging).unwrap();
-        pool.stage(&id, &staging, &mount_access(fs), false).unwrap();
-        pool.publish(&id, Some(&staging), &target, &mount_access(fs), false, None)
-            .unwrap();
+        unpublish(&pool, &id, &target).unwrap();
+        unstage(&pool, &id, &staging).unwrap();
+        stage(&pool, &id, &staging, &mount_access(fs), false).unwrap();
+        publish(
+            &pool,
+            &id,
+            Some(&staging),
+            &target,
+            &mount_access(fs),
+            false,
+            None,
+        )
+        .unwrap();
     } else {
         assert_eq!(online.unwrap(), new_size);
-        pool.node_expand(&id, Some(&target)).unwrap();
+        node_expand(&pool, &id, Some(&target)).unwrap();
         // Node-side expansion alone (node-local pools): the image grows too.
         let bigger = new_size + 64 * MIB;
         assert_eq!(
-            pool.node_expand_to(&id, Some(&target), bigger).unwrap(),
+            node_expand_to(&pool, &id, Some(&target), bigger).unwrap(),
             bigger
         );
-        assert_eq!(pool.get_volume(&id).unwrap().size_bytes, bigger);
+        assert_eq!(get_volume(&pool, &id).unwrap().size_bytes, bigger);
     }
-    let after = pool.volume_usage(&id, &target).unwrap().total_bytes;
+    let after = volume_usage(&pool, &id, &target).unwrap().total_bytes;
     assert!(after >= before + 200 * MIB, "{fs}: {before} → {after}");
     assert_eq!(std::fs::read(target.join("data")).unwrap(), b"kept");
-    assert!(pool.get_volume(&id).unwrap().size_bytes >= new_size);
-    pool.unpublish(&id, &target).unwrap();
-    pool.unstage(&id, &staging).unwrap();
+    assert!(get_volume(&pool, &id).unwrap().size_bytes >= new_size);
+    unpublish(&pool, &id, &target).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 }
 
 #[test]
@@ -569,11 +767,17 @@ fn race_child() {
     ) else {
         return; // not a child: nothing to do
     };
-    let pool = Pool::open(pool_dir, PoolOptions::new("node-a")).unwrap();
-    let staged = pool
-        .stage(&id, Path::new(&staging), &mount_access(FsType::Ext4), false)
-        .unwrap();
-    pool.publish(
+    let pool = Pool::open(pool_dir, options("node-a")).unwrap();
+    let staged = stage(
+        &pool,
+        &id,
+        Path::new(&staging),
+        &mount_access(FsType::Ext4),
+        false,
+    )
+    .unwrap();
+    publish(
+        &pool,
         &id,
         Some(Path::new(&staging)),
         Path::new(&target),
@@ -637,17 +841,16 @@ fn two_processes_race_on_one_volume() {
         1,
         "one loop device for the volume"
     );
-    let table = loopvol::mount::mounts().unwrap();
+    let table = mount::mounts().unwrap();
     assert_eq!(
         table.iter().filter(|m| m.mount_point == staging).count(),
         1,
         "one staging mount"
     );
     for i in 0..2 {
-        pool.unpublish(&id, &s.path(&format!("pods/p{i}/vol")))
-            .unwrap();
+        unpublish(&pool, &id, &s.path(&format!("pods/p{i}/vol"))).unwrap();
     }
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 }
 
 #[test]
@@ -666,14 +869,13 @@ fn threads_race_on_create_and_stage() {
                 let m = pool
                     .create_volume(&CreateVolume {
                         name: "same".into(),
-                        size_bytes: SIZE,
+                        size: SizeRequest::at_least(SIZE),
                         fs_type: Some(FsType::Xfs),
-                        allocation: Allocation::Thin,
+                        allocation: None,
                         source: None,
                     })
                     .unwrap();
-                pool.stage(&m.id, &staging, &mount_access(FsType::Xfs), false)
-                    .unwrap();
+                stage(&pool, &m.id, &staging, &mount_access(FsType::Xfs), false).unwrap();
                 m
             })
         })
@@ -687,7 +889,7 @@ fn threads_race_on_create_and_stage() {
     );
     assert_eq!(pool.list_volumes(None, 0).unwrap().entries.len(), 1);
     assert_eq!(loops_under(&s.root()).len(), 1);
-    pool.unstage(&results[0].id, &staging).unwrap();
+    unstage(&pool, &results[0].id, &staging).unwrap();
 }
 
 /// A call interrupted between steps, then repeated, finishes the job.
@@ -702,14 +904,11 @@ fn crash_between_steps_then_repeat() {
     let staging = s.path("staging");
 
     // Stage crashed after attach + format, before the mount.
-    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
     write_file(&staging.join("f"), b"survives");
-    loopvol::mount::unmount(&staging).unwrap();
+    mount::unmount(&staging).unwrap();
     assert_eq!(loops_under(&s.root()).len(), 1);
-    let again = pool
-        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    let again = stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
     assert_eq!(again.formatted, None);
     assert_eq!(std::fs::read(staging.join("f")).unwrap(), b"survives");
     assert_eq!(
@@ -719,8 +918,8 @@ fn crash_between_steps_then_repeat() {
     );
 
     // Unstage crashed after the unmount, before the detach.
-    loopvol::mount::unmount(&staging).unwrap();
-    pool.unstage(&id, &staging).unwrap();
+    mount::unmount(&staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
     assert!(loops_under(&s.root()).is_empty());
 
     // Create crashed after writing the image, before committing metadata.
@@ -728,7 +927,7 @@ fn crash_between_steps_then_repeat() {
     std::fs::create_dir_all(&vol_dir).unwrap();
     std::fs::write(vol_dir.join("image.tmp"), b"junk").unwrap();
     assert_eq!(
-        pool.get_volume("half-made").unwrap_err().kind(),
+        get_volume(&pool, "half-made").unwrap_err().kind(),
         ErrorKind::NotFound
     );
     assert!(pool
@@ -736,33 +935,30 @@ fn crash_between_steps_then_repeat() {
         .unwrap()
         .entries
         .iter()
-        .all(|v| v.id != "half-made"));
+        .all(|v| v.id.as_str() != "half-made"));
     let m = pool
         .create_volume(&CreateVolume {
             name: "half-made".into(),
-            size_bytes: SIZE,
+            size: SizeRequest::at_least(SIZE),
             fs_type: None,
-            allocation: Allocation::Thin,
+            allocation: None,
             source: None,
         })
         .unwrap();
-    assert_eq!(
-        std::fs::metadata(pool.volume_image(&m.id)).unwrap().len(),
-        SIZE
-    );
+    assert_eq!(std::fs::metadata(image(&pool, &m.id)).unwrap().len(), SIZE);
     assert!(!vol_dir.join("image.tmp").exists());
 
     // Snapshot crashed midway through the copy.
     let snap_dir = s.pool().join("snapshots").join("snap-crash");
     std::fs::create_dir_all(&snap_dir).unwrap();
     std::fs::write(snap_dir.join("image.tmp"), b"partial").unwrap();
-    let snap = pool.create_snapshot("snap-crash", &id).unwrap();
+    let snap = create_snapshot(&pool, "snap-crash", &id).unwrap();
     assert_eq!(
         std::fs::metadata(snap_dir.join("image")).unwrap().len(),
         SIZE
     );
     assert!(!snap_dir.join("image.tmp").exists());
-    assert_eq!(snap.source_volume_id, id);
+    assert_eq!(snap.source_volume_id.as_str(), id);
 
     // Delete crashed after the move to trash: the next open empties it.
     std::fs::create_dir_all(s.pool().join("trash/left-over/x")).unwrap();
@@ -772,7 +968,7 @@ fn crash_between_steps_then_repeat() {
         std::fs::read_dir(s.pool().join("trash")).unwrap().count(),
         0
     );
-    pool.get_volume(&id).unwrap();
+    get_volume(&pool, &id).unwrap();
 }
 
 #[test]
@@ -794,41 +990,42 @@ fn bad_input_is_refused_and_changes_nothing() {
 
     for bad_id in ["../good", "a/b", "..", "x\0y", &"a".repeat(129), ""] {
         assert_eq!(
-            pool.get_volume(bad_id).unwrap_err().kind(),
+            get_volume(&pool, bad_id).unwrap_err().kind(),
             ErrorKind::InvalidArgument,
             "{bad_id:?}"
         );
         assert_eq!(
-            pool.delete_volume(bad_id).unwrap_err().kind(),
+            delete_volume(&pool, bad_id).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
         assert_eq!(
-            pool.stage(bad_id, &staging, &mount_access(FsType::Ext4), false)
+            stage(&pool, bad_id, &staging, &mount_access(FsType::Ext4), false)
                 .unwrap_err()
                 .kind(),
             ErrorKind::InvalidArgument
         );
         assert_eq!(
-            pool.create_snapshot("s", bad_id).unwrap_err().kind(),
+            create_snapshot(&pool, "s", bad_id).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
     }
+    // No size fits a limit under one block.
     let err = pool
         .create_volume(&CreateVolume {
             name: "zero".into(),
-            size_bytes: 0,
+            size: SizeRequest::new(0, 100).unwrap(),
             fs_type: None,
-            allocation: Allocation::Thin,
+            allocation: None,
             source: None,
         })
         .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(err.kind(), ErrorKind::OutOfRange);
     let err = pool
         .create_volume(&CreateVolume {
             name: "huge".into(),
-            size_bytes: 1 << 60,
+            size: SizeRequest::at_least(1 << 60),
             fs_type: None,
-            allocation: Allocation::Thin,
+            allocation: None,
             source: None,
         })
         .unwrap_err();
@@ -836,9 +1033,9 @@ fn bad_input_is_refused_and_changes_nothing() {
     let err = pool
         .create_volume(&CreateVolume {
             name: "good".into(),
-            size_bytes: SIZE * 2,
+            size: SizeRequest::at_least(SIZE * 2),
             fs_type: None,
-            allocation: Allocation::Thin,
+            allocation: None,
             source: None,
         })
         .unwrap_err();
@@ -849,7 +1046,7 @@ fn bad_input_is_refused_and_changes_nothing() {
             mount_options: vec![opt.into()],
         };
         assert_eq!(
-            pool.stage(&id, &staging, &access, false)
+            stage(&pool, &id, &staging, &access, false)
                 .unwrap_err()
                 .kind(),
             ErrorKind::InvalidArgument,
@@ -857,33 +1054,38 @@ fn bad_input_is_refused_and_changes_nothing() {
         );
     }
     for path in ["relative", "/etc/x", "/", "/proc/self", "/tmp/../etc"] {
-        let err = pool
-            .stage(&id, Path::new(path), &mount_access(FsType::Ext4), false)
-            .unwrap_err();
+        let err = stage(
+            &pool,
+            &id,
+            Path::new(path),
+            &mount_access(FsType::Ext4),
+            false,
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{path}");
-        let err = pool
-            .publish(
-                &id,
-                Some(&staging),
-                Path::new(path),
-                &mount_access(FsType::Ext4),
-                false,
-                None,
-            )
-            .unwrap_err();
+        let err = publish(
+            &pool,
+            &id,
+            Some(&staging),
+            Path::new(path),
+            &mount_access(FsType::Ext4),
+            false,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{path}");
     }
     assert!("ntfs".parse::<FsType>().is_err());
     assert_eq!(
-        pool.expand_volume(&id, 0).unwrap_err().kind(),
+        expand_volume(&pool, &id, 0).unwrap_err().kind(),
         ErrorKind::InvalidArgument
     );
     assert_eq!(
-        pool.expand_volume("missing", SIZE).unwrap_err().kind(),
+        expand_volume(&pool, "missing", SIZE).unwrap_err().kind(),
         ErrorKind::NotFound
     );
     assert_eq!(
-        pool.unstage("missing", &staging).unwrap_err().kind(),
+        unstage(&pool, "missing", &staging).unwrap_err().kind(),
         ErrorKind::NotFound
     );
     assert_eq!(
@@ -892,16 +1094,21 @@ fn bad_input_is_refused_and_changes_nothing() {
     );
 
     // Confined to prefixes: a path elsewhere is refused.
-    let mut opts = PoolOptions::new("node-a");
+    let mut opts = options("node-a");
     opts.path_prefixes = vec![s.path("kubelet")];
     let confined = Pool::open(s.pool(), opts).unwrap();
-    let err = confined
-        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    let err = stage(&confined, &id, &staging, &mount_access(FsType::Ext4), false).unwrap_err();
     assert!(err.to_string().contains("outside the allowed"), "{err}");
-    let err = confined
-        .publish(&id, None, &target, &mount_access(FsType::Ext4), false, None)
-        .unwrap_err();
+    let err = publish(
+        &confined,
+        &id,
+        None,
+        &target,
+        &mount_access(FsType::Ext4),
+        false,
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 
     assert_eq!(snapshot_of_pool(), before, "the pool is unchanged");
@@ -937,12 +1144,11 @@ fn health_reports_missing_image_and_fs_errors() {
     let pool = open(&s);
     let id = create(&pool, "healthy", Some(FsType::Ext4));
     let staging = s.path("staging");
-    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
-    assert!(!pool.volume_condition(&id).unwrap().abnormal);
-    pool.unstage(&id, &staging).unwrap();
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
+    assert!(!volume_condition(&pool, &id).unwrap().abnormal);
+    unstage(&pool, &id, &staging).unwrap();
     // Record an error in the superblock the way the kernel does (state "errors").
-    let image = pool.volume_image(&id);
+    let image = image(&pool, &id);
     let (code, _, err) = loopvol_e2e::run(
         Command::new("debugfs")
             .args(["-w", "-R", "ssv state 2"])
@@ -955,7 +1161,8 @@ fn health_reports_missing_image_and_fs_errors() {
             .arg(&image),
     );
     assert_eq!(code, 0, "{err}");
-    pool.stage(
+    stage(
+        &pool,
         &id,
         &staging,
         &Access::Mount {
@@ -965,19 +1172,17 @@ fn health_reports_missing_image_and_fs_errors() {
         false,
     )
     .unwrap();
-    let cond = pool.volume_condition(&id).unwrap();
+    let cond = volume_condition(&pool, &id).unwrap();
     assert!(cond.abnormal && cond.message.contains("errors"), "{cond:?}");
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 
     std::fs::remove_file(&image).unwrap();
-    let cond = pool.volume_condition(&id).unwrap();
+    let cond = volume_condition(&pool, &id).unwrap();
     assert!(
         cond.abnormal && cond.message.contains("missing"),
         "{cond:?}"
     );
-    let err = pool
-        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    let err = stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
 
@@ -1006,7 +1211,7 @@ fn capacity_listing_and_allocation() {
     loop {
         let page = pool.list_volumes(token.as_deref(), 2).unwrap();
         assert!(page.entries.len() <= 2);
-        seen.extend(page.entries.into_iter().map(|v| v.id));
+        seen.extend(page.entries.into_iter().map(|v| v.id.to_string()));
         match page.next_token {
             Some(t) => token = Some(t),
             None => break,
@@ -1015,23 +1220,23 @@ fn capacity_listing_and_allocation() {
     assert_eq!(seen, ["v0", "v1", "v2", "v3", "v4"]);
 
     // Thin → thick: every block allocated, and the capacity no longer counts it as promised.
-    let m = pool.set_allocation("v0", Allocation::Thick).unwrap();
+    let m = set_allocation(&pool, "v0", Allocation::Thick).unwrap();
     assert_eq!(m.allocation, Allocation::Thick);
-    let blocks = std::fs::metadata(pool.volume_image("v0")).unwrap().blocks() * 512;
+    let blocks = std::fs::metadata(image(&pool, "v0")).unwrap().blocks() * 512;
     assert!(blocks >= SIZE, "allocated {blocks}");
     assert_eq!(pool.capacity().unwrap().thin_unallocated_bytes, 4 * SIZE);
-    assert_eq!(pool.set_allocation("v0", Allocation::Thick).unwrap(), m);
+    assert_eq!(set_allocation(&pool, "v0", Allocation::Thick).unwrap(), m);
 
     // Snapshots list in order, filtered by source, with paging.
-    pool.create_snapshot("s-a", "v1").unwrap();
-    pool.create_snapshot("s-b", "v2").unwrap();
-    pool.create_snapshot("s-c", "v1").unwrap();
+    create_snapshot(&pool, "s-a", "v1").unwrap();
+    create_snapshot(&pool, "s-b", "v2").unwrap();
+    create_snapshot(&pool, "s-c", "v1").unwrap();
     let of_v1: Vec<String> = pool
-        .list_snapshots(Some("v1"), None, 0)
+        .list_snapshots(Some(&vid("v1").unwrap()), None, 0)
         .unwrap()
         .entries
         .into_iter()
-        .map(|s| s.id)
+        .map(|s| s.id.to_string())
         .collect();
     assert_eq!(of_v1, ["s-a", "s-c"]);
     let p = pool.list_snapshots(None, None, 2).unwrap();
@@ -1048,18 +1253,14 @@ fn capacity_listing_and_allocation() {
     );
 
     // Group snapshot: one per member, all tagged with the group.
-    let (group, members) = pool
-        .create_group_snapshot("grp", &["v3".into(), "v4".into()])
-        .unwrap();
-    assert_eq!(members.len(), 2);
-    assert_eq!(pool.get_group_snapshot(&group).unwrap(), members);
-    let (again, members2) = pool
-        .create_group_snapshot("grp", &["v4".into(), "v3".into()])
-        .unwrap();
-    assert_eq!((again, members2), (group, members));
+    let group = create_group_snapshot(&pool, "grp", &["v3", "v4"]).unwrap();
+    assert_eq!(group.members.len(), 2);
+    assert_eq!(pool.get_group_snapshot(&group.id, &[]).unwrap(), group);
+    let again = create_group_snapshot(&pool, "grp", &["v4", "v3"]).unwrap();
+    assert_eq!(again, group);
 
     // Overcommit lets thin volumes promise more than is free.
-    let mut opts = PoolOptions::new("node-a");
+    let mut opts = options("node-a");
     opts.overcommit = 4.0;
     let over = Pool::open(s.pool(), opts).unwrap();
     assert!(over.capacity().unwrap().available_bytes > cap1.available_bytes);
@@ -1072,107 +1273,107 @@ fn shared_pool_keeps_a_writer_on_one_node() {
     }
     let s = Scratch::new();
     let on = |node: &str| {
-        let mut o = PoolOptions::new(node);
+        let mut o = options(node);
         o.shared = true;
         Pool::open(s.pool(), o).unwrap()
     };
     let (a, b) = (on("node-a"), on("node-b"));
     let id = create(&a, "shared", Some(FsType::Ext4));
     assert_eq!(
-        a.get_volume(&id).unwrap().node,
+        get_volume(&a, &id).unwrap().node,
         None,
         "no node topology on a shared pool"
     );
 
     // Controller claims.
-    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, Some("pv-1"))
-        .unwrap();
-    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, Some("pv-1"))
-        .unwrap();
-    let err = b
-        .claim(&id, "node-b", AccessMode::SingleNodeWriter, Some("pv-1"))
-        .unwrap_err();
+    claim(
+        &a,
+        &id,
+        "node-a",
+        AccessMode::SingleNodeWriter,
+        Some("pv-1"),
+    )
+    .unwrap();
+    claim(
+        &a,
+        &id,
+        "node-a",
+        AccessMode::SingleNodeWriter,
+        Some("pv-1"),
+    )
+    .unwrap();
+    let err = claim(
+        &b,
+        &id,
+        "node-b",
+        AccessMode::SingleNodeWriter,
+        Some("pv-1"),
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(err.to_string().contains("node-a"), "{err}");
     assert_eq!(
-        a.claim(&id, "node-a", AccessMode::ReadOnly, None)
+        claim(&a, &id, "node-a", AccessMode::ReadOnly, None)
             .unwrap_err()
             .kind(),
         ErrorKind::AlreadyExists
     );
     assert_eq!(
-        a.find_claim_by_pv("pv-1", "node-a").unwrap().as_deref(),
-        Some(id.as_str())
+        a.find_claim_by_pv("pv-1", &node("node-a")).unwrap(),
+        Some(vid(&id).unwrap())
     );
-    a.release_claim(&id, "node-a").unwrap();
-    a.release_claim(&id, "node-a").unwrap();
-    b.claim(&id, "node-b", AccessMode::ReadOnly, None).unwrap();
-    a.claim(&id, "node-a", AccessMode::ReadOnly, None).unwrap();
-    a.release_claim(&id, "node-a").unwrap();
-    b.release_claim(&id, "node-b").unwrap();
+    release_claim(&a, &id, "node-a").unwrap();
+    release_claim(&a, &id, "node-a").unwrap();
+    claim(&b, &id, "node-b", AccessMode::ReadOnly, None).unwrap();
+    claim(&a, &id, "node-a", AccessMode::ReadOnly, None).unwrap();
+    release_claim(&a, &id, "node-a").unwrap();
+    release_claim(&b, &id, "node-b").unwrap();
 
     // Staging holds: a read-write stage on node-a keeps node-b out until it is released.
     let sa = s.path("a/staging");
     let sb = s.path("b/staging");
-    a.stage(&id, &sa, &mount_access(FsType::Ext4), false)
-        .unwrap();
-    let err = b
-        .stage(&id, &sb, &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap();
+    let err = stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(
         err.to_string().contains("read-write on node node-a"),
         "{err}"
     );
-    let err = b
-        .stage(&id, &sb, &mount_access(FsType::Ext4), true)
-        .unwrap_err();
+    let err = stage(&b, &id, &sb, &mount_access(FsType::Ext4), true).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-    a.unstage(&id, &sa).unwrap();
-    b.stage(&id, &sb, &mount_access(FsType::Ext4), false)
-        .unwrap();
-    b.unstage(&id, &sb).unwrap();
+    unstage(&a, &id, &sa).unwrap();
+    stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap();
+    unstage(&b, &id, &sb).unwrap();
 
     // A claim alone (published to node-a, not yet staged there) keeps node-b out too.
-    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, None)
-        .unwrap();
-    let err = b
-        .stage(&id, &sb, &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    claim(&a, &id, "node-a", AccessMode::SingleNodeWriter, None).unwrap();
+    let err = stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap_err();
     assert!(
         err.to_string()
             .contains("published read-write on node node-a"),
         "{err}"
     );
-    a.release_claim(&id, "node-a").unwrap();
+    release_claim(&a, &id, "node-a").unwrap();
 
     // node-a dies with the volume staged (its hold stays in the metadata); the controller's
     // release (CSI ControllerUnpublish after the node is declared dead) frees it for node-b.
-    a.claim(&id, "node-a", AccessMode::SingleNodeWriter, None)
-        .unwrap();
-    a.stage(&id, &sa, &mount_access(FsType::Ext4), false)
-        .unwrap();
-    assert!(b
-        .stage(&id, &sb, &mount_access(FsType::Ext4), false)
-        .is_err());
-    b.release_claim(&id, "node-a").unwrap();
-    b.claim(&id, "node-b", AccessMode::SingleNodeWriter, None)
-        .unwrap();
+    claim(&a, &id, "node-a", AccessMode::SingleNodeWriter, None).unwrap();
+    stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap();
+    assert!(stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).is_err());
+    release_claim(&b, &id, "node-a").unwrap();
+    claim(&b, &id, "node-b", AccessMode::SingleNodeWriter, None).unwrap();
     // On one test machine node-a's mount and loop device are still here; a dead node's are not.
     s.cleanup_kernel_state();
-    b.stage(&id, &sb, &mount_access(FsType::Ext4), false)
-        .unwrap();
-    b.unstage(&id, &sb).unwrap();
-    b.release_claim(&id, "node-b").unwrap();
-    assert!(a.get_volume(&id).unwrap().staged.is_empty());
+    stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap();
+    unstage(&b, &id, &sb).unwrap();
+    release_claim(&b, &id, "node-b").unwrap();
+    assert!(get_volume(&a, &id).unwrap().staged.is_empty());
 
     // Node-local pools refuse other nodes outright.
     let local = open(&s);
     let lid = create(&local, "local-only", None);
-    let other = Pool::open(s.pool(), PoolOptions::new("node-z")).unwrap();
-    let err = other
-        .stage(&lid, &sb, &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    let other = Pool::open(s.pool(), options("node-z")).unwrap();
+    let err = stage(&other, &lid, &sb, &mount_access(FsType::Ext4), false).unwrap_err();
     assert!(err.to_string().contains("node-a"), "{err}");
 }
 
@@ -1190,7 +1391,7 @@ fn snapshots_reflink_on_a_reflink_pool() {
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    let dev = loopvol::loopdev::attach(&backing, false).unwrap();
+    let dev = loopdev::attach(&backing, false).unwrap();
     let (code, _, err) = loopvol_e2e::run(
         Command::new("mkfs.xfs")
             .args(["-q", "-m", "reflink=1"])
@@ -1199,7 +1400,7 @@ fn snapshots_reflink_on_a_reflink_pool() {
     assert_eq!(code, 0, "{err}");
     let pool_dir = s.path("xfs-pool");
     std::fs::create_dir(&pool_dir).unwrap();
-    loopvol::mount::mount_fs(
+    mount::mount_fs(
         &dev.path(),
         &pool_dir,
         "xfs",
@@ -1208,45 +1409,50 @@ fn snapshots_reflink_on_a_reflink_pool() {
     )
     .unwrap();
 
-    let pool = Pool::open(&pool_dir, PoolOptions::new("node-a")).unwrap();
+    let pool = Pool::open(&pool_dir, options("node-a")).unwrap();
     let id = create(&pool, "big", Some(FsType::Ext4));
     let staging = s.path("staging");
-    pool.stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
     let data: Vec<u8> = (0..(64u32 << 20))
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
     write_file(&staging.join("data"), &data);
     let free_before = pool.capacity().unwrap().free_bytes;
-    let snap = pool.create_snapshot("snap", &id).unwrap();
+    let snap = create_snapshot(&pool, "snap", &id).unwrap();
     let free_after = pool.capacity().unwrap().free_bytes;
     assert!(
         free_before - free_after < 8 * MIB,
         "a reflinked snapshot took {} bytes",
         free_before - free_after
     );
-    pool.unstage(&id, &staging).unwrap();
-    pool.delete_volume(&id).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+    delete_volume(&pool, &id).unwrap();
 
     let restored = pool
         .create_volume(&CreateVolume {
             name: "restored".into(),
-            size_bytes: SIZE,
+            size: SizeRequest::at_least(SIZE),
             fs_type: None,
-            allocation: Allocation::Thin,
+            allocation: None,
             source: Some(VolumeSource::Snapshot(snap.id)),
         })
         .unwrap();
-    pool.stage(&restored.id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    stage(
+        &pool,
+        &restored.id,
+        &staging,
+        &mount_access(FsType::Ext4),
+        false,
+    )
+    .unwrap();
     assert!(
         std::fs::read(staging.join("data")).unwrap() == data,
         "restored content differs"
     );
-    pool.unstage(&restored.id, &staging).unwrap();
+    unstage(&pool, &restored.id, &staging).unwrap();
     drop(pool);
-    loopvol::mount::unmount(&pool_dir).unwrap();
-    loopvol::loopdev::detach(&dev).unwrap();
+    mount::unmount(&pool_dir).unwrap();
+    loopdev::detach(&dev).unwrap();
 }
 
 /// Many volumes attached at once from many threads: the free-device race is retried, every
@@ -1265,7 +1471,7 @@ fn concurrent_attaches_get_distinct_devices() {
         .iter()
         .map(|id| {
             let (pool, id) = (pool.clone(), id.clone());
-            std::thread::spawn(move || pool.attach_volume(&id, false).unwrap())
+            std::thread::spawn(move || attach_volume(&pool, &id, false).unwrap())
         })
         .collect::<Vec<_>>()
         .into_iter()
@@ -1277,12 +1483,12 @@ fn concurrent_attaches_get_distinct_devices() {
     assert_eq!(unique.len(), 8, "{devices:?}");
     for (id, dev) in ids.iter().zip(&devices) {
         assert_eq!(
-            pool.attach_volume(id, false).unwrap(),
+            attach_volume(&pool, id, false).unwrap(),
             *dev,
             "attach is idempotent"
         );
-        pool.detach_volume(id).unwrap();
-        pool.detach_volume(id).unwrap();
+        detach_volume(&pool, id).unwrap();
+        detach_volume(&pool, id).unwrap();
     }
     assert!(loops_under(&s.root()).is_empty());
 
@@ -1290,16 +1496,13 @@ fn concurrent_attaches_get_distinct_devices() {
     let thick = pool
         .create_volume(&CreateVolume {
             name: "thick".into(),
-            size_bytes: 64 * MIB,
+            size: SizeRequest::at_least(64 * MIB),
             fs_type: None,
-            allocation: Allocation::Thick,
+            allocation: Some(Allocation::Thick),
             source: None,
         })
         .unwrap();
-    let allocated = std::fs::metadata(pool.volume_image(&thick.id))
-        .unwrap()
-        .blocks()
-        * 512;
+    let allocated = std::fs::metadata(image(&pool, &thick.id)).unwrap().blocks() * 512;
     assert!(allocated >= 64 * MIB, "thick volume allocated {allocated}");
 }
 
@@ -1314,21 +1517,20 @@ fn health_reports_a_shut_down_filesystem() {
     let pool = open(&s);
     let id = create(&pool, "doomed", Some(FsType::Xfs));
     let staging = s.path("staging");
-    pool.stage(&id, &staging, &mount_access(FsType::Xfs), false)
-        .unwrap();
-    assert!(!pool.volume_condition(&id).unwrap().abnormal);
+    stage(&pool, &id, &staging, &mount_access(FsType::Xfs), false).unwrap();
+    assert!(!volume_condition(&pool, &id).unwrap().abnormal);
     let (code, _, err) = loopvol_e2e::run(
         Command::new("xfs_io")
             .args(["-x", "-c", "shutdown"])
             .arg(&staging),
     );
     assert_eq!(code, 0, "{err}");
-    let cond = pool.volume_condition(&id).unwrap();
+    let cond = volume_condition(&pool, &id).unwrap();
     assert!(
         cond.abnormal && cond.message.contains("shut down"),
         "{cond:?}"
     );
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
     assert!(loops_under(&s.root()).is_empty());
 }
 
@@ -1345,7 +1547,7 @@ fn an_interrupted_format_is_finished_and_only_then() {
     let staging = s.path("staging");
     // What a killed mkfs.ext4 leaves: a superblock (blkid says ext4) over broken metadata.
     let half_format = |id: &str| {
-        let image = pool.volume_image(id);
+        let image = image(&pool, id);
         let (code, _, err) = loopvol_e2e::run(
             Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-b", "4096"])
@@ -1367,26 +1569,296 @@ fn an_interrupted_format_is_finished_and_only_then() {
         serde_json::from_slice(&std::fs::read(meta_path(&id)).unwrap()).unwrap();
     m["formatting"] = "ext4".into();
     std::fs::write(meta_path(&id), m.to_string()).unwrap();
-    let staged = pool
-        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap();
+    let staged = stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
     assert_eq!(staged.formatted, Some(FsType::Ext4));
     write_file(&staging.join("f"), b"usable");
     assert_eq!(
-        pool.get_volume(&id).unwrap().formatting,
+        get_volume(&pool, &id).unwrap().formatting,
         None,
         "the record is cleared"
     );
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
 
     // The same bytes without the record: not ours to format.
     let id = create(&pool, "someone-elses", Some(FsType::Ext4));
     half_format(&id);
-    let err = pool
-        .stage(&id, &staging, &mount_access(FsType::Ext4), false)
-        .unwrap_err();
+    let err = stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap_err();
     assert!(!err.to_string().contains("formatted"), "{err}");
-    let first = std::fs::read(pool.volume_image(&id)).unwrap()[4096..4096 + 16].to_vec();
+    let first = std::fs::read(image(&pool, &id)).unwrap()[4096..4096 + 16].to_vec();
     assert_eq!(first, vec![0xA5; 16], "nothing was written over the volume");
-    pool.unstage(&id, &staging).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy decided once, in the backend, for both front ends
+// ---------------------------------------------------------------------------------------------
+
+/// Sizes resolve the same way whoever asks: whole 4 KiB blocks, each filesystem's minimum, 1 GiB
+/// by default. (FlexVolume's `size: "1000"` used to make a 1000-byte image; an xfs volume under
+/// 300 MiB used to fail late, in mkfs.)
+#[test]
+fn sizes_are_resolved_by_the_backend() {
+    let s = Scratch::new();
+    let pool = open(&s);
+    // (name, request, fs) → size
+    let table: &[(&str, SizeRequest, Option<FsType>, u64)] = &[
+        ("tiny", SizeRequest::at_least(1000), None, 4096),
+        (
+            "odd",
+            SizeRequest::at_least(5 * MIB + 1),
+            Some(FsType::Ext4),
+            5 * MIB + 4096,
+        ),
+        (
+            "small-xfs",
+            SizeRequest::at_least(64 * MIB),
+            Some(FsType::Xfs),
+            300 * MIB,
+        ),
+        (
+            "small-btrfs",
+            SizeRequest::at_least(MIB),
+            Some(FsType::Btrfs),
+            128 * MIB,
+        ),
+        ("default", SizeRequest::default(), None, 1 << 30),
+    ];
+    for (name, size, fs, want) in table {
+        let m = pool
+            .create_volume(&CreateVolume {
+                name: (*name).into(),
+                size: *size,
+                fs_type: *fs,
+                allocation: None,
+                source: None,
+            })
+            .unwrap();
+        assert_eq!(m.size_bytes, *want, "{name}");
+        assert_eq!(
+            std::fs::metadata(image(&pool, name)).unwrap().len(),
+            *want,
+            "{name}"
+        );
+    }
+    // Open-or-create (FlexVolume) takes an existing volume as it is, whatever the request says.
+    let again = pool
+        .open_or_create_volume(&request("tiny", 10 * MIB, Some(FsType::Xfs)))
+        .unwrap();
+    assert_eq!(again.meta().size_bytes, 4096);
+    assert_eq!(again.meta().fs_type, None);
+    drop(again);
+    // Get-or-create (CSI) returns it only when the request admits it.
+    assert_eq!(
+        pool.create_volume(&request("tiny", 10 * MIB, None))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::AlreadyExists
+    );
+    pool.create_volume(&request("tiny", 4096, None)).unwrap();
+}
+
+/// No filesystem is recorded at create unless one is asked for; the first format fixes it (the
+/// stage's request, else ext4) and records it, for both front ends alike.
+#[test]
+fn the_default_filesystem_is_fixed_at_the_first_format() {
+    if !gate(FsType::Ext4) || !gate(FsType::Xfs) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let any = Access::Mount {
+        fs_type: None,
+        mount_options: vec![],
+    };
+    // (volume, fs asked at stage) → fs formatted and recorded
+    for (name, asked, want) in [
+        ("plain", None, FsType::Ext4),
+        ("asked-xfs", Some(FsType::Xfs), FsType::Xfs),
+    ] {
+        let id = create(&pool, name, None);
+        assert_eq!(get_volume(&pool, &id).unwrap().fs_type, None, "{name}");
+        let staging = s.path(&format!("staging-{name}"));
+        let access = match asked {
+            Some(fs) => mount_access(fs),
+            None => any.clone(),
+        };
+        let staged = stage(&pool, &id, &staging, &access, false).unwrap();
+        assert_eq!(staged.formatted, Some(want), "{name}");
+        assert_eq!(
+            get_volume(&pool, &id).unwrap().fs_type,
+            Some(want),
+            "{name}"
+        );
+        unstage(&pool, &id, &staging).unwrap();
+        // Recorded: a later stage without a request mounts the same filesystem.
+        stage(&pool, &id, &staging, &any, false).unwrap();
+        assert_eq!(
+            mount::mounts()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|m| m.mount_point == staging)
+                .unwrap()
+                .fs_type,
+            want.as_str()
+        );
+        unstage(&pool, &id, &staging).unwrap();
+    }
+}
+
+/// One workload at a time (CSI's SINGLE_NODE_SINGLE_WRITER) is enforced under the volume's
+/// lock, so it holds between processes too: of two racing exclusive publications at different
+/// targets, exactly one wins.
+#[test]
+fn exclusive_publication_is_enforced_under_the_lock() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "rwop", Some(FsType::Ext4));
+    let staging = s.path("staging");
+    stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
+    let exclusive = |pool: &Pool, target: &Path| {
+        let request = Publish {
+            staging: Some(pool.node_path("staging path", &staging).unwrap()),
+            target: pool.node_path("target path", target).unwrap(),
+            access: mount_access(FsType::Ext4),
+            read_only: false,
+            fs_group: None,
+            exclusive: true,
+        };
+        pool.volume(&vid(&id).unwrap())?.publish(&request)
+    };
+    let (t1, t2) = (s.path("pods/p1/vol"), s.path("pods/p2/vol"));
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let racers: Vec<_> = [&t1, &t2]
+            .into_iter()
+            .map(|target| {
+                let pool = open(&s); // its own lock file descriptions, as another process
+                let exclusive = &exclusive;
+                scope.spawn(move || exclusive(&pool, target))
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let won: Vec<&PathBuf> = [&t1, &t2]
+        .into_iter()
+        .zip(&results)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    let (winner, loser) = if won[0] == &t1 {
+        (&t1, &t2)
+    } else {
+        (&t2, &t1)
+    };
+    let err = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("one workload at a time"), "{err}");
+    assert!(mount::mount_at(&mount::mounts().unwrap(), loser).is_none());
+    // A repeat at the winner's target is fine; the loser gets it once the winner is gone.
+    exclusive(&pool, winner).unwrap();
+    unpublish(&pool, &id, winner).unwrap();
+    exclusive(&pool, loser).unwrap();
+    unpublish(&pool, &id, loser).unwrap();
+    unstage(&pool, &id, &staging).unwrap();
+}
+
+/// Deleting a group snapshot is one backend call: the members named by the caller are checked
+/// before anything is deleted, then every member goes; an unknown group is already deleted.
+#[test]
+fn group_snapshots_are_deleted_whole() {
+    let s = Scratch::new();
+    let pool = open(&s);
+    for v in ["g1", "g2"] {
+        create(&pool, v, None);
+    }
+    let group = create_group_snapshot(&pool, "grp", &["g1", "g2"]).unwrap();
+    let members: Vec<SnapshotId> = group.members.iter().map(|m| m.id.clone()).collect();
+    let wrong = [members[0].clone()];
+    for result in [
+        pool.get_group_snapshot(&group.id, &wrong).map(drop),
+        pool.delete_group_snapshot(&group.id, &wrong),
+    ] {
+        let err = result.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    }
+    assert_eq!(pool.list_snapshots(None, None, 0).unwrap().entries.len(), 2);
+    pool.get_group_snapshot(&group.id, &members).unwrap();
+    pool.delete_group_snapshot(&group.id, &members).unwrap();
+    assert!(pool
+        .list_snapshots(None, None, 0)
+        .unwrap()
+        .entries
+        .is_empty());
+    pool.delete_group_snapshot(&group.id, &members).unwrap();
+    assert_eq!(
+        pool.get_group_snapshot(&group.id, &[]).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+/// Unpublishing from every node (CSI ControllerUnpublish without a node) is one call on the
+/// volume's handle: every claim goes, with the staging holds of those nodes.
+#[test]
+fn release_all_drops_every_claim_and_its_holds() {
+    let s = Scratch::new();
+    let mut o = options("node-a");
+    o.shared = true;
+    let pool = Pool::open(s.pool(), o).unwrap();
+    let id = create(&pool, "shared", None);
+    for n in ["node-a", "node-b"] {
+        claim(&pool, &id, n, AccessMode::ReadOnly, None).unwrap();
+    }
+    assert_eq!(
+        claim(&pool, &id, "node-c", AccessMode::SingleNodeWriter, None)
+            .unwrap_err()
+            .kind(),
+        ErrorKind::FailedPrecondition
+    );
+    let mut volume = pool.volume(&vid(&id).unwrap()).unwrap();
+    volume.release_all().unwrap();
+    volume.release_all().unwrap();
+    assert!(volume.meta().claims.is_empty());
+    drop(volume);
+    assert!(get_volume(&pool, &id).unwrap().claims.is_empty());
+    claim(&pool, &id, "node-c", AccessMode::SingleNodeWriter, None).unwrap();
+}
+
+/// An ID read from metadata is validated like one from a caller: a `volume.json` that names
+/// `../../x`, or another volume, is corrupt, named as such, and never followed.
+#[test]
+fn metadata_naming_an_invalid_id_is_corrupt() {
+    let s = Scratch::new();
+    let pool = open(&s);
+    let id = create(&pool, "victim", None);
+    let meta_path = s.pool().join("volumes/victim/volume.json");
+    let good = std::fs::read_to_string(&meta_path).unwrap();
+    for (replacement, why) in [
+        ("../../x", "invalid volume ID"),
+        ("other", "records volume other"),
+    ] {
+        std::fs::write(
+            &meta_path,
+            good.replace("\"id\": \"victim\"", &format!("\"id\": \"{replacement}\"")),
+        )
+        .unwrap();
+        for err in [
+            get_volume(&pool, &id).unwrap_err(),
+            pool.volume(&vid(&id).unwrap()).unwrap_err(),
+            pool.list_volumes(None, 0).unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(
+                msg.contains("corrupt metadata")
+                    && msg.contains("volume.json")
+                    && msg.contains(why),
+                "{msg}"
+            );
+        }
+    }
+    std::fs::write(&meta_path, good).unwrap();
+    get_volume(&pool, &id).unwrap();
 }

@@ -1,0 +1,183 @@
+//! The kernel's state as one operation sees it: the mount table and every bound loop device,
+//! read once at the start of the operation ([`KernelView::read`]) and asked every question that
+//! operation has. The predicates that say which mounts and devices belong to a volume are
+//! written once, here.
+//!
+//! An operation reads a new view only after it changed the kernel state itself (an unmount it
+//! made) and needs to look again.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::loopdev::{self, FileId, LoopDevice};
+use crate::mount::{self, MountEntry};
+
+#[derive(Debug)]
+pub(crate) struct KernelView {
+    mounts: Vec<MountEntry>,
+    loops: Vec<LoopDevice>,
+}
+
+/// A volume's image as the kernel knows it: its path in the pool and its identity.
+#[derive(Debug, Clone)]
+pub(crate) struct Image {
+    pub path: PathBuf,
+    pub id: FileId,
+}
+
+impl KernelView {
+    /// Reads mountinfo and sysfs' loop devices.
+    pub fn read() -> Result<KernelView> {
+        Ok(KernelView {
+            mounts: mount::mounts()?,
+            loops: loopdev::list()?,
+        })
+    }
+
+    /// The loop devices bound to `image` (normally zero or one), by path or by identity. No
+    /// image (it is missing): none.
+    pub fn devices_of(&self, image: Option<&Image>) -> Vec<LoopDevice> {
+        let Some(image) = image else {
+            return Vec::new();
+        };
+        self.loops
+            .iter()
+            .filter(|d| d.is_backed_by(&image.path, image.id))
+            .cloned()
+            .collect()
+    }
+
+    /// The topmost mount at exactly `path` (later lines stack over earlier ones).
+    pub fn mount_at(&self, path: &Path) -> Option<&MountEntry> {
+        mount::mount_at(&self.mounts, path)
+    }
+
+    /// Every mount that uses one of `devices` (see [`uses`]), except those at `except`.
+    pub fn users(&self, devices: &[LoopDevice], except: &[&Path]) -> Vec<&MountEntry> {
+        self.mounts
+            .iter()
+            .filter(|m| !except.contains(&m.mount_point.as_path()))
+            .filter(|m| devices.iter().any(|d| uses(m, d)))
+            .collect()
+    }
+
+    /// The filesystem mounts of `dev` (not binds of its device node).
+    pub fn fs_mounts<'a>(&'a self, dev: &'a LoopDevice) -> impl Iterator<Item = &'a MountEntry> {
+        self.mounts.iter().filter(move |m| is_fs_mount_of(m, dev))
+    }
+
+    /// The loop device a mount is made from: a filesystem on it, or a bind of its device node.
+    pub fn device_of_mount(&self, m: &MountEntry) -> Option<&LoopDevice> {
+        let by_number = (m.major == loopdev::LOOP_MAJOR).then_some(m.minor);
+        let by_source = || m.source.strip_prefix("/dev/loop")?.parse().ok();
+        let by_bind = || {
+            (m.fs_type == "devtmpfs")
+                .then(|| m.root.to_str()?.strip_prefix("/loop")?.parse().ok())
+                .flatten()
+        };
+        let number: u32 = by_number.or_else(by_source).or_else(by_bind)?;
+        self.loops.iter().find(|d| d.number == number)
+    }
+}
+
+/// A filesystem mounted from `dev` (or a bind of one). btrfs reports an anonymous device number
+/// in mountinfo, so the source path counts as well as the number.
+pub(crate) fn is_fs_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {
+    (m.major == loopdev::LOOP_MAJOR && m.minor == dev.number) || Path::new(&m.source) == dev.path()
+}
+
+/// A bind of the device node itself (raw block publish): devtmpfs with the node's name as root.
+pub(crate) fn is_device_bind_of(m: &MountEntry, dev: &LoopDevice) -> bool {
+    m.fs_type == "devtmpfs" && m.root == Path::new(&format!("/loop{}", dev.number))
+}
+
+/// Whether mount `m` uses `dev`: its filesystem, a bind of it, or a bind of its device node.
+pub(crate) fn uses(m: &MountEntry, dev: &LoopDevice) -> bool {
+    is_fs_mount_of(m, dev) || is_device_bind_of(m, dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+300 27 7:3 / /k/globalmount rw,nosuid,nodev - ext4 /dev/loop3 rw
+301 27 7:3 / /k/pods/a rw,nosuid,nodev - ext4 /dev/loop3 rw
+302 27 0:6 /loop4 /k/pods/dev ro,relatime - devtmpfs devtmpfs rw,size=123k
+303 27 0:55 / /k/btrfs rw - btrfs /dev/loop5 rw
+";
+
+    fn view() -> KernelView {
+        let dev = |number| {
+            let image = PathBuf::from(format!("/pool/volumes/v{number}/image"));
+            LoopDevice::new(number, image, false).with_backing_id(Some(FileId {
+                dev: 1,
+                ino: u64::from(number),
+            }))
+        };
+        KernelView {
+            mounts: mount::parse_mountinfo(TABLE),
+            loops: vec![dev(3), dev(4), dev(5)],
+        }
+    }
+
+    #[test]
+    fn whose_mounts() {
+        let v = view();
+        let d3 = v.loops[0].clone();
+        let d4 = v.loops[1].clone();
+        let d5 = v.loops[2].clone();
+        let users = |devs: &[LoopDevice], except: &[&Path]| -> Vec<PathBuf> {
+            v.users(devs, except)
+                .iter()
+                .map(|m| m.mount_point.clone())
+                .collect()
+        };
+        assert_eq!(
+            users(std::slice::from_ref(&d3), &[]),
+            [PathBuf::from("/k/globalmount"), PathBuf::from("/k/pods/a")]
+        );
+        assert_eq!(
+            users(std::slice::from_ref(&d3), &[Path::new("/k/globalmount")]),
+            [PathBuf::from("/k/pods/a")]
+        );
+        // A bind of the device node belongs to the device; btrfs by its source path.
+        assert_eq!(
+            users(std::slice::from_ref(&d4), &[]),
+            [PathBuf::from("/k/pods/dev")]
+        );
+        assert_eq!(
+            users(std::slice::from_ref(&d5), &[]),
+            [PathBuf::from("/k/btrfs")]
+        );
+        assert_eq!(v.fs_mounts(&d4).count(), 0);
+        // Back from a mount to its device.
+        for (path, number) in [("/k/pods/a", 3), ("/k/pods/dev", 4), ("/k/btrfs", 5)] {
+            let m = v.mount_at(Path::new(path)).unwrap();
+            assert_eq!(
+                v.device_of_mount(m).map(|d| d.number),
+                Some(number),
+                "{path}"
+            );
+        }
+        assert!(v
+            .device_of_mount(v.mount_at(Path::new("/")).unwrap())
+            .is_none());
+        // Devices of an image: by path, or by identity when the pool is reached another way.
+        let numbers = |image: &Image| -> Vec<u32> {
+            v.devices_of(Some(image)).iter().map(|d| d.number).collect()
+        };
+        let by_path = Image {
+            path: PathBuf::from("/pool/volumes/v4/image"),
+            id: FileId { dev: 9, ino: 9 },
+        };
+        assert_eq!(numbers(&by_path), [4]);
+        let by_identity = Image {
+            path: PathBuf::from("/elsewhere/image"),
+            id: FileId { dev: 1, ino: 5 },
+        };
+        assert_eq!(numbers(&by_identity), [5]);
+        assert!(v.devices_of(None).is_empty());
+    }
+}

@@ -1,0 +1,398 @@
+//! The pool: a directory holding volumes and snapshots, its layout, its locks, its listings, its
+//! capacity and the records of the nodes that serve it. Volumes are reached through
+//! [`Pool::volume`] (a locked handle); snapshots through the functions in `snapshot`.
+//!
+//! Layout (stable: both front ends and every release read it):
+//! ```text
+//! <pool>/volumes/<id>/volume.json, image
+//! <pool>/snapshots/<id>/snapshot.json, image
+//! <pool>/locks/<kind>-<id>.lock
+//! <pool>/staging/<node>/<id>     default staging mounts (FlexVolume node mode)
+//! <pool>/trash/                  deletions in progress (rename, then remove)
+//! <pool>/nodes/<node>            nodes that serve the pool (registered by their node plugin)
+//! ```
+//! Every file-system access to these entries goes through [`fsops`].
+
+mod capacity;
+pub(crate) mod fsops;
+mod listing;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Context, Error, Result};
+use crate::ids::{NodeName, SnapshotId, VolumeId};
+use crate::lock::{self, LockGuard, LockWait};
+use crate::meta;
+use crate::validate;
+
+pub use capacity::Capacity;
+pub use listing::Page;
+
+/// How a front end runs the pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// This node's name: recorded as a volume's topology (node-local pools) and in holds.
+    pub node: NodeName,
+    /// The pool is on a filesystem every node mounts: any node may attach any volume, and holds
+    /// in the metadata keep a read-write volume on one node at a time.
+    pub shared: bool,
+    /// How many times the pool's free space may be promised to thin volumes (1.0: never more
+    /// than is free).
+    pub overcommit: f64,
+    pub lock_wait: LockWait,
+    /// When not empty, staging and target paths must lie under one of these.
+    pub path_prefixes: Vec<PathBuf>,
+}
+
+impl PoolOptions {
+    pub fn new(node: NodeName) -> Self {
+        PoolOptions {
+            node,
+            shared: false,
+            overcommit: 1.0,
+            lock_wait: LockWait::Bounded(Duration::from_secs(60)),
+            path_prefixes: Vec::new(),
+        }
+    }
+}
+
+/// This node's name when none is configured: the host name lower-cased, as kubelet derives its
+/// default node name. Both front ends use it, so a volume staged through one is this node's for
+/// the other too. `None` when the kernel reports no usable host name.
+pub fn default_node_name() -> Option<NodeName> {
+    let uts = nix::sys::utsname::uname().ok()?;
+    let name = uts.nodename().to_string_lossy().trim().to_lowercase();
+    NodeName::parse("host name", name).ok()
+}
+
+/// A staging or target path on this node that passed the pool's checks: absolute, normalized,
+/// no NUL, not `/` or a system directory, and under the allowed prefixes when there are some.
+/// Made by [`Pool::node_path`]; node operations take only these.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodePath(PathBuf);
+
+impl NodePath {
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for NodePath {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for NodePath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    root: PathBuf,
+    options: PoolOptions,
+}
+
+const SUBDIRS: [&str; 6] = ["volumes", "snapshots", "locks", "staging", "trash", "nodes"];
+
+impl Pool {
+    /// Opens the pool at `path`, creating its internal layout if needed. The directory itself must
+    /// exist: a missing pool is a configuration error, not something to paper over.
+    pub fn open(path: impl AsRef<Path>, options: PoolOptions) -> Result<Pool> {
+        let path = path.as_ref();
+        let pool_err = |reason: String| Error::Pool {
+            path: path.to_owned(),
+            reason,
+        };
+        if path.as_os_str().is_empty() {
+            return Err(pool_err("no pool directory configured".into()));
+        }
+        let md = std::fs::metadata(path).map_err(|e| pool_err(format!("cannot use it: {e}")))?;
+        if !md.is_dir() {
+            return Err(pool_err("is not a directory".into()));
+        }
+        if !(options.overcommit >= 1.0 && options.overcommit.is_finite()) {
+            return Err(Error::invalid(
+                "overcommit",
+                format!("{} (must be ≥ 1.0)", options.overcommit),
+            ));
+        }
+        let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
+        for sub in SUBDIRS {
+            let dir = root.join(sub);
+            fsops::ensure_dir(&dir)
+                .map_err(|e| pool_err(format!("create {}: {e}", dir.display())))?;
+        }
+        let pool = Pool { root, options };
+        pool.empty_trash();
+        Ok(pool)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.options
+    }
+
+    pub fn node(&self) -> &NodeName {
+        &self.options.node
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.options.shared
+    }
+
+    /// Checks a caller's staging or target path against the pool's rules (see [`NodePath`]).
+    pub fn node_path(&self, what: &'static str, path: impl Into<PathBuf>) -> Result<NodePath> {
+        let path = path.into();
+        validate::check_path(what, &path, &self.options.path_prefixes)?;
+        Ok(NodePath(path))
+    }
+
+    fn node_record(&self, node: &NodeName) -> PathBuf {
+        self.root.join("nodes").join(node.path_component())
+    }
+
+    /// Records that this node serves the pool; a node plugin calls it when it starts. On a shared
+    /// pool the controller publishes only to registered nodes, so a typo or a node that never ran
+    /// the plugin is `NotFound` instead of a claim nobody will ever use. Idempotent.
+    pub fn register_node(&self) -> Result<()> {
+        #[derive(serde::Serialize)]
+        struct NodeRecord<'a> {
+            node: &'a NodeName,
+            registered_unix: u64,
+        }
+        fsops::write_json(
+            &self.node_record(&self.options.node),
+            &NodeRecord {
+                node: &self.options.node,
+                registered_unix: meta::now_unix(),
+            },
+        )
+    }
+
+    /// `NotFound` unless `node` has registered with [`Pool::register_node`].
+    pub fn check_node_registered(&self, node: &NodeName) -> Result<()> {
+        if fsops::exists(&self.node_record(node)) {
+            Ok(())
+        } else {
+            Err(Error::not_found("node", node.as_str()))
+        }
+    }
+
+    /// A cheap readiness check (CSI Probe): the pool's layout is still in place and writable.
+    /// Reads no volume, so it costs the same with 10 or 10 000 volumes.
+    pub fn probe(&self) -> Result<()> {
+        for sub in ["volumes", "snapshots", "locks", "trash"] {
+            fsops::check_writable_dir(&self.root.join(sub)).map_err(|reason| Error::Pool {
+                path: self.root.clone(),
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn volume_dir(&self, id: &VolumeId) -> PathBuf {
+        self.root.join("volumes").join(id.as_str())
+    }
+    pub(crate) fn volume_meta_path(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir(id).join("volume.json")
+    }
+    /// The image file of a volume (whether or not it exists).
+    pub fn volume_image(&self, id: &VolumeId) -> PathBuf {
+        self.volume_dir(id).join("image")
+    }
+    pub(crate) fn snapshot_dir(&self, id: &SnapshotId) -> PathBuf {
+        self.root.join("snapshots").join(id.as_str())
+    }
+    pub(crate) fn snapshot_meta_path(&self, id: &SnapshotId) -> PathBuf {
+        self.snapshot_dir(id).join("snapshot.json")
+    }
+    pub(crate) fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
+        self.snapshot_dir(id).join("image")
+    }
+
+    /// Where a front end without a staging path of its own (FlexVolume node mode) stages a volume.
+    pub fn default_staging_path(&self, id: &VolumeId) -> NodePath {
+        // Under the pool: the prefixes (kubelet's directories) do not apply to it.
+        NodePath(
+            self.root
+                .join("staging")
+                .join(self.options.node.path_component())
+                .join(id.as_str()),
+        )
+    }
+
+    /// The volume ID whose image is `image`, if it is one of this pool's volume images.
+    pub(crate) fn volume_id_of_image(&self, image: &Path) -> Option<VolumeId> {
+        let rel = image.strip_prefix(self.root.join("volumes")).ok()?;
+        let mut parts = rel.components();
+        let id = parts.next()?.as_os_str().to_str()?;
+        let id = VolumeId::try_from(id).ok()?;
+        (parts.next()?.as_os_str() == "image" && parts.next().is_none()).then_some(id)
+    }
+
+    /// The lock of volume `id`, which is also the lock of the name that maps to it.
+    pub(crate) fn lock_volume(&self, id: &VolumeId) -> Result<LockGuard> {
+        self.lock(&format!("v-{id}.lock"), &format!("volume {id}"))
+    }
+
+    pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<LockGuard> {
+        self.lock(&format!("s-{id}.lock"), &format!("snapshot {id}"))
+    }
+
+    fn lock(&self, file: &str, what: &str) -> Result<LockGuard> {
+        let path = self.root.join("locks").join(file);
+        lock::lock(
+            fsops::open_lock(&path)?,
+            &path,
+            what,
+            self.options.lock_wait,
+        )
+    }
+
+    /// Removes a directory atomically from the listing's point of view (rename into trash), then
+    /// deletes it. A crash midway leaves it in trash, emptied at the next open.
+    pub(crate) fn remove_dir_atomically(&self, dir: &Path) -> Result<()> {
+        let Some(name) = dir.file_name() else {
+            return Ok(());
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let trash = self.root.join("trash").join(format!(
+            "{}.{}.{nanos}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        match fsops::rename(dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).context(|| format!("move {} to trash", dir.display())),
+        }
+        if let Some(parent) = dir.parent() {
+            fsops::sync_dir(parent)?;
+        }
+        // Gone from the pool's point of view once renamed. Another process emptying the trash
+        // may be removing the same tree; whatever is left is removed at the next open.
+        if let Err(e) = fsops::remove_tree(&trash) {
+            tracing::warn!(path = %trash.display(), error = %e, "left in trash");
+        }
+        Ok(())
+    }
+
+    fn empty_trash(&self) {
+        for entry in fsops::list_paths(&self.root.join("trash")) {
+            if let Err(e) = fsops::remove_tree(&entry) {
+                tracing::warn!(path = %entry.display(), error = %e, "could not empty trash");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(n: &str) -> NodeName {
+        NodeName::try_from(n).unwrap()
+    }
+
+    fn pool() -> (tempfile::TempDir, Pool) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::open(dir.path(), PoolOptions::new(node("node-a"))).unwrap();
+        (dir, pool)
+    }
+
+    #[test]
+    fn missing_or_non_directory_pool_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Pool::open(dir.path().join("nope"), PoolOptions::new(node("n"))).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::FailedPrecondition);
+        assert!(err.to_string().contains("nope"), "{err}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let err = Pool::open(&file, PoolOptions::new(node("n"))).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        assert!(Pool::open("", PoolOptions::new(node("n"))).is_err());
+        assert!(!dir.path().join("nope").exists());
+        let mut bad = PoolOptions::new(node("n"));
+        bad.overcommit = 0.5;
+        assert!(Pool::open(dir.path(), bad).is_err());
+    }
+
+    #[test]
+    fn image_paths_map_back_to_ids() {
+        let (_d, pool) = pool();
+        let id = VolumeId::try_from("pvc-1").unwrap();
+        assert_eq!(pool.volume_id_of_image(&pool.volume_image(&id)), Some(id));
+        assert_eq!(pool.volume_id_of_image(Path::new("/tmp/x/image")), None);
+        let a = VolumeId::try_from("a").unwrap();
+        assert_eq!(
+            pool.volume_id_of_image(&pool.volume_dir(&a).join("other")),
+            None
+        );
+        assert_eq!(
+            pool.volume_id_of_image(&pool.root().join("volumes/.x/image")),
+            None
+        );
+    }
+
+    #[test]
+    fn node_names_are_safe_path_components() {
+        let (_d, pool) = pool();
+        let odd = Pool::open(pool.root(), PoolOptions::new(node("../../etc"))).unwrap();
+        let v = VolumeId::try_from("v").unwrap();
+        let staging = odd.default_staging_path(&v);
+        assert!(
+            staging.starts_with(pool.root().join("staging"))
+                && staging.parent().unwrap().parent() == Some(&pool.root().join("staging")),
+            "{}",
+            staging.display()
+        );
+        assert_eq!(
+            odd.check_node_registered(&node("../../etc"))
+                .unwrap_err()
+                .kind(),
+            crate::ErrorKind::NotFound
+        );
+        odd.register_node().unwrap();
+        odd.register_node().unwrap();
+        pool.check_node_registered(&node("../../etc")).unwrap();
+        assert!(pool.check_node_registered(&node("node-a")).is_err());
+        assert_eq!(
+            std::fs::read_dir(pool.root().join("nodes"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn node_paths_follow_the_pool_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = PoolOptions::new(node("n"));
+        options.path_prefixes = vec![PathBuf::from("/var/lib/kubelet")];
+        let pool = Pool::open(dir.path(), options).unwrap();
+        pool.node_path("target path", "/var/lib/kubelet/pods/x")
+            .unwrap();
+        for bad in [
+            "/tmp/x",
+            "relative",
+            "/var/lib/kubelet",
+            "/etc/x",
+            "/var/lib/kubelet/../x",
+        ] {
+            let err = pool.node_path("target path", bad).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
+            assert!(err.to_string().contains("target path"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! What the test suites need of the kernel-facing modules, and nothing more: finding, detaching
+//! and (for a pool filesystem of their own) attaching loop devices, reading the mount table,
+//! mounting and unmounting. Only with the `test-support` feature, which only the test crates
+//! enable: the front ends cannot reach `loopdev::attach` or `mount::bind` and skip the locks.
+
+/// Loop devices.
+pub mod loopdev {
+    use std::path::Path;
+
+    pub use crate::loopdev::LoopDevice;
+    use crate::Result;
+
+    /// Every bound loop device.
+    pub fn list() -> Result<Vec<LoopDevice>> {
+        crate::loopdev::list()
+    }
+
+    /// The loop devices bound to the file at `image` (by path or by identity).
+    pub fn find(image: &Path) -> Result<Vec<LoopDevice>> {
+        let Some(st) = crate::pool::fsops::stat_image(image) else {
+            return Ok(Vec::new());
+        };
+        Ok(list()?
+            .into_iter()
+            .filter(|d| d.is_backed_by(image, st.id))
+            .collect())
+    }
+
+    /// Attaches `image` (any file) to a free loop device.
+    pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
+        let file = crate::pool::fsops::open_image(image, read_only)?;
+        crate::loopdev::attach(&file, image, read_only)
+    }
+
+    pub fn detach(dev: &LoopDevice) -> Result<()> {
+        crate::loopdev::detach(dev)
+    }
+
+    /// Size in bytes of a block device.
+    pub fn device_size(device: &Path) -> Result<u64> {
+        crate::loopdev::device_size(device)
+    }
+}
+
+/// The mount table and mount(2).
+pub mod mount {
+    use std::path::Path;
+
+    use nix::mount::MsFlags;
+
+    pub use crate::mount::MountEntry;
+    use crate::Result;
+
+    /// The current mount table.
+    pub fn mounts() -> Result<Vec<MountEntry>> {
+        crate::mount::mounts()
+    }
+
+    /// Parses mountinfo text.
+    pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+        crate::mount::parse_mountinfo(text)
+    }
+
+    /// The topmost mount at exactly `path`.
+    pub fn mount_at<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+        crate::mount::mount_at(table, path)
+    }
+
+    /// Mounts the block device `source` of type `fs_type` at `target`.
+    pub fn mount_fs(
+        source: &Path,
+        target: &Path,
+        fs_type: &str,
+        flags: MsFlags,
+        data: &str,
+    ) -> Result<()> {
+        crate::mount::mount_fs(source, target, fs_type, flags, data)
+    }
+
+    /// Unmounts `target` (not mounted: done).
+    pub fn unmount(target: &Path) -> Result<()> {
+        crate::mount::unmount(target)
+    }
+}
+
+/// Filesystems.
+pub mod fs {
+    /// Whether this process may grow a mounted ext4 (it needs CAP_SYS_RESOURCE).
+    pub fn can_grow_ext4_online() -> bool {
+        crate::fs::can_grow_ext4_online()
+    }
+}

@@ -1,0 +1,257 @@
+//! Growing a staged volume's filesystem, its usage, and its health as this node sees it.
+//!
+//! Usage and condition are reads: they take a [`VolumeMeta`] read without the lock (a stats
+//! poll or a listing must never wait behind, or abort because of, a long stage) and one kernel
+//! view for the whole call.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::fs::{self, Usage};
+use crate::host::{self, PathKind};
+use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
+use crate::loopdev;
+use crate::meta::VolumeMeta;
+use crate::pool::{fsops, NodePath, Pool};
+use crate::size::{self, SizeRequest};
+use crate::validate::{self, FsType};
+
+use super::Volume;
+
+/// A volume's health as the node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl Condition {
+    fn ok() -> Condition {
+        Condition {
+            abnormal: false,
+            message: "ok".into(),
+        }
+    }
+
+    fn abnormal(message: impl Into<String>) -> Condition {
+        Condition {
+            abnormal: true,
+            message: message.into(),
+        }
+    }
+}
+
+impl Volume<'_> {
+    /// Grows the filesystem of the volume mounted at `path` (a staging or target path; `None`:
+    /// wherever it is mounted on this node) to fill its image, refreshing the loop device first;
+    /// a block volume, or an unmounted one, only gets its device refreshed. Returns the device
+    /// size.
+    ///
+    /// With `grow_image`, the image first grows to what `size` resolves to: on a node-local pool
+    /// (external-resizer has no per-node mode, so the controller cannot reach the node whose pool
+    /// holds the image) and for FlexVolume's `expandfs`. Without it, the controller sized the
+    /// image, and a `size` above its size is `OutOfRange`.
+    pub fn node_expand(
+        &mut self,
+        path: Option<&NodePath>,
+        size: SizeRequest,
+        grow_image: bool,
+    ) -> Result<u64> {
+        let id = self.meta.id.clone();
+        let target = size::for_expansion(&id, size, self.meta.size_bytes)?;
+        if !grow_image && size.required > self.meta.size_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} has {} bytes, less than the required {}; expand it with \
+                 ControllerExpandVolume first",
+                self.meta.size_bytes, size.required
+            )));
+        }
+        let view = KernelView::read()?;
+        // A path that is not this volume is refused before the image grows.
+        if let Some(p) = path {
+            self.check_expand_path(&view, p)?;
+        }
+        if grow_image && target > self.meta.size_bytes {
+            self.grow_image(target)?;
+        }
+        let devices = view.devices_of(self.image().as_ref());
+        let Some(dev) = devices.first() else {
+            return Err(Error::precondition(format!(
+                "volume {id} is not attached on this node"
+            )));
+        };
+        loopdev::refresh_capacity(dev)?;
+        let device = dev.path();
+        let device_size = loopdev::device_size(&device)?;
+        let mounted = match path {
+            Some(p) => view.mount_at(p).filter(|m| is_fs_mount_of(m, dev)),
+            None => view.fs_mounts(dev).next(),
+        };
+        let Some(mnt) = mounted else {
+            // A block volume (or one attached but not mounted): the device is all there is.
+            return Ok(device_size);
+        };
+        let fs: FsType = mnt.fs_type.parse()?;
+        let current = fs::superblock(&device)?
+            .map(|sb| sb.size_bytes)
+            .unwrap_or(0);
+        if current.saturating_add(fs::grow_slack(fs)) < device_size {
+            fs::grow_online(fs, &device, &mnt.mount_point)?;
+        }
+        Ok(device_size)
+    }
+
+    /// `NotFound` unless the volume can be at `path` (CSI NodeExpandVolume: "volume does not
+    /// exist on specified volume_path"): the path exists, and when the volume's filesystem is
+    /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
+    /// device). Growing a volume because a caller named some other directory would report a
+    /// success for a filesystem that did not grow.
+    fn check_expand_path(&self, view: &KernelView, path: &Path) -> Result<()> {
+        let not_here =
+            |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
+        if !host::exists(path) {
+            return Err(not_here("it does not exist"));
+        }
+        let devices = view.devices_of(self.image().as_ref());
+        let mounted_somewhere = devices.iter().any(|d| view.fs_mounts(d).next().is_some());
+        let here = view
+            .mount_at(path)
+            .is_some_and(|m| devices.iter().any(|d| uses(m, d)));
+        if mounted_somewhere && !here {
+            return Err(not_here(&format!(
+                "volume {} is not mounted there",
+                self.meta.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Pool {
+    fn image_of(&self, m: &VolumeMeta) -> Option<Image> {
+        let path = self.volume_image(&m.id);
+        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    }
+
+    /// Usage of volume `m` at `path` (a mounted filesystem: bytes and inodes; a published block
+    /// device: bytes) and its condition, from one look at the kernel. `NotFound` when the volume
+    /// is not at `path`.
+    pub fn volume_stats(&self, m: &VolumeMeta, path: &Path) -> Result<(Usage, Condition)> {
+        let view = KernelView::read()?;
+        let usage = self.usage_in(&view, m, path)?;
+        Ok((usage, self.condition_in(Some(&view), m)?))
+    }
+
+    fn usage_in(&self, view: &KernelView, m: &VolumeMeta, path: &Path) -> Result<Usage> {
+        let not_here = || {
+            Error::not_found(
+                "volume path",
+                format!("{} (volume {} is not mounted there)", path.display(), m.id),
+            )
+        };
+        // Only read, never mounted on: a path the volume can never be at (relative, a system
+        // directory) simply does not hold it, which CSI (and csi-sanity) answer NOT_FOUND.
+        if validate::check_path("volume path", path, &[]).is_err() {
+            return Err(not_here());
+        }
+        let devices = view.devices_of(self.image_of(m).as_ref());
+        let at = view.mount_at(path);
+        match host::kind_of(path) {
+            PathKind::Missing => Err(not_here()),
+            PathKind::FileOrDevice => {
+                // A published block volume is a bind of its device node onto the file; any
+                // other file is not this volume.
+                let at = at.ok_or_else(not_here)?;
+                let dev = devices
+                    .iter()
+                    .find(|d| is_device_bind_of(at, d))
+                    .ok_or_else(not_here)?;
+                let total = loopdev::device_size(&dev.path())?;
+                Ok(Usage {
+                    total_bytes: total,
+                    available_bytes: 0,
+                    used_bytes: total,
+                    inodes: None,
+                })
+            }
+            PathKind::Directory => {
+                if !at.is_some_and(|m| devices.iter().any(|d| is_fs_mount_of(m, d))) {
+                    return Err(not_here());
+                }
+                fs::usage(path)
+            }
+        }
+    }
+
+    /// Whether volume `m` is healthy on this node: its image exists, and an attached filesystem
+    /// has recorded no errors and was not turned read-only or shut down by the kernel.
+    pub fn volume_condition(&self, m: &VolumeMeta) -> Result<Condition> {
+        self.condition_in(None, m)
+    }
+
+    /// [`Pool::volume_condition`] of each volume of a listing, with one look at the kernel.
+    pub fn volume_conditions(&self, metas: &[VolumeMeta]) -> Result<Vec<Condition>> {
+        let staged_here = metas
+            .iter()
+            .any(|m| m.staged.iter().any(|h| h.node == *self.node()));
+        let view = if staged_here {
+            Some(KernelView::read()?)
+        } else {
+            None
+        };
+        metas
+            .iter()
+            .map(|m| self.condition_in(view.as_ref(), m))
+            .collect()
+    }
+
+    /// The condition of `m`, looking at the kernel (`view`, read here when `None` and needed)
+    /// only when the volume is staged on this node.
+    fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
+        let Some(image) = self.image_of(m) else {
+            return Ok(Condition::abnormal(format!(
+                "image {} is missing",
+                self.volume_image(&m.id).display()
+            )));
+        };
+        if !m.staged.iter().any(|h| h.node == *self.node()) {
+            return Ok(Condition::ok());
+        }
+        let read;
+        let view = match view {
+            Some(v) => v,
+            None => {
+                read = KernelView::read()?;
+                &read
+            }
+        };
+        let devices = view.devices_of(Some(&image));
+        let Some(dev) = devices.first() else {
+            return Ok(Condition::abnormal(
+                "staged on this node but its loop device is gone (node restarted?)",
+            ));
+        };
+        if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
+            return Ok(Condition::abnormal(
+                "the filesystem has recorded errors; run fsck",
+            ));
+        }
+        // The kernel's own verdicts on a mounted filesystem: turned read-only after errors
+        // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
+        for mnt in view.fs_mounts(dev) {
+            if mnt.super_read_only() && !dev.read_only {
+                return Ok(Condition::abnormal(format!(
+                    "the filesystem at {} went read-only after errors",
+                    mnt.mount_point.display()
+                )));
+            }
+            if host::answers_eio(&mnt.mount_point) {
+                return Ok(Condition::abnormal(format!(
+                    "the filesystem at {} has shut down (I/O errors)",
+                    mnt.mount_point.display()
+                )));
+            }
+        }
+        Ok(Condition::ok())
+    }
+}

@@ -1,0 +1,365 @@
+//! A volume, reached through [`Pool::volume`]: a handle that holds the volume's lock and its
+//! loaded metadata for as long as it lives. Every operation on a volume is a method of the handle
+//! and runs under that one lock, so two steps of one caller (stage then publish, unpublish then
+//! release the staging mount, check a path then grow) can never be split by another caller.
+//!
+//! - this file: the handle, lookups, delete, expansion, allocation and controller claims;
+//! - `create`: get-or-create by name;
+//! - `stage`: attach, format when blank, mount, and the reverse (node side);
+//! - `publish`: binds into workloads' paths, and which volume a path holds;
+//! - `health`: filesystem growth on the node, usage and condition.
+
+mod create;
+mod health;
+mod publish;
+mod stage;
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use crate::error::{Context, Error, Result};
+use crate::ids::{NodeName, VolumeId};
+use crate::kernel::{Image, KernelView};
+use crate::lock::LockGuard;
+use crate::loopdev;
+use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta};
+use crate::pool::{fsops, Pool};
+use crate::size::{self, SizeRequest};
+
+pub use create::CreateVolume;
+pub use health::Condition;
+pub use publish::Publish;
+pub use stage::{Access, Staged};
+
+/// Result of a controller expansion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expanded {
+    pub size_bytes: u64,
+    /// The volume has a filesystem (or will have one), which still has to grow on the node that
+    /// stages it.
+    pub node_expansion_required: bool,
+}
+
+/// A volume whose lock this handle holds, with its metadata as loaded under that lock.
+#[derive(Debug)]
+pub struct Volume<'p> {
+    pool: &'p Pool,
+    meta: VolumeMeta,
+    _guard: LockGuard,
+}
+
+impl Pool {
+    /// The volume `id`, locked (`Busy` when the lock cannot be had within the pool's wait).
+    /// `NotFound` when it has no metadata; then no lock file is made for it either.
+    pub fn volume(&self, id: &VolumeId) -> Result<Volume<'_>> {
+        self.find_volume(id)?
+            .ok_or_else(|| Error::not_found("volume", id.as_str()))
+    }
+
+    /// [`Pool::volume`], with `None` for a volume that does not exist.
+    pub fn find_volume(&self, id: &VolumeId) -> Result<Option<Volume<'_>>> {
+        // Looked for before the lock, so an unknown ID leaves nothing behind; read again under it.
+        if !fsops::exists(&self.volume_meta_path(id)) {
+            return Ok(None);
+        }
+        let guard = self.lock_volume(id)?;
+        Ok(self.read_volume_meta(id)?.map(|meta| Volume {
+            pool: self,
+            meta,
+            _guard: guard,
+        }))
+    }
+
+    /// The volume's committed metadata, read without its lock (a listing or a poll must never
+    /// wait behind a long stage). For anything that acts on it: [`Pool::volume`].
+    pub fn get_volume(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        self.read_volume_meta(id)?
+            .ok_or_else(|| Error::not_found("volume", id.as_str()))
+    }
+
+    /// Deletes a volume. Unknown IDs succeed (deletion is idempotent), and the leftovers of an
+    /// interrupted create (a directory without metadata) are removed. A volume in use is refused:
+    /// see [`Volume::delete`].
+    pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
+        let dir = self.volume_dir(id);
+        if !fsops::exists(&dir) {
+            return Ok(());
+        }
+        let guard = self.lock_volume(id)?;
+        match self.read_volume_meta(id)? {
+            Some(meta) => Volume {
+                pool: self,
+                meta,
+                _guard: guard,
+            }
+            .delete(),
+            None => self.remove_dir_atomically(&dir),
+        }
+    }
+
+    /// The volume a claim for PV `pv_name` on `node` was made on (FlexVolume `detach` names only
+    /// the PV).
+    pub fn find_claim_by_pv(&self, pv_name: &str, node: &NodeName) -> Result<Option<VolumeId>> {
+        let page = self.list_volumes(None, 0)?;
+        Ok(page
+            .entries
+            .into_iter()
+            .find(|m| {
+                m.claims
+                    .iter()
+                    .any(|h| h.node == *node && h.pv_name.as_deref() == Some(pv_name))
+            })
+            .map(|m| m.id))
+    }
+}
+
+impl<'p> Volume<'p> {
+    pub fn id(&self) -> &VolumeId {
+        &self.meta.id
+    }
+
+    /// The metadata as loaded under the lock, with every change this handle made.
+    pub fn meta(&self) -> &VolumeMeta {
+        &self.meta
+    }
+
+    /// Releases the lock and keeps the metadata.
+    pub fn into_meta(self) -> VolumeMeta {
+        self.meta
+    }
+
+    fn save(&self) -> Result<()> {
+        fsops::write_json(&self.pool.volume_meta_path(&self.meta.id), &self.meta)
+    }
+
+    fn image_path(&self) -> PathBuf {
+        self.pool.volume_image(&self.meta.id)
+    }
+
+    /// The image as the kernel knows it; `None` when it is missing.
+    pub(crate) fn image(&self) -> Option<Image> {
+        let path = self.image_path();
+        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    }
+
+    /// Deletes the volume. Refused (`FailedPrecondition`) while its data is in use: attached on
+    /// this node, staged on any node, or claimed by a node.
+    pub fn delete(self) -> Result<()> {
+        let id = &self.meta.id;
+        let view = KernelView::read()?;
+        if let Some(dev) = view.devices_of(self.image().as_ref()).first() {
+            return Err(Error::precondition(format!(
+                "volume {id} is in use: attached as {} on this node; unstage it first",
+                dev.path().display()
+            )));
+        }
+        if let Some(h) = self.meta.staged.first() {
+            return Err(Error::precondition(format!(
+                "volume {id} is staged on node {}; unstage it first",
+                h.node
+            )));
+        }
+        if let Some(h) = self.meta.claims.first() {
+            return Err(Error::precondition(format!(
+                "volume {id} is published to node {}; unpublish it first",
+                h.node
+            )));
+        }
+        self.pool.remove_dir_atomically(&self.pool.volume_dir(id))?;
+        tracing::info!(volume = %id, "deleted volume");
+        Ok(())
+    }
+
+    /// Grows the image to what `size` resolves to (never shrinks: a smaller size leaves it as it
+    /// is) and, when the volume is attached on this node, tells the loop device. The filesystem
+    /// grows separately on the node ([`Volume::node_expand`]).
+    pub fn expand(&mut self, size: SizeRequest) -> Result<Expanded> {
+        if size.required == 0 {
+            return Err(Error::invalid("size", "must be greater than zero"));
+        }
+        let target = size::for_expansion(&self.meta.id, size, self.meta.size_bytes)?;
+        self.grow_image(target)?;
+        let view = KernelView::read()?;
+        for dev in view.devices_of(self.image().as_ref()) {
+            loopdev::refresh_capacity(&dev)?;
+        }
+        Ok(Expanded {
+            size_bytes: self.meta.size_bytes,
+            node_expansion_required: self.meta.fs_type.is_some(),
+        })
+    }
+
+    /// Grows the image file to `new_size` (and the recorded size with it); smaller or equal: no
+    /// change. The image grows before the metadata: after a crash the image is at least as large
+    /// as recorded, and a repeat finishes the job.
+    fn grow_image(&mut self, new_size: u64) -> Result<()> {
+        let id = self.meta.id.clone();
+        let image = self.image_path();
+        let file = fsops::open_image(&image, false)?;
+        let current_len = file
+            .metadata()
+            .context(|| format!("stat image of {id}"))?
+            .len();
+        if new_size > self.meta.size_bytes {
+            self.pool.ensure_room(
+                new_size - self.meta.size_bytes,
+                &format!("growing volume {id}"),
+            )?;
+        }
+        if new_size > current_len {
+            file.set_len(new_size)
+                .context(|| format!("grow image of {id}"))?;
+            if self.meta.allocation == Allocation::Thick {
+                fallocate(&file, current_len, new_size - current_len)?;
+            }
+            file.sync_all().context(|| format!("fsync image of {id}"))?;
+        }
+        if new_size > self.meta.size_bytes {
+            self.meta.size_bytes = new_size;
+            self.save()?;
+            tracing::info!(volume = %id, size = new_size, "expanded volume");
+        }
+        Ok(())
+    }
+
+    /// Changes how the image is allocated. Thin → thick allocates every block now (so the volume
+    /// can no longer run out of pool space); thick → thin only changes the accounting (space
+    /// already allocated stays allocated until the filesystem discards it).
+    pub fn set_allocation(&mut self, allocation: Allocation) -> Result<()> {
+        let id = self.meta.id.clone();
+        if self.meta.allocation == allocation {
+            return Ok(());
+        }
+        if allocation == Allocation::Thick {
+            let image = self.image_path();
+            let allocated = fsops::stat_image(&image)
+                .ok_or_else(|| {
+                    Error::precondition(format!(
+                        "the image of volume {id} is missing: {}",
+                        image.display()
+                    ))
+                })?
+                .allocated;
+            let missing = self.meta.size_bytes.saturating_sub(allocated);
+            let free = self.pool.capacity()?.free_bytes;
+            if missing > free {
+                return Err(Error::NoSpace(format!(
+                    "allocating volume {id} needs {missing} more bytes; the pool has {free} free"
+                )));
+            }
+            let file = fsops::open_image(&image, false)?;
+            // FALLOC_FL_KEEP_SIZE not needed: we allocate exactly the current length.
+            fallocate(&file, 0, self.meta.size_bytes)?;
+            file.sync_all().context(|| format!("fsync image of {id}"))?;
+        }
+        self.meta.allocation = allocation;
+        self.save()?;
+        tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
+        Ok(())
+    }
+
+    /// Claims the volume for `node` (CSI ControllerPublish, FlexVolume attach). Idempotent; a
+    /// claim by another node that cannot share with `mode` is refused (`FailedPrecondition`), and
+    /// a different mode on the same node is `AlreadyExists`.
+    pub fn claim(
+        &mut self,
+        node: &NodeName,
+        mode: AccessMode,
+        pv_name: Option<&str>,
+    ) -> Result<()> {
+        let id = &self.meta.id;
+        if let Some(local) = self.meta.node.as_ref().filter(|n| *n != node) {
+            return Err(Error::precondition(format!(
+                "volume {id} lives in the pool of node {local} and cannot be used on node {node}"
+            )));
+        }
+        if let Some(mine) = self.meta.claims.iter().find(|h| h.node == *node) {
+            if mine.mode == mode {
+                return Ok(());
+            }
+            return Err(Error::AlreadyExists {
+                what: "claim on volume",
+                id: id.to_string(),
+                detail: format!(
+                    "access mode (node {node} holds it {:?}, asked {:?})",
+                    mine.mode, mode
+                ),
+            });
+        }
+        check_sharing(id, &self.meta.claims, node, mode, "published")?;
+        self.meta.claims.push(Hold {
+            node: node.clone(),
+            mode,
+            pv_name: pv_name.map(str::to_owned),
+        });
+        self.save()?;
+        tracing::info!(volume = %self.meta.id, %node, ?mode, "claimed");
+        Ok(())
+    }
+
+    /// Releases `node`'s claim, and with it that node's staging hold. The controller's release is
+    /// authoritative: Kubernetes detaches from a node once it no longer uses the volume or is
+    /// declared dead, and a dead node's stale hold must not lock the volume out of every other
+    /// node. No claim: nothing to do.
+    pub fn release(&mut self, node: &NodeName) -> Result<()> {
+        self.release_nodes(std::slice::from_ref(node))
+    }
+
+    /// Releases every node's claim (CSI ControllerUnpublish without a node), with their staging
+    /// holds.
+    pub fn release_all(&mut self) -> Result<()> {
+        let nodes: Vec<NodeName> = self.meta.claims.iter().map(|h| h.node.clone()).collect();
+        self.release_nodes(&nodes)
+    }
+
+    fn release_nodes(&mut self, nodes: &[NodeName]) -> Result<()> {
+        let before = (self.meta.claims.len(), self.meta.staged.len());
+        self.meta.claims.retain(|h| !nodes.contains(&h.node));
+        self.meta.staged.retain(|h| !nodes.contains(&h.node));
+        if (self.meta.claims.len(), self.meta.staged.len()) != before {
+            self.save()?;
+            for node in nodes {
+                tracing::info!(volume = %self.meta.id, %node, "released claim");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `mode` on `node` when another node's hold cannot share with it.
+pub(crate) fn check_sharing(
+    id: &VolumeId,
+    holds: &[Hold],
+    node: &NodeName,
+    mode: AccessMode,
+    verb: &str,
+) -> Result<()> {
+    if let Some(other) = holds
+        .iter()
+        .find(|h| h.node != *node && !(h.mode.shares_with(mode)))
+    {
+        return Err(Error::precondition(format!(
+            "volume {id} is {verb} {} on node {}; it must be released there before node {node} can use it",
+            other.mode.describe(),
+            other.node
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn fallocate(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let too_big =
+        || Error::OutOfRange(format!("{} bytes is too large", offset.saturating_add(len)));
+    let offset = i64::try_from(offset).map_err(|_| too_big())?;
+    let len_i = i64::try_from(len).map_err(|_| too_big())?;
+    nix::fcntl::fallocate(
+        file.as_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        offset,
+        len_i,
+    )
+    .context(|| format!("allocate {len} bytes"))
+}
