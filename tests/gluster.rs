@@ -60,8 +60,8 @@ const GLUSTERD_READY: Duration = Duration::from_secs(60);
 const MOUNT_READY: Duration = Duration::from_secs(30);
 const CLIENT_EXIT: Duration = Duration::from_secs(10);
 
-/// True when the GlusterFS tests can run (root and the GlusterFS programs); otherwise it says
-/// why and returns false, and under CI (`CI=true`) it fails the test, as [`require_root`] does.
+/// True when the GlusterFS tests can run (root and the GlusterFS programs); otherwise it fails the
+/// test, or skips it saying why when the run opts out, as [`require_root`] does.
 pub fn require_gluster() -> bool {
     require_root(TOOLS)
 }
