@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use loopvol_e2e::gluster::{self, GlusterPool, Node, COHERENT};
-use loopvol_e2e::{mounts_under, run, Scratch};
+use loopvol_e2e::{mounts_under, pattern, run, Scratch};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::unistd::{lseek, Whence};
@@ -51,12 +51,6 @@ fn poll<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
 
 fn errno_of(e: &std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(0))
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed)
-        .collect()
 }
 
 fn open_rw(path: &Path) -> File {
