@@ -38,22 +38,10 @@ fn deploy_dir() -> PathBuf {
         .unwrap()
 }
 
-/// The built binary `name`: the one place this test finds binaries. When this file moves into
-/// the package that builds them, this becomes `PathBuf::from(env!("CARGO_BIN_EXE_<name>"))`.
+/// The built binary `name`, current with the sources (the test support builds the workspace once
+/// per test process, a no-op after the README's command).
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} is not built; run `cargo build --workspace --bins` before the tests (the README's test command does)",
-        path.display()
-    );
-    path
+    loopvol_e2e::binary(name)
 }
 
 /// Runs a command and returns (exit code, stdout, stderr).
