@@ -34,6 +34,11 @@ impl KernelView {
         })
     }
 
+    /// Every bound loop device.
+    pub fn loops(&self) -> &[LoopDevice] {
+        &self.loops
+    }
+
     /// The loop devices bound to `image` (normally zero or one), by path or by identity. No
     /// image (it is missing): none.
     pub fn devices_of(&self, image: Option<&Image>) -> Vec<LoopDevice> {

@@ -34,6 +34,9 @@ pub struct LoopDevice {
     /// The path the image had when it was bound (sysfs' `loop/backing_file`).
     pub backing_file: PathBuf,
     pub read_only: bool,
+    /// Fenced: its window onto the image was moved past the end ([`cut_off`]), so every I/O
+    /// fails. loopvol never sets an offset otherwise.
+    pub cut_off: bool,
     /// The identity of the backing file, asked of the device (one ioctl) the first time it is
     /// needed: a different path to the same file (a bind mount of the pool) is still that file.
     backing_id: OnceCell<Option<FileId>>,
@@ -45,6 +48,7 @@ impl LoopDevice {
             number,
             backing_file,
             read_only,
+            cut_off: false,
             backing_id: OnceCell::new(),
         }
     }
@@ -100,11 +104,14 @@ pub(crate) fn list() -> Result<Vec<LoopDevice>> {
         };
         let read_only =
             std::fs::read_to_string(entry.path().join("ro")).is_ok_and(|s| s.trim() == "1");
-        devices.push(LoopDevice::new(
+        let mut dev = LoopDevice::new(
             number,
             PathBuf::from(backing.trim_end_matches('\n')),
             read_only,
-        ));
+        );
+        dev.cut_off = std::fs::read_to_string(entry.path().join("loop/offset"))
+            .is_ok_and(|s| s.trim() != "0");
+        devices.push(dev);
     }
     devices.sort_by_key(|d| d.number);
     Ok(devices)
@@ -170,6 +177,28 @@ pub(crate) fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
     let file = File::open(dev.path()).context(|| format!("open {}", dev.path().display()))?;
     sys::loop_set_capacity(file.as_fd())
         .context(|| format!("refresh capacity of {}", dev.path().display()))
+}
+
+/// Where [`cut_off`] moves a device's window: past the end of any image (the kernel takes
+/// offsets up to `i64::MAX`), aligned for direct I/O.
+const CUT_OFF_OFFSET: u64 = 1 << 62;
+
+/// Fences a loop device at the block layer: its window onto the image moves past the end, so
+/// its size becomes 0 and every read and write fails (EIO, ENOSPC) without reaching the image,
+/// whatever is mounted on it or holds it open (a btrfs, a raw block user). The kernel waits for
+/// the I/O in flight first: once this returns, nothing more of this device reaches the image.
+/// Undone only by detaching (the device is this node's no more). Idempotent.
+pub(crate) fn cut_off(dev: &LoopDevice) -> Result<()> {
+    let path = dev.path();
+    let file = File::open(&path).context(|| format!("open {}", path.display()))?;
+    let mut info =
+        sys::loop_get_status64(file.as_fd()).context(|| format!("status of {}", path.display()))?;
+    if info.lo_offset == CUT_OFF_OFFSET {
+        return Ok(());
+    }
+    info.lo_offset = CUT_OFF_OFFSET;
+    sys::loop_set_status64(file.as_fd(), &info)
+        .context(|| format!("cut {} off its image", path.display()))
 }
 
 /// Detaches a loop device; already detached counts as done.
