@@ -107,6 +107,32 @@ pub(crate) fn open_lock(path: &Path) -> Result<File> {
         .context(|| format!("open lock {}", path.display()))
 }
 
+/// Reads the small file at `path` (at most `max` bytes); `Ok(None)` when it does not exist.
+pub(crate) fn read_small(path: &Path, max: usize) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).context(|| format!("read {}", path.display())),
+    };
+    let mut bytes = Vec::with_capacity(max);
+    file.take(u64::try_from(max).unwrap_or(u64::MAX))
+        .read_to_end(&mut bytes)
+        .context(|| format!("read {}", path.display()))?;
+    Ok(Some(bytes))
+}
+
+/// Opens (creating if needed) a node's lease file for rewriting in place.
+pub(crate) fn open_lease(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .context(|| format!("open the lease {}", path.display()))
+}
+
 /// Creates the new, empty image file `path` (it must not exist), open for writing.
 pub(crate) fn create_image(path: &Path) -> Result<File> {
     File::options()
@@ -209,6 +235,8 @@ mod tests {
                 node,
                 mode: AccessMode::ReadOnly,
                 pv_name: Some("pv".into()),
+                boot: None,
+                fenced: None,
             }],
             staged: vec![],
             formatting: None,

@@ -10,12 +10,16 @@
 //! <pool>/staging/<node>/<id>     default staging mounts (FlexVolume node mode)
 //! <pool>/trash/                  deletions in progress (rename, then remove)
 //! <pool>/nodes/<node>            nodes that serve the pool (registered by their node plugin)
+//! <pool>/leases/<node>           their leases (see `nodes`)
 //! ```
 //! Every file-system access to these entries goes through [`fsops`].
 
 mod capacity;
+mod coherence;
 pub(crate) mod fsops;
 mod listing;
+pub(crate) mod nodes;
+pub(crate) mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,11 +27,11 @@ use std::time::Duration;
 use crate::error::{Context, Error, Result};
 use crate::ids::{NodeName, SnapshotId, VolumeId};
 use crate::lock::{self, LockGuard, LockWait};
-use crate::meta;
 use crate::validate;
 
 pub use capacity::Capacity;
 pub use listing::Page;
+pub use nodes::{LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodeRecord};
 
 /// How a front end runs the pool.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct PoolOptions {
     pub lock_wait: LockWait,
     /// When not empty, staging and target paths must lie under one of these.
     pub path_prefixes: Vec<PathBuf>,
+    /// The node leases of a shared pool (see `pool::nodes`).
+    pub lease: LeaseSettings,
 }
 
 impl PoolOptions {
@@ -53,6 +59,7 @@ impl PoolOptions {
             overcommit: 1.0,
             lock_wait: LockWait::Bounded(Duration::from_secs(60)),
             path_prefixes: Vec::new(),
+            lease: LeaseSettings::default(),
         }
     }
 }
@@ -95,9 +102,15 @@ impl std::ops::Deref for NodePath {
 pub struct Pool {
     root: PathBuf,
     options: PoolOptions,
+    /// Whether the pool answers, as the background work and the requests saw it.
+    pub(crate) health: watchdog::PoolHealth,
+    /// The other nodes' leases, when this process watches them (a controller).
+    pub(crate) leases: nodes::LeaseWatch,
 }
 
-const SUBDIRS: [&str; 6] = ["volumes", "snapshots", "locks", "staging", "trash", "nodes"];
+const SUBDIRS: [&str; 7] = [
+    "volumes", "snapshots", "locks", "staging", "trash", "nodes", "leases",
+];
 
 impl Pool {
     /// Opens the pool at `path`, creating its internal layout if needed. The directory itself must
@@ -121,13 +134,24 @@ impl Pool {
                 format!("{} (must be ≥ 1.0)", options.overcommit),
             ));
         }
+        if options.shared {
+            options.lease.check()?;
+        }
         let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
+        if options.shared {
+            coherence::check_shared(&root).map_err(pool_err)?;
+        }
         for sub in SUBDIRS {
             let dir = root.join(sub);
             fsops::ensure_dir(&dir)
                 .map_err(|e| pool_err(format!("create {}: {e}", dir.display())))?;
         }
-        let pool = Pool { root, options };
+        let pool = Pool {
+            root,
+            options,
+            health: Default::default(),
+            leases: Default::default(),
+        };
         pool.empty_trash();
         Ok(pool)
     }
@@ -153,37 +177,6 @@ impl Pool {
         let path = path.into();
         validate::check_path(what, &path, &self.options.path_prefixes)?;
         Ok(NodePath(path))
-    }
-
-    fn node_record(&self, node: &NodeName) -> PathBuf {
-        self.root.join("nodes").join(node.path_component())
-    }
-
-    /// Records that this node serves the pool; a node plugin calls it when it starts. On a shared
-    /// pool the controller publishes only to registered nodes, so a typo or a node that never ran
-    /// the plugin is `NotFound` instead of a claim nobody will ever use. Idempotent.
-    pub fn register_node(&self) -> Result<()> {
-        #[derive(serde::Serialize)]
-        struct NodeRecord<'a> {
-            node: &'a NodeName,
-            registered_unix: u64,
-        }
-        fsops::write_json(
-            &self.node_record(&self.options.node),
-            &NodeRecord {
-                node: &self.options.node,
-                registered_unix: meta::now_unix(),
-            },
-        )
-    }
-
-    /// `NotFound` unless `node` has registered with [`Pool::register_node`].
-    pub fn check_node_registered(&self, node: &NodeName) -> Result<()> {
-        if fsops::exists(&self.node_record(node)) {
-            Ok(())
-        } else {
-            Err(Error::not_found("node", node.as_str()))
-        }
     }
 
     /// A cheap readiness check (CSI Probe): the pool's layout is still in place and writable.
@@ -247,14 +240,27 @@ impl Pool {
         self.lock(&format!("s-{id}.lock"), &format!("snapshot {id}"))
     }
 
-    fn lock(&self, file: &str, what: &str) -> Result<LockGuard> {
-        let path = self.root.join("locks").join(file);
-        lock::lock(
-            fsops::open_lock(&path)?,
-            &path,
-            what,
-            self.options.lock_wait,
+    /// The lock of volume `id`, waiting as `wait` says rather than as the pool does.
+    pub(crate) fn lock_volume_waiting(&self, id: &VolumeId, wait: LockWait) -> Result<LockGuard> {
+        self.lock_with(&format!("v-{id}.lock"), &format!("volume {id}"), wait)
+    }
+
+    /// The lock of `node`'s claims (its attach limit is checked under it).
+    pub(crate) fn lock_node(&self, node: &NodeName, wait: LockWait) -> Result<LockGuard> {
+        self.lock_with(
+            &format!("n-{}.lock", node.path_component()),
+            &format!("the claims of node {node}"),
+            wait,
         )
+    }
+
+    fn lock(&self, file: &str, what: &str) -> Result<LockGuard> {
+        self.lock_with(file, what, self.options.lock_wait)
+    }
+
+    fn lock_with(&self, file: &str, what: &str, wait: LockWait) -> Result<LockGuard> {
+        let path = self.root.join("locks").join(file);
+        lock::lock(fsops::open_lock(&path)?, &path, what, wait)
     }
 
     /// Removes a directory atomically from the listing's point of view (rename into trash), then
