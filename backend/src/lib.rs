@@ -88,9 +88,18 @@ pub use error::{Error, ErrorKind, Result};
 pub use fs::{InodeUsage, Usage};
 pub use ids::{GroupSnapshotId, NodeName, SnapshotId, VolumeId};
 pub use lock::LockWait;
-pub use meta::{AccessMode, Allocation, Hold, SnapshotMeta, VolumeMeta, VolumeSource};
-pub use pool::{default_node_name, Capacity, NodePath, Page, Pool, PoolOptions};
+pub use meta::{
+    AccessMode, Allocation, Fenced, FencedBy, Hold, SnapshotMeta, VolumeMeta, VolumeSource,
+};
+pub use pool::{
+    default_node_name, Capacity, LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodePath,
+    NodeRecord, Page, Pool, PoolOptions,
+};
+pub use pool::watchdog::HUNG_AFTER as POOL_DEADLINE;
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;
-pub use volume::{Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume};
+pub use volume::{
+    Access, Condition, CreateVolume, Expanded, FenceCheck, FenceReport, NodeGuard, Publish, Staged,
+    Volume,
+};

@@ -208,6 +208,10 @@ impl Pool {
     /// The condition of `m`, looking at the kernel (`view`, read here when `None` and needed)
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
+        // Shared pools: a pool that stops answering (see `fence`).
+        if let Some(c) = self.unreachable_condition() {
+            return Ok(c);
+        }
         let Some(image) = self.image_of(m) else {
             return Ok(Condition::abnormal(format!(
                 "image {} is missing",
@@ -231,6 +235,10 @@ impl Pool {
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
+        // Shared pools: fenced on this node (see `fence`).
+        if let Some(c) = self.fence_condition(m, dev) {
+            return Ok(c);
+        }
         if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
             return Ok(Condition::abnormal(
                 "the filesystem has recorded errors; run fsck",

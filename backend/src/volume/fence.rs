@@ -1,0 +1,496 @@
+//! A node cutting its own writes to a volume off, before another node may have it, and the
+//! node plugin's lease keeper that decides when.
+//!
+//! A node fences a volume it has attached when it finds, in the pool, that it may no longer
+//! write it: its claim was released while it is still staged here (a force-detach), or its
+//! staging hold was marked fenced (an operator declared the node down; the controller handed the
+//! volume over at the lease's expiry). It fences every volume it has attached when it could not
+//! renew its lease for half the lease timeout: by then the controller may be about to call the
+//! lease expired. Fencing, strongest first, without waiting on the pool:
+//!
+//! 1. the filesystem is shut down (`FS_IOC_SHUTDOWN`, no flush: ext4, xfs): every call on it fails
+//!    with EIO at once, and nothing more reaches the device;
+//! 2. the loop device is cut off its image (`loop::cut_off`): its size becomes 0, so no read or
+//!    write of any user (btrfs, which has no shutdown; a raw block volume; an open descriptor)
+//!    reaches the image again. The kernel waits for the I/O in flight first, which a hung pool
+//!    may never finish: this step runs on its own thread, bounded;
+//! 3. the image is synced through a descriptor of our own, so nothing of it stays in the cluster
+//!    client's write cache;
+//! 4. the fence is recorded in the volume's metadata (this node's hold, marked fenced) when the
+//!    pool answers: that record is what lets the controller hand the volume over.
+//!
+//! What remains after a fence: the mounts (until kubelet unpublishes and unstages; a repeated
+//! stage is refused until then), page-cache data no application synced (never promised), and
+//! for a pool that hangs, writes the cluster client already accepted before the cut-off.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::ids::{NodeName, VolumeId};
+use crate::fs::Usage;
+use crate::kernel::{is_device_bind_of, KernelView};
+use crate::lock::LockWait;
+use crate::loopdev::{self, LoopDevice};
+use crate::meta::{self, Fenced, FencedBy, VolumeMeta};
+use crate::pool::nodes::LeaseWriter;
+use crate::pool::{fsops, watchdog, Pool};
+use crate::{fs, ErrorKind};
+
+use super::handover::own;
+use super::health::Condition;
+
+/// How long a fence waits for the loop device's cut-off (the I/O in flight) before it reports
+/// and goes on; the cut-off itself keeps running.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(2);
+
+/// Why this node must fence the volume `m` it has attached, or None while it may keep it. Only
+/// volumes this node holds are its to judge (`m` names this node's staging hold).
+pub(crate) fn fence_reason(m: &VolumeMeta, node: &NodeName, shared: bool) -> Option<String> {
+    let hold = own(&m.staged, node)?;
+    if let Some(f) = &hold.fenced {
+        return Some(format!("it was fenced {}: {}", f.by.describe(), f.reason));
+    }
+    if shared && own(&m.claims, node).is_none() {
+        return Some(
+            "its claim for this node was released (ControllerUnpublishVolume: a force-detach?) \
+             while it is still staged here"
+                .into(),
+        );
+    }
+    None
+}
+
+/// The boot-time clock: it counts a suspended machine's sleep, which the monotonic clock does
+/// not, and another node's clock runs meanwhile.
+fn boottime() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+impl Pool {
+    /// This pool's loop devices on this node: bound to one of its volume images (by path) and,
+    /// when the node confines its paths, not mounted only outside them (on a test machine the
+    /// other "nodes" share the kernel).
+    fn devices_here(&self, view: &KernelView) -> Vec<(VolumeId, LoopDevice)> {
+        let prefixes = &self.options().path_prefixes;
+        let staging = self.root().join("staging");
+        view.loops()
+            .iter()
+            .filter_map(|dev| Some((self.volume_id_of_image(&dev.backing_file)?, dev.clone())))
+            .filter(|(_, dev)| {
+                let users = view.users(std::slice::from_ref(dev), &[]);
+                prefixes.is_empty()
+                    || users.is_empty()
+                    || users.iter().any(|m| {
+                        m.mount_point.starts_with(&staging)
+                            || prefixes.iter().any(|p| m.mount_point.starts_with(p))
+                    })
+            })
+            .collect()
+    }
+
+    /// Cuts this node's writes to volume `id` on `dev` off (see the module's documentation),
+    /// steps 1 to 3. Logged as an error: a fence is an event an operator must see.
+    fn fence_device(&self, view: &KernelView, id: &VolumeId, dev: &LoopDevice, reason: &str) {
+        tracing::error!(volume = %id, device = %dev.path().display(), reason, "fencing the volume: this node stops writing it");
+        for m in view.fs_mounts(dev) {
+            match fs::shutdown(&m.mount_point) {
+                Ok(true) => {
+                    tracing::warn!(volume = %id, mount = %m.mount_point.display(), "filesystem shut down");
+                    break;
+                }
+                Ok(false) => {
+                    tracing::warn!(volume = %id, fs = %m.fs_type, "the filesystem has no shutdown: the device's cut-off fences it");
+                    break;
+                }
+                Err(e) => tracing::warn!(volume = %id, error = %e, "could not shut the filesystem down"),
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (dev, image, volume) = (dev.clone(), self.volume_image(id), id.clone());
+        let spawned = std::thread::Builder::new()
+            .name("loopvol-cut-off".into())
+            .spawn(move || {
+                let cut = loopdev::cut_off(&dev);
+                // Whatever the cluster client still caches of the image goes out now.
+                let synced = fsops::open_image(&image, true).and_then(|f| {
+                    f.sync_all()
+                        .map_err(|e| Error::Io {
+                            context: format!("sync {}", image.display()),
+                            source: e,
+                        })
+                });
+                match (&cut, synced) {
+                    (Ok(()), _) => tracing::warn!(volume = %volume, device = %dev.path().display(), "cut off its image"),
+                    (Err(e), _) => tracing::error!(volume = %volume, error = %e, "could not cut the device off its image"),
+                }
+                let _ = tx.send(cut.is_ok());
+            });
+        match spawned {
+            Ok(_) => {
+                if rx.recv_timeout(CUT_OFF_WAIT).is_err() {
+                    tracing::error!(volume = %id, "the device's cut-off is still waiting for I/O in flight to the pool");
+                }
+            }
+            Err(e) => tracing::error!(volume = %id, error = %e, "could not start the cut-off"),
+        }
+    }
+
+    /// Marks this node's staging hold of `id` fenced, for `reason`: from then on the hold no
+    /// longer keeps the volume from another node. No hold: nothing keeps it already.
+    fn record_fence(&self, volume: &mut super::Volume<'_>, reason: &str) -> Result<bool> {
+        let node = self.node().clone();
+        let Some(hold) = volume.meta.staged.iter_mut().find(|h| h.node == node) else {
+            return Ok(false);
+        };
+        if hold.fenced.is_some() {
+            return Ok(false);
+        }
+        hold.fenced = Some(Fenced {
+            by: FencedBy::Node,
+            reason: reason.to_owned(),
+            at_unix: meta::now_unix(),
+        });
+        volume.save()?;
+        tracing::warn!(volume = %volume.meta.id, "recorded the fence in the pool");
+        Ok(true)
+    }
+
+    /// The condition of a volume whose device `dev` is this node's, when it was fenced: cut off
+    /// here, or this node's hold marked fenced.
+    pub(super) fn fence_condition(&self, m: &VolumeMeta, dev: &LoopDevice) -> Option<Condition> {
+        let hold = own(&m.staged, self.node()).and_then(|h| h.fenced.as_ref());
+        if !dev.cut_off && hold.is_none() {
+            return None;
+        }
+        let why = hold.map_or_else(
+            || "it was cut off its image on this node".to_owned(),
+            |f| format!("{} ({})", f.reason, f.by.describe()),
+        );
+        Some(Condition {
+            abnormal: true,
+            message: format!(
+                "fenced on this node: {why}; its writes here fail. Another node may have it now: \
+                 unstage it here"
+            ),
+        })
+    }
+
+    /// The condition of every volume while the pool does not answer.
+    pub(super) fn unreachable_condition(&self) -> Option<Condition> {
+        self.health.not_answering().map(|reason| Condition {
+            abnormal: true,
+            message: format!("{reason} ({})", self.root().display()),
+        })
+    }
+}
+
+impl Pool {
+    /// A readiness check that never waits on a pool known not to answer: the background work's
+    /// verdict first (see `pool::watchdog`), then [`Pool::probe`].
+    pub fn ready(&self) -> Result<()> {
+        if let Some(reason) = self.health.not_answering() {
+            return Err(Error::Pool {
+                path: self.root().to_owned(),
+                reason,
+            });
+        }
+        self.probe()
+    }
+
+    /// A request gave up after waiting `waited` on the pool for `what`: until the next call on
+    /// the pool succeeds, the pool counts as not answering.
+    pub fn note_hung(&self, what: &str, waited: Duration) {
+        self.health.note_hung(what, waited);
+    }
+
+    /// NodeGetVolumeStats: [`Pool::volume_stats`] of volume `id` at `path`, that answers even
+    /// when the pool does not, or the volume was fenced here: the usage from the kernel and the
+    /// volume's own filesystem, and an abnormal condition saying why.
+    pub fn volume_stats_checked(&self, id: &VolumeId, path: &Path) -> Result<(Usage, Condition)> {
+        if let Some(c) = self.unreachable_condition() {
+            return self.volume_stats_offline(id, path, c.message);
+        }
+        let meta = match self.get_volume(id) {
+            Ok(m) => m,
+            Err(e) => {
+                let Some(reason) = watchdog::unreachable(&e) else {
+                    return Err(e);
+                };
+                self.health.note_failure(reason);
+                let c = self.unreachable_condition().unwrap_or(Condition {
+                    abnormal: true,
+                    message: e.to_string(),
+                });
+                return self.volume_stats_offline(id, path, c.message);
+            }
+        };
+        match self.volume_stats(&meta, path) {
+            Ok(stats) => Ok(stats),
+            Err(e) => {
+                // A fenced filesystem answers EIO: the volume is still there, abnormal.
+                let view = KernelView::read()?;
+                let fenced = view
+                    .mount_at(path)
+                    .and_then(|m| view.device_of_mount(m))
+                    .and_then(|dev| self.fence_condition(&meta, dev));
+                match fenced {
+                    Some(c) => self.volume_stats_offline(id, path, c.message),
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The usage of volume `id` at `path` from the kernel alone (the mount there, its loop
+    /// device and the image path it was bound to), with an abnormal condition for `reason`.
+    /// `NotFound` when `path` does not hold the volume.
+    pub fn volume_stats_offline(
+        &self,
+        id: &VolumeId,
+        path: &Path,
+        reason: String,
+    ) -> Result<(Usage, Condition)> {
+        let view = KernelView::read()?;
+        let not_here = || {
+            Error::not_found(
+                "volume path",
+                format!("{} (volume {id} is not mounted there)", path.display()),
+            )
+        };
+        let m = view.mount_at(path).ok_or_else(not_here)?;
+        let dev = view.device_of_mount(m).ok_or_else(not_here)?;
+        if self.volume_id_of_image(&dev.backing_file).as_ref() != Some(id) {
+            return Err(not_here());
+        }
+        let usage = if is_device_bind_of(m, dev) {
+            let total = loopdev::device_size(&dev.path()).unwrap_or(0);
+            Usage {
+                total_bytes: total,
+                available_bytes: 0,
+                used_bytes: total,
+                inodes: None,
+            }
+        } else {
+            // A filesystem that was shut down may refuse even statfs: nothing to report then.
+            fs::usage(path).unwrap_or(Usage {
+                total_bytes: 0,
+                available_bytes: 0,
+                used_bytes: 0,
+                inodes: None,
+            })
+        };
+        Ok((
+            usage,
+            Condition {
+                abnormal: true,
+                message: reason,
+            },
+        ))
+    }
+}
+
+/// A node plugin's keeper of its lease and judge of its volumes, on two threads: the worker
+/// renews the lease and checks the volumes this node has attached every interval (the only
+/// thread that calls into the pool); the watch only reads the clock and the kernel, so it fences
+/// on time even while the worker hangs in a pool that stopped answering.
+#[derive(Debug)]
+pub struct NodeGuard {
+    pool: Arc<Pool>,
+    writer: Mutex<LeaseWriter>,
+    /// Boot-time clock at the start of the last renewal that succeeded (or at the start).
+    renewed: Mutex<Duration>,
+    /// Why this process fenced each volume on each device, to record it once the pool answers
+    /// (and not to fence the same device twice).
+    fenced: Mutex<HashMap<(VolumeId, u32), String>>,
+    /// The last renewal's error, logged when it changes.
+    last_error: Mutex<Option<String>>,
+    /// Set by [`NodeGuard::stop`]: the threads end at their next round.
+    stopped: AtomicBool,
+}
+
+impl NodeGuard {
+    pub fn new(pool: Arc<Pool>) -> Arc<NodeGuard> {
+        Arc::new(NodeGuard {
+            writer: Mutex::new(LeaseWriter::new(&pool)),
+            pool,
+            renewed: Mutex::new(boottime()),
+            fenced: Mutex::default(),
+            last_error: Mutex::default(),
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts the worker and the watch (see [`NodeGuard`]); they run until [`NodeGuard::stop`]
+    /// (a server: as long as the process).
+    pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        let settings = self.pool.options().lease;
+        let worker = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("loopvol-lease".into())
+            .spawn(move || {
+                while !worker.stopped.load(Ordering::Relaxed) {
+                    worker.tick();
+                    std::thread::sleep(settings.interval);
+                }
+            })?;
+        let watch = Arc::clone(self);
+        let period = settings.interval.min(settings.fence_after() / 4);
+        std::thread::Builder::new()
+            .name("loopvol-fence-watch".into())
+            .spawn(move || {
+                while !watch.stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(period);
+                    watch.fence_if_lapsed();
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Ends the threads [`NodeGuard::start`] started, at their next round.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One round of the worker: fence everything if the lease lapsed, renew it, then judge each
+    /// volume this node has attached and record the fences the pool has not heard of.
+    pub fn tick(&self) {
+        // A panic (a lock guard on a dead mount, say) must not end the thread that fences.
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.fence_if_lapsed();
+            self.renew();
+            if self.pool.health.not_answering().is_none() {
+                if let Err(e) = self.judge_volumes() {
+                    tracing::warn!(error = %e, "could not check this node's volumes");
+                }
+            }
+        })) {
+            tracing::error!(?panic, "the lease keeper's round panicked");
+        }
+    }
+
+    fn renew(&self) {
+        let started = boottime();
+        let result = self
+            .pool
+            .health
+            .watch("renewing this node's lease", || Self::lock(&self.writer).renew());
+        let error = match result {
+            Ok(_) => {
+                let mut renewed = Self::lock(&self.renewed);
+                *renewed = (*renewed).max(started);
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        let mut last = Self::lock(&self.last_error);
+        if *last != error {
+            match &error {
+                Some(e) => tracing::warn!(error = %e, "could not renew this node's lease"),
+                None => tracing::info!("renewing this node's lease again"),
+            }
+            *last = error;
+        }
+    }
+
+    /// How long since the start of the last renewal that succeeded.
+    fn unrenewed(&self) -> Duration {
+        boottime().saturating_sub(*Self::lock(&self.renewed))
+    }
+
+    /// Fences every volume this node has attached once it could not renew its lease for half the
+    /// timeout. Reads only the clock and the kernel.
+    pub fn fence_if_lapsed(&self) {
+        let settings = self.pool.options().lease;
+        let unrenewed = self.unrenewed();
+        if unrenewed <= settings.fence_after() {
+            return;
+        }
+        let Ok(view) = KernelView::read() else {
+            return;
+        };
+        let error = Self::lock(&self.last_error).clone();
+        for (id, dev) in self.pool.devices_here(&view) {
+            let key = (id.clone(), dev.number);
+            if dev.cut_off || Self::lock(&self.fenced).contains_key(&key) {
+                continue;
+            }
+            let reason = format!(
+                "this node could not renew its lease for {:.1} s (it fences after {:.1} s, half \
+                 the lease timeout){}",
+                unrenewed.as_secs_f64(),
+                settings.fence_after().as_secs_f64(),
+                error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            );
+            self.pool.fence_device(&view, &id, &dev, &reason);
+            Self::lock(&self.fenced).insert(key, reason);
+        }
+    }
+
+    /// Checks each volume this node has attached against the pool: fences those it may no
+    /// longer write (see [`fence_reason`]) and records fences the pool has not heard of.
+    fn judge_volumes(&self) -> Result<()> {
+        let pool = &self.pool;
+        let node = pool.node().clone();
+        let view = KernelView::read()?;
+        let here = pool.devices_here(&view);
+        // Devices gone (unstaged) take their fences with them.
+        Self::lock(&self.fenced)
+            .retain(|(id, number), _| here.iter().any(|(i, d)| i == id && d.number == *number));
+        for (id, dev) in here {
+            let key = (id.clone(), dev.number);
+            let meta = match pool.get_volume(&id) {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let recorded = own(&meta.staged, &node).is_some_and(|h| h.fenced.is_some());
+            let reason = if dev.cut_off {
+                if recorded {
+                    continue;
+                }
+                Self::lock(&self.fenced)
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| "it was found cut off its image on this node".into())
+            } else {
+                match fence_reason(&meta, &node, pool.is_shared()) {
+                    Some(r) => r,
+                    None => continue,
+                }
+            };
+            // Judged again under the lock: the read above may predate a change in flight.
+            let mut volume = match pool.lock_volume_with(&id, LockWait::Try) {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) if e.kind() == ErrorKind::Busy => continue,
+                Err(e) => return Err(e),
+            };
+            if !dev.cut_off {
+                if fence_reason(&volume.meta, &node, pool.is_shared()).is_none() {
+                    continue;
+                }
+                if !Self::lock(&self.fenced).contains_key(&key) {
+                    pool.fence_device(&view, &id, &dev, &reason);
+                    Self::lock(&self.fenced).insert(key, reason.clone());
+                }
+            }
+            pool.record_fence(&mut volume, &reason)?;
+        }
+        Ok(())
+    }
+
+    /// How long the lease went unrenewed, for tests and metrics.
+    pub fn unrenewed_for(&self) -> Duration {
+        self.unrenewed()
+    }
+}
