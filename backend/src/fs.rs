@@ -302,7 +302,9 @@ pub(crate) fn shutdown(mount_point: &Path) -> Result<bool> {
     match crate::sys::fs_shutdown(dir.as_fd(), crate::sys::FS_SHUTDOWN_NOLOGFLUSH) {
         Ok(()) | Err(nix::errno::Errno::EIO) => Ok(true),
         Err(nix::errno::Errno::ENOTTY | nix::errno::Errno::EOPNOTSUPP) => Ok(false),
-        Err(e) => Err(e).context(|| format!("shut down the filesystem at {}", mount_point.display())),
+        Err(e) => {
+            Err(e).context(|| format!("shut down the filesystem at {}", mount_point.display()))
+        }
     }
 }
 

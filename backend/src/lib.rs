@@ -91,11 +91,11 @@ pub use lock::LockWait;
 pub use meta::{
     AccessMode, Allocation, Fenced, FencedBy, Hold, SnapshotMeta, VolumeMeta, VolumeSource,
 };
+pub use pool::watchdog::HUNG_AFTER as POOL_DEADLINE;
 pub use pool::{
     default_node_name, Capacity, LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodePath,
     NodeRecord, Page, Pool, PoolOptions,
 };
-pub use pool::watchdog::HUNG_AFTER as POOL_DEADLINE;
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;

@@ -191,11 +191,20 @@ const CUT_OFF_OFFSET: u64 = 1 << 62;
 pub(crate) fn cut_off(dev: &LoopDevice) -> Result<()> {
     let path = dev.path();
     let file = File::open(&path).context(|| format!("open {}", path.display()))?;
-    let mut info =
-        sys::loop_get_status64(file.as_fd()).context(|| format!("status of {}", path.display()))?;
-    if info.lo_offset == CUT_OFF_OFFSET {
-        return Ok(());
-    }
+    // The status asks the backing file for its attributes, which a dead cluster client refuses
+    // (ENOTCONN). The new status needs none of it: the kernel takes the offset, the size limit
+    // and the few flags a status may change (autoclear, partition scan: none of ours).
+    let mut info = match sys::loop_get_status64(file.as_fd()) {
+        Ok(info) if info.lo_offset == CUT_OFF_OFFSET => return Ok(()),
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(device = %path.display(), error = %e, "no status; cutting off from scratch");
+            sys::LoopInfo64 {
+                lo_flags: sys::LO_FLAGS_DIRECT_IO,
+                ..sys::LoopInfo64::default()
+            }
+        }
+    };
     info.lo_offset = CUT_OFF_OFFSET;
     sys::loop_set_status64(file.as_fd(), &info)
         .context(|| format!("cut {} off its image", path.display()))

@@ -179,9 +179,8 @@ fn run(args: Args) -> Result<(), String> {
         path_prefixes: args.path_prefixes,
         lease,
     };
-    let pool = std::sync::Arc::new(
-        loopvol::Pool::open(&args.pool, options).map_err(|e| e.to_string())?,
-    );
+    let pool =
+        std::sync::Arc::new(loopvol::Pool::open(&args.pool, options).map_err(|e| e.to_string())?);
     let serves_node = matches!(args.mode, Mode::Node | Mode::Both);
     if serves_node {
         // The controller of a shared pool publishes only to nodes that registered, and reads

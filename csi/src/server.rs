@@ -69,7 +69,8 @@ impl Driver {
         match tokio::time::timeout(loopvol::POOL_DEADLINE, self.run(rpc, Vec::new(), work)).await {
             Ok(done) => done.map(Some),
             Err(_) => {
-                self.pool.note_hung(&rpc.to_string(), loopvol::POOL_DEADLINE);
+                self.pool
+                    .note_hung(&rpc.to_string(), loopvol::POOL_DEADLINE);
                 Ok(None)
             }
         }

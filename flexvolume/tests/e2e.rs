@@ -1120,10 +1120,13 @@ fn a_non_utf8_argument_is_refused_without_echoing_it() {
 }
 
 /// After a node reboots kubelet does NOT call `unmountdevice` (its device mount path is no longer
-/// a mount point: kubelet only removes the dir); the controller's `detach` alone must release the
-/// node's hold so another node can take the volume read-write.
+/// a mount point: kubelet only removes the dir). The controller's `detach` releases the claim but
+/// not the node's staging hold: a detach is also what a force-detach of a node that stopped
+/// answering looks like, while its kernel may still write. Another node gets the volume once the
+/// node is known to have rebooted since it staged: its hold names the boot it staged in, and its
+/// record (rewritten by its next `waitforattach`) the boot it runs now.
 #[test]
-fn detach_alone_releases_a_rebooted_node() {
+fn a_detached_node_hands_over_once_it_rebooted() {
     if !gate("ext4") {
         return;
     }
@@ -1141,8 +1144,22 @@ fn detach_alone_releases_a_rebooted_node() {
         .unwrap()
         .to_owned();
     node_b.ok(&["mountdevice", &dmp("node-b"), &dev, &opts]);
-    s.cleanup_kernel_state(); // node-b reboots; kubelet skips unmountdevice
+    // A force-detach: node-b may still be writing.
     cm.ok(&["detach", "pv-rb", "node-b"]);
+    let m = cm.fail(&["attach", &opts, "node-a"]);
+    assert!(
+        m.contains("still staged read-write on node node-b")
+            && m.contains("keeps no lease")
+            && m.contains("loopvol fence node-b"),
+        "{m}"
+    );
+    // node-b reboots (kubelet skips unmountdevice); it had staged in the boot before this one.
+    s.cleanup_kernel_state();
+    let meta = s.pool().join("volumes/pv-rb/volume.json");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(json["staged"][0]["node"], "node-b", "{json}");
+    json["staged"][0]["boot"] = "the-boot-before".into();
+    std::fs::write(&meta, serde_json::to_vec(&json).unwrap()).unwrap();
     cm.ok(&["attach", &opts, "node-a"]);
     let dev = node_a.ok(&["waitforattach", "loopvol:pv-rb", &opts])["device"]
         .as_str()

@@ -1334,7 +1334,10 @@ fn shared_pool_keeps_a_writer_on_one_node() {
     let sb = s.path("b/staging");
     let err = stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-    assert!(err.to_string().contains("not published to node node-a"), "{err}");
+    assert!(
+        err.to_string().contains("not published to node node-a"),
+        "{err}"
+    );
     assert!(!sa.exists(), "the refused stage made its path");
 
     // Staging holds: node-a's read-write stage keeps node-b out until node-a unstages, even

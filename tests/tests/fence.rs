@@ -136,7 +136,10 @@ fn assert_writes_fail(file: &std::fs::File, what: &str) {
     let write = file
         .write_all_at(&pattern(64 * 1024, 9), 0)
         .and_then(|()| file.sync_all());
-    assert!(write.is_err(), "{what}: a synced write after the fence succeeded");
+    assert!(
+        write.is_err(),
+        "{what}: a synced write after the fence succeeded"
+    );
 }
 
 /// The fence for each kind of volume: node-a stages read-write with a workload writing, the
@@ -173,7 +176,11 @@ fn fence_after_force_detach(fs: Option<FsType>) {
                 .unwrap()
         }
         None => {
-            let f = OpenOptions::new().read(true).write(true).open(&dev_a).unwrap();
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dev_a)
+                .unwrap();
             f.write_all_at(&synced, 0).unwrap();
             f.sync_all().unwrap();
             f
@@ -187,7 +194,11 @@ fn fence_after_force_detach(fs: Option<FsType>) {
     release(&b, &id, "node-a");
     let err = claim(&b, &id, "node-b", AccessMode::SingleNodeWriter).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-    assert!(err.to_string().contains("still staged read-write on node node-a"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("still staged read-write on node node-a"),
+        "{err}"
+    );
 
     guard.tick();
     assert!(device(&dev_a).cut_off, "node-a did not cut its device off");
@@ -202,7 +213,10 @@ fn fence_after_force_detach(fs: Option<FsType>) {
     let hold = meta(&a, &id).staged;
     let fenced = hold[0].fenced.as_ref().expect("the fence is recorded");
     assert_eq!(fenced.by, FencedBy::Node);
-    assert!(fenced.reason.contains("claim for this node was released"), "{fenced:?}");
+    assert!(
+        fenced.reason.contains("claim for this node was released"),
+        "{fenced:?}"
+    );
     let condition = a.volume_condition(&meta(&a, &id)).unwrap();
     assert!(
         condition.abnormal && condition.message.contains("fenced on this node"),
@@ -211,7 +225,10 @@ fn fence_after_force_detach(fs: Option<FsType>) {
     // node-a may not use it again before it unstages, even published to it again.
     claim(&b, &id, "node-a", AccessMode::SingleNodeWriter).unwrap();
     let again = stage(&a, &id, &sa, fs).unwrap_err();
-    assert!(again.to_string().contains("was fenced on node node-a"), "{again}");
+    assert!(
+        again.to_string().contains("was fenced on node node-a"),
+        "{again}"
+    );
     release(&b, &id, "node-a");
 
     // The hand-over: node-b gets it. (One machine: node-a's fenced mount must go first here, as
@@ -227,7 +244,11 @@ fn fence_after_force_detach(fs: Option<FsType>) {
             write_synced(&sb.join("by-b"), &written_by_b);
         }
         None => {
-            let f = OpenOptions::new().read(true).write(true).open(&dev_b).unwrap();
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dev_b)
+                .unwrap();
             let mut got = vec![0; synced.len()];
             f.read_exact_at(&mut got, 0).unwrap();
             assert!(got == synced, "the bytes node-a synced, read on node-b");
@@ -316,7 +337,10 @@ fn a_node_that_cannot_renew_fences_within_half_the_timeout() {
     );
     assert!(std::fs::File::create(sa.join("x")).is_err());
     let fenced = meta(&a, &id).staged[0].fenced.clone().expect("recorded");
-    assert!(fenced.reason.contains("could not renew its lease"), "{fenced:?}");
+    assert!(
+        fenced.reason.contains("could not renew its lease"),
+        "{fenced:?}"
+    );
     unstage(&a, &id, &sa);
     release(&a, &id, "node-a");
 }
@@ -348,7 +372,9 @@ fn operator_fence_needs_a_still_lease_and_fences_a_node_that_comes_back() {
     guard.tick();
     guard.start().unwrap();
     let _stop = Stop(&guard);
-    let err = b.fence_node(&node("node-a"), FenceCheck::LeaseStill).unwrap_err();
+    let err = b
+        .fence_node(&node("node-a"), FenceCheck::LeaseStill)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(err.to_string().contains("renewed its lease"), "{err}");
     assert!(meta(&b, &id).staged[0].fenced.is_none());
@@ -423,8 +449,13 @@ fn a_rebooted_nodes_hold_is_stale() {
     assert!(claim(&b, &id, "node-b", AccessMode::SingleNodeWriter).is_err());
     // node-a reboots (its kernel state goes), and staged in the boot before the current one.
     s.cleanup_kernel_state();
-    let path = s.pool().join("volumes").join(id.as_str()).join("volume.json");
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let path = s
+        .pool()
+        .join("volumes")
+        .join(id.as_str())
+        .join("volume.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     json["staged"][0]["boot"] = "an-earlier-boot".into();
     std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
     claim(&b, &id, "node-b", AccessMode::SingleNodeWriter).unwrap();
@@ -466,7 +497,10 @@ fn attach_limit_is_enforced() {
     claim(&a, &ids[1], "node-b", rw).unwrap();
     let err = claim(&a, &ids[2], "node-b", rw).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
-    assert!(err.to_string().contains("--max-volumes-per-node 2"), "{err}");
+    assert!(
+        err.to_string().contains("--max-volumes-per-node 2"),
+        "{err}"
+    );
     assert!(meta(&a, &ids[2]).claims.is_empty());
     claim(&a, &ids[2], "node-a", rw).unwrap();
     release(&a, &ids[2], "node-a");
@@ -519,13 +553,23 @@ fn node_record_and_lease_on_a_full_pool() {
     while f.write_all(&chunk[..4096]).is_ok() {}
     let _ = f.sync_all();
     drop(f);
-    assert!(std::fs::write(dir.join("more"), vec![0u8; 64 * 1024]).is_err(), "not full");
+    assert!(
+        std::fs::write(dir.join("more"), vec![0u8; 64 * 1024]).is_err(),
+        "not full"
+    );
     // A restart: nothing to write.
     let pool = Arc::new(open());
-    assert!(!pool.register_node_with(&info).unwrap(), "unchanged, rewritten");
+    assert!(
+        !pool.register_node_with(&info).unwrap(),
+        "unchanged, rewritten"
+    );
     let before = std::fs::read(dir.join("leases/node-a")).unwrap();
     NodeGuard::new(Arc::clone(&pool)).tick();
-    assert_ne!(std::fs::read(dir.join("leases/node-a")).unwrap(), before, "renewed in place");
+    assert_ne!(
+        std::fs::read(dir.join("leases/node-a")).unwrap(),
+        before,
+        "renewed in place"
+    );
     // A change cannot be written: the caller is told (the CSI server warns and serves).
     let changed = NodeInfo {
         max_volumes: Some(5),

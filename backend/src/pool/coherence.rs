@@ -38,7 +38,19 @@ pub(crate) fn check_shared(root: &Path) -> Result<(), String> {
     }
     let volume = gluster_volume(&m.source);
     let graph = m.mount_point.join(".meta/graphs/active");
-    let types = translator_types(&graph).map_err(|e| {
+    // While the client switches graphs (a `gluster volume set` just now) the directory may
+    // answer errors for a moment: a few tries.
+    let mut tries = 0;
+    let types = loop {
+        match translator_types(&graph) {
+            Err(_) if tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            done => break done,
+        }
+    };
+    let types = types.map_err(|e| {
         format!(
             "it is on GlusterFS volume {volume}, and the client's translator graph at {} cannot \
              be read ({e}) to check that a shared pool sees other nodes' writes at once",
@@ -139,7 +151,14 @@ mod tests {
         assert!(!why.contains("io-cache"), "{why}");
         let coherent: Vec<String> = defaults
             .into_iter()
-            .filter(|t| !["performance/md-cache", "performance/open-behind", "performance/quick-read"].contains(&t.as_str()))
+            .filter(|t| {
+                ![
+                    "performance/md-cache",
+                    "performance/open-behind",
+                    "performance/quick-read",
+                ]
+                .contains(&t.as_str())
+            })
             .collect();
         assert_eq!(refusal("vol1", &coherent), None);
         let with_io_cache = [coherent, vec!["performance/io-cache".to_owned()]].concat();

@@ -109,7 +109,13 @@ pub struct Pool {
 }
 
 const SUBDIRS: [&str; 7] = [
-    "volumes", "snapshots", "locks", "staging", "trash", "nodes", "leases",
+    "volumes",
+    "snapshots",
+    "locks",
+    "staging",
+    "trash",
+    "nodes",
+    "leases",
 ];
 
 impl Pool {

@@ -206,9 +206,11 @@ impl Pool {
         let path = self.lease_path(node);
         match fsops::read_small(&path, LEASE_LEN)? {
             None => Ok(None),
-            Some(bytes) => Ok(Some(parse_lease(&bytes).ok_or_else(|| Error::Metadata {
-                path,
-                reason: "not a lease counter".into(),
+            Some(bytes) => Ok(Some(parse_lease(&bytes).ok_or_else(|| {
+                Error::Metadata {
+                    path,
+                    reason: "not a lease counter".into(),
+                }
             })?)),
         }
     }
@@ -254,9 +256,7 @@ impl LeaseWriter {
             // fresh file starts from the clock, different from any counter a controller saw.
             let mut buf = [0u8; LEASE_LEN];
             let n = file.read_at(&mut buf, 0).unwrap_or(0);
-            self.counter = parse_lease(&buf[..n])
-                .unwrap_or(0)
-                .max(meta::now_unix());
+            self.counter = parse_lease(&buf[..n]).unwrap_or(0).max(meta::now_unix());
         }
         let next = self.counter.wrapping_add(1);
         file.write_all_at(&format_lease(next), 0)
@@ -273,10 +273,14 @@ impl LeaseWriter {
 pub enum LeaseState {
     /// This process does not watch leases (a node plugin, FlexVolume, the admin CLI).
     NotWatched,
-    /// The node has no lease: its plugin never kept one (FlexVolume, an older release).
+    /// The node keeps no lease: its record names none (FlexVolume, an older release).
     Missing,
-    /// Watched for less than a timeout since this controller started: not judged yet.
-    Unknown { watched: Duration, timeout: Duration },
+    /// Not seen to change yet, and unchanged for less than a timeout of this controller's own
+    /// watching: not judged yet.
+    Unknown {
+        watched: Duration,
+        timeout: Duration,
+    },
     /// Changed within the timeout.
     Live { unchanged: Duration },
     /// Unchanged for at least the timeout.
@@ -294,7 +298,7 @@ impl std::fmt::Display for LeaseState {
         let secs = |d: &Duration| d.as_secs_f64();
         match self {
             LeaseState::NotWatched => write!(f, "its lease is not watched here"),
-            LeaseState::Missing => write!(f, "it keeps no lease (no loopvol node plugin runs there)"),
+            LeaseState::Missing => write!(f, "it keeps no lease (no loopvol CSI node plugin runs there)"),
             LeaseState::Unknown { watched, timeout } => write!(
                 f,
                 "its lease is not judged yet (this controller has watched it for {:.1} s of the {:.1} s it waits)",
@@ -371,7 +375,12 @@ impl LeaseWatch {
             return LeaseState::NotWatched;
         };
         let Some(seen) = w.seen.get(&node.path_component()) else {
-            return LeaseState::Missing;
+            // Not read yet (the node registered since the last round, or its lease file is
+            // not written yet): nothing to judge by.
+            return LeaseState::Unknown {
+                watched: now.saturating_duration_since(started),
+                timeout,
+            };
         };
         // First seen no earlier than the watch started: a whole timeout unchanged is a whole
         // timeout of this controller's own watching.
@@ -442,14 +451,17 @@ impl Pool {
         (record.node.path_component() == name).then_some(record)
     }
 
-    /// How `node`'s lease looks from here, judged against the longer of this pool's lease
-    /// timeout and the one the node recorded.
+    /// How `node` (whose record is `record`) keeps its lease, as seen from here: judged
+    /// against the longer of this pool's lease timeout and the one the node recorded.
     pub fn lease_state(&self, node: &NodeName, record: Option<&NodeRecord>) -> LeaseState {
-        let recorded = record
-            .and_then(|r| r.lease)
-            .map(|t| Duration::from_millis(t.timeout_ms))
-            .unwrap_or_default();
-        let timeout = self.options.lease.timeout.max(recorded);
+        let Some(terms) = record.and_then(|r| r.lease) else {
+            return LeaseState::Missing;
+        };
+        let timeout = self
+            .options
+            .lease
+            .timeout
+            .max(Duration::from_millis(terms.timeout_ms));
         self.leases.state(node, timeout, Instant::now())
     }
 }
@@ -497,7 +509,10 @@ mod tests {
         let (a, b) = (node("a"), node("b"));
         assert_eq!(w.state(&a, timeout, at(0)), LeaseState::NotWatched);
         w.start(at(0));
-        assert_eq!(w.state(&a, timeout, at(0)), LeaseState::Missing);
+        assert!(matches!(
+            w.state(&a, timeout, at(0)),
+            LeaseState::Unknown { .. }
+        ));
         // A stopped counter, first seen when the controller starts: not expired before the
         // controller itself watched for a timeout.
         w.saw(&a, 7, at(0));
@@ -535,7 +550,10 @@ mod tests {
         w.saw(&a, 7, t0);
         let s = w.state(&a, timeout, t0 + Duration::from_secs(9));
         assert!(matches!(s, LeaseState::Unknown { .. }), "{s:?}");
-        assert!(s.to_string().contains("watched it for 9.0 s of the 10.0 s"), "{s}");
+        assert!(
+            s.to_string().contains("watched it for 9.0 s of the 10.0 s"),
+            "{s}"
+        );
         w.saw(&b, 1, t0);
         w.saw(&b, 2, t0 + Duration::from_secs(1));
         let s = w.state(&b, timeout, t0 + Duration::from_secs(9));

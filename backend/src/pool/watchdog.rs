@@ -41,7 +41,11 @@ impl PoolHealth {
     /// Runs `f`, a call on the pool made by background work, as the watchdog's witness: while it
     /// runs for longer than [`HUNG_AFTER`] the pool is not answering; its error, when it is the
     /// pool's (see [`unreachable`]), is the reason until a later call succeeds.
-    pub fn watch<T>(&self, what: &'static str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    pub fn watch<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce() -> crate::Result<T>,
+    ) -> crate::Result<T> {
         self.state().running = Some((what, Instant::now()));
         let result = f();
         let mut s = self.state();
@@ -177,6 +181,9 @@ mod tests {
         // A call still running past the bound, seen from another thread.
         h.state().running = Some(("renew the lease", Instant::now() - HUNG_AFTER));
         let reason = h.not_answering().unwrap();
-        assert!(reason.contains("renew the lease has not returned"), "{reason}");
+        assert!(
+            reason.contains("renew the lease has not returned"),
+            "{reason}"
+        );
     }
 }

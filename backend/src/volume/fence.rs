@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::ids::{NodeName, VolumeId};
 use crate::fs::Usage;
+use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{is_device_bind_of, KernelView};
 use crate::lock::LockWait;
 use crate::loopdev::{self, LoopDevice};
@@ -108,7 +108,9 @@ impl Pool {
                     tracing::warn!(volume = %id, fs = %m.fs_type, "the filesystem has no shutdown: the device's cut-off fences it");
                     break;
                 }
-                Err(e) => tracing::warn!(volume = %id, error = %e, "could not shut the filesystem down"),
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "could not shut the filesystem down")
+                }
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -380,10 +382,9 @@ impl NodeGuard {
 
     fn renew(&self) {
         let started = boottime();
-        let result = self
-            .pool
-            .health
-            .watch("renewing this node's lease", || Self::lock(&self.writer).renew());
+        let result = self.pool.health.watch("renewing this node's lease", || {
+            Self::lock(&self.writer).renew()
+        });
         let error = match result {
             Ok(_) => {
                 let mut renewed = Self::lock(&self.renewed);
@@ -424,7 +425,8 @@ impl NodeGuard {
             if dev.cut_off || Self::lock(&self.fenced).contains_key(&key) {
                 continue;
             }
-            let reason = format!(
+            let reason =
+                format!(
                 "this node could not renew its lease for {:.1} s (it fences after {:.1} s, half \
                  the lease timeout){}",
                 unrenewed.as_secs_f64(),

@@ -72,7 +72,11 @@ impl Volume<'_> {
     /// share with it still counts (see [`standing`]). Holds of rebooted nodes are dropped, and
     /// holds of expired leases are marked fenced when the cluster hands over then; the caller
     /// saves.
-    pub(super) fn check_staged_elsewhere(&mut self, node: &NodeName, mode: AccessMode) -> Result<()> {
+    pub(super) fn check_staged_elsewhere(
+        &mut self,
+        node: &NodeName,
+        mode: AccessMode,
+    ) -> Result<()> {
         let handover_on_expiry = self.pool.options().lease.handover_on_expiry;
         let mut rebooted = Vec::new();
         let mut expired = Vec::new();
@@ -186,7 +190,11 @@ pub(crate) fn own<'h>(holds: &'h [Hold], node: &NodeName) -> Option<&'h Hold> {
 
 /// The staging holds that still keep a volume: those nobody fenced.
 pub(crate) fn live_holds(holds: &[Hold]) -> Vec<Hold> {
-    holds.iter().filter(|h| h.fenced.is_none()).cloned().collect()
+    holds
+        .iter()
+        .filter(|h| h.fenced.is_none())
+        .cloned()
+        .collect()
 }
 
 /// What an operator's `loopvol fence NODE` released.
@@ -225,15 +233,16 @@ impl Pool {
             if !holds_of(&m, node) {
                 continue;
             }
-            let mut volume = match self.lock_volume_with(&m.id, LockWait::Bounded(Duration::from_secs(10))) {
-                Ok(Some(v)) => v,
-                Ok(None) => continue,
-                Err(e) if e.kind() == crate::ErrorKind::Busy => {
-                    report.busy.push(m.id);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let mut volume =
+                match self.lock_volume_with(&m.id, LockWait::Bounded(Duration::from_secs(10))) {
+                    Ok(Some(v)) => v,
+                    Ok(None) => continue,
+                    Err(e) if e.kind() == crate::ErrorKind::Busy => {
+                        report.busy.push(m.id);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
             if !holds_of(&volume.meta, node) {
                 continue;
             }
@@ -322,8 +331,14 @@ mod tests {
                 ((Some("b1"), false, Some("b1"), live, false), Blocks),
                 ((Some("b1"), false, Some("b1"), expired, false), Blocks),
                 ((Some("b1"), false, Some("b1"), unknown, true), Blocks),
-                ((Some("b1"), false, Some("b1"), LeaseState::Missing, true), Blocks),
-                ((Some("b1"), false, Some("b1"), LeaseState::NotWatched, true), Blocks),
+                (
+                    (Some("b1"), false, Some("b1"), LeaseState::Missing, true),
+                    Blocks,
+                ),
+                (
+                    (Some("b1"), false, Some("b1"), LeaseState::NotWatched, true),
+                    Blocks,
+                ),
                 ((Some("b1"), false, Some("b1"), expired, true), LeaseExpired),
                 ((Some("b1"), true, Some("b1"), live, false), Fenced),
                 ((None, true, None, live, false), Fenced),

@@ -70,7 +70,11 @@ impl Pool {
     }
 
     /// [`Pool::find_volume`], waiting for the lock as `wait` says.
-    pub(crate) fn lock_volume_with(&self, id: &VolumeId, wait: LockWait) -> Result<Option<Volume<'_>>> {
+    pub(crate) fn lock_volume_with(
+        &self,
+        id: &VolumeId,
+        wait: LockWait,
+    ) -> Result<Option<Volume<'_>>> {
         if !fsops::exists(&self.volume_meta_path(id)) {
             return Ok(None);
         }
@@ -166,7 +170,11 @@ impl<'p> Volume<'p> {
             )));
         }
         // A node an operator declared down unstages nothing any more.
-        let declared_down = |h: &&Hold| h.fenced.as_ref().is_some_and(|f| f.by == FencedBy::Operator);
+        let declared_down = |h: &&Hold| {
+            h.fenced
+                .as_ref()
+                .is_some_and(|f| f.by == FencedBy::Operator)
+        };
         if let Some(h) = self.meta.staged.iter().find(|h| !declared_down(h)) {
             return Err(Error::precondition(format!(
                 "volume {id} is staged on node {}; unstage it first",

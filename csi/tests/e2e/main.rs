@@ -10,11 +10,14 @@
 //! - [`recovery`]: calls held in flight on a frozen filesystem, a busy volume, SIGTERM, SIGKILL
 //!   and the repeated call that finishes the job; as root;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
-//!   nodes and surviving a dead one; as root.
+//!   nodes and surviving a dead one; as root;
+//! - [`partition`]: the same on GlusterFS, partitioned: a stopped plugin, a dead FUSE client, a
+//!   force-detach, a hung mount; as root.
 //!
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
 mod lifecycle;
+mod partition;
 mod process;
 mod protocol;
 mod recovery;
