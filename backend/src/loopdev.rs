@@ -130,6 +130,9 @@ pub(crate) fn attach(backing: &File, image: &Path, read_only: bool) -> Result<Lo
     if read_only {
         flags |= sys::LO_FLAGS_READ_ONLY;
     }
+    // The device takes the size the kernel has for the image: on a shared pool, fetch it afresh
+    // (another node may have grown it a moment ago).
+    sys::refresh_size(backing.as_fd()).context(|| format!("stat {}", image.display()))?;
     // Another process may take the free device between GET_FREE and CONFIGURE: then CONFIGURE says
     // EBUSY and we ask again. The bound keeps a broken kernel from spinning us forever.
     for _ in 0..64 {
@@ -174,6 +177,11 @@ pub(crate) fn attach(backing: &File, image: &Path, read_only: bool) -> Result<Lo
 
 /// Re-reads the image size into the loop device after the image grew.
 pub(crate) fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
+    // A cluster client's cached size first (see `sys::refresh_size`); a missing image is the
+    // caller's business.
+    if let Ok(image) = crate::pool::fsops::open_image(&dev.backing_file, true) {
+        let _ = sys::refresh_size(image.as_fd());
+    }
     let file = File::open(dev.path()).context(|| format!("open {}", dev.path().display()))?;
     sys::loop_set_capacity(file.as_fd())
         .context(|| format!("refresh capacity of {}", dev.path().display()))

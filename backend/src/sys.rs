@@ -143,6 +143,27 @@ pub(crate) fn fs_shutdown(dir: BorrowedFd<'_>, flags: u32) -> Result<(), Errno> 
     unsafe { ioctl_fs_shutdown(dir.as_raw_fd(), &mut flags) }.map(drop)
 }
 
+/// Asks the filesystem of the open file `file` for its size afresh (statx with
+/// AT_STATX_FORCE_SYNC): a FUSE client (GlusterFS) otherwise keeps the size it cached for up to
+/// its attribute timeout, and a loop device bound (or resized) now would take a size another
+/// node changed since.
+pub(crate) fn refresh_size(file: BorrowedFd<'_>) -> Result<u64, Errno> {
+    // SAFETY: statx is a plain data struct; all-zero is a valid value for the kernel to fill.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a NUL-terminated empty string (AT_EMPTY_PATH: the descriptor itself),
+    // the descriptor is live for the borrow, and `st` is valid and writable for one statx.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_SIZE,
+            &mut st,
+        )
+    };
+    Errno::result(r).map(|_| st.stx_size)
+}
+
 /// Freezes the filesystem mounted at the directory `dir` (open any file on it).
 pub(crate) fn fifreeze(dir: BorrowedFd<'_>) -> Result<(), Errno> {
     let mut unused: libc::c_int = 0;

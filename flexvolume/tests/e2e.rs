@@ -14,9 +14,11 @@ use std::process::Child;
 
 use loopvol_e2e::flex::{check_protocol, kubelet_options, kubelet_pod_options, Flex};
 use loopvol_e2e::freeze::Frozen;
+use loopvol_e2e::gluster::{self, GlusterPool, Node};
 use loopvol_e2e::kernel;
 use loopvol_e2e::{
-    fs_size, fs_tools, loops_under, mounts_under, require_root, write_synced, Scratch,
+    cleanup_under, fs_size, fs_tools, loops_under, mounts_under, require_root, write_synced,
+    Scratch,
 };
 use serde_json::{json, Value};
 
@@ -124,7 +126,9 @@ fn state(s: &Scratch) -> State {
     }
     let mut files = BTreeMap::new();
     walk(&s.root(), &mut files);
-    files.retain(|p, _| !p.ends_with("flexvolume.log"));
+    // A GlusterFS pool is seen through its mounts; its brick is the server's business.
+    let brick = s.path("gluster/brick");
+    files.retain(|p, _| !p.ends_with("flexvolume.log") && !p.starts_with(&brick));
     State {
         files,
         mounts: mounts_under(&s.root()),
@@ -802,9 +806,46 @@ fn attach_mode_two_nodes_share_a_pool() {
         return;
     }
     let s = Scratch::new();
-    let cm = Flex::new(EXE, &s, "controller", true);
-    let node_a = Flex::new(EXE, &s, "node-a", true);
-    let node_b = Flex::new(EXE, &s, "node-b", true);
+    let pool = s.pool();
+    attach_mode_scenario(&s, [&pool, &pool, &pool], &[]);
+}
+
+/// The same on GlusterFS (with the options a shared pool needs, see `gluster::COHERENT`): the
+/// controller-manager and node-a on mount A, node-b on mount B.
+#[test]
+fn attach_mode_on_glusterfs() {
+    if !gate("xfs") || !gluster::require_gluster() {
+        return;
+    }
+    let s = Scratch::new();
+    let gp = GlusterPool::start_with(&s, gluster::COHERENT);
+    let (a, b) = (gp.pool(Node::A), gp.pool(Node::B));
+    let own = [Node::A, Node::B].map(|n| gp.mount_point(n).to_path_buf());
+    attach_mode_scenario(&s, [&a, &a, &b], &own);
+}
+
+/// Fails naming them when mounts (but the pool's own, `own`) or loop devices are left under the
+/// scratch dir.
+#[track_caller]
+fn assert_clean_but(s: &Scratch, own: &[PathBuf], when: &str) {
+    let mut mounts = mounts_under(&s.root());
+    mounts.retain(|m| !own.contains(m));
+    let loops = loops_under(&s.root());
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{when}: left mounted {mounts:?}, left attached {loops:?}"
+    );
+}
+
+/// The controller-manager, node-a and node-b with the pool at `pools` (in that order); `own`:
+/// the mounts the pool itself is on.
+fn attach_mode_scenario(s: &Scratch, pools: [&Path; 3], own: &[PathBuf]) {
+    let flex = |name: &str, pool: &Path| {
+        Flex::new(EXE, s, name, true).with_env("LOOPVOL_POOL", &pool.display().to_string())
+    };
+    let cm = flex("controller", pools[0]);
+    let node_a = flex("node-a", pools[1]);
+    let node_b = flex("node-b", pools[2]);
     let opts = kubelet_attach_options(
         "pv-shared",
         "xfs",
@@ -834,13 +875,13 @@ fn attach_mode_two_nodes_share_a_pool() {
     cm.ok(&["attach", &opts, "node-a"]);
     assert_eq!(cm.ok(&["isattached", &opts, "node-a"])["attached"], true);
     assert_eq!(cm.ok(&["isattached", &opts, "node-b"])["attached"], false);
-    let before = state(&s);
+    let before = state(s);
     let m = cm.fail(&["attach", &opts, "node-b"]);
     assert!(
         m.contains("read-write on node node-a") && m.contains("node-b"),
         "{m}"
     );
-    assert_eq!(state(&s), before);
+    assert_eq!(state(s), before);
 
     // kubelet on node-a.
     let device = node_a.ok(&["waitforattach", "loopvol:vol-shared", &opts])["device"]
@@ -859,15 +900,15 @@ fn attach_mode_two_nodes_share_a_pool() {
     let (dmp_a, pod_a) = (dmp("node-a"), pod("node-a"));
     node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
     node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
-    assert_eq!(mount_count(&s, &dmp_a), 1);
+    assert_eq!(mount_count(s, &dmp_a), 1);
     node_a.ok(&["mount", &mkdir(&pod_a), &pod_opts]);
     node_a.ok(&["mount", &pod_a.display().to_string(), &pod_opts]);
-    assert_eq!(mount_count(&s, &pod_a), 1);
+    assert_eq!(mount_count(s, &pod_a), 1);
     assert_eq!(std::fs::metadata(&pod_a).unwrap().gid(), 2000);
     write_synced(&pod_a.join("written-on-a"), b"node a was here");
 
     // node-b cannot use it read-write meanwhile, and its failed attempt changes nothing.
-    let before = state(&s);
+    let before = state(s);
     let m = node_b.fail(&["waitforattach", "loopvol:vol-shared", &opts]);
     assert!(
         m.contains("read-write on node node-a") && m.contains("released there"),
@@ -880,7 +921,7 @@ fn attach_mode_two_nodes_share_a_pool() {
         &opts,
     ]);
     assert!(m.contains("node node-a"), "{m}");
-    assert_eq!(state(&s), before);
+    assert_eq!(state(s), before);
     // A handle naming another volume is refused.
     assert!(node_a
         .fail(&["waitforattach", "loopvol:other", &opts])
@@ -890,13 +931,13 @@ fn attach_mode_two_nodes_share_a_pool() {
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     assert_eq!(
-        mount_count(&s, &dmp_a),
+        mount_count(s, &dmp_a),
         1,
         "unmount leaves the device mount to unmountdevice"
     );
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
-    s.assert_clean("left behind");
+    assert_clean_but(s, own, "left behind");
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-never-attached", "node-a"]);
@@ -935,7 +976,10 @@ fn attach_mode_two_nodes_share_a_pool() {
 
     // node-b reboots: its mounts and loop device vanish. kubelet's cleanup calls succeed and
     // release node-b's hold, so node-a can take the volume back.
-    s.cleanup_kernel_state();
+    cleanup_under(&s.path("node-b"));
+    for dev in kernel::loops_backing(&pools[2].join("volumes/vol-shared/image")) {
+        kernel::detach(&dev).unwrap();
+    }
     node_b.ok(&["unmount", &pod_b.display().to_string()]);
     node_b.ok(&["unmountdevice", &dmp_b.display().to_string()]);
     cm.ok(&["detach", "pv-shared", "node-b"]);
@@ -953,7 +997,7 @@ fn attach_mode_two_nodes_share_a_pool() {
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
     cm.ok(&["detach", "pv-shared", "node-a"]);
-    s.assert_clean("left behind");
+    assert_clean_but(s, own, "left behind");
 
     // Read-only claims may be shared by both nodes.
     let ro = kubelet_attach_options("pv-shared", "xfs", "ro", json!({"volumeID": "vol-shared"}));
@@ -962,7 +1006,7 @@ fn attach_mode_two_nodes_share_a_pool() {
     assert_eq!(cm.ok(&["isattached", &ro, "node-b"])["attached"], true);
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-shared", "node-b"]);
-    assert_no_secrets_logged(&s);
+    assert_no_secrets_logged(s);
 }
 
 /// A call stuck in the kernel (here a chown on a frozen filesystem) still answers Failure once
