@@ -23,8 +23,8 @@ use loopvol_e2e::csi::*;
 use loopvol_e2e::gluster::{self, GlusterPool, Node};
 use loopvol_e2e::kernel::{self, mount_at, LoopDevice};
 use loopvol_e2e::{
-    cleanup_under, fs_tools, loops_under, mounts_under, pattern, require_root, write_synced,
-    Scratch,
+    cleanup_under, fs_tools, loops_under, mounts_under, pattern, poll_until_async, require_root,
+    write_synced, Scratch,
 };
 use pb::volume_capability::access_mode::Mode;
 use tonic::Code;
@@ -577,4 +577,89 @@ async fn scenario(scratch: &Scratch, pools: Pools<'_>) {
     ctl_server.stop().await;
     b_server.stop().await;
     eprintln!("shared-pool scenario took {:?}", started.elapsed());
+}
+
+/// A node plugin restarts on a full pool (issue 9): its node record is rewritten only when what
+/// it records changed, so an unchanged restart writes nothing, and a change it cannot write is a
+/// warning, not a crash loop. Its lease goes on renewing in place.
+#[tokio::test]
+async fn a_node_plugin_starts_on_a_full_pool() {
+    if !require_root(&["mkfs.ext4"]) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let image = scratch.path("pool-fs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 * MIB as u64)
+        .unwrap();
+    let (code, _, err) = loopvol_e2e::run(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-m", "0", "-b", "4096"])
+            .arg(&image),
+    );
+    assert_eq!(code, 0, "{err}");
+    let dev = loopvol::testing::loopdev::attach(&image, false).unwrap();
+    let pool = scratch.path("full-pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    loopvol::testing::mount::mount_fs(&dev.path(), &pool, "ext4", nix::mount::MsFlags::empty(), "")
+        .unwrap();
+    let args = |limit: &str| -> Vec<String> {
+        let mut a = vec![
+            format!("--pool={}", pool.display()),
+            "--shared-pool".into(),
+            "--mode=node".into(),
+            "--node-id=node-a".into(),
+            format!("--max-volumes-per-node={limit}"),
+        ];
+        a.extend(LEASE_FLAGS.map(str::to_owned));
+        a
+    };
+    let mut first = CsiServer::start(EXE, &scratch, "first", &args("2"));
+    first.stop().await;
+    // Fill the pool.
+    let mut filler = std::fs::File::create(pool.join("filler")).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while std::io::Write::write_all(&mut filler, &chunk).is_ok() {}
+    while std::io::Write::write_all(&mut filler, &chunk[..4096]).is_ok() {}
+    let _ = filler.sync_all();
+    drop(filler);
+    assert!(
+        std::fs::write(pool.join("more"), vec![0u8; 1 << 16]).is_err(),
+        "not full"
+    );
+    let lease = pool.join("leases/node-a");
+    let before = std::fs::read(&lease).unwrap();
+    // The same settings: starts, writes no record, renews its lease.
+    let mut same = CsiServer::start(EXE, &scratch, "same", &args("2"));
+    poll_until_async(
+        Duration::from_secs(10),
+        "a renewal on the full pool",
+        || std::future::ready(std::fs::read(&lease).unwrap() != before),
+    )
+    .await;
+    assert!(
+        !same.log_text().contains("could not record"),
+        "{}",
+        same.log_text()
+    );
+    same.stop().await;
+    // Another attach limit: the record cannot be rewritten; a warning, and it serves.
+    let mut changed = CsiServer::start(EXE, &scratch, "changed", &args("3"));
+    let mut csi = Csi::connect(&changed).await;
+    ok(
+        csi.id.probe(pb::ProbeRequest {}).await,
+        "Probe on a full pool",
+    );
+    assert!(
+        changed
+            .log_text()
+            .contains("could not record this node in the pool"),
+        "{}",
+        changed.log_text()
+    );
+    drop(csi);
+    changed.stop().await;
+    loopvol::testing::mount::unmount(&pool).unwrap();
+    loopvol::testing::loopdev::detach(&dev).unwrap();
 }
