@@ -107,14 +107,26 @@ pub(crate) fn open_lock(path: &Path) -> Result<File> {
         .context(|| format!("open lock {}", path.display()))
 }
 
-/// Reads the small file at `path` (at most `max` bytes); `Ok(None)` when it does not exist.
-pub(crate) fn read_small(path: &Path, max: usize) -> Result<Option<Vec<u8>>> {
+/// Reads the small file at `path` (at most `max` bytes) as the pool's filesystem has it now, not
+/// as this node's page cache does; `Ok(None)` when it does not exist. For a file another node
+/// rewrites in place (a lease): its size and inode never change, and a GlusterFS client keeps
+/// serving the pages it cached (measured: the first value read, for ever) unless they are
+/// dropped first.
+pub(crate) fn read_uncached(path: &Path, max: usize) -> Result<Option<Vec<u8>>> {
     use std::io::Read;
+    use std::os::fd::AsFd;
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).context(|| format!("read {}", path.display())),
     };
+    nix::fcntl::posix_fadvise(
+        file.as_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .context(|| format!("drop the cached pages of {}", path.display()))?;
     let mut bytes = Vec::with_capacity(max);
     file.take(u64::try_from(max).unwrap_or(u64::MAX))
         .read_to_end(&mut bytes)

@@ -204,7 +204,7 @@ impl Pool {
     /// `node`'s lease counter; `None` when it has no lease file.
     pub(crate) fn read_lease(&self, node: &NodeName) -> Result<Option<u64>> {
         let path = self.lease_path(node);
-        match fsops::read_small(&path, LEASE_LEN)? {
+        match fsops::read_uncached(&path, LEASE_LEN)? {
             None => Ok(None),
             Some(bytes) => Ok(Some(parse_lease(&bytes).ok_or_else(|| {
                 Error::Metadata {

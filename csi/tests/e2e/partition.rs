@@ -243,24 +243,26 @@ impl Cluster {
             .find(|d| d.backing_file == image)
     }
 
-    /// ControllerPublish to node-b is refused (naming node-a) for `during`, polled.
-    async fn node_b_refused_for(&mut self, during: Duration) -> String {
+    /// ControllerPublish to node-b is refused (naming node-a) for `during`, polled; the first
+    /// refusal and the last.
+    async fn node_b_refused_for(&mut self, during: Duration) -> (String, String) {
         let until = Instant::now() + during;
-        let mut last = String::new();
+        let mut seen: Vec<String> = Vec::new();
         while Instant::now() < until {
             match self.publish("node-b").await {
                 Ok(()) => {
-                    panic!("node-b got the volume while node-a may write (last refusal: {last})")
+                    panic!("node-b got the volume while node-a may write (refusals: {seen:?})")
                 }
                 Err(s) => {
                     assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
                     assert!(s.message().contains("node node-a"), "{}", s.message());
-                    last = s.message().to_owned();
+                    seen.push(s.message().to_owned());
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        last
+        let first = seen.first().cloned().unwrap_or_default();
+        (first, seen.pop().unwrap_or_default())
     }
 
     /// Waits (bounded) until ControllerPublish to node-b succeeds.
@@ -350,11 +352,25 @@ async fn partition_a_stopped_plugin_fences_itself_when_it_resumes() {
     let gp = GlusterPool::start_with(&scratch, gluster::COHERENT);
     let mut c = Cluster::start(&scratch, &gp, "pvc-a").await;
     let mut workload = c.node_a_writing().await;
+    // Through the other mount node-a's lease is seen moving (read as the controller reads it).
+    let watcher = c.operator();
+    let node_a: loopvol::NodeName = "node-a".parse().unwrap();
+    let record = watcher.node_record(&node_a).unwrap();
+    poll_until_async(
+        Duration::from_secs(10),
+        "node-a's lease live through mount B",
+        || {
+            watcher.watch_leases().unwrap();
+            let state = watcher.lease_state(&node_a, record.as_ref());
+            std::future::ready(matches!(state, loopvol::LeaseState::Live { .. }))
+        },
+    )
+    .await;
     c.a_server.signal(Signal::SIGSTOP);
     c.unpublish("node-a").await;
     // Refused for as long as node-a stays stopped: past its lease's expiry too (the default:
     // no hand-over at expiry; a stopped plugin cannot fence).
-    let last = c.node_b_refused_for(Duration::from_secs(5)).await;
+    let (_, last) = c.node_b_refused_for(Duration::from_secs(5)).await;
     assert!(
         last.contains("has expired") && last.contains("loopvol fence node-a"),
         "{last}"
@@ -440,8 +456,11 @@ async fn partition_b_dead_client_needs_an_operator_fence() {
     // node-a fences itself on its own clock (it cannot renew), but cannot tell the pool: the
     // controller keeps node-b out, past the lease's expiry.
     c.unpublish("node-a").await;
-    let last = c.node_b_refused_for(Duration::from_secs(5)).await;
-    assert!(last.contains("loopvol fence node-a"), "{last}");
+    let (_, last) = c.node_b_refused_for(Duration::from_secs(5)).await;
+    assert!(
+        last.contains("has expired") && last.contains("loopvol fence node-a"),
+        "{last}"
+    );
     assert!(c.hold("node-a").unwrap().fenced.is_none());
     // The operator declares node-a down (its lease stands still: accepted).
     let report = c
