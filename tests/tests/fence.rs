@@ -380,7 +380,7 @@ fn operator_fence_needs_a_still_lease_and_fences_a_node_that_comes_back() {
     assert!(meta(&b, &id).staged[0].fenced.is_none());
     // Forced (the operator is sure): node-a, alive after all, fences within a round.
     let report = b.fence_node(&node("node-a"), FenceCheck::Force).unwrap();
-    assert_eq!(report.released, [id.clone()]);
+    assert_eq!(report.released, std::slice::from_ref(&id));
     assert!(meta(&b, &id).claims.is_empty());
     poll_until(Duration::from_secs(10), "node-a fencing itself", || {
         device(&dev).cut_off

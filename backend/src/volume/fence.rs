@@ -481,7 +481,9 @@ impl NodeGuard {
                 if fence_reason(&volume.meta, &node, pool.is_shared()).is_none() {
                     continue;
                 }
-                if !Self::lock(&self.fenced).contains_key(&key) {
+                // Not under the map's lock: the fence watch must not wait for a fence.
+                let fenced_before = Self::lock(&self.fenced).contains_key(&key);
+                if !fenced_before {
                     pool.fence_device(&view, &id, &dev, &reason);
                     Self::lock(&self.fenced).insert(key, reason.clone());
                 }
