@@ -11,7 +11,8 @@
 //! - [`csi`]: the `loopvol-csi` process, a client, request builders, tables of calls;
 //! - [`flex`]: `loopvol-flexvolume` run as kubelet runs it, and kubelet's options;
 //! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes;
-//! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight.
+//! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight;
+//! - [`small_fs`]: a small filesystem of the test's own, to fill.
 
 pub mod binaries;
 pub mod csi;
@@ -23,6 +24,7 @@ pub mod gluster;
 pub mod kernel;
 pub mod poll;
 pub mod scratch;
+pub mod small_fs;
 
 pub use binaries::{binary, run};
 pub use csi::CsiServer;

@@ -90,6 +90,19 @@ async fn channel(socket: &Path) -> Channel {
     loopvol_proto::connect_unix(socket).await.unwrap()
 }
 
+/// CreateVolume of an ext4 volume `name` of `bytes`.
+fn create_request(name: impl Into<String>, bytes: i64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        ..Default::default()
+    }
+}
+
 fn cap() -> pb::VolumeCapability {
     pb::VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
@@ -147,15 +160,7 @@ async fn timed_lifecycle(
 
     let s = Instant::now();
     let id = ctl
-        .create_volume(pb::CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: GIB as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap()],
-            ..Default::default()
-        })
+        .create_volume(create_request(name, GIB as i64))
         .await
         .expect("CreateVolume")
         .into_inner()
@@ -301,6 +306,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
+/// Each RPC's p50 and p99, one line each.
+fn rpc_table(rpcs: &[&str], per_rpc: &mut [Vec<Duration>]) {
+    println!("  {:<26} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
+    for (name, times) in rpcs.iter().zip(per_rpc.iter_mut()) {
+        times.sort();
+        println!(
+            "  {:<26} {:>9} {:>9}",
+            name,
+            ms(percentile(times, 0.5)),
+            ms(percentile(times, 0.99))
+        );
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
@@ -406,16 +425,7 @@ async fn main() {
         if workers == 1 {
             one_worker_p50 = percentile(&lc, 0.5);
         }
-        println!("  {:<20} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
-        for (k, name) in RPCS.iter().enumerate() {
-            per_rpc[k].sort();
-            println!(
-                "  {:<20} {:>9} {:>9}",
-                name,
-                ms(percentile(&per_rpc[k], 0.5)),
-                ms(percentile(&per_rpc[k], 0.99))
-            );
-        }
+        rpc_table(&RPCS, &mut per_rpc);
     }
     println!(
         "\none lifecycle at 1 worker / bare tools: {:.2}x (target <= 1.2x)",
@@ -433,17 +443,9 @@ async fn main() {
             let name = format!("many-{i:05}");
             batch.push(tokio::spawn(async move {
                 let s = Instant::now();
-                c.create_volume(pb::CreateVolumeRequest {
-                    name,
-                    capacity_range: Some(pb::CapacityRange {
-                        required_bytes: GIB as i64,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![cap()],
-                    ..Default::default()
-                })
-                .await
-                .expect("CreateVolume");
+                c.create_volume(create_request(name, GIB as i64))
+                    .await
+                    .expect("CreateVolume");
                 s.elapsed()
             }));
         }
@@ -577,16 +579,7 @@ mod gluster {
             &mut ours,
             &mut bare,
         );
-        println!("  {:<26} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
-        for (k, name) in SHARED_RPCS.iter().enumerate() {
-            per_rpc[k].sort();
-            println!(
-                "  {:<26} {:>9} {:>9}",
-                name,
-                ms(percentile(&per_rpc[k], 0.5)),
-                ms(percentile(&per_rpc[k], 0.99))
-            );
-        }
+        rpc_table(&SHARED_RPCS, &mut per_rpc);
         drop(ch);
         drop(server);
 
@@ -602,15 +595,7 @@ mod gluster {
         let mut nd = NodeClient::new(ch.clone());
         for i in 0..held {
             let id = ctl
-                .create_volume(pb::CreateVolumeRequest {
-                    name: format!("held-{i}"),
-                    capacity_range: Some(pb::CapacityRange {
-                        required_bytes: 64 << 20,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![cap()],
-                    ..Default::default()
-                })
+                .create_volume(create_request(format!("held-{i}"), 64 << 20))
                 .await
                 .expect("CreateVolume")
                 .into_inner()

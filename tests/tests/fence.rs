@@ -17,6 +17,7 @@ use loopvol::{
     NodeGuard, NodeInfo, NodeName, Pool, PoolOptions, Publish, SizeRequest, VolumeId, VolumeMeta,
 };
 use loopvol_e2e::kernel::{self, LoopDevice};
+use loopvol_e2e::small_fs::SmallFs;
 use loopvol_e2e::{fs_tools, pattern, poll_until, require_root, run, write_synced, Scratch};
 
 const MIB: u64 = 1 << 20;
@@ -516,21 +517,8 @@ fn node_record_and_lease_on_a_full_pool() {
         return;
     }
     let s = Scratch::new();
-    // A pool filesystem of its own, small enough to fill.
-    let image = s.path("pool-fs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    let (code, _, err) = run(std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-m", "0", "-b", "4096"])
-        .arg(&image));
-    assert_eq!(code, 0, "{err}");
-    let dev = loopdev::attach(&image, false).unwrap();
-    let dir = s.path("full");
-    std::fs::create_dir_all(&dir).unwrap();
-    loopvol::testing::mount::mount_fs(&dev.path(), &dir, "ext4", nix::mount::MsFlags::empty(), "")
-        .unwrap();
+    let fs = SmallFs::ext4(&s, "full", 16 * MIB);
+    let dir = fs.path().to_path_buf();
     let open = || {
         let mut o = PoolOptions::new(node("node-a"));
         o.shared = true;
@@ -544,19 +532,7 @@ fn node_record_and_lease_on_a_full_pool() {
     assert!(pool.register_node_with(&info).unwrap(), "first record");
     let guard = NodeGuard::new(Arc::clone(&pool));
     guard.tick();
-    // Fill the pool.
-    let filler = dir.join("filler");
-    let mut f = std::fs::File::create(&filler).unwrap();
-    let chunk = vec![1u8; MIB as usize];
-    while f.write_all(&chunk).is_ok() {}
-    let _ = f.sync_all();
-    while f.write_all(&chunk[..4096]).is_ok() {}
-    let _ = f.sync_all();
-    drop(f);
-    assert!(
-        std::fs::write(dir.join("more"), vec![0u8; 64 * 1024]).is_err(),
-        "not full"
-    );
+    fs.fill();
     // A restart: nothing to write.
     let pool = Arc::new(open());
     assert!(
@@ -576,9 +552,6 @@ fn node_record_and_lease_on_a_full_pool() {
         ..info
     };
     assert!(pool.register_node_with(&changed).is_err());
-    drop(pool);
-    loopvol::testing::mount::unmount(&dir).unwrap();
-    loopdev::detach(&dev).unwrap();
 }
 
 /// Publications of a volume staged read-only (its claim is read-only) are read-only too.

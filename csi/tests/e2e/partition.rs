@@ -319,6 +319,14 @@ impl Cluster {
         );
     }
 
+    /// node-b takes the volume over (every synced block there), writes, and node-a's kubelet
+    /// unstages later: nothing of node-b's goes, and the filesystem checks clean.
+    async fn node_b_takes_over_then_node_a_unstages(&mut self, synced: u64) {
+        let mine = self.node_b_takes_over(synced).await;
+        self.a.unpublish_and_unstage(&self.pa.clone()).await;
+        self.node_b_finishes(&mine).await;
+    }
+
     async fn stats_a(&mut self) -> Result<pb::NodeGetVolumeStatsResponse, tonic::Status> {
         self.a
             .node
@@ -404,10 +412,7 @@ async fn partition_a_stopped_plugin_fences_itself_when_it_resumes() {
         condition.abnormal && condition.message.contains("fenced on this node"),
         "{condition:?}"
     );
-    let mine = c.node_b_takes_over(synced).await;
-    // node-a's kubelet unstages later: nothing of node-b's goes.
-    c.a.unpublish_and_unstage(&c.pa.clone()).await;
-    c.node_b_finishes(&mine).await;
+    c.node_b_takes_over_then_node_a_unstages(synced).await;
 }
 
 /// (b) node-a's FUSE client killed: node-a cannot reach the pool, so it cannot record a fence.
@@ -509,9 +514,7 @@ async fn partition_c_force_detach_fences_before_node_b_can_stage() {
     );
     let (synced, error) = workload.wait_failed(Duration::from_secs(5)).await;
     eprintln!("node-a's workload synced {synced} blocks, then: {error}");
-    let mine = c.node_b_takes_over(synced).await;
-    c.a.unpublish_and_unstage(&c.pa.clone()).await;
-    c.node_b_finishes(&mine).await;
+    c.node_b_takes_over_then_node_a_unstages(synced).await;
 }
 
 /// A hung mount: node-a's FUSE client stopped (SIGSTOP), so every call on node-a's pool blocks.

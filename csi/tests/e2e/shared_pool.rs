@@ -588,22 +588,8 @@ async fn a_node_plugin_starts_on_a_full_pool() {
         return;
     }
     let scratch = Scratch::new();
-    let image = scratch.path("pool-fs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 * MIB as u64)
-        .unwrap();
-    let (code, _, err) = loopvol_e2e::run(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-m", "0", "-b", "4096"])
-            .arg(&image),
-    );
-    assert_eq!(code, 0, "{err}");
-    let dev = loopvol::testing::loopdev::attach(&image, false).unwrap();
-    let pool = scratch.path("full-pool");
-    std::fs::create_dir_all(&pool).unwrap();
-    loopvol::testing::mount::mount_fs(&dev.path(), &pool, "ext4", nix::mount::MsFlags::empty(), "")
-        .unwrap();
+    let fs = loopvol_e2e::small_fs::SmallFs::ext4(&scratch, "full-pool", 16 << 20);
+    let pool = fs.path().to_path_buf();
     let args = |limit: &str| -> Vec<String> {
         let mut a = vec![
             format!("--pool={}", pool.display()),
@@ -617,17 +603,7 @@ async fn a_node_plugin_starts_on_a_full_pool() {
     };
     let mut first = CsiServer::start(EXE, &scratch, "first", &args("2"));
     first.stop().await;
-    // Fill the pool.
-    let mut filler = std::fs::File::create(pool.join("filler")).unwrap();
-    let chunk = vec![7u8; 1 << 20];
-    while std::io::Write::write_all(&mut filler, &chunk).is_ok() {}
-    while std::io::Write::write_all(&mut filler, &chunk[..4096]).is_ok() {}
-    let _ = filler.sync_all();
-    drop(filler);
-    assert!(
-        std::fs::write(pool.join("more"), vec![0u8; 1 << 16]).is_err(),
-        "not full"
-    );
+    fs.fill();
     let lease = pool.join("leases/node-a");
     let before = std::fs::read(&lease).unwrap();
     // The same settings: starts, writes no record, renews its lease.
@@ -660,6 +636,4 @@ async fn a_node_plugin_starts_on_a_full_pool() {
     );
     drop(csi);
     changed.stop().await;
-    loopvol::testing::mount::unmount(&pool).unwrap();
-    loopvol::testing::loopdev::detach(&dev).unwrap();
 }
