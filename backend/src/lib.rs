@@ -34,6 +34,7 @@ mod lock;
 mod loopdev;
 mod meta;
 mod mount;
+pub mod observe;
 mod plan;
 mod pool;
 mod size;
@@ -93,4 +94,6 @@ pub use pool::{default_node_name, Capacity, NodePath, Page, Pool, PoolOptions};
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;
-pub use volume::{Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume};
+pub use volume::{
+    AbnormalReason, Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume,
+};

@@ -10,6 +10,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::{Context, Error, Result};
+use crate::observe::{self, LockOutcome};
 
 /// How a caller waits for a busy lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,11 +36,21 @@ pub(crate) fn lock(file: File, path: &Path, what: &str, wait: LockWait) -> Resul
     };
     let mut backoff = Duration::from_millis(2);
     let mut file = file;
+    // Set when the lock was found held: the wait is reported to the metrics however it ends.
+    let mut contended: Option<Instant> = None;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(LockGuard { _lock: lock }),
+            Ok(lock) => {
+                if let Some(since) = contended {
+                    observe::lock_wait(LockOutcome::Acquired, since.elapsed());
+                }
+                return Ok(LockGuard { _lock: lock });
+            }
             Err((f, errno)) => {
                 file = f;
+                if errno == Errno::EWOULDBLOCK && contended.is_none() {
+                    contended = Some(Instant::now());
+                }
                 match errno {
                     Errno::EWOULDBLOCK => match deadline {
                         Some(d) if Instant::now() < d => {
@@ -49,7 +60,11 @@ pub(crate) fn lock(file: File, path: &Path, what: &str, wait: LockWait) -> Resul
                             );
                             backoff = (backoff * 2).min(Duration::from_millis(50));
                         }
-                        _ => return Err(Error::Busy(what.to_owned())),
+                        _ => {
+                            let since = contended.unwrap_or_else(Instant::now);
+                            observe::lock_wait(LockOutcome::Busy, since.elapsed());
+                            return Err(Error::Busy(what.to_owned()));
+                        }
                     },
                     Errno::EINTR => continue,
                     e => return Err(e).context(|| format!("lock {}", path.display())),

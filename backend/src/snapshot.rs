@@ -12,6 +12,7 @@ use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
+use crate::observe::CopyKind;
 use crate::pool::{fsops, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
@@ -224,7 +225,7 @@ impl Pool {
                 let input = fsops::open_image(&self.volume_image(&m.source), true)?;
                 let output = fsops::create_image(&self.snapshot_dir(&m.id).join("image.tmp"))?;
                 let what = format!("volume {} to snapshot {}", m.source, m.id);
-                let method = copy::copy_image(&input, &output, &what)?;
+                let method = copy::copy_image(&input, &output, CopyKind::Snapshot, &what)?;
                 tracing::info!(snapshot = %m.id, volume = %m.source, ?method, "copied image");
             }
         }
