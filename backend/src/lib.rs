@@ -29,6 +29,7 @@ mod freeze;
 mod fs;
 mod host;
 pub mod ids;
+pub mod inspect;
 mod kernel;
 mod lock;
 mod loopdev;

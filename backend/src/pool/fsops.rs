@@ -182,6 +182,87 @@ pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
     Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Read-only inspection (the admin CLI's `check`) and the removals `gc` makes after it
+// ---------------------------------------------------------------------------------------------
+
+/// What a pool entry is, without following a symlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    Dir,
+    File,
+    Symlink,
+    /// A FIFO, socket or device node: never something loopvol makes.
+    Other,
+}
+
+/// The kind of the entry at `path` (`None`: it does not exist, or cannot be reached).
+pub(crate) fn entry_kind(path: &Path) -> Option<EntryKind> {
+    let t = std::fs::symlink_metadata(path).ok()?.file_type();
+    Some(if t.is_dir() {
+        EntryKind::Dir
+    } else if t.is_file() {
+        EntryKind::File
+    } else if t.is_symlink() {
+        EntryKind::Symlink
+    } else {
+        EntryKind::Other
+    })
+}
+
+/// Whether the regular file at `path` has any data extent (SEEK_DATA finds one). Not followed
+/// through a symlink; a FIFO is never opened for reading (it would block).
+pub(crate) fn has_data(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    match nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekData) {
+        Ok(_) => Ok(true),
+        // Only holes, or an empty file.
+        Err(nix::errno::Errno::ENXIO) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How long ago the entry at `path` was last modified; `None` when it cannot be told.
+pub(crate) fn age(path: &Path) -> Option<std::time::Duration> {
+    std::fs::symlink_metadata(path)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()
+}
+
+/// Removes the file (or symlink) at `path`; already gone counts as done.
+pub(crate) fn remove_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Size and use of the filesystem holding `path`, in bytes: (size, used).
+#[allow(
+    clippy::useless_conversion,
+    reason = "fsblkcnt_t and c_ulong are u32 on 32-bit targets"
+)]
+pub(crate) fn filesystem_size(path: &Path) -> Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).context(|| format!("statvfs {}", path.display()))?;
+    let frsize = u64::from(st.fragment_size());
+    let blocks = u64::from(st.blocks());
+    let free = u64::from(st.blocks_free());
+    Ok((
+        blocks.saturating_mul(frsize),
+        blocks.saturating_sub(free).saturating_mul(frsize),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

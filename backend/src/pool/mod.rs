@@ -132,6 +132,41 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Opens an existing pool to read it (the admin CLI): nothing is created, repaired or
+    /// emptied. A directory that lacks the layout a front end creates (`volumes/`,
+    /// `snapshots/`, `locks/`) is not a loopvol pool, and is refused rather than "repaired".
+    pub fn open_existing(path: impl AsRef<Path>, options: PoolOptions) -> Result<Pool> {
+        let path = path.as_ref();
+        let pool_err = |reason: String| Error::Pool {
+            path: path.to_owned(),
+            reason,
+        };
+        if path.as_os_str().is_empty() {
+            return Err(pool_err("no pool directory given".into()));
+        }
+        let md = std::fs::metadata(path).map_err(|e| pool_err(format!("cannot use it: {e}")))?;
+        if !md.is_dir() {
+            return Err(pool_err("is not a directory".into()));
+        }
+        let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
+        let missing: Vec<&str> = ["volumes", "snapshots", "locks"]
+            .into_iter()
+            .filter(|sub| !fsops::exists(&root.join(sub)))
+            .collect();
+        if !missing.is_empty() {
+            return Err(pool_err(format!(
+                "is not a loopvol pool: it has no {} (loopvol-csi and loopvol-flexvolume lay \
+                 a pool out when they first open it)",
+                missing
+                    .iter()
+                    .map(|m| format!("{m}/"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(Pool { root, options })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
