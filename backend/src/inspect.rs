@@ -704,7 +704,11 @@ impl Pool {
             Fix::VolumeDir(id) => {
                 let dir = self.volume_dir(id);
                 let result = (|| {
-                    let _guard = self.lock_volume(id).map_err(|e| skip(e.to_string()))?;
+                    // A dry run takes no lock: it must not even leave a lock file behind.
+                    let _guard = match apply {
+                        true => Some(self.lock_volume(id).map_err(|e| skip(e.to_string()))?),
+                        false => None,
+                    };
                     if fsops::exists(&self.volume_meta_path(id)) {
                         return Err(skip("it has metadata now".into()));
                     }
@@ -715,7 +719,10 @@ impl Pool {
             Fix::SnapshotDir(id) => {
                 let dir = self.snapshot_dir(id);
                 let result = (|| {
-                    let _guard = self.lock_snapshot(id).map_err(|e| skip(e.to_string()))?;
+                    let _guard = match apply {
+                        true => Some(self.lock_snapshot(id).map_err(|e| skip(e.to_string()))?),
+                        false => None,
+                    };
                     if fsops::exists(&self.snapshot_meta_path(id)) {
                         return Err(skip("it has metadata now".into()));
                     }
@@ -725,7 +732,7 @@ impl Pool {
             }
             Fix::VolumeTemp(id, name) => {
                 let path = self.volume_dir(id).join(name);
-                let result = match self.lock_volume(id) {
+                let result = match apply.then(|| self.lock_volume(id)).transpose() {
                     Ok(_guard) => remove_checked_file(&path, name, view, apply),
                     Err(e) => skip(e.to_string()),
                 };
@@ -733,7 +740,7 @@ impl Pool {
             }
             Fix::SnapshotTemp(id, name) => {
                 let path = self.snapshot_dir(id).join(name);
-                let result = match self.lock_snapshot(id) {
+                let result = match apply.then(|| self.lock_snapshot(id)).transpose() {
                     Ok(_guard) => remove_checked_file(&path, name, view, apply),
                     Err(e) => skip(e.to_string()),
                 };
