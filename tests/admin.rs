@@ -104,3 +104,8 @@ impl Admin {
         (ran.code, found)
     }
 }
+
+/// `[]` as JSON, for comparing with an empty list in an answer.
+pub fn empty_list() -> Value {
+    Value::Array(Vec::new())
+}
