@@ -510,9 +510,14 @@ fn list_inspect_and_the_metrics_textfile_show_what_the_node_has() {
         gauge("loopvol_pool_filesystem_size_bytes", &[]) >= gauge("loopvol_pool_free_bytes", &[])
     );
     assert_eq!(gauge("loopvol_pool_scan_success", &[]), 1.0);
-    // stdout without --textfile: the same text.
+    // stdout without --textfile: the same text; with --json, the same numbers.
     let out = a.run(&["metrics"]);
     openmetrics::parse(&out.stdout).unwrap();
+    let j = a.json(&["metrics"], 0);
+    assert_eq!(j["volumes"]["created"], 2);
+    assert_eq!(j["volumes"]["published"], 1);
+    assert_eq!(j["abnormal"]["device_gone"], 0);
+    assert_eq!(j["snapshots"], 1);
 
     let mut v = pool.volume(&used).unwrap();
     v.unpublish(&pool.node_path("t", &target).unwrap()).unwrap();

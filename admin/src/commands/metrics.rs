@@ -1,7 +1,7 @@
 //! `loopvol metrics [--textfile PATH]`: the pool and volume gauges loopvol-csi exports on
 //! /metrics, for nodes without a CSI server (FlexVolume): written for node-exporter's textfile
 //! collector (temp file in the same directory, fsync, rename: the collector never reads half a
-//! file), or to stdout.
+//! file), or to stdout (with `--json`: the same numbers as one JSON document).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,31 @@ pub fn run(ctx: &Context, args: &Args) -> Result<Outcome, String> {
     gauges.update(&scan.census(), scan.elapsed);
     let text = loopvol_metrics::encode(&registry);
     match &args.textfile {
+        None if ctx.json => {
+            let census = scan.census();
+            let c = &census.capacity;
+            output::print_json(&json!({
+                "pool": scan.root,
+                "node": scan.node.as_str(),
+                "filesystem": {
+                    "size_bytes": census.filesystem.size_bytes,
+                    "used_bytes": census.filesystem.used_bytes,
+                },
+                "free_bytes": c.free_bytes,
+                "thin_unallocated_bytes": c.thin_unallocated_bytes,
+                "available_bytes": c.available_bytes,
+                "overcommit": ctx.pool.options().overcommit,
+                "volumes": {
+                    "created": census.volumes,
+                    "staged": census.staged,
+                    "published": census.published,
+                },
+                "abnormal": census.abnormal.iter()
+                    .map(|(r, n)| (r.as_str().to_owned(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "snapshots": census.snapshots,
+            }));
+        }
         None => print!("{text}"),
         Some(path) => {
             write_atomically(path, &text)
