@@ -4,10 +4,9 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Duration;
 
 use loopvol_e2e::openmetrics;
-use loopvol_e2e::{binary, poll_until, CsiServer, Scratch};
+use loopvol_e2e::{binary, CsiServer, Scratch};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -63,21 +62,7 @@ fn the_readmes_alerting_rules_name_what_the_server_exports() {
             "--metrics-address=127.0.0.1:0".into(),
         ],
     );
-    let addr: std::net::SocketAddr =
-        poll_until(Duration::from_secs(10), "the metrics address", || {
-            server.log_text().lines().find_map(|l| {
-                l.contains("serving metrics")
-                    .then(|| {
-                        l.split("address=")
-                            .nth(1)?
-                            .split_whitespace()
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
-                    .flatten()
-            })
-        });
+    let addr = server.metrics_address();
     let (status, _, body) = openmetrics::scrape(addr);
     assert_eq!(status, 200);
     let exposition = openmetrics::parse(&body).unwrap();

@@ -108,20 +108,13 @@ impl Pool {
             path: path.to_owned(),
             reason,
         };
-        if path.as_os_str().is_empty() {
-            return Err(pool_err("no pool directory configured".into()));
-        }
-        let md = std::fs::metadata(path).map_err(|e| pool_err(format!("cannot use it: {e}")))?;
-        if !md.is_dir() {
-            return Err(pool_err("is not a directory".into()));
-        }
+        let root = existing_dir(path)?;
         if !(options.overcommit >= 1.0 && options.overcommit.is_finite()) {
             return Err(Error::invalid(
                 "overcommit",
                 format!("{} (must be ≥ 1.0)", options.overcommit),
             ));
         }
-        let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
         for sub in SUBDIRS {
             let dir = root.join(sub);
             fsops::ensure_dir(&dir)
@@ -137,32 +130,24 @@ impl Pool {
     /// `snapshots/`, `locks/`) is not a loopvol pool, and is refused rather than "repaired".
     pub fn open_existing(path: impl AsRef<Path>, options: PoolOptions) -> Result<Pool> {
         let path = path.as_ref();
-        let pool_err = |reason: String| Error::Pool {
-            path: path.to_owned(),
-            reason,
-        };
-        if path.as_os_str().is_empty() {
-            return Err(pool_err("no pool directory given".into()));
-        }
-        let md = std::fs::metadata(path).map_err(|e| pool_err(format!("cannot use it: {e}")))?;
-        if !md.is_dir() {
-            return Err(pool_err("is not a directory".into()));
-        }
-        let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
+        let root = existing_dir(path)?;
         let missing: Vec<&str> = ["volumes", "snapshots", "locks"]
             .into_iter()
             .filter(|sub| !fsops::exists(&root.join(sub)))
             .collect();
         if !missing.is_empty() {
-            return Err(pool_err(format!(
-                "is not a loopvol pool: it has no {} (loopvol-csi and loopvol-flexvolume lay \
+            return Err(Error::Pool {
+                path: path.to_owned(),
+                reason: format!(
+                    "is not a loopvol pool: it has no {} (loopvol-csi and loopvol-flexvolume lay \
                  a pool out when they first open it)",
-                missing
-                    .iter()
-                    .map(|m| format!("{m}/"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+                    missing
+                        .iter()
+                        .map(|m| format!("{m}/"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
         }
         Ok(Pool { root, options })
     }
@@ -330,6 +315,22 @@ impl Pool {
             }
         }
     }
+}
+
+/// The canonical path of the pool directory `path`, which must exist and be a directory.
+fn existing_dir(path: &Path) -> Result<PathBuf> {
+    let pool_err = |reason: String| Error::Pool {
+        path: path.to_owned(),
+        reason,
+    };
+    if path.as_os_str().is_empty() {
+        return Err(pool_err("no pool directory configured".into()));
+    }
+    let md = std::fs::metadata(path).map_err(|e| pool_err(format!("cannot use it: {e}")))?;
+    if !md.is_dir() {
+        return Err(pool_err("is not a directory".into()));
+    }
+    path.canonicalize().map_err(|e| pool_err(e.to_string()))
 }
 
 #[cfg(test)]

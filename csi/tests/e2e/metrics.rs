@@ -13,28 +13,6 @@ use tonic::Code;
 
 use crate::{kubelet, start, MIB};
 
-/// The metrics address the server logged (it was started with port 0).
-fn metrics_address(server: &CsiServer) -> SocketAddr {
-    poll_until(
-        Duration::from_secs(10),
-        "the metrics address in the log",
-        || {
-            server.log_text().lines().find_map(|l| {
-                l.contains("serving metrics")
-                    .then(|| {
-                        l.split("address=")
-                            .nth(1)?
-                            .split_whitespace()
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
-                    .flatten()
-            })
-        },
-    )
-}
-
 fn scrape(addr: SocketAddr) -> Exposition {
     let (status, content_type, body) = openmetrics::scrape(addr);
     assert_eq!(status, 200, "{body}");
@@ -67,7 +45,7 @@ async fn metrics_count_what_was_done() {
     }
     let scratch = Scratch::new();
     let (server, mut csi) = start(&scratch, &["--metrics-address=127.0.0.1:0"]).await;
-    let addr = metrics_address(&server);
+    let addr = server.metrics_address();
     let c = &mut csi;
     let cap = rwo("ext4");
     let root = scratch.pool().display().to_string();
