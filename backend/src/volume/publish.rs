@@ -79,7 +79,7 @@ impl Volume<'_> {
         }
         let target: &Path = &p.target;
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
                 "volume {id} is not staged on this node"
@@ -149,7 +149,7 @@ impl Volume<'_> {
     pub fn unpublish(&mut self, target: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let mut view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image_or_path()?.as_ref());
         // Bounded: a target holds a handful of stacked mounts at most. Each unmount changes the
         // table, so each round looks again.
         for _ in 0..16 {
@@ -204,7 +204,7 @@ impl Volume<'_> {
     pub fn release_staging_if_unused(&mut self) -> Result<bool> {
         let staging = self.pool.default_staging_path(&self.meta.id);
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image_or_path()?.as_ref());
         if !view.users(&devices, &[&staging]).is_empty() {
             return Ok(false);
         }
