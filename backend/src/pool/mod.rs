@@ -28,7 +28,7 @@ use crate::validate;
 use fsops::PoolFs;
 
 pub use capacity::Capacity;
-pub use listing::Page;
+pub use listing::{BadEntry, Listed, Page};
 
 /// How a front end runs the pool.
 #[derive(Debug, Clone)]
