@@ -146,6 +146,15 @@ impl<T> Context<T> for std::result::Result<T, std::io::Error> {
     }
 }
 
+impl<T> Context<T> for std::result::Result<T, rustix::io::Errno> {
+    fn context(self, ctx: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::Io {
+            context: ctx(),
+            source: e.into(),
+        })
+    }
+}
+
 impl<T> Context<T> for std::result::Result<T, nix::Error> {
     fn context(self, ctx: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Sys {

@@ -84,7 +84,10 @@ pub mod mount {
         flags: MsFlags,
         data: &str,
     ) -> Result<()> {
-        crate::mount::mount_fs(source, target, fs_type, flags, data)
+        use crate::error::Context;
+        let data = (!data.is_empty()).then_some(data);
+        nix::mount::mount(Some(source), target, Some(fs_type), flags, data)
+            .context(|| format!("mount {} at {}", source.display(), target.display()))
     }
 
     /// Unmounts `target` (not mounted: done).

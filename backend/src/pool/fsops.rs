@@ -396,8 +396,9 @@ impl PoolFs {
     /// (`.<name>.tmp`, the same size, its blocks already allocated), fsynced, and swapped with the
     /// record in one `renameat2(RENAME_EXCHANGE)`; the old record becomes the next spare. A crash
     /// leaves the old record or the new one, never a torn one (only the spare is ever written in
-    /// place). Records are padded with whitespace to [`RECORD_SIZE`]. Where the filesystem has
-    /// no exchange (FUSE, NFS), a rename, then a new spare made best-effort.
+    /// place). Records are padded with whitespace to [`RECORD_SIZE`]. On a local filesystem
+    /// without exchange, a rename, then a new spare made best-effort; on a filesystem other nodes
+    /// mount, [`PoolFs::write_fresh`] (which needs free space).
     pub fn write_json<T: Serialize>(&self, rel: &Path, value: &T) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(value).map_err(|e| Error::Metadata {
             path: self.path(rel),
@@ -418,6 +419,9 @@ impl PoolFs {
             Ok(st) => self.check_type(rel, &st, Kind::File)?,
             Err(Errno::NOENT) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "stat")),
+        }
+        if !exchanges_safely(&dir) {
+            return self.write_fresh(&dir, name, &spare_name, rel, &spare_rel, &json);
         }
         let spare = self.open_spare(&dir, &spare_name, &spare_rel)?;
         let current = rfs::fstat(&spare)
@@ -454,6 +458,47 @@ impl PoolFs {
             Err(e) => return Err(self.fail(rel, e.into(), "replace")),
         }
         rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
+    }
+
+    /// The write of a record on a filesystem other nodes mount (FUSE, NFS, CephFS): a new file
+    /// under the temporary name (removed first, then created `O_EXCL`: the server resolves both
+    /// names, so a dentry another node left stale here cannot alias the record), fsync, rename
+    /// over the record. Writing over a spare found by name is unsafe there: after another
+    /// node's rename, this node's cached name of the spare may denote the live record.
+    fn write_fresh(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        tmp_name: &OsStr,
+        rel: &Path,
+        tmp_rel: &Path,
+        json: &[u8],
+    ) -> Result<()> {
+        match rfs::unlinkat(dir, tmp_name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(self.fail(tmp_rel, e.into(), "remove")),
+        }
+        let flags = OFlags::WRONLY
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::CLOEXEC;
+        let mode = Mode::from_raw_mode(0o644);
+        let fd = rfs::openat2(dir, tmp_name, flags, mode, resolve_flags())
+            .or_else(|e| match e {
+                Errno::NOSYS => rfs::openat(dir, tmp_name, flags, mode),
+                e => Err(e),
+            })
+            .map_err(|e| self.fail(tmp_rel, e.into(), "create"))?;
+        let tmp = File::from(fd);
+        tmp.write_all_at(json, 0)
+            .and_then(|()| tmp.sync_all())
+            .map_err(|e| self.fail(tmp_rel, e, "write"))?;
+        drop(tmp);
+        rfs::renameat(dir, tmp_name, dir, name)
+            .map_err(|e| self.fail(rel, e.into(), "rename the new record to"))?;
+        rfs::fsync(dir).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
     }
 
     /// Opens the spare record `name` in `dir`, creating it (`O_EXCL`) when missing.
@@ -642,6 +687,19 @@ fn check_links(fs: &PoolFs, rel: &Path, st: &rfs::Stat) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether records in `dir` may be rewritten over a spare and swapped in with
+/// `RENAME_EXCHANGE`: on a filesystem this kernel alone mounts (its cache of names is the
+/// truth) that has the exchange. Elsewhere (FUSE, NFS, CephFS) [`PoolFs::write_fresh`].
+fn exchanges_safely(dir: &OwnedFd) -> bool {
+    const LOCAL: [i64; 4] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+    ];
+    rfs::fstatfs(dir).is_ok_and(|st| LOCAL.contains(&i64::from(st.f_type)))
 }
 
 fn spare_name(name: &OsStr) -> OsString {

@@ -21,10 +21,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::host;
+pub use crate::host::NodePath;
 use crate::ids::{NodeName, SnapshotId, VolumeId};
 use crate::lock::{self, LockGuard, LockWait};
 use crate::meta;
-use crate::validate;
 use fsops::PoolFs;
 
 pub use capacity::Capacity;
@@ -65,31 +66,6 @@ pub fn default_node_name() -> Option<NodeName> {
     let uts = nix::sys::utsname::uname().ok()?;
     let name = uts.nodename().to_string_lossy().trim().to_lowercase();
     NodeName::parse("host name", name).ok()
-}
-
-/// A staging or target path on this node that passed the pool's checks: absolute, normalized,
-/// no NUL, not `/` or a system directory, and under the allowed prefixes when there are some.
-/// Made by [`Pool::node_path`]; node operations take only these.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NodePath(PathBuf);
-
-impl NodePath {
-    pub fn as_path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for NodePath {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for NodePath {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
 }
 
 #[derive(Debug)]
@@ -205,11 +181,14 @@ impl Pool {
         self.options.shared
     }
 
-    /// Checks a caller's staging or target path against the pool's rules (see [`NodePath`]).
+    /// Resolves a caller's staging or target path and checks it against the pool's rules (see
+    /// [`NodePath`]).
     pub fn node_path(&self, what: &'static str, path: impl Into<PathBuf>) -> Result<NodePath> {
-        let path = path.into();
-        validate::check_path(what, &path, &self.options.path_prefixes)?;
-        Ok(NodePath(path))
+        let rules = host::Rules {
+            prefixes: &self.options.path_prefixes,
+            pool: &self.root,
+        };
+        NodePath::resolve(what, &path.into(), &rules)
     }
 
     /// Records that this node serves the pool; a node plugin calls it when it starts. On a shared
@@ -258,14 +237,19 @@ impl Pool {
         self.root.join(layout::volume_image(id))
     }
 
-    /// Where a front end without a staging path of its own (FlexVolume node mode) stages a volume.
-    pub fn default_staging_path(&self, id: &VolumeId) -> NodePath {
-        // Under the pool: the prefixes (kubelet's directories) do not apply to it.
-        NodePath(
-            self.root
-                .join(layout::staging_dir(&self.options.node))
-                .join(id.as_str()),
-        )
+    /// Where a front end without a staging path of its own (FlexVolume node mode) stages a
+    /// volume: `staging/<node>/<id>` in the pool, reached through the pool-access layer (a link
+    /// planted there is refused), so the prefixes (kubelet's directories) do not apply to it.
+    pub fn default_staging_path(&self, id: &VolumeId) -> Result<NodePath> {
+        let fs = self.fs()?;
+        let dir = layout::staging_dir(&self.options.node);
+        fs.ensure_dir(&dir)?;
+        let fd = fs.open_dir(&dir)?;
+        Ok(NodePath::in_pool_dir(
+            fd,
+            fs.path(&dir),
+            std::ffi::OsStr::new(id.as_str()),
+        ))
     }
 
     /// The volume ID whose image is `image`, if it is one of this pool's volume images.
@@ -399,7 +383,7 @@ mod tests {
         let (_d, pool) = pool();
         let odd = Pool::open(pool.root(), PoolOptions::new(node("../../etc"))).unwrap();
         let v = VolumeId::try_from("v").unwrap();
-        let staging = odd.default_staging_path(&v);
+        let staging = odd.default_staging_path(&v).unwrap();
         assert!(
             staging.starts_with(pool.root().join("staging"))
                 && staging.parent().unwrap().parent() == Some(&pool.root().join("staging")),

@@ -106,10 +106,10 @@ impl Volume<'_> {
     /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
     /// device). Growing a volume because a caller named some other directory would report a
     /// success for a filesystem that did not grow.
-    fn check_expand_path(&self, view: &KernelView, path: &Path) -> Result<()> {
+    fn check_expand_path(&self, view: &KernelView, path: &NodePath) -> Result<()> {
         let not_here =
             |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
-        if !host::exists(path) {
+        if !path.is_present()? {
             return Err(not_here("it does not exist"));
         }
         let devices = view.devices_of(self.image()?.as_ref());
@@ -159,9 +159,14 @@ impl Pool {
         if validate::check_path("volume path", path, &[]).is_err() {
             return Err(not_here());
         }
+        // Where it really is (its parents' links resolved), as mountinfo names it.
+        let Some((resolved, kind)) = host::resolve_for_reading(path) else {
+            return Err(not_here());
+        };
         let devices = view.devices_of(self.image_of(&m.id).ok().flatten().as_ref());
-        let at = view.mount_at(path);
-        match host::kind_of(path) {
+        let at = view.mount_at(&resolved);
+        let path = resolved.as_path();
+        match kind {
             PathKind::Missing => Err(not_here()),
             PathKind::FileOrDevice => {
                 // A published block volume is a bind of its device node onto the file; any

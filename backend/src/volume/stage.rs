@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fs;
-use crate::host;
 use crate::kernel::{is_fs_mount_of, KernelView};
 use crate::loopdev::{self, LoopDevice};
 use crate::meta::{AccessMode, Hold};
@@ -292,9 +291,10 @@ impl Volume<'_> {
         if grow == GrowPlan::OfflineBeforeMount {
             fs::grow_ext4_offline(&device)?;
         }
-        host::mkdir_p(staging)?;
+        let mount_point = staging.mkdir_p()?;
         let how = plan::staging_mount(fs, read_only, mount_options);
-        mount::mount_fs(&device, staging, fs.as_str(), how.flags, &how.data)?;
+        mount::mount_fs(&device, &mount_point, fs.as_str(), how.flags, &how.data)?;
+        drop(mount_point);
         if grow == GrowPlan::OnlineAfterMount {
             fs::grow_online(fs, &device, staging)?;
         }
@@ -368,7 +368,7 @@ impl Volume<'_> {
             mount::unmount(staging)?;
             unmounted = true;
         }
-        host::remove_dir_if_empty(staging);
+        staging.remove_dir_if_empty();
         // The unmount changed the table (and a stacked mount may remain): look again.
         let after = if unmounted { KernelView::read()? } else { view };
         self.detach_unused(&after, &devices)?;
