@@ -117,17 +117,44 @@ impl Pool {
         self.ensure_room(size, &format!("volume {id}"))?;
 
         let fs = self.fs()?;
+        // The source's image is opened (and checked) before anything is made.
+        let input = source
+            .as_ref()
+            .map(|src| fs.open_image(&src.image, true))
+            .transpose()?;
         let dir = layout::volume_dir(id);
         // Leftovers of an interrupted create (no metadata was committed) are discarded.
         if fs.exists(&dir)? {
             self.remove_dir_atomically(&dir)?;
         }
         fs.ensure_dir(&dir)?;
+        let made = self.fill_new_volume(&fs, id, req, size, fs_type, allocation, source, input);
+        if made.is_err() {
+            // A create that fails undoes what it made: the caller may never retry.
+            if let Err(e) = self.remove_dir_atomically(&dir) {
+                tracing::warn!(volume = %id, error = %e, "could not remove a failed create");
+            }
+        }
+        made
+    }
+
+    /// Makes the image of new volume `id` in its (new, empty) directory and commits its metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_new_volume(
+        &self,
+        fs: &crate::pool::fsops::PoolFs,
+        id: &VolumeId,
+        req: &CreateVolume,
+        size: u64,
+        fs_type: Option<FsType>,
+        allocation: Allocation,
+        source: Option<Source<'_>>,
+        input: Option<std::fs::File>,
+    ) -> Result<VolumeMeta> {
         let tmp = layout::volume_image_tmp(id);
         let tmp_shown = fs.path(&tmp);
         let file = fs.create_image(&tmp)?;
-        if let Some(src) = &source {
-            let input = fs.open_image(&src.image, true)?;
+        if let (Some(src), Some(input)) = (&source, input) {
             // A mounted source volume is frozen while it is copied, so the copy holds a
             // consistent filesystem.
             let _frozen = match &src.volume {
