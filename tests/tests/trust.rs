@@ -799,3 +799,72 @@ fn create_small(pool: &Pool, name: &str) -> String {
     .id
     .to_string()
 }
+
+fn shared_pool(dir: &Path, node: &str) -> Pool {
+    let mut options = PoolOptions::new(NodeName::try_from(node).unwrap());
+    options.shared = true;
+    let pool = Pool::open(dir, options).unwrap();
+    pool.register_node().unwrap();
+    pool
+}
+
+/// GlusterFS with its DEFAULT options: a `volume.json` replaced through mount A, read through
+/// mount B while B still holds the old file open (another reader on that node), answers ESTALE
+/// until B's caches expire. The read re-opens by path, bounded, and never fails.
+#[test]
+fn metadata_replaced_through_another_mount_is_read_despite_estale() {
+    use loopvol_e2e::gluster::{require_gluster, GlusterPool, Node};
+    if !require_gluster() {
+        return;
+    }
+    let s = Scratch::new();
+    let gp = GlusterPool::start(&s);
+    let a = shared_pool(&gp.pool(Node::A), "node-a");
+    let b = std::sync::Arc::new(shared_pool(&gp.pool(Node::B), "node-b"));
+    let id = create_small(&a, "v");
+    let node_a = NodeName::try_from("node-a").unwrap();
+    let meta_b = gp.pool(Node::B).join(format!("volumes/{id}/volume.json"));
+    loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
+        b.get_volume(&vid(&id)).is_ok()
+    });
+    for round in 0..4 {
+        let held = std::fs::File::open(&meta_b).unwrap();
+        {
+            let mut v = a.volume(&vid(&id)).unwrap();
+            if round % 2 == 0 {
+                v.claim(&node_a, AccessMode::SingleNodeWriter, None).unwrap();
+            } else {
+                v.release(&node_a).unwrap();
+            }
+        }
+        let b2 = std::sync::Arc::clone(&b);
+        let idc = id.clone();
+        let got = within("a read through b after a replace through a", move || {
+            b2.get_volume(&vid(&idc)).map(drop).map_err(|e| e.to_string())
+        });
+        assert!(got.is_ok(), "round {round}: {got:?}");
+        drop(held);
+    }
+}
+
+/// A node's FUSE client dies while a call holds a volume's lock on that mount: releasing the
+/// lock (LOCK_UN would fail ENOTCONN) neither panics nor fails, and the other node gets the lock.
+#[test]
+fn a_lock_held_on_a_dead_mount_is_released_without_a_panic() {
+    use loopvol_e2e::gluster::{require_gluster, GlusterPool, Node};
+    if !require_gluster() {
+        return;
+    }
+    let s = Scratch::new();
+    let mut gp = GlusterPool::start(&s);
+    let a = shared_pool(&gp.pool(Node::A), "node-a");
+    let b = shared_pool(&gp.pool(Node::B), "node-b");
+    let id = create_small(&a, "v");
+    let held = a.volume(&vid(&id)).unwrap();
+    gp.kill_client(Node::A);
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(held)));
+    assert!(dropped.is_ok(), "releasing a lock on a dead mount panicked");
+    loopvol_e2e::poll_until(Duration::from_secs(10), "node b takes the lock", || {
+        b.volume(&vid(&id)).is_ok()
+    });
+}
