@@ -832,7 +832,8 @@ fn metadata_replaced_through_another_mount_is_read_despite_estale() {
         {
             let mut v = a.volume(&vid(&id)).unwrap();
             if round % 2 == 0 {
-                v.claim(&node_a, AccessMode::SingleNodeWriter, None).unwrap();
+                v.claim(&node_a, AccessMode::SingleNodeWriter, None)
+                    .unwrap();
             } else {
                 v.release(&node_a).unwrap();
             }
@@ -840,7 +841,9 @@ fn metadata_replaced_through_another_mount_is_read_despite_estale() {
         let b2 = std::sync::Arc::clone(&b);
         let idc = id.clone();
         let got = within("a read through b after a replace through a", move || {
-            b2.get_volume(&vid(&idc)).map(drop).map_err(|e| e.to_string())
+            b2.get_volume(&vid(&idc))
+                .map(drop)
+                .map_err(|e| e.to_string())
         });
         assert!(got.is_ok(), "round {round}: {got:?}");
         drop(held);

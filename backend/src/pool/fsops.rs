@@ -699,7 +699,12 @@ fn exchanges_safely(dir: &OwnedFd) -> bool {
         0x9123_683E, // btrfs
         0x0102_1994, // tmpfs
     ];
-    rfs::fstatfs(dir).is_ok_and(|st| LOCAL.contains(&i64::from(st.f_type)))
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
+    )]
+    let is_local = |st: rfs::StatFs| LOCAL.contains(&i64::from(st.f_type));
+    rfs::fstatfs(dir).is_ok_and(is_local)
 }
 
 fn spare_name(name: &OsStr) -> OsString {

@@ -54,7 +54,7 @@ async fn a_symlinked_kubelet_root_works_end_to_end() {
             .node_expand_volume(pb::NodeExpandVolumeRequest {
                 volume_id: id.clone(),
                 volume_path: v.target.display().to_string(),
-                capacity_range: range(64 * MIB as i64, 0),
+                capacity_range: range(64 * MIB, 0),
                 ..Default::default()
             })
             .await,
@@ -118,14 +118,11 @@ async fn listings_survive_a_bad_entry_and_locks_go_with_their_volumes() {
     let scratch = Scratch::new();
     let (_server, mut c) = start(&scratch, &[]).await;
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
-    let keep = c
-        .create("pvc-keep", MIB as i64, cap.clone())
-        .await
-        .volume_id;
+    let keep = c.create("pvc-keep", MIB, cap.clone()).await.volume_id;
     let before = locks(&scratch);
     for round in 0..3 {
         let id = c
-            .create(&format!("pvc-cycle-{round}"), MIB as i64, cap.clone())
+            .create(&format!("pvc-cycle-{round}"), MIB, cap.clone())
             .await
             .volume_id;
         let snap = ok(
@@ -141,7 +138,7 @@ async fn listings_survive_a_bad_entry_and_locks_go_with_their_volumes() {
         c.call(delete_req(&id)).await.unwrap();
         assert_eq!(locks(&scratch), before, "round {round}");
     }
-    let bad = c.create("pvc-bad", MIB as i64, cap.clone()).await.volume_id;
+    let bad = c.create("pvc-bad", MIB, cap.clone()).await.volume_id;
     let meta = scratch.pool().join(format!("volumes/{bad}/volume.json"));
     std::fs::remove_file(&meta).unwrap();
     nix::unistd::mkfifo(&meta, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();

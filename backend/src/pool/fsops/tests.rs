@@ -123,7 +123,8 @@ fn planted_entries_are_refused_by_both_resolvers() {
         };
         type Access<'a> = Box<dyn Fn(&PoolFs) -> Result<()> + Send + Sync + 'a>;
         // (what is planted, the access, what the refusal must say)
-        let mut cases: Vec<(&str, Box<dyn Fn()>, Access, &str)> = vec![
+        type Plant<'a> = Box<dyn Fn() + 'a>;
+        let mut cases: Vec<(&str, Plant, Access, &str)> = vec![
             (
                 "volumes/v is a symlink to a directory outside",
                 Box::new(|| plant_link("volumes/v", &outside.join("dir"))),
