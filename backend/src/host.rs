@@ -246,7 +246,7 @@ impl NodePath {
             other => Err(Error::precondition(format!(
                 "{} is {}, not a directory",
                 self.resolved.display(),
-                describe(other)
+                crate::pool::fsops::type_name(other)
             ))),
         }
     }
@@ -282,7 +282,7 @@ impl NodePath {
             other => Err(Error::precondition(format!(
                 "{} is {}; a block volume is bound onto a regular file",
                 self.resolved.display(),
-                describe(other)
+                crate::pool::fsops::type_name(other)
             ))),
         }
     }
@@ -461,19 +461,6 @@ fn check_resolved(
         }
     }
     Ok(())
-}
-
-fn describe(ft: FileType) -> &'static str {
-    match ft {
-        FileType::RegularFile => "a regular file",
-        FileType::Directory => "a directory",
-        FileType::Symlink => "a symbolic link",
-        FileType::Fifo => "a FIFO",
-        FileType::Socket => "a socket",
-        FileType::CharacterDevice => "a character device",
-        FileType::BlockDevice => "a block device",
-        FileType::Unknown => "of an unknown type",
-    }
 }
 
 /// What a volume path a caller names is, for a stats call.

@@ -84,8 +84,11 @@ impl<'a> Args<'a> {
     }
 
     fn node(&self, i: usize) -> Result<NodeName, CallError> {
-        let node = self.plain(i, "the node name")?;
-        Ok(NodeName::parse("node name", node)?)
+        // The one rule for node names first (its messages never echo the name), then: no JSON
+        // or option text, which a misordered call could put here and a message would echo.
+        let node = NodeName::parse("node name", self.get(i, "the node name")?)?;
+        self.plain(i, "the node name")?;
+        Ok(node)
     }
 }
 

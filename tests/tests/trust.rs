@@ -168,6 +168,20 @@ fn refused(p: &Planted, what: &str, kind: ErrorKind, needles: &[&str], call: Cal
     wrong
 }
 
+/// CreateVolume of a new volume named "fresh".
+fn create_fresh() -> Call {
+    Box::new(|pool: &Pool| {
+        pool.create_volume(&CreateVolume {
+            name: "fresh".into(),
+            size: SizeRequest::at_least(MIB),
+            fs_type: None,
+            allocation: None,
+            source: None,
+        })
+        .map(drop)
+    })
+}
+
 fn stage_call(id: &str, staging: PathBuf, access: Access) -> Call {
     let id = vid(id);
     Box::new(move |pool: &Pool| {
@@ -306,16 +320,7 @@ fn planted_pool_entries_are_refused() {
         "create a volume whose lock file is a dangling link",
         pre,
         &["lock", "symbolic link"],
-        Box::new(|pool: &Pool| {
-            pool.create_volume(&CreateVolume {
-                name: "fresh".into(),
-                size: SizeRequest::at_least(MIB),
-                fs_type: None,
-                allocation: None,
-                source: None,
-            })
-            .map(drop)
-        }),
+        create_fresh(),
     ));
     // A lock file that is a FIFO: refused at once, and every other call goes on.
     p.replace_with_fifo("locks/v-fresh.lock");
@@ -324,16 +329,7 @@ fn planted_pool_entries_are_refused() {
         "create a volume whose lock file is a FIFO",
         pre,
         &["FIFO"],
-        Box::new(|pool: &Pool| {
-            pool.create_volume(&CreateVolume {
-                name: "fresh".into(),
-                size: SizeRequest::at_least(MIB),
-                fs_type: None,
-                allocation: None,
-                source: None,
-            })
-            .map(drop)
-        }),
+        create_fresh(),
     ));
 
     // The metadata's temporary file is a symlink: the link's target is never written.

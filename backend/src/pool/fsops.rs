@@ -718,7 +718,8 @@ fn is_stale(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ESTALE))
 }
 
-fn type_name(ft: FileType) -> &'static str {
+/// What a file type is called in messages.
+pub(crate) fn type_name(ft: FileType) -> &'static str {
     match ft {
         FileType::RegularFile => "a regular file",
         FileType::Directory => "a directory",
