@@ -10,7 +10,9 @@
 //! - [`recovery`]: calls held in flight on a frozen filesystem, a busy volume, SIGTERM, SIGKILL
 //!   and the repeated call that finishes the job; as root;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
-//!   nodes and surviving a dead one; as root.
+//!   nodes and surviving a dead one; as root;
+//! - [`trust`]: issue 12 through the server: a symlinked kubelet root end to end, paths that
+//!   lead out of the prefix, a bad entry in a listing, lock files that go with their volumes.
 //!
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
@@ -19,6 +21,7 @@ mod process;
 mod protocol;
 mod recovery;
 mod shared_pool;
+mod trust;
 
 use loopvol_e2e::csi::{Csi, CsiServer, Kubelet};
 use loopvol_e2e::Scratch;
