@@ -18,20 +18,16 @@ use crate::ids::{NodeName, SnapshotId, VolumeId};
 use crate::kernel::{is_device_bind_of, KernelView};
 use crate::loopdev::{FileId, LoopDevice};
 use crate::meta::{SnapshotMeta, VolumeMeta};
-use crate::pool::fsops::{self, EntryKind};
-use crate::pool::{Capacity, Pool};
+use crate::pool::fsops::{EntryKind, PoolFs};
+use crate::pool::{layout, Capacity, Pool};
 use crate::validate;
 use crate::volume::{AbnormalReason, Condition};
 
-/// A metadata temp file left by an interrupted write (`fsops::write_json` writes `.<name>.tmp`
-/// beside the record it replaces).
-fn is_metadata_temp(name: &str) -> bool {
+/// A metadata record's spare (`PoolFs::write_json` keeps `.<name>.tmp` beside a record: the
+/// space its next write needs, and where an interrupted write was). Metadata, never data.
+fn is_metadata_spare(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(".tmp") && name.len() > ".tmp".len() + 1
 }
-
-/// How old a temp file without a lock of its own (a node record's) must be before `gc` takes
-/// it for left behind rather than being written right now.
-const UNLOCKED_TEMP_GRACE: Duration = Duration::from_secs(60);
 
 /// An image file as the pool holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,7 +127,7 @@ pub enum FindingKind {
     StaleHold,
     /// A volume or snapshot directory without committed metadata (an interrupted create).
     OrphanEntry,
-    /// A temp file an interrupted write left.
+    /// A temp image an interrupted copy left beside a committed one.
     TempFile,
     /// A deletion that was interrupted after it was committed.
     Trash,
@@ -170,10 +166,8 @@ pub enum Fix {
     VolumeTemp(VolumeId, String),
     /// A temp file in a snapshot's directory, removed under the snapshot's lock.
     SnapshotTemp(SnapshotId, String),
-    /// An entry of `trash/`.
+    /// An entry of `trash/` (relative to the pool root).
     Trash(PathBuf),
-    /// A node record's temp file (no lock: only once it is older than a minute).
-    NodeTemp(PathBuf),
 }
 
 /// One inconsistency: what, why, and what to do about it.
@@ -277,12 +271,12 @@ struct EntryFiles {
     other: Vec<String>,
 }
 
-fn entry_files(dir: &Path) -> EntryFiles {
+fn entry_files(fs: &PoolFs, dir: &Path) -> EntryFiles {
     let mut files = Vec::new();
     let mut other = Vec::new();
-    for name in fsops::list_names(dir).unwrap_or_default() {
-        match fsops::entry_kind(&dir.join(&name)) {
-            Some(EntryKind::File) => files.push(name),
+    for name in fs.list_names(dir).unwrap_or_default() {
+        match fs.entry_kind(&dir.join(&name)) {
+            Ok(Some(EntryKind::File)) => files.push(name),
             _ => other.push(name),
         }
     }
@@ -299,17 +293,19 @@ struct PoolFiles {
 }
 
 impl PoolFiles {
-    fn add(&mut self, path: &Path) {
-        if let Some(st) = fsops::stat_image(path) {
-            self.by_id.insert(st.id, path.to_owned());
+    fn add(&mut self, fs: &PoolFs, rel: &Path) {
+        if let Ok(Some(id)) = fs.file_id(rel) {
+            self.by_id.insert(id, fs.path(rel));
         }
     }
 }
 
-fn image_info(path: PathBuf) -> Option<ImageInfo> {
-    let st = fsops::stat_image(&path)?;
+/// The image at `rel`, when it is one (a planted entry there is no image: the volume's
+/// condition says so).
+fn image_info(fs: &PoolFs, rel: &Path) -> Option<ImageInfo> {
+    let st = fs.stat_image(rel).ok()??;
     Some(ImageInfo {
-        path,
+        path: fs.path(rel),
         size_bytes: st.len,
         allocated_bytes: st.allocated,
     })
@@ -365,71 +361,62 @@ fn state_of(held: bool, devices: &[DeviceInfo], mounts: &[MountInfo]) -> VolumeS
     }
 }
 
-/// Why a file of the pool may not be removed by `gc`: it has data, is attached, or is not a
+/// Why the pool file `rel` may not be removed by `gc`: it has data, is attached, or is not a
 /// regular file. `None`: removable.
-fn keep_file(path: &Path, name: &str, view: &KernelView) -> Option<String> {
-    match fsops::entry_kind(path) {
-        None => return None, // gone already
-        Some(EntryKind::File) => {}
-        Some(_) => return Some(format!("{name} is not a regular file")),
+fn keep_file(fs: &PoolFs, rel: &Path, view: &KernelView) -> Option<String> {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match fs.entry_kind(rel) {
+        Ok(None) => return None, // gone already
+        Ok(Some(EntryKind::File)) => {}
+        Ok(Some(_)) => return Some(format!("{name} is not a regular file")),
+        Err(e) => return Some(e.to_string()),
     }
-    if let Some(st) = fsops::stat_image(path) {
-        if let Some(d) = view.loops().iter().find(|d| d.is_backed_by(path, st.id)) {
+    if let Ok(Some(id)) = fs.file_id(rel) {
+        let path = fs.path(rel);
+        if let Some(d) = view.loops().iter().find(|d| d.is_backed_by(&path, id)) {
             return Some(format!("{name} is attached as {}", d.path().display()));
         }
     }
-    if is_metadata_temp(name) {
+    if is_metadata_spare(&name) {
         return None;
     }
-    match fsops::has_data(path) {
+    match fs.has_data(rel) {
         Ok(false) => None,
         Ok(true) => Some(format!("{name} holds data")),
         Err(e) => Some(format!("{name} cannot be checked for data: {e}")),
     }
 }
 
-/// Why the tree at `dir` may not be removed: what [`keep_file`] says of any file in it, or
-/// something in it loopvol never makes. `None`: removable.
-fn keep_tree(dir: &Path, view: &KernelView, depth: usize) -> Option<String> {
-    let files = entry_files(dir);
-    for name in &files.files {
-        if let Some(why) = keep_file(&dir.join(name), name, view) {
-            return Some(why);
+/// Why the pool entry `rel` (a directory tree or a file) may not be removed: what [`keep_file`]
+/// says of any file in it, or something in it loopvol never makes. `None`: removable.
+fn keep_entry(fs: &PoolFs, rel: &Path, view: &KernelView, depth: usize) -> Option<String> {
+    match fs.entry_kind(rel) {
+        Ok(None) => None,
+        Ok(Some(EntryKind::File)) => keep_file(fs, rel, view),
+        Ok(Some(EntryKind::Dir)) if depth < 4 => {
+            let names = match fs.list_names(rel) {
+                Ok(names) => names,
+                Err(e) => return Some(e.to_string()),
+            };
+            names
+                .iter()
+                .find_map(|n| keep_entry(fs, &rel.join(n), view, depth + 1))
         }
-    }
-    for name in &files.other {
-        let path = dir.join(name);
-        match fsops::entry_kind(&path) {
-            Some(EntryKind::Dir) if depth < 4 => {
-                if let Some(why) = keep_tree(&path, view, depth + 1) {
-                    return Some(why);
-                }
-            }
-            None => {}
-            _ => return Some(format!("{name} is not a regular file or directory")),
-        }
-    }
-    None
-}
-
-/// Why the trash entry at `path` may not be removed (see [`keep_tree`]). `None`: removable.
-fn keep_trash(path: &Path, view: &KernelView) -> Option<String> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    match fsops::entry_kind(path) {
-        None => None,
-        Some(EntryKind::Dir) => keep_tree(path, view, 0),
-        Some(EntryKind::File) => keep_file(path, &name, view),
-        Some(_) => Some(format!("{name} is not a regular file or directory")),
+        Ok(Some(_)) => Some(format!(
+            "{} is not a regular file or directory",
+            fs.path(rel).display()
+        )),
+        Err(e) => Some(e.to_string()),
     }
 }
 
 impl Pool {
     /// Size and use of the pool's filesystem (statvfs of its root).
     pub fn filesystem_usage(&self) -> Result<FilesystemUsage> {
-        let (size_bytes, used_bytes) = fsops::filesystem_size(self.root())?;
+        let (size_bytes, used_bytes) = self.fs()?.filesystem_size()?;
         Ok(FilesystemUsage {
             size_bytes,
             used_bytes,
@@ -440,14 +427,15 @@ impl Pool {
     /// Takes no lock and changes nothing. `progress` hears how far it got.
     pub fn scan(&self, progress: &mut dyn FnMut(Progress)) -> Result<Scan> {
         let start = Instant::now();
+        let fs = self.fs()?;
         let view = KernelView::read()?;
         let node = self.node().clone();
         let mut findings = Vec::new();
         let mut files = PoolFiles::default();
 
         // Volumes.
-        let vol_dir = self.root().join("volumes");
-        let mut names = fsops::list_names(&vol_dir)?;
+        let vol_dir = Path::new("volumes");
+        let mut names = fs.list_names(vol_dir)?;
         names.sort();
         let total = names.len();
         let mut metas = Vec::new();
@@ -459,27 +447,29 @@ impl Pool {
                     total,
                 });
             }
-            let dir = vol_dir.join(name);
-            let Some(id) = checked_entry::<VolumeId>(&dir, name, "volumes", &mut findings) else {
+            let Some(id) = checked_entry::<VolumeId>(&fs, vol_dir, name, &mut findings) else {
                 continue;
             };
-            let entry = entry_files(&dir);
+            let dir = layout::volume_dir(&id);
+            let entry = entry_files(&fs, &dir);
             for f in entry.files.iter().filter(|f| !f.ends_with(".json")) {
-                files.add(&dir.join(f));
+                files.add(&fs, &dir.join(f));
             }
             match self.read_volume_meta(&id) {
                 Ok(Some(meta)) => {
-                    temp_findings(&dir, &entry, Some(&id), &mut findings, |n| {
+                    temp_findings(&fs, &dir, &entry, Some(&id), &mut findings, |n| {
                         Fix::VolumeTemp(id.clone(), n)
                     });
                     metas.push(meta);
                 }
-                Ok(None) => findings.push(orphan_finding(&dir, &entry, &view, Some(&id), || {
-                    Fix::VolumeDir(id.clone())
-                })),
+                Ok(None) => {
+                    findings.push(orphan_finding(&fs, &dir, &entry, &view, Some(&id), || {
+                        Fix::VolumeDir(id.clone())
+                    }))
+                }
                 Err(e) => findings.push(Finding {
                     kind: FindingKind::CorruptMetadata,
-                    subject: dir.join("volume.json").display().to_string(),
+                    subject: fs.path(&layout::volume_meta(&id)).display().to_string(),
                     volume: Some(id.clone()),
                     why: e.to_string(),
                     action: "read the file: fix it by hand from what the volume is (its image, \
@@ -497,8 +487,8 @@ impl Pool {
         });
 
         // Snapshots.
-        let snap_dir = self.root().join("snapshots");
-        let mut names = fsops::list_names(&snap_dir)?;
+        let snap_dir = Path::new("snapshots");
+        let mut names = fs.list_names(snap_dir)?;
         names.sort();
         let mut snapshots = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -509,31 +499,30 @@ impl Pool {
                     total: names.len(),
                 });
             }
-            let dir = snap_dir.join(name);
-            let Some(id) = checked_entry::<SnapshotId>(&dir, name, "snapshots", &mut findings)
-            else {
+            let Some(id) = checked_entry::<SnapshotId>(&fs, snap_dir, name, &mut findings) else {
                 continue;
             };
-            let entry = entry_files(&dir);
+            let dir = layout::snapshot_dir(&id);
+            let entry = entry_files(&fs, &dir);
             for f in entry.files.iter().filter(|f| !f.ends_with(".json")) {
-                files.add(&dir.join(f));
+                files.add(&fs, &dir.join(f));
             }
             match self.read_snapshot_meta(&id) {
                 Ok(Some(meta)) => {
-                    temp_findings(&dir, &entry, None, &mut findings, |n| {
+                    temp_findings(&fs, &dir, &entry, None, &mut findings, |n| {
                         Fix::SnapshotTemp(id.clone(), n)
                     });
                     snapshots.push(SnapshotReport {
-                        image: image_info(self.snapshot_image(&id)),
+                        image: image_info(&fs, &layout::snapshot_image(&id)),
                         meta,
                     });
                 }
-                Ok(None) => findings.push(orphan_finding(&dir, &entry, &view, None, || {
+                Ok(None) => findings.push(orphan_finding(&fs, &dir, &entry, &view, None, || {
                     Fix::SnapshotDir(id.clone())
                 })),
                 Err(e) => findings.push(Finding {
                     kind: FindingKind::CorruptMetadata,
-                    subject: dir.join("snapshot.json").display().to_string(),
+                    subject: fs.path(&layout::snapshot_meta(&id)).display().to_string(),
                     volume: None,
                     why: e.to_string(),
                     action: "read the file and fix it by hand, or delete the snapshot through \
@@ -549,13 +538,8 @@ impl Pool {
         let mut volumes = Vec::with_capacity(metas.len());
         let mut explained: Vec<u32> = Vec::new();
         for (meta, condition) in metas.into_iter().zip(conditions) {
-            let image = image_info(self.volume_image(&meta.id));
-            let kernel_image = image.as_ref().and_then(|i| {
-                fsops::stat_image(&i.path).map(|st| crate::kernel::Image {
-                    path: i.path.clone(),
-                    id: st.id,
-                })
-            });
+            let image = image_info(&fs, &layout::volume_image(&meta.id));
+            let kernel_image = self.image_of(&meta.id).ok().flatten();
             let loops = view.devices_of(kernel_image.as_ref());
             let devices: Vec<DeviceInfo> = loops.iter().map(device_info).collect();
             let mounts = mounts_of(&view, &loops);
@@ -572,7 +556,7 @@ impl Pool {
                         Some(&id),
                         &format!(
                             "{} is bound to the image of volume {id}, but node {node} holds no \
-                         staging of it",
+                             staging of it",
                             d.path.display()
                         ),
                     );
@@ -625,12 +609,15 @@ impl Pool {
             );
         }
 
-        // Trash and node records.
-        for path in fsops::list_paths(&root.join("trash")) {
-            let keep = keep_trash(&path, &view);
+        // Trash.
+        let mut trash = fs.list_names(layout::trash())?;
+        trash.sort();
+        for name in trash {
+            let rel = layout::trash().join(name);
+            let keep = keep_entry(&fs, &rel, &view, 0);
             findings.push(Finding {
                 kind: FindingKind::Trash,
-                subject: path.display().to_string(),
+                subject: fs.path(&rel).display().to_string(),
                 volume: None,
                 why: "a deletion was committed (moved to trash) but not finished".into(),
                 action: match &keep {
@@ -641,29 +628,7 @@ impl Pool {
                          call) finishes the deletion, or remove it by hand once nothing uses it"
                     ),
                 },
-                fix: keep.is_none().then(|| Fix::Trash(path.clone())),
-            });
-        }
-        for path in fsops::list_paths(&root.join("nodes")) {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if !is_metadata_temp(&name) {
-                continue;
-            }
-            let old = fsops::age(&path).is_some_and(|a| a >= UNLOCKED_TEMP_GRACE);
-            findings.push(Finding {
-                kind: FindingKind::TempFile,
-                subject: path.display().to_string(),
-                volume: None,
-                why: "an interrupted write of a node record left its temp file".into(),
-                action: if old {
-                    "`loopvol gc --yes` removes it".into()
-                } else {
-                    "it may be being written right now: look again in a minute".into()
-                },
-                fix: old.then(|| Fix::NodeTemp(path.clone())),
+                fix: keep.is_none().then(|| Fix::Trash(rel.clone())),
             });
         }
         findings.sort_by(|a, b| (a.kind, &a.subject).cmp(&(b.kind, &b.subject)));
@@ -681,100 +646,82 @@ impl Pool {
     }
 
     /// Removes what the findings of `scan` mark removable ([`Fix`]), each checked again first
-    /// (under its entry's lock where it has one). With `apply` false, only says what it would
-    /// do. Never waits for a lock: a busy entry is skipped.
+    /// (under its entry's lock where it has one, when `apply`). With `apply` false, only says
+    /// what it would do, and takes no lock. Never waits for a lock: a busy entry is skipped.
     pub fn collect_garbage(&self, scan: &Scan, apply: bool) -> Result<Vec<GcOutcome>> {
+        let fs = self.fs()?;
         let view = KernelView::read()?;
         let mut out = Vec::new();
         for f in &scan.findings {
             let Some(fix) = &f.fix else { continue };
-            let (path, result) = self.fix(fix, &view, apply);
+            let (rel, result) = self.fix(&fs, fix, &view, apply);
             out.push(GcOutcome {
                 kind: f.kind,
-                path,
+                path: fs.path(&rel),
                 result,
             });
         }
         Ok(out)
     }
 
-    fn fix(&self, fix: &Fix, view: &KernelView, apply: bool) -> (PathBuf, GcResult) {
+    fn fix(&self, fs: &PoolFs, fix: &Fix, view: &KernelView, apply: bool) -> (PathBuf, GcResult) {
         let skip = |why: String| GcResult::Skipped(why);
         match fix {
             Fix::VolumeDir(id) => {
-                let dir = self.volume_dir(id);
+                let dir = layout::volume_dir(id);
                 let result = (|| {
-                    // A dry run takes no lock: it must not even leave a lock file behind.
+                    // A dry run takes no lock (it must not even make a lock file).
                     let _guard = match apply {
                         true => Some(self.lock_volume(id).map_err(|e| skip(e.to_string()))?),
                         false => None,
                     };
-                    if fsops::exists(&self.volume_meta_path(id)) {
+                    if fs.exists(&layout::volume_meta(id)).unwrap_or(true) {
                         return Err(skip("it has metadata now".into()));
                     }
-                    self.remove_checked_tree(&dir, view, apply)
+                    self.remove_checked_tree(fs, &dir, view, apply)
                 })();
                 (dir, result.unwrap_or_else(|r| r))
             }
             Fix::SnapshotDir(id) => {
-                let dir = self.snapshot_dir(id);
+                let dir = layout::snapshot_dir(id);
                 let result = (|| {
                     let _guard = match apply {
                         true => Some(self.lock_snapshot(id).map_err(|e| skip(e.to_string()))?),
                         false => None,
                     };
-                    if fsops::exists(&self.snapshot_meta_path(id)) {
+                    if fs.exists(&layout::snapshot_meta(id)).unwrap_or(true) {
                         return Err(skip("it has metadata now".into()));
                     }
-                    self.remove_checked_tree(&dir, view, apply)
+                    self.remove_checked_tree(fs, &dir, view, apply)
                 })();
                 (dir, result.unwrap_or_else(|r| r))
             }
             Fix::VolumeTemp(id, name) => {
-                let path = self.volume_dir(id).join(name);
+                let rel = layout::volume_dir(id).join(name);
                 let result = match apply.then(|| self.lock_volume(id)).transpose() {
-                    Ok(_guard) => remove_checked_file(&path, name, view, apply),
+                    Ok(_guard) => remove_checked_file(fs, &rel, view, apply),
                     Err(e) => skip(e.to_string()),
                 };
-                (path, result)
+                (rel, result)
             }
             Fix::SnapshotTemp(id, name) => {
-                let path = self.snapshot_dir(id).join(name);
+                let rel = layout::snapshot_dir(id).join(name);
                 let result = match apply.then(|| self.lock_snapshot(id)).transpose() {
-                    Ok(_guard) => remove_checked_file(&path, name, view, apply),
+                    Ok(_guard) => remove_checked_file(fs, &rel, view, apply),
                     Err(e) => skip(e.to_string()),
                 };
-                (path, result)
+                (rel, result)
             }
-            Fix::Trash(path) => {
-                let result = match keep_trash(path, view) {
+            Fix::Trash(rel) => {
+                let result = match keep_entry(fs, rel, view, 0) {
                     Some(why) => skip(why),
                     None if !apply => GcResult::WouldRemove,
-                    None if fsops::entry_kind(path) == Some(EntryKind::File) => {
-                        match fsops::remove_file(path) {
-                            Ok(()) => GcResult::Removed,
-                            Err(e) => skip(format!("cannot remove it: {e}")),
-                        }
-                    }
-                    None => match fsops::remove_tree(path) {
+                    None => match fs.remove_tree(rel) {
                         Ok(()) => GcResult::Removed,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => GcResult::Removed,
                         Err(e) => skip(format!("cannot remove it: {e}")),
                     },
                 };
-                (path.clone(), result)
-            }
-            Fix::NodeTemp(path) => {
-                let result = if fsops::age(path).is_none_or(|a| a < UNLOCKED_TEMP_GRACE) {
-                    skip("it changed in the last minute".into())
-                } else {
-                    let name = path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    remove_checked_file(path, &name, view, apply)
-                };
-                (path.clone(), result)
+                (rel.clone(), result)
             }
         }
     }
@@ -783,11 +730,12 @@ impl Pool {
     /// data or is attached.
     fn remove_checked_tree(
         &self,
+        fs: &PoolFs,
         dir: &Path,
         view: &KernelView,
         apply: bool,
     ) -> std::result::Result<GcResult, GcResult> {
-        if let Some(why) = keep_tree(dir, view, 0) {
+        if let Some(why) = keep_entry(fs, dir, view, 0) {
             return Err(GcResult::Skipped(why));
         }
         if !apply {
@@ -799,14 +747,14 @@ impl Pool {
     }
 }
 
-fn remove_checked_file(path: &Path, name: &str, view: &KernelView, apply: bool) -> GcResult {
-    if let Some(why) = keep_file(path, name, view) {
+fn remove_checked_file(fs: &PoolFs, rel: &Path, view: &KernelView, apply: bool) -> GcResult {
+    if let Some(why) = keep_file(fs, rel, view) {
         return GcResult::Skipped(why);
     }
     if !apply {
         return GcResult::WouldRemove;
     }
-    match fsops::remove_file(path) {
+    match fs.unlink(rel) {
         Ok(()) => GcResult::Removed,
         Err(e) => GcResult::Skipped(format!("cannot remove it: {e}")),
     }
@@ -832,14 +780,15 @@ pub enum GcResult {
 /// The ID of the entry `name` under `kind` (`volumes` or `snapshots`), or an unknown-entry
 /// finding when it is not a directory with a valid ID for a name.
 fn checked_entry<I: for<'a> TryFrom<&'a str>>(
-    dir: &Path,
+    fs: &PoolFs,
+    kind: &Path,
     name: &str,
-    kind: &str,
     findings: &mut Vec<Finding>,
 ) -> Option<I> {
+    let rel = kind.join(name);
     let unknown = |why: String| Finding {
         kind: FindingKind::UnknownEntry,
-        subject: dir.display().to_string(),
+        subject: fs.path(&rel).display().to_string(),
         volume: None,
         why,
         action: "loopvol never makes it and ignores it; look at what it is and remove it by \
@@ -847,52 +796,50 @@ fn checked_entry<I: for<'a> TryFrom<&'a str>>(
             .into(),
         fix: None,
     };
+    let kind = kind.display();
     if validate::check_id("id", name).is_err() {
         findings.push(unknown(format!("{name:?} in {kind}/ is not a valid ID")));
         return None;
     }
-    match fsops::entry_kind(dir) {
-        Some(EntryKind::Dir) => {}
-        Some(k) => {
+    match fs.entry_kind(&rel) {
+        Ok(Some(EntryKind::Dir)) => {}
+        Ok(Some(k)) => {
             findings.push(unknown(format!(
                 "{kind}/{name} is a {} where loopvol keeps directories",
                 match k {
                     EntryKind::File => "file",
-                    EntryKind::Symlink => "symlink",
+                    EntryKind::Symlink => "symbolic link",
                     _ => "special file",
                 }
             )));
             return None;
         }
-        None => return None, // removed meanwhile
+        Ok(None) => return None, // removed meanwhile
+        Err(e) => {
+            findings.push(unknown(e.to_string()));
+            return None;
+        }
     }
     I::try_from(name).ok()
 }
 
-/// Temp files in a committed entry's directory.
+/// Temp images in a committed entry's directory (an interrupted copy's; a committed entry never
+/// keeps one). Metadata spares are not findings: the pool-access layer keeps them on purpose.
 fn temp_findings(
+    fs: &PoolFs,
     dir: &Path,
     entry: &EntryFiles,
     volume: Option<&VolumeId>,
     findings: &mut Vec<Finding>,
     fix: impl Fn(String) -> Fix,
 ) {
-    for name in entry
-        .files
-        .iter()
-        .filter(|n| is_metadata_temp(n) || n.as_str() == "image.tmp")
-    {
-        let why = if is_metadata_temp(name) {
-            "an interrupted metadata write left its temp file (the committed record is intact)"
-        } else {
-            "an interrupted copy left its temp image beside the committed one"
-        };
+    for name in entry.files.iter().filter(|n| n.as_str() == "image.tmp") {
         findings.push(Finding {
             kind: FindingKind::TempFile,
-            subject: dir.join(name).display().to_string(),
+            subject: fs.path(&dir.join(name)).display().to_string(),
             volume: volume.cloned(),
-            why: why.into(),
-            action: "`loopvol gc --yes` removes it (unless it holds data)".into(),
+            why: "an interrupted copy left its temp image beside the committed one".into(),
+            action: "`loopvol gc --yes` removes it unless it holds data or is attached".into(),
             fix: Some(fix(name.clone())),
         });
     }
@@ -900,21 +847,24 @@ fn temp_findings(
 
 /// A directory without metadata: removable when nothing in it has data or is attached.
 fn orphan_finding(
+    fs: &PoolFs,
     dir: &Path,
     entry: &EntryFiles,
     view: &KernelView,
     volume: Option<&VolumeId>,
     fix: impl FnOnce() -> Fix,
 ) -> Finding {
-    let keep = keep_tree(dir, view, 0);
-    let holds = if entry.files.is_empty() {
+    let keep = keep_entry(fs, dir, view, 0);
+    let holds = if entry.files.is_empty() && entry.other.is_empty() {
         "nothing".to_owned()
     } else {
-        entry.files.join(", ")
+        [entry.files.clone(), entry.other.clone()]
+            .concat()
+            .join(", ")
     };
     Finding {
         kind: FindingKind::OrphanEntry,
-        subject: dir.display().to_string(),
+        subject: fs.path(dir).display().to_string(),
         volume: volume.cloned(),
         why: format!(
             "no committed metadata: a create was interrupted before it finished (it holds {holds})"
@@ -1003,6 +953,12 @@ fn abnormal_finding(id: &VolumeId, node: &NodeName, c: &Condition) -> Finding {
              then stop its pods, unstage and fsck it"
                 .to_owned(),
         ),
+        Some(AbnormalReason::UntrustedEntry) => (
+            FindingKind::AbnormalVolume,
+            "something was planted where its image belongs: look at it (`ls -l`), move it away, \
+             and restore the image"
+                .to_owned(),
+        ),
         Some(AbnormalReason::MetadataCorrupt) | None => {
             (FindingKind::AbnormalVolume, "see the message".to_owned())
         }
@@ -1074,7 +1030,7 @@ mod tests {
                 ("image.tmp", false),
                 (".tmp", false),
             ],
-            |n| is_metadata_temp(n),
+            |n| is_metadata_spare(n),
         );
     }
 }

@@ -12,7 +12,7 @@ use crate::host::{self, PathKind};
 use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
 use crate::loopdev;
 use crate::meta::VolumeMeta;
-use crate::pool::{fsops, NodePath, Pool};
+use crate::pool::{layout, NodePath, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::{self, FsType};
 
@@ -44,16 +44,20 @@ pub enum AbnormalReason {
     /// Its metadata cannot be read or names another volume (never a `Condition`: there is no
     /// volume to ask about; listings and scans count it).
     MetadataCorrupt,
+    /// Something planted where its image belongs (a symbolic link, a FIFO, a file with other
+    /// links): the pool-access layer refuses to use it.
+    UntrustedEntry,
 }
 
 impl AbnormalReason {
-    pub const ALL: [AbnormalReason; 6] = [
+    pub const ALL: [AbnormalReason; 7] = [
         AbnormalReason::ImageMissing,
         AbnormalReason::DeviceGone,
         AbnormalReason::FilesystemErrors,
         AbnormalReason::FilesystemReadOnly,
         AbnormalReason::FilesystemShutdown,
         AbnormalReason::MetadataCorrupt,
+        AbnormalReason::UntrustedEntry,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +68,7 @@ impl AbnormalReason {
             AbnormalReason::FilesystemReadOnly => "fs_read_only",
             AbnormalReason::FilesystemShutdown => "fs_shutdown",
             AbnormalReason::MetadataCorrupt => "metadata_corrupt",
+            AbnormalReason::UntrustedEntry => "untrusted_entry",
         }
     }
 }
@@ -119,7 +124,7 @@ impl Volume<'_> {
         if grow_image && target > self.meta.size_bytes {
             self.grow_image(target)?;
         }
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
                 "volume {id} is not attached on this node"
@@ -151,13 +156,13 @@ impl Volume<'_> {
     /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
     /// device). Growing a volume because a caller named some other directory would report a
     /// success for a filesystem that did not grow.
-    fn check_expand_path(&self, view: &KernelView, path: &Path) -> Result<()> {
+    fn check_expand_path(&self, view: &KernelView, path: &NodePath) -> Result<()> {
         let not_here =
             |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
-        if !host::exists(path) {
+        if !path.is_present()? {
             return Err(not_here("it does not exist"));
         }
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let mounted_somewhere = devices.iter().any(|d| view.fs_mounts(d).next().is_some());
         let here = view
             .mount_at(path)
@@ -173,9 +178,14 @@ impl Volume<'_> {
 }
 
 impl Pool {
-    fn image_of(&self, m: &VolumeMeta) -> Option<Image> {
-        let path = self.volume_image(&m.id);
-        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    /// Volume `id`'s image as the kernel knows it; `None` when it is missing. An entry that is
+    /// not a volume image (a symbolic link, a device, ...) is an error naming it.
+    pub(crate) fn image_of(&self, id: &crate::VolumeId) -> Result<Option<Image>> {
+        let st = self.fs()?.stat_image(&layout::volume_image(id))?;
+        Ok(st.map(|st| Image {
+            path: self.volume_image(id),
+            id: st.id,
+        }))
     }
 
     /// Usage of volume `m` at `path` (a mounted filesystem: bytes and inodes; a published block
@@ -199,9 +209,14 @@ impl Pool {
         if validate::check_path("volume path", path, &[]).is_err() {
             return Err(not_here());
         }
-        let devices = view.devices_of(self.image_of(m).as_ref());
-        let at = view.mount_at(path);
-        match host::kind_of(path) {
+        // Where it really is (its parents' links resolved), as mountinfo names it.
+        let Some((resolved, kind)) = host::resolve_for_reading(path) else {
+            return Err(not_here());
+        };
+        let devices = view.devices_of(self.image_of(&m.id).ok().flatten().as_ref());
+        let at = view.mount_at(&resolved);
+        let path = resolved.as_path();
+        match kind {
             PathKind::Missing => Err(not_here()),
             PathKind::FileOrDevice => {
                 // A published block volume is a bind of its device node onto the file; any
@@ -253,7 +268,18 @@ impl Pool {
     /// The condition of `m`, looking at the kernel (`view`, read here when `None` and needed)
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
-        let Some(image) = self.image_of(m) else {
+        let image = match self.image_of(&m.id) {
+            Ok(image) => image,
+            // A planted entry where the image belongs: that is the volume's condition.
+            Err(e @ Error::Untrusted { .. }) => {
+                return Ok(Condition::abnormal(
+                    AbnormalReason::UntrustedEntry,
+                    e.to_string(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(image) = image else {
             return Ok(Condition::abnormal(
                 AbnormalReason::ImageMissing,
                 format!("image {} is missing", self.volume_image(&m.id).display()),

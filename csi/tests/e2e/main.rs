@@ -13,7 +13,9 @@
 //! - [`reboot`]: a simulated node reboot (server killed, mounts and loop devices gone behind
 //!   its back): kubelet's re-stage and re-publish, `loopvol check`, nothing formatted;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
-//!   nodes and surviving a dead one; as root.
+//!   nodes and surviving a dead one; as root;
+//! - [`trust`]: issue 12 through the server: a symlinked kubelet root end to end, paths that
+//!   lead out of the prefix, a bad entry in a listing, lock files that go with their volumes.
 //!
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
@@ -24,6 +26,7 @@ mod protocol;
 mod reboot;
 mod recovery;
 mod shared_pool;
+mod trust;
 
 use loopvol_e2e::csi::{Csi, CsiServer, Kubelet};
 use loopvol_e2e::Scratch;

@@ -54,7 +54,11 @@ async fn metrics_count_what_was_done() {
     // Before anything: every state and reason is there, at 0.
     let m = scrape(addr);
     assert_eq!(m.value("loopvol_volumes", &[("state", "created")]), 0.0);
-    assert_eq!(m.samples("loopvol_volumes_abnormal", &pool).len(), 6);
+    assert_eq!(
+        m.samples("loopvol_volumes_abnormal", &pool).len(),
+        7,
+        "every reason, untrusted_entry included"
+    );
 
     let a = c.create("pvc-a", 32 * MIB, cap.clone()).await.volume_id;
     let b = c.create("pvc-b", 32 * MIB, cap.clone()).await.volume_id;
