@@ -12,6 +12,7 @@ use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
+use crate::observe::CopyKind;
 use crate::pool::{layout, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
@@ -226,7 +227,7 @@ impl Pool {
                 let input = fs.open_image(&layout::volume_image(&m.source), true)?;
                 let output = fs.create_image(&layout::snapshot_image_tmp(&m.id))?;
                 let what = format!("volume {} to snapshot {}", m.source, m.id);
-                let method = copy::copy_image(&input, &output, &what)?;
+                let method = copy::copy_image(&input, &output, CopyKind::Snapshot, &what)?;
                 tracing::info!(snapshot = %m.id, volume = %m.source, ?method, "copied image");
             }
         }

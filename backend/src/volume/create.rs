@@ -8,6 +8,7 @@ use crate::freeze;
 use crate::ids::VolumeId;
 use crate::kernel::KernelView;
 use crate::meta::{self, Allocation, VolumeMeta, VolumeSource};
+use crate::observe::CopyKind;
 use crate::pool::{layout, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::FsType;
@@ -165,7 +166,12 @@ impl Pool {
                 }
                 None => None,
             };
-            let method = copy::copy_image(&input, &file, &format!("the source of volume {id}"))?;
+            let kind = match src.volume {
+                Some(_) => CopyKind::Clone,
+                None => CopyKind::Restore,
+            };
+            let method =
+                copy::copy_image(&input, &file, kind, &format!("the source of volume {id}"))?;
             tracing::info!(volume = %id, ?method, "copied source image");
         }
         file.set_len(size)

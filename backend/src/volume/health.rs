@@ -23,6 +23,54 @@ use super::Volume;
 pub struct Condition {
     pub abnormal: bool,
     pub message: String,
+    /// Why it is abnormal, as one of a fixed set (metrics label by it; `message` is for people).
+    pub reason: Option<AbnormalReason>,
+}
+
+/// The reasons a volume can be abnormal: a small fixed set, so a metric can count by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AbnormalReason {
+    /// The image file is gone from the pool.
+    ImageMissing,
+    /// Staged on this node but its loop device is gone (the node restarted, or someone
+    /// detached it).
+    DeviceGone,
+    /// The filesystem recorded errors (ext4's error state): fsck it.
+    FilesystemErrors,
+    /// The kernel turned the filesystem read-only after errors.
+    FilesystemReadOnly,
+    /// The filesystem shut down (xfs answers EIO).
+    FilesystemShutdown,
+    /// Its metadata cannot be read or names another volume (never a `Condition`: there is no
+    /// volume to ask about; listings and scans count it).
+    MetadataCorrupt,
+    /// Something planted where its image belongs (a symbolic link, a FIFO, a file with other
+    /// links): the pool-access layer refuses to use it.
+    UntrustedEntry,
+}
+
+impl AbnormalReason {
+    pub const ALL: [AbnormalReason; 7] = [
+        AbnormalReason::ImageMissing,
+        AbnormalReason::DeviceGone,
+        AbnormalReason::FilesystemErrors,
+        AbnormalReason::FilesystemReadOnly,
+        AbnormalReason::FilesystemShutdown,
+        AbnormalReason::MetadataCorrupt,
+        AbnormalReason::UntrustedEntry,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbnormalReason::ImageMissing => "image_missing",
+            AbnormalReason::DeviceGone => "device_gone",
+            AbnormalReason::FilesystemErrors => "fs_errors",
+            AbnormalReason::FilesystemReadOnly => "fs_read_only",
+            AbnormalReason::FilesystemShutdown => "fs_shutdown",
+            AbnormalReason::MetadataCorrupt => "metadata_corrupt",
+            AbnormalReason::UntrustedEntry => "untrusted_entry",
+        }
+    }
 }
 
 impl Condition {
@@ -30,13 +78,15 @@ impl Condition {
         Condition {
             abnormal: false,
             message: "ok".into(),
+            reason: None,
         }
     }
 
-    fn abnormal(message: impl Into<String>) -> Condition {
+    fn abnormal(reason: AbnormalReason, message: impl Into<String>) -> Condition {
         Condition {
             abnormal: true,
             message: message.into(),
+            reason: Some(reason),
         }
     }
 }
@@ -221,14 +271,19 @@ impl Pool {
         let image = match self.image_of(&m.id) {
             Ok(image) => image,
             // A planted entry where the image belongs: that is the volume's condition.
-            Err(e @ Error::Untrusted { .. }) => return Ok(Condition::abnormal(e.to_string())),
+            Err(e @ Error::Untrusted { .. }) => {
+                return Ok(Condition::abnormal(
+                    AbnormalReason::UntrustedEntry,
+                    e.to_string(),
+                ))
+            }
             Err(e) => return Err(e),
         };
         let Some(image) = image else {
-            return Ok(Condition::abnormal(format!(
-                "image {} is missing",
-                self.volume_image(&m.id).display()
-            )));
+            return Ok(Condition::abnormal(
+                AbnormalReason::ImageMissing,
+                format!("image {} is missing", self.volume_image(&m.id).display()),
+            ));
         };
         if !m.staged.iter().any(|h| h.node == *self.node()) {
             return Ok(Condition::ok());
@@ -244,11 +299,13 @@ impl Pool {
         let devices = view.devices_of(Some(&image));
         let Some(dev) = devices.first() else {
             return Ok(Condition::abnormal(
+                AbnormalReason::DeviceGone,
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
         if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
             return Ok(Condition::abnormal(
+                AbnormalReason::FilesystemErrors,
                 "the filesystem has recorded errors; run fsck",
             ));
         }
@@ -256,16 +313,22 @@ impl Pool {
         // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
         for mnt in view.fs_mounts(dev) {
             if mnt.super_read_only() && !dev.read_only {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {} went read-only after errors",
-                    mnt.mount_point.display()
-                )));
+                return Ok(Condition::abnormal(
+                    AbnormalReason::FilesystemReadOnly,
+                    format!(
+                        "the filesystem at {} went read-only after errors",
+                        mnt.mount_point.display()
+                    ),
+                ));
             }
             if host::answers_eio(&mnt.mount_point) {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {} has shut down (I/O errors)",
-                    mnt.mount_point.display()
-                )));
+                return Ok(Condition::abnormal(
+                    AbnormalReason::FilesystemShutdown,
+                    format!(
+                        "the filesystem at {} has shut down (I/O errors)",
+                        mnt.mount_point.display()
+                    ),
+                ));
             }
         }
         Ok(Condition::ok())

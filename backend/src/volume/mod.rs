@@ -28,7 +28,7 @@ use crate::pool::{layout, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
-pub use health::Condition;
+pub use health::{AbnormalReason, Condition};
 pub use publish::Publish;
 pub use stage::{Access, Staged};
 
