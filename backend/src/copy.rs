@@ -8,34 +8,63 @@ use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 
 use crate::error::{Context, Result};
+use crate::observe::{self, CopyKind};
 use crate::sys;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CopyMethod {
     Reflink,
     Sparse,
 }
 
+impl CopyMethod {
+    pub const ALL: [CopyMethod; 2] = [CopyMethod::Reflink, CopyMethod::Sparse];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMethod::Reflink => "reflink",
+            CopyMethod::Sparse => "sparse",
+        }
+    }
+}
+
 /// Copies the image open as `input` into `output` (a new, empty file opened for writing) and
-/// fsyncs it. `what` names the copy in messages ("volume a to snapshot b").
-pub(crate) fn copy_image(input: &File, output: &File, what: &str) -> Result<CopyMethod> {
-    let method = match sys::ficlone(output.as_fd(), input.as_fd()) {
-        Ok(()) => CopyMethod::Reflink,
+/// fsyncs it. `what` names the copy in messages ("volume a to snapshot b"); `kind` says why it
+/// is made (for the metrics).
+pub(crate) fn copy_image(
+    input: &File,
+    output: &File,
+    kind: CopyKind,
+    what: &str,
+) -> Result<CopyMethod> {
+    let start = std::time::Instant::now();
+    let (method, bytes) = match sys::ficlone(output.as_fd(), input.as_fd()) {
+        // The data now shared: what a copy would have moved.
+        Ok(()) => (
+            CopyMethod::Reflink,
+            input
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
+                .unwrap_or(0),
+        ),
         Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => {
-            sparse_copy(input, output).context(|| format!("copy {what}"))?;
-            CopyMethod::Sparse
+            let copied = sparse_copy(input, output).context(|| format!("copy {what}"))?;
+            (CopyMethod::Sparse, copied)
         }
         Err(e) => return Err(e).context(|| format!("reflink {what}")),
     };
     output.sync_all().context(|| format!("fsync copy {what}"))?;
+    observe::copy(kind, method, bytes, start.elapsed());
     Ok(method)
 }
 
 /// Walks the data extents with SEEK_DATA/SEEK_HOLE and copies each with copy_file_range (which
 /// the kernel may itself accelerate); the destination gets the same length and the same holes.
-fn sparse_copy(input: &File, output: &File) -> std::io::Result<()> {
+/// Returns the bytes copied.
+fn sparse_copy(input: &File, output: &File) -> std::io::Result<u64> {
     let len = input.metadata()?.len();
     output.set_len(len)?;
+    let mut copied: u64 = 0;
     let mut pos: i64 = 0;
     while u64::try_from(pos).is_ok_and(|p| p < len) {
         let data = match lseek(input.as_fd(), pos, Whence::SeekData) {
@@ -60,10 +89,11 @@ fn sparse_copy(input: &File, output: &File) -> std::io::Result<()> {
                 break; // the source shrank under us; the length is already set
             }
             remaining -= n;
+            copied = copied.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
         }
         pos = hole;
     }
-    Ok(())
+    Ok(copied)
 }
 
 #[cfg(test)]
@@ -87,7 +117,14 @@ mod tests {
             .create_new(true)
             .open(&dest)
             .unwrap();
-        copy_image(&File::open(&src).unwrap(), &output, "src to dest").unwrap();
+        let method = copy_image(
+            &File::open(&src).unwrap(),
+            &output,
+            CopyKind::Clone,
+            "src to dest",
+        )
+        .unwrap();
+        let _ = method; // reflink or sparse: whatever the temp dir's filesystem offers
         let a = std::fs::read(&src).unwrap();
         let b = std::fs::read(&dest).unwrap();
         assert_eq!(a, b);

@@ -34,11 +34,6 @@ impl KernelView {
         })
     }
 
-    /// Every bound loop device.
-    pub fn loops(&self) -> &[LoopDevice] {
-        &self.loops
-    }
-
     /// The loop devices bound to `image` (normally zero or one), by path or by identity. No
     /// image (it is missing): none.
     pub fn devices_of(&self, image: Option<&Image>) -> Vec<LoopDevice> {
@@ -50,6 +45,11 @@ impl KernelView {
             .filter(|d| d.is_backed_by(&image.path, image.id))
             .cloned()
             .collect()
+    }
+
+    /// Every bound loop device.
+    pub fn loops(&self) -> &[LoopDevice] {
+        &self.loops
     }
 
     /// The topmost mount at exactly `path` (later lines stack over earlier ones).

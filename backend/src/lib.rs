@@ -29,11 +29,13 @@ mod freeze;
 mod fs;
 mod host;
 pub mod ids;
+pub mod inspect;
 mod kernel;
 mod lock;
 mod loopdev;
 mod meta;
 mod mount;
+pub mod observe;
 mod plan;
 mod pool;
 mod size;
@@ -93,13 +95,13 @@ pub use meta::{
 };
 pub use pool::watchdog::HUNG_AFTER as POOL_DEADLINE;
 pub use pool::{
-    default_node_name, Capacity, LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodePath,
-    NodeRecord, Page, Pool, PoolOptions,
+    default_node_name, BadEntry, Capacity, LeaseSettings, LeaseState, LeaseTerms, Listed, NodeInfo,
+    NodePath, NodeRecord, Page, Pool, PoolOptions,
 };
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;
 pub use volume::{
-    Access, Condition, CreateVolume, Expanded, FenceCheck, FenceReport, NodeGuard, Publish, Staged,
-    Volume,
+    AbnormalReason, Access, Condition, CreateVolume, Expanded, FenceCheck, FenceReport, NodeGuard,
+    Publish, Staged, Volume,
 };

@@ -175,13 +175,10 @@ pub(crate) fn attach(backing: &File, image: &Path, read_only: bool) -> Result<Lo
     )))
 }
 
-/// Re-reads the image size into the loop device after the image grew.
-pub(crate) fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
-    // A cluster client's cached size first (see `sys::refresh_size`); a missing image is the
-    // caller's business.
-    if let Ok(image) = crate::pool::fsops::open_image(&dev.backing_file, true) {
-        let _ = sys::refresh_size(image.as_fd());
-    }
+/// Re-reads the image size into the loop device after the image grew. `image`, the image open
+/// (any mode), has its size fetched afresh first (see `sys::refresh_size`).
+pub(crate) fn refresh_capacity(dev: &LoopDevice, image: &File) -> Result<()> {
+    sys::refresh_size(image.as_fd()).context(|| format!("stat {}", dev.backing_file.display()))?;
     let file = File::open(dev.path()).context(|| format!("open {}", dev.path().display()))?;
     sys::loop_set_capacity(file.as_fd())
         .context(|| format!("refresh capacity of {}", dev.path().display()))

@@ -12,7 +12,8 @@ use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
-use crate::pool::{fsops, Pool};
+use crate::observe::CopyKind;
+use crate::pool::{layout, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
 
@@ -194,12 +195,14 @@ impl Pool {
             .iter()
             .map(|m| self.volume(&m.source))
             .collect::<Result<_>>()?;
+        let fs = self.fs()?;
         // Without reflinks a copy takes the source's allocated bytes.
-        let needed: u64 = todo
-            .iter()
-            .filter_map(|m| fsops::stat_image(&self.volume_image(&m.source)))
-            .map(|st| st.allocated)
-            .fold(0, u64::saturating_add);
+        let mut needed: u64 = 0;
+        for m in &todo {
+            if let Some(st) = fs.stat_image(&layout::volume_image(&m.source))? {
+                needed = needed.saturating_add(st.allocated);
+            }
+        }
         let free = self.capacity()?.free_bytes;
         if needed > free {
             return Err(Error::NoSpace(format!(
@@ -207,24 +210,24 @@ impl Pool {
             )));
         }
         for m in &todo {
-            let dir = self.snapshot_dir(&m.id);
-            if fsops::exists(&dir) {
+            let dir = layout::snapshot_dir(&m.id);
+            if fs.exists(&dir)? {
                 self.remove_dir_atomically(&dir)?; // leftovers of an interrupted attempt
             }
-            fsops::create_dirs(&dir)?;
+            fs.ensure_dir(&dir)?;
         }
         {
             let view = KernelView::read()?;
             let frozen_sources: Vec<(&VolumeId, _)> = sources
                 .iter()
-                .map(|v| (v.id(), view.devices_of(v.image().as_ref())))
-                .collect();
+                .map(|v| Ok((v.id(), view.devices_of(v.image()?.as_ref()))))
+                .collect::<Result<_>>()?;
             let _frozen = freeze::freeze(&view, &frozen_sources)?;
             for m in &todo {
-                let input = fsops::open_image(&self.volume_image(&m.source), true)?;
-                let output = fsops::create_image(&self.snapshot_dir(&m.id).join("image.tmp"))?;
+                let input = fs.open_image(&layout::volume_image(&m.source), true)?;
+                let output = fs.create_image(&layout::snapshot_image_tmp(&m.id))?;
                 let what = format!("volume {} to snapshot {}", m.source, m.id);
-                let method = copy::copy_image(&input, &output, &what)?;
+                let method = copy::copy_image(&input, &output, CopyKind::Snapshot, &what)?;
                 tracing::info!(snapshot = %m.id, volume = %m.source, ?method, "copied image");
             }
         }
@@ -234,11 +237,13 @@ impl Pool {
                 continue;
             }
             let source = made.next().expect("one source per snapshot to take");
-            let tmp = self.snapshot_dir(&m.id).join("image.tmp");
-            fsops::rename(&tmp, &self.snapshot_image(&m.id)).map_err(|e| Error::Io {
-                context: format!("commit image of snapshot {}", m.id),
-                source: e,
-            })?;
+            let tmp = layout::snapshot_image_tmp(&m.id);
+            if !fs.rename(&tmp, &layout::snapshot_image(&m.id))? {
+                return Err(Error::precondition(format!(
+                    "the image of snapshot {} vanished before it was committed",
+                    m.id
+                )));
+            }
             let meta = SnapshotMeta {
                 schema: meta::SCHEMA_VERSION,
                 id: m.id.clone(),
@@ -249,7 +254,7 @@ impl Pool {
                 created_unix: meta::now_unix(),
                 group_id: group_id.cloned(),
             };
-            fsops::write_json(&self.snapshot_meta_path(&m.id), &meta)?;
+            fs.write_json(&layout::snapshot_meta(&m.id), &meta)?;
             *slot = Some(meta);
         }
         Ok(done.into_iter().flatten().collect())
@@ -258,8 +263,8 @@ impl Pool {
     /// Deletes a snapshot; unknown IDs succeed. Volumes restored from it are independent copies,
     /// so a snapshot is never in use.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let dir = self.snapshot_dir(id);
-        if !fsops::exists(&dir) {
+        let dir = layout::snapshot_dir(id);
+        if !self.fs()?.exists(&dir)? {
             return Ok(());
         }
         let _guard = self.lock_snapshot(id)?;

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 
-use super::{fsops, Pool};
+use super::{layout, Pool};
 
 /// Capacity as the controller reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,12 +19,16 @@ pub struct Capacity {
 impl Pool {
     /// Free space, what thin volumes may still claim, and what is left to promise.
     pub fn capacity(&self) -> Result<Capacity> {
-        let free = fsops::free_bytes(&self.root)?;
+        let fs = self.fs()?;
+        let free = fs.free_bytes()?;
         // An image's length is its volume's size, so one stat per volume tells what it may still
         // claim: no metadata is read, and a create stays cheap in a pool of thousands of volumes.
-        let unallocated: u64 = fsops::list_paths(&self.root.join("volumes"))
+        // A planted entry is no volume's image: it promises nothing.
+        let unallocated: u64 = fs
+            .list_names(std::path::Path::new("volumes"))?
             .iter()
-            .filter_map(|dir| fsops::stat_image(&dir.join("image")))
+            .filter_map(|id| crate::VolumeId::try_from(id.as_str()).ok())
+            .filter_map(|id| fs.stat_image(&layout::volume_image(&id)).ok().flatten())
             .map(|st| st.len.saturating_sub(st.allocated))
             .fold(0, u64::saturating_add);
         Ok(Capacity {

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::error::{Context, Error, Result};
 use crate::ids::NodeName;
 use crate::meta;
 
-use super::{fsops, Pool};
+use super::{layout, Pool};
 
 /// How often a node plugin renews its lease, and after how long without a renewal the lease
 /// expires. A node fences its volumes when it could not renew for half the timeout; the
@@ -149,21 +149,14 @@ pub(crate) fn boot_id() -> Option<&'static str> {
 }
 
 impl Pool {
-    pub(crate) fn node_record_path(&self, node: &NodeName) -> PathBuf {
-        self.root.join("nodes").join(node.path_component())
-    }
-
-    pub(crate) fn lease_path(&self, node: &NodeName) -> PathBuf {
-        self.root.join("leases").join(node.path_component())
-    }
-
     /// Records that this node serves the pool, with `info`; a node plugin calls it when it
     /// starts. On a shared pool the controller publishes only to registered nodes, so a typo or
     /// a node that never ran the plugin is `NotFound` instead of a claim nobody will ever use.
     /// The record is rewritten only when it changes (a restart, even on a full pool, writes
     /// nothing); returns whether it wrote.
     pub fn register_node_with(&self, info: &NodeInfo) -> Result<bool> {
-        let path = self.node_record_path(&self.options.node);
+        let rel = layout::node_record(&self.options.node);
+        let fs = self.fs()?;
         let record = NodeRecord {
             node: self.options.node.clone(),
             registered_unix: meta::now_unix(),
@@ -172,12 +165,12 @@ impl Pool {
             lease: info.lease.as_ref().map(LeaseTerms::from),
         };
         // An unreadable or corrupt record is replaced.
-        if let Ok(Some(old)) = fsops::read_json::<NodeRecord>(&path) {
+        if let Ok(Some(old)) = fs.read_json::<NodeRecord>(&rel) {
             if old.same_as(&record) {
                 return Ok(false);
             }
         }
-        fsops::write_json(&path, &record)?;
+        fs.write_json(&rel, &record)?;
         tracing::info!(node = %self.options.node, "recorded this node in the pool");
         Ok(true)
     }
@@ -189,12 +182,12 @@ impl Pool {
 
     /// `node`'s record; `None` when it never registered.
     pub fn node_record(&self, node: &NodeName) -> Result<Option<NodeRecord>> {
-        fsops::read_json(&self.node_record_path(node))
+        self.fs()?.read_json(&layout::node_record(node))
     }
 
     /// `NotFound` unless `node` has registered with [`Pool::register_node`].
     pub fn check_node_registered(&self, node: &NodeName) -> Result<()> {
-        if fsops::exists(&self.node_record_path(node)) {
+        if self.fs()?.exists(&layout::node_record(node))? {
             Ok(())
         } else {
             Err(Error::not_found("node", node.as_str()))
@@ -203,16 +196,17 @@ impl Pool {
 
     /// `node`'s lease counter; `None` when it has no lease file.
     pub(crate) fn read_lease(&self, node: &NodeName) -> Result<Option<u64>> {
-        let path = self.lease_path(node);
-        match fsops::read_uncached(&path, LEASE_LEN)? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(parse_lease(&bytes).ok_or_else(|| {
-                Error::Metadata {
-                    path,
-                    reason: "not a lease counter".into(),
-                }
-            })?)),
-        }
+        let rel = layout::lease(node);
+        let fs = self.fs()?;
+        let Some(bytes) = fs.read_uncached(&rel, LEASE_LEN)? else {
+            return Ok(None);
+        };
+        parse_lease(&bytes)
+            .map(Some)
+            .ok_or_else(|| Error::Metadata {
+                path: fs.path(&rel),
+                reason: "not a lease counter".into(),
+            })
     }
 }
 
@@ -235,22 +229,23 @@ fn parse_lease(bytes: &[u8]) -> Option<u64> {
 /// replaced, where no controller reads it, and through a cluster client that died it stays dead.
 #[derive(Debug)]
 pub(crate) struct LeaseWriter {
-    path: PathBuf,
+    rel: PathBuf,
     counter: u64,
 }
 
 impl LeaseWriter {
     pub fn new(pool: &Pool) -> LeaseWriter {
         LeaseWriter {
-            path: pool.lease_path(pool.node()),
+            rel: layout::lease(pool.node()),
             counter: 0,
         }
     }
 
     /// Writes the next counter value and syncs it (through a cluster client, unsynced data may
     /// sit in the client's cache, unseen by the other nodes). Returns the value written.
-    pub fn renew(&mut self) -> Result<u64> {
-        let file = fsops::open_lease(&self.path)?;
+    pub fn renew(&mut self, pool: &Pool) -> Result<u64> {
+        let fs = pool.fs()?;
+        let file = fs.open_lease(&self.rel)?;
         if self.counter == 0 {
             // Go on from what is there: a restarted plugin must still change the counter. A
             // fresh file starts from the clock, different from any counter a controller saw.
@@ -259,10 +254,11 @@ impl LeaseWriter {
             self.counter = parse_lease(&buf[..n]).unwrap_or(0).max(meta::now_unix());
         }
         let next = self.counter.wrapping_add(1);
+        let path = fs.path(&self.rel);
         file.write_all_at(&format_lease(next), 0)
-            .context(|| format!("renew the lease {}", self.path.display()))?;
+            .context(|| format!("renew the lease {}", path.display()))?;
         file.sync_data()
-            .context(|| format!("sync the lease {}", self.path.display()))?;
+            .context(|| format!("sync the lease {}", path.display()))?;
         self.counter = next;
         Ok(next)
     }
@@ -405,7 +401,7 @@ impl Pool {
         let now = Instant::now();
         self.health.watch("reading the node leases", || {
             self.leases.start(now);
-            for name in fsops::list_names(&self.root.join("nodes"))? {
+            for name in self.fs()?.list_names(Path::new("nodes"))? {
                 let Some(record) = self.read_node_record_file(&name) else {
                     continue;
                 };
@@ -445,7 +441,10 @@ impl Pool {
         if name.starts_with('.') {
             return None;
         }
-        let record: NodeRecord = fsops::read_json(&self.root.join("nodes").join(name))
+        let record: NodeRecord = self
+            .fs()
+            .ok()?
+            .read_json(&Path::new("nodes").join(name))
             .ok()
             .flatten()?;
         (record.node.path_component() == name).then_some(record)

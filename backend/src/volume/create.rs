@@ -8,7 +8,8 @@ use crate::freeze;
 use crate::ids::VolumeId;
 use crate::kernel::KernelView;
 use crate::meta::{self, Allocation, VolumeMeta, VolumeSource};
-use crate::pool::{fsops, Pool};
+use crate::observe::CopyKind;
+use crate::pool::{layout, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::FsType;
 
@@ -71,7 +72,7 @@ impl Pool {
                 let guard = self.lock_snapshot(sid)?;
                 let snap = self.get_snapshot(sid)?;
                 Some(Source {
-                    image: self.snapshot_image(sid),
+                    image: layout::snapshot_image(sid),
                     size: snap.size_bytes,
                     fs: snap.fs_type,
                     volume: None,
@@ -87,7 +88,7 @@ impl Pool {
                 }
                 let volume = self.volume(vid)?;
                 Some(Source {
-                    image: self.volume_image(vid),
+                    image: layout::volume_image(vid),
                     size: volume.meta.size_bytes,
                     fs: volume.meta.fs_type,
                     volume: Some(volume),
@@ -116,38 +117,76 @@ impl Pool {
         // Thin or thick, the volume is promised its whole size.
         self.ensure_room(size, &format!("volume {id}"))?;
 
-        let dir = self.volume_dir(id);
+        let fs = self.fs()?;
+        // The source's image is opened (and checked) before anything is made.
+        let input = source
+            .as_ref()
+            .map(|src| fs.open_image(&src.image, true))
+            .transpose()?;
+        let dir = layout::volume_dir(id);
         // Leftovers of an interrupted create (no metadata was committed) are discarded.
-        if fsops::exists(&dir) {
+        if fs.exists(&dir)? {
             self.remove_dir_atomically(&dir)?;
         }
-        fsops::create_dirs(&dir)?;
-        let tmp = dir.join("image.tmp");
-        let file = fsops::create_image(&tmp)?;
-        if let Some(src) = &source {
-            let input = fsops::open_image(&src.image, true)?;
+        fs.ensure_dir(&dir)?;
+        let made = self.fill_new_volume(&fs, id, req, size, fs_type, allocation, source, input);
+        if made.is_err() {
+            // A create that fails undoes what it made: the caller may never retry.
+            if let Err(e) = self.remove_dir_atomically(&dir) {
+                tracing::warn!(volume = %id, error = %e, "could not remove a failed create");
+            }
+        }
+        made
+    }
+
+    /// Makes the image of new volume `id` in its (new, empty) directory and commits its metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_new_volume(
+        &self,
+        fs: &crate::pool::fsops::PoolFs,
+        id: &VolumeId,
+        req: &CreateVolume,
+        size: u64,
+        fs_type: Option<FsType>,
+        allocation: Allocation,
+        source: Option<Source<'_>>,
+        input: Option<std::fs::File>,
+    ) -> Result<VolumeMeta> {
+        let tmp = layout::volume_image_tmp(id);
+        let tmp_shown = fs.path(&tmp);
+        let file = fs.create_image(&tmp)?;
+        if let (Some(src), Some(input)) = (&source, input) {
             // A mounted source volume is frozen while it is copied, so the copy holds a
             // consistent filesystem.
             let _frozen = match &src.volume {
                 Some(v) => {
                     let view = KernelView::read()?;
-                    let devices = view.devices_of(v.image().as_ref());
+                    let devices = view.devices_of(v.image()?.as_ref());
                     Some(freeze::freeze(&view, &[(v.id(), devices)])?)
                 }
                 None => None,
             };
-            let method = copy::copy_image(&input, &file, &format!("the source of volume {id}"))?;
+            let kind = match src.volume {
+                Some(_) => CopyKind::Clone,
+                None => CopyKind::Restore,
+            };
+            let method =
+                copy::copy_image(&input, &file, kind, &format!("the source of volume {id}"))?;
             tracing::info!(volume = %id, ?method, "copied source image");
         }
         file.set_len(size)
-            .map_err(|e| io_error(e, format!("size {}", tmp.display())))?;
+            .map_err(|e| io_error(e, format!("size {}", tmp_shown.display())))?;
         if allocation == Allocation::Thick {
             fallocate(&file, 0, size)?;
         }
         file.sync_all()
-            .map_err(|e| io_error(e, format!("fsync {}", tmp.display())))?;
-        fsops::rename(&tmp, &self.volume_image(id))
-            .map_err(|e| io_error(e, format!("commit image of {id}")))?;
+            .map_err(|e| io_error(e, format!("fsync {}", tmp_shown.display())))?;
+        if !fs.rename(&tmp, &layout::volume_image(id))? {
+            return Err(Error::precondition(format!(
+                "{} vanished before it was committed",
+                tmp_shown.display()
+            )));
+        }
 
         let meta = VolumeMeta {
             schema: meta::SCHEMA_VERSION,
@@ -163,7 +202,7 @@ impl Pool {
             staged: Vec::new(),
             formatting: None,
         };
-        fsops::write_json(&self.volume_meta_path(id), &meta)?;
+        fs.write_json(&layout::volume_meta(id), &meta)?;
         tracing::info!(volume = %id, size, allocation = allocation.as_str(), "created volume");
         Ok(meta)
     }
@@ -171,6 +210,7 @@ impl Pool {
 
 /// The source of a copy, locked until the copy is committed.
 struct Source<'p> {
+    /// Relative to the pool root.
     image: std::path::PathBuf,
     size: u64,
     fs: Option<FsType>,

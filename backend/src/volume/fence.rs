@@ -36,12 +36,13 @@ use crate::kernel::{is_device_bind_of, KernelView};
 use crate::lock::LockWait;
 use crate::loopdev::{self, LoopDevice};
 use crate::meta::{self, Fenced, FencedBy, VolumeMeta};
+use crate::pool::fsops::PoolFs;
 use crate::pool::nodes::LeaseWriter;
-use crate::pool::{fsops, watchdog, Pool};
+use crate::pool::{layout, watchdog, Pool};
 use crate::{fs, ErrorKind};
 
 use super::handover::own;
-use super::health::Condition;
+use super::health::{AbnormalReason, Condition};
 
 /// How long a fence waits for the loop device's cut-off (the I/O in flight) before it reports
 /// and goes on; the cut-off itself keeps running.
@@ -114,19 +115,25 @@ impl Pool {
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let (dev, image, volume) = (dev.clone(), self.volume_image(id), id.clone());
+        let (dev, root, volume) = (dev.clone(), self.root().to_owned(), id.clone());
         let spawned = std::thread::Builder::new()
             .name("loopvol-cut-off".into())
             .spawn(move || {
                 let cut = loopdev::cut_off(&dev);
-                // Whatever the cluster client still caches of the image goes out now.
-                let synced = fsops::open_image(&image, true).and_then(|f| {
-                    f.sync_all()
-                        .map_err(|e| Error::Io {
-                            context: format!("sync {}", image.display()),
+                // Whatever the cluster client still caches of the image goes out now (on this
+                // thread: on a pool that hangs, this waits, not the fence).
+                let synced = PoolFs::open(&root)
+                    .map_err(|e| Error::Io {
+                        context: format!("open the pool {}", root.display()),
+                        source: e,
+                    })
+                    .and_then(|fs| fs.open_image(&layout::volume_image(&volume), true))
+                    .and_then(|f| {
+                        f.sync_all().map_err(|e| Error::Io {
+                            context: format!("sync the image of {volume}"),
                             source: e,
                         })
-                });
+                    });
                 match (&cut, synced) {
                     (Ok(()), _) => tracing::warn!(volume = %volume, device = %dev.path().display(), "cut off its image"),
                     (Err(e), _) => tracing::error!(volume = %volume, error = %e, "could not cut the device off its image"),
@@ -180,6 +187,7 @@ impl Pool {
                 "fenced on this node: {why}; its writes here fail. Another node may have it now: \
                  unstage it here"
             ),
+            reason: Some(AbnormalReason::Fenced),
         })
     }
 
@@ -188,6 +196,7 @@ impl Pool {
         self.health.not_answering().map(|reason| Condition {
             abnormal: true,
             message: format!("{reason} ({})", self.root().display()),
+            reason: Some(AbnormalReason::PoolNotAnswering),
         })
     }
 }
@@ -225,11 +234,10 @@ impl Pool {
                     return Err(e);
                 };
                 self.health.note_failure(reason);
-                let c = self.unreachable_condition().unwrap_or(Condition {
-                    abnormal: true,
-                    message: e.to_string(),
-                });
-                return self.volume_stats_offline(id, path, c.message);
+                let message = self
+                    .unreachable_condition()
+                    .map_or_else(|| e.to_string(), |c| c.message);
+                return self.volume_stats_offline(id, path, message);
             }
         };
         match self.volume_stats(&meta, path) {
@@ -242,7 +250,7 @@ impl Pool {
                     .and_then(|m| view.device_of_mount(m))
                     .and_then(|dev| self.fence_condition(&meta, dev));
                 match fenced {
-                    Some(c) => self.volume_stats_offline(id, path, c.message),
+                    Some(c) => self.stats_from_kernel(id, path, c),
                     None => Err(e),
                 }
             }
@@ -250,13 +258,28 @@ impl Pool {
     }
 
     /// The usage of volume `id` at `path` from the kernel alone (the mount there, its loop
-    /// device and the image path it was bound to), with an abnormal condition for `reason`.
-    /// `NotFound` when `path` does not hold the volume.
+    /// device and the image path it was bound to), with the volume abnormal because the pool
+    /// does not answer (`reason` says how). `NotFound` when `path` does not hold the volume.
     pub fn volume_stats_offline(
         &self,
         id: &VolumeId,
         path: &Path,
         reason: String,
+    ) -> Result<(Usage, Condition)> {
+        let condition = Condition {
+            abnormal: true,
+            message: reason,
+            reason: Some(AbnormalReason::PoolNotAnswering),
+        };
+        self.stats_from_kernel(id, path, condition)
+    }
+
+    /// [`Pool::volume_stats_offline`] with the condition given.
+    fn stats_from_kernel(
+        &self,
+        id: &VolumeId,
+        path: &Path,
+        condition: Condition,
     ) -> Result<(Usage, Condition)> {
         let view = KernelView::read()?;
         let not_here = || {
@@ -287,13 +310,7 @@ impl Pool {
                 inodes: None,
             })
         };
-        Ok((
-            usage,
-            Condition {
-                abnormal: true,
-                message: reason,
-            },
-        ))
+        Ok((usage, condition))
     }
 }
 
@@ -383,7 +400,7 @@ impl NodeGuard {
     fn renew(&self) {
         let started = boottime();
         let result = self.pool.health.watch("renewing this node's lease", || {
-            Self::lock(&self.writer).renew()
+            Self::lock(&self.writer).renew(&self.pool)
         });
         let error = match result {
             Ok(_) => {

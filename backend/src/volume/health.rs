@@ -12,7 +12,7 @@ use crate::host::{self, PathKind};
 use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
 use crate::loopdev;
 use crate::meta::VolumeMeta;
-use crate::pool::{fsops, NodePath, Pool};
+use crate::pool::{layout, NodePath, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::{self, FsType};
 
@@ -23,6 +23,62 @@ use super::Volume;
 pub struct Condition {
     pub abnormal: bool,
     pub message: String,
+    /// Why it is abnormal, as one of a fixed set (metrics label by it; `message` is for people).
+    pub reason: Option<AbnormalReason>,
+}
+
+/// The reasons a volume can be abnormal: a small fixed set, so a metric can count by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AbnormalReason {
+    /// The image file is gone from the pool.
+    ImageMissing,
+    /// Staged on this node but its loop device is gone (the node restarted, or someone
+    /// detached it).
+    DeviceGone,
+    /// The filesystem recorded errors (ext4's error state): fsck it.
+    FilesystemErrors,
+    /// The kernel turned the filesystem read-only after errors.
+    FilesystemReadOnly,
+    /// The filesystem shut down (xfs answers EIO).
+    FilesystemShutdown,
+    /// Its metadata cannot be read or names another volume (never a `Condition`: there is no
+    /// volume to ask about; listings and scans count it).
+    MetadataCorrupt,
+    /// Something planted where its image belongs (a symbolic link, a FIFO, a file with other
+    /// links): the pool-access layer refuses to use it.
+    UntrustedEntry,
+    /// This node fenced it (a shared pool: see `volume::fence`): its writes here fail.
+    Fenced,
+    /// The pool does not answer (a shared pool's client died, I/O errors, a hung mount).
+    PoolNotAnswering,
+}
+
+impl AbnormalReason {
+    pub const ALL: [AbnormalReason; 9] = [
+        AbnormalReason::ImageMissing,
+        AbnormalReason::DeviceGone,
+        AbnormalReason::FilesystemErrors,
+        AbnormalReason::FilesystemReadOnly,
+        AbnormalReason::FilesystemShutdown,
+        AbnormalReason::MetadataCorrupt,
+        AbnormalReason::UntrustedEntry,
+        AbnormalReason::Fenced,
+        AbnormalReason::PoolNotAnswering,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbnormalReason::ImageMissing => "image_missing",
+            AbnormalReason::DeviceGone => "device_gone",
+            AbnormalReason::FilesystemErrors => "fs_errors",
+            AbnormalReason::FilesystemReadOnly => "fs_read_only",
+            AbnormalReason::FilesystemShutdown => "fs_shutdown",
+            AbnormalReason::MetadataCorrupt => "metadata_corrupt",
+            AbnormalReason::UntrustedEntry => "untrusted_entry",
+            AbnormalReason::Fenced => "fenced",
+            AbnormalReason::PoolNotAnswering => "pool_not_answering",
+        }
+    }
 }
 
 impl Condition {
@@ -30,13 +86,15 @@ impl Condition {
         Condition {
             abnormal: false,
             message: "ok".into(),
+            reason: None,
         }
     }
 
-    fn abnormal(message: impl Into<String>) -> Condition {
+    fn abnormal(reason: AbnormalReason, message: impl Into<String>) -> Condition {
         Condition {
             abnormal: true,
             message: message.into(),
+            reason: Some(reason),
         }
     }
 }
@@ -74,13 +132,13 @@ impl Volume<'_> {
         if grow_image && target > self.meta.size_bytes {
             self.grow_image(target)?;
         }
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
                 "volume {id} is not attached on this node"
             )));
         };
-        loopdev::refresh_capacity(dev)?;
+        self.refresh_capacity(dev)?;
         let device = dev.path();
         let device_size = loopdev::device_size(&device)?;
         let mounted = match path {
@@ -106,13 +164,13 @@ impl Volume<'_> {
     /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
     /// device). Growing a volume because a caller named some other directory would report a
     /// success for a filesystem that did not grow.
-    fn check_expand_path(&self, view: &KernelView, path: &Path) -> Result<()> {
+    fn check_expand_path(&self, view: &KernelView, path: &NodePath) -> Result<()> {
         let not_here =
             |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
-        if !host::exists(path) {
+        if !path.is_present()? {
             return Err(not_here("it does not exist"));
         }
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let mounted_somewhere = devices.iter().any(|d| view.fs_mounts(d).next().is_some());
         let here = view
             .mount_at(path)
@@ -128,9 +186,14 @@ impl Volume<'_> {
 }
 
 impl Pool {
-    fn image_of(&self, m: &VolumeMeta) -> Option<Image> {
-        let path = self.volume_image(&m.id);
-        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    /// Volume `id`'s image as the kernel knows it; `None` when it is missing. An entry that is
+    /// not a volume image (a symbolic link, a device, ...) is an error naming it.
+    pub(crate) fn image_of(&self, id: &crate::VolumeId) -> Result<Option<Image>> {
+        let st = self.fs()?.stat_image(&layout::volume_image(id))?;
+        Ok(st.map(|st| Image {
+            path: self.volume_image(id),
+            id: st.id,
+        }))
     }
 
     /// Usage of volume `m` at `path` (a mounted filesystem: bytes and inodes; a published block
@@ -154,9 +217,14 @@ impl Pool {
         if validate::check_path("volume path", path, &[]).is_err() {
             return Err(not_here());
         }
-        let devices = view.devices_of(self.image_of(m).as_ref());
-        let at = view.mount_at(path);
-        match host::kind_of(path) {
+        // Where it really is (its parents' links resolved), as mountinfo names it.
+        let Some((resolved, kind)) = host::resolve_for_reading(path) else {
+            return Err(not_here());
+        };
+        let devices = view.devices_of(self.image_of(&m.id).ok().flatten().as_ref());
+        let at = view.mount_at(&resolved);
+        let path = resolved.as_path();
+        match kind {
             PathKind::Missing => Err(not_here()),
             PathKind::FileOrDevice => {
                 // A published block volume is a bind of its device node onto the file; any
@@ -212,11 +280,22 @@ impl Pool {
         if let Some(c) = self.unreachable_condition() {
             return Ok(c);
         }
-        let Some(image) = self.image_of(m) else {
-            return Ok(Condition::abnormal(format!(
-                "image {} is missing",
-                self.volume_image(&m.id).display()
-            )));
+        let image = match self.image_of(&m.id) {
+            Ok(image) => image,
+            // A planted entry where the image belongs: that is the volume's condition.
+            Err(e @ Error::Untrusted { .. }) => {
+                return Ok(Condition::abnormal(
+                    AbnormalReason::UntrustedEntry,
+                    e.to_string(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(image) = image else {
+            return Ok(Condition::abnormal(
+                AbnormalReason::ImageMissing,
+                format!("image {} is missing", self.volume_image(&m.id).display()),
+            ));
         };
         if !m.staged.iter().any(|h| h.node == *self.node()) {
             return Ok(Condition::ok());
@@ -232,6 +311,7 @@ impl Pool {
         let devices = view.devices_of(Some(&image));
         let Some(dev) = devices.first() else {
             return Ok(Condition::abnormal(
+                AbnormalReason::DeviceGone,
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
@@ -241,6 +321,7 @@ impl Pool {
         }
         if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
             return Ok(Condition::abnormal(
+                AbnormalReason::FilesystemErrors,
                 "the filesystem has recorded errors; run fsck",
             ));
         }
@@ -248,16 +329,22 @@ impl Pool {
         // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
         for mnt in view.fs_mounts(dev) {
             if mnt.super_read_only() && !dev.read_only {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {} went read-only after errors",
-                    mnt.mount_point.display()
-                )));
+                return Ok(Condition::abnormal(
+                    AbnormalReason::FilesystemReadOnly,
+                    format!(
+                        "the filesystem at {} went read-only after errors",
+                        mnt.mount_point.display()
+                    ),
+                ));
             }
             if host::answers_eio(&mnt.mount_point) {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {} has shut down (I/O errors)",
-                    mnt.mount_point.display()
-                )));
+                return Ok(Condition::abnormal(
+                    AbnormalReason::FilesystemShutdown,
+                    format!(
+                        "the filesystem at {} has shut down (I/O errors)",
+                        mnt.mount_point.display()
+                    ),
+                ));
             }
         }
         Ok(Condition::ok())

@@ -27,14 +27,15 @@ use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{Image, KernelView};
 use crate::lock::{LockGuard, LockWait};
 use crate::loopdev;
+use crate::loopdev::FileId;
 use crate::meta::{AccessMode, Allocation, FencedBy, Hold, VolumeMeta};
-use crate::pool::{fsops, Pool};
+use crate::pool::{layout, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
 pub use fence::NodeGuard;
 pub use handover::{FenceCheck, FenceReport};
-pub use health::Condition;
+pub use health::{AbnormalReason, Condition};
 pub use publish::Publish;
 pub use stage::{Access, Staged};
 
@@ -75,7 +76,7 @@ impl Pool {
         id: &VolumeId,
         wait: LockWait,
     ) -> Result<Option<Volume<'_>>> {
-        if !fsops::exists(&self.volume_meta_path(id)) {
+        if !self.fs()?.exists(&layout::volume_meta(id))? {
             return Ok(None);
         }
         let guard = self.lock_volume_waiting(id, wait)?;
@@ -97,8 +98,8 @@ impl Pool {
     /// interrupted create (a directory without metadata) are removed. A volume in use is refused:
     /// see [`Volume::delete`].
     pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
-        let dir = self.volume_dir(id);
-        if !fsops::exists(&dir) {
+        let dir = layout::volume_dir(id);
+        if !self.fs()?.exists(&dir)? {
             return Ok(());
         }
         let guard = self.lock_volume(id)?;
@@ -114,18 +115,26 @@ impl Pool {
     }
 
     /// The volume a claim for PV `pv_name` on `node` was made on (FlexVolume `detach` names only
-    /// the PV).
+    /// the PV). The volume named like the PV (kubelet's default volume ID) is looked at first,
+    /// alone; only when it is not the one is every record read, and a record that cannot be read
+    /// is skipped (with a warning), never a failure: one bad volume must not stop every detach.
     pub fn find_claim_by_pv(&self, pv_name: &str, node: &NodeName) -> Result<Option<VolumeId>> {
+        let claimed = |m: &VolumeMeta| {
+            m.claims
+                .iter()
+                .any(|h| h.node == *node && h.pv_name.as_deref() == Some(pv_name))
+        };
+        if let Ok(id) = VolumeId::for_name(pv_name) {
+            match self.read_volume_meta(&id) {
+                Ok(Some(m)) if claimed(&m) => return Ok(Some(id)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "skipped while looking for a claim")
+                }
+            }
+        }
         let page = self.list_volumes(None, 0)?;
-        Ok(page
-            .entries
-            .into_iter()
-            .find(|m| {
-                m.claims
-                    .iter()
-                    .any(|h| h.node == *node && h.pv_name.as_deref() == Some(pv_name))
-            })
-            .map(|m| m.id))
+        Ok(page.entries.into_iter().find(|m| claimed(m)).map(|m| m.id))
     }
 }
 
@@ -145,17 +154,34 @@ impl<'p> Volume<'p> {
     }
 
     fn save(&self) -> Result<()> {
-        fsops::write_json(&self.pool.volume_meta_path(&self.meta.id), &self.meta)
+        self.pool
+            .fs()?
+            .write_json(&layout::volume_meta(&self.meta.id), &self.meta)
     }
 
     fn image_path(&self) -> PathBuf {
         self.pool.volume_image(&self.meta.id)
     }
 
-    /// The image as the kernel knows it; `None` when it is missing.
-    pub(crate) fn image(&self) -> Option<Image> {
-        let path = self.image_path();
-        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    /// The image as the kernel knows it; `None` when it is missing. An entry that is not a
+    /// volume image (a symbolic link, a device, ...) is an error naming it.
+    pub(crate) fn image(&self) -> Result<Option<Image>> {
+        self.pool.image_of(&self.meta.id)
+    }
+
+    /// [`Volume::image`] for a check that must still run when the image is not a proper one:
+    /// then it is known by its path alone (a device bound to it before it was replaced).
+    fn image_or_path(&self) -> Result<Option<Image>> {
+        match self.image() {
+            Err(e @ Error::Untrusted { .. }) => {
+                tracing::warn!(volume = %self.meta.id, error = %e, "image is not usable");
+                Ok(Some(Image {
+                    path: self.image_path(),
+                    id: FileId { dev: 0, ino: 0 },
+                }))
+            }
+            other => other,
+        }
     }
 
     /// Deletes the volume. Refused (`FailedPrecondition`) while its data is in use: attached on
@@ -163,7 +189,7 @@ impl<'p> Volume<'p> {
     pub fn delete(self) -> Result<()> {
         let id = &self.meta.id;
         let view = KernelView::read()?;
-        if let Some(dev) = view.devices_of(self.image().as_ref()).first() {
+        if let Some(dev) = view.devices_of(self.image_or_path()?.as_ref()).first() {
             return Err(Error::precondition(format!(
                 "volume {id} is in use: attached as {} on this node; unstage it first",
                 dev.path().display()
@@ -187,9 +213,20 @@ impl<'p> Volume<'p> {
                 h.node
             )));
         }
-        self.pool.remove_dir_atomically(&self.pool.volume_dir(id))?;
+        self.pool.remove_dir_atomically(&layout::volume_dir(id))?;
         tracing::info!(volume = %id, "deleted volume");
         Ok(())
+    }
+
+    /// Makes the loop device `dev` of this volume take its image's size now: the size fetched
+    /// afresh from the pool's filesystem (a cluster client may cache a size another node changed),
+    /// then `LOOP_SET_CAPACITY`.
+    fn refresh_capacity(&self, dev: &loopdev::LoopDevice) -> Result<()> {
+        let image = self
+            .pool
+            .fs()?
+            .open_image(&layout::volume_image(&self.meta.id), true)?;
+        loopdev::refresh_capacity(dev, &image)
     }
 
     /// Grows the image to what `size` resolves to (never shrinks: a smaller size leaves it as it
@@ -202,8 +239,8 @@ impl<'p> Volume<'p> {
         let target = size::for_expansion(&self.meta.id, size, self.meta.size_bytes)?;
         self.grow_image(target)?;
         let view = KernelView::read()?;
-        for dev in view.devices_of(self.image().as_ref()) {
-            loopdev::refresh_capacity(&dev)?;
+        for dev in view.devices_of(self.image()?.as_ref()) {
+            self.refresh_capacity(&dev)?;
         }
         Ok(Expanded {
             size_bytes: self.meta.size_bytes,
@@ -216,8 +253,10 @@ impl<'p> Volume<'p> {
     /// as recorded, and a repeat finishes the job.
     fn grow_image(&mut self, new_size: u64) -> Result<()> {
         let id = self.meta.id.clone();
-        let image = self.image_path();
-        let file = fsops::open_image(&image, false)?;
+        let file = self
+            .pool
+            .fs()?
+            .open_image(&layout::volume_image(&id), false)?;
         let current_len = file
             .metadata()
             .context(|| format!("stat image of {id}"))?
@@ -253,12 +292,14 @@ impl<'p> Volume<'p> {
             return Ok(());
         }
         if allocation == Allocation::Thick {
-            let image = self.image_path();
-            let allocated = fsops::stat_image(&image)
+            let fs = self.pool.fs()?;
+            let image = layout::volume_image(&id);
+            let allocated = fs
+                .stat_image(&image)?
                 .ok_or_else(|| {
                     Error::precondition(format!(
                         "the image of volume {id} is missing: {}",
-                        image.display()
+                        fs.path(&image).display()
                     ))
                 })?
                 .allocated;
@@ -269,7 +310,7 @@ impl<'p> Volume<'p> {
                     "allocating volume {id} needs {missing} more bytes; the pool has {free} free"
                 )));
             }
-            let file = fsops::open_image(&image, false)?;
+            let file = fs.open_image(&image, false)?;
             // FALLOC_FL_KEEP_SIZE not needed: we allocate exactly the current length.
             fallocate(&file, 0, self.meta.size_bytes)?;
             file.sync_all().context(|| format!("fsync image of {id}"))?;

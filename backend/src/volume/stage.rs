@@ -8,13 +8,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::fs;
-use crate::host;
 use crate::kernel::{is_fs_mount_of, KernelView};
 use crate::loopdev::{self, LoopDevice};
 use crate::meta::{AccessMode, Hold};
 use crate::mount::{self, MountEntry};
 use crate::plan::{self, FormatInputs, FormatPlan, GrowPlan};
-use crate::pool::{fsops, NodePath};
+use crate::pool::{layout, NodePath};
 use crate::validate::{self, FsType};
 
 use super::handover::live_holds;
@@ -144,7 +143,7 @@ impl Volume<'_> {
     fn hold_and_attach(&mut self, view: &KernelView, mode: AccessMode) -> Result<LoopDevice> {
         let id = self.meta.id.clone();
         let read_only = mode == AccessMode::ReadOnly;
-        let Some(image) = self.image() else {
+        let Some(image) = self.image()? else {
             return Err(Error::precondition(format!(
                 "the image of volume {id} is missing: {}",
                 self.image_path().display()
@@ -186,7 +185,11 @@ impl Volume<'_> {
         match reusable {
             Some(dev) => Ok(dev),
             None => {
-                let file = fsops::open_image(&image.path, read_only)?;
+                // Attached from this descriptor: the image is never re-opened by path.
+                let file = self
+                    .pool
+                    .fs()?
+                    .open_image(&layout::volume_image(&id), read_only)?;
                 loopdev::attach(&file, &image.path, read_only)
             }
         }
@@ -228,7 +231,7 @@ impl Volume<'_> {
         // refuse before recording a hold or attaching, so the refusal leaves nothing behind.
         if let (Access::Mount { .. }, Some(existing)) = (access, existing) {
             let ours = view
-                .devices_of(self.image().as_ref())
+                .devices_of(self.image()?.as_ref())
                 .iter()
                 .any(|d| is_fs_mount_of(existing, d));
             check_existing_mount("staging path", staging, existing, ours, &id, read_only)?;
@@ -301,9 +304,10 @@ impl Volume<'_> {
         if grow == GrowPlan::OfflineBeforeMount {
             fs::grow_ext4_offline(&device)?;
         }
-        host::mkdir_p(staging)?;
+        let mount_point = staging.mkdir_p()?;
         let how = plan::staging_mount(fs, read_only, mount_options);
-        mount::mount_fs(&device, staging, fs.as_str(), how.flags, &how.data)?;
+        mount::mount_fs(&device, &mount_point, fs.as_str(), how.flags, &how.data)?;
+        drop(mount_point);
         if grow == GrowPlan::OnlineAfterMount {
             fs::grow_online(fs, &device, staging)?;
         }
@@ -361,7 +365,7 @@ impl Volume<'_> {
     pub fn unstage(&mut self, staging: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image_or_path()?.as_ref());
         let mut unmounted = false;
         if let Some(existing) = view.mount_at(staging) {
             if !devices.iter().any(|d| is_fs_mount_of(existing, d)) {
@@ -377,7 +381,7 @@ impl Volume<'_> {
             mount::unmount(staging)?;
             unmounted = true;
         }
-        host::remove_dir_if_empty(staging);
+        staging.remove_dir_if_empty();
         // The unmount changed the table (and a stacked mount may remain): look again.
         let after = if unmounted { KernelView::read()? } else { view };
         self.detach_unused(&after, &devices)?;
@@ -400,7 +404,7 @@ impl Volume<'_> {
     /// `unmountdevice` after the unmount; CSI block unstage) and drops this node's hold.
     pub fn detach(&mut self) -> Result<()> {
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image_or_path()?.as_ref());
         self.detach_unused(&view, &devices)?;
         self.drop_hold()
     }

@@ -9,19 +9,27 @@
 //!   devices, filesystems and mounts, as root;
 //! - [`recovery`]: calls held in flight on a frozen filesystem, a busy volume, SIGTERM, SIGKILL
 //!   and the repeated call that finishes the job; as root;
+//! - [`metrics`]: `/metrics` parsed after known operations, its counts compared with them;
+//! - [`reboot`]: a simulated node reboot (server killed, mounts and loop devices gone behind
+//!   its back): kubelet's re-stage and re-publish, `loopvol check`, nothing formatted;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
 //!   nodes and surviving a dead one; as root;
 //! - [`partition`]: the same on GlusterFS, partitioned: a stopped plugin, a dead FUSE client, a
-//!   force-detach, a hung mount; as root.
+//!   force-detach, a hung mount; as root;
+//! - [`trust`]: issue 12 through the server: a symlinked kubelet root end to end, paths that
+//!   lead out of the prefix, a bad entry in a listing, lock files that go with their volumes.
 //!
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
 mod lifecycle;
+mod metrics;
 mod partition;
 mod process;
 mod protocol;
+mod reboot;
 mod recovery;
 mod shared_pool;
+mod trust;
 
 use loopvol_e2e::csi::{Csi, CsiServer, Kubelet};
 use loopvol_e2e::Scratch;

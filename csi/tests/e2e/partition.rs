@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use loopvol_e2e::admin::Admin;
 use loopvol_e2e::csi::*;
 use loopvol_e2e::gluster::{self, GlusterPool, Node};
 use loopvol_e2e::kernel;
@@ -468,11 +469,8 @@ async fn partition_b_dead_client_needs_an_operator_fence() {
     );
     assert!(c.hold("node-a").unwrap().fenced.is_none());
     // The operator declares node-a down (its lease stands still: accepted).
-    let report = c
-        .operator()
-        .fence_node(&"node-a".parse().unwrap(), loopvol::FenceCheck::LeaseStill)
-        .unwrap();
-    assert_eq!(report.released.len(), 1, "{report:?}");
+    let fenced = Admin::built(&c.pool_b, "operator").json(&["fence", "node-a"], 0);
+    assert_eq!(fenced["released"][0], c.id.as_str(), "{fenced}");
     c.node_b_gets_it().await;
     let mine = c.node_b_takes_over(synced).await;
     // node-a's machine is restarted later: its mounts and its loop device go (here by hand,

@@ -167,13 +167,6 @@ async fn unpublish_and_unstage(c: &mut Csi, id: &str, p: &NodePaths) {
     assert_eq!(mounts_under(&p.root), Vec::<PathBuf>::new());
 }
 
-/// The pool as an operator's `loopvol` command on the controller's machine opens it.
-fn operator_pool(scratch: &Scratch, pools: Pools) -> loopvol::Pool {
-    let mut options = loopvol::PoolOptions::new("operator".parse().unwrap());
-    options.shared = true;
-    loopvol::Pool::open(pools.pool_of(scratch, "ctl"), options).expect("open the pool")
-}
-
 #[track_caller]
 fn assert_erofs(result: std::io::Result<impl std::fmt::Debug>, what: &str) {
     match result {
@@ -537,10 +530,10 @@ async fn scenario(scratch: &Scratch, pools: Pools<'_>) {
     );
     // ...until an operator declares node-a down (`loopvol fence node-a`): its lease stands
     // still, so the fence goes through and node-b gets the volume.
-    let report = operator_pool(scratch, pools)
-        .fence_node(&"node-a".parse().unwrap(), loopvol::FenceCheck::LeaseStill)
-        .expect("loopvol fence node-a");
-    assert_eq!(report.released.len(), 1, "{report:?}");
+    let fenced = loopvol_e2e::admin::Admin::built(pools.pool_of(scratch, "ctl"), "operator")
+        .json(&["fence", "node-a"], 0);
+    assert_eq!(fenced["released"][0], id.as_str(), "{fenced}");
+    assert_eq!(fenced["busy"].as_array().map(Vec::len), Some(0), "{fenced}");
     move_claim(&mut ctl, &id, "node-a", "node-b").await;
     stage_and_publish(&mut b, &id, &pb_, rwo, false).await;
     assert_eq!(std::fs::read(pb_.target.join("data.bin")).unwrap(), data);
