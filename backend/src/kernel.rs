@@ -85,6 +85,19 @@ impl KernelView {
     }
 }
 
+/// This machine's kernel boot ID (`/proc/sys/kernel/random/boot_id`): it changes with every
+/// boot, so a staging hold stamped with an older one belongs to a kernel that no longer runs.
+pub(crate) fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
 /// A filesystem mounted from `dev` (or a bind of one). btrfs reports an anonymous device number
 /// in mountinfo, so the source path counts as well as the number.
 pub(crate) fn is_fs_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {

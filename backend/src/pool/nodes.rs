@@ -14,13 +14,14 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
 use crate::ids::NodeName;
+use crate::kernel::boot_id;
 use crate::meta;
 
 use super::{layout, Pool};
@@ -133,19 +134,6 @@ impl NodeRecord {
 pub struct NodeInfo {
     pub max_volumes: Option<u64>,
     pub lease: Option<LeaseSettings>,
-}
-
-/// This machine's kernel boot ID: changes with every boot, so a hold stamped with an older one
-/// belongs to a kernel that no longer runs.
-pub(crate) fn boot_id() -> Option<&'static str> {
-    static BOOT: OnceLock<Option<String>> = OnceLock::new();
-    BOOT.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .ok()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-    })
-    .as_deref()
 }
 
 impl Pool {

@@ -18,7 +18,7 @@ use crate::validate::{self, FsType};
 
 use super::handover::live_holds;
 use super::{check_sharing, Volume};
-use crate::pool::nodes::boot_id;
+use crate::kernel::boot_id;
 
 /// How a volume is presented to a workload.
 #[derive(Debug, Clone, PartialEq, Eq)]

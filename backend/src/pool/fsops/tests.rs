@@ -279,6 +279,7 @@ fn nothing_else_touches_pool_paths() {
         ("pool/fsops.rs", "the layer itself"),
         ("loopdev.rs", "sysfs and /dev/loop*"),
         ("mount.rs", "/proc/self/mountinfo"),
+        ("kernel.rs", "/proc/sys/kernel/random/boot_id"),
         ("fs.rs", "block devices and /proc/self/status"),
         ("cmd.rs", "/proc and the tools' pid files"),
         ("freeze.rs", "mount points (host paths)"),
