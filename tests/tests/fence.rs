@@ -510,7 +510,8 @@ fn attach_limit_is_enforced() {
 }
 
 /// The node record is rewritten only when it changes, so a node plugin restarting on a full pool
-/// writes nothing; and a lease renews in place on a full pool.
+/// writes nothing, and a change is written over the record's spare; a lease renews in place on a
+/// full pool.
 #[test]
 fn node_record_and_lease_on_a_full_pool() {
     if !require_root(&["mkfs.ext4"]) {
@@ -546,12 +547,22 @@ fn node_record_and_lease_on_a_full_pool() {
         before,
         "renewed in place"
     );
-    // A change cannot be written: the caller is told (the CSI server warns and serves).
+    // A change is written over the record's spare: no space needed.
     let changed = NodeInfo {
         max_volumes: Some(5),
         ..info
     };
-    assert!(pool.register_node_with(&changed).is_err());
+    assert!(
+        pool.register_node_with(&changed).unwrap(),
+        "changed, written"
+    );
+    assert_eq!(
+        pool.node_record(&node("node-a"))
+            .unwrap()
+            .unwrap()
+            .max_volumes,
+        Some(5)
+    );
 }
 
 /// Publications of a volume staged read-only (its claim is read-only) are read-only too.

@@ -56,7 +56,7 @@ async fn metrics_count_what_was_done() {
     assert_eq!(m.value("loopvol_volumes", &[("state", "created")]), 0.0);
     assert_eq!(
         m.samples("loopvol_volumes_abnormal", &pool).len(),
-        7,
+        loopvol::AbnormalReason::ALL.len(),
         "every reason, untrusted_entry included"
     );
 

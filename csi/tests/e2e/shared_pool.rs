@@ -573,8 +573,9 @@ async fn scenario(scratch: &Scratch, pools: Pools<'_>) {
 }
 
 /// A node plugin restarts on a full pool (issue 9): its node record is rewritten only when what
-/// it records changed, so an unchanged restart writes nothing, and a change it cannot write is a
-/// warning, not a crash loop. Its lease goes on renewing in place.
+/// it records changed, so an unchanged restart writes nothing; a change is written over the
+/// record's spare (no space needed); a record it cannot write is a warning, not a crash loop.
+/// Its lease goes on renewing in place.
 #[tokio::test]
 async fn a_node_plugin_starts_on_a_full_pool() {
     if !require_root(&["mkfs.ext4"]) {
@@ -607,26 +608,37 @@ async fn a_node_plugin_starts_on_a_full_pool() {
         || std::future::ready(std::fs::read(&lease).unwrap() != before),
     )
     .await;
+    let log = same.log_text();
     assert!(
-        !same.log_text().contains("could not record"),
-        "{}",
-        same.log_text()
+        !log.contains("recorded this node") && !log.contains("could not record"),
+        "{log}"
     );
     same.stop().await;
-    // Another attach limit: the record cannot be rewritten; a warning, and it serves.
+    // Another attach limit: the record is rewritten over its spare, which needs no space.
     let mut changed = CsiServer::start(EXE, &scratch, "changed", &args("3"));
-    let mut csi = Csi::connect(&changed).await;
-    ok(
-        csi.id.probe(pb::ProbeRequest {}).await,
-        "Probe on a full pool",
-    );
     assert!(
         changed
             .log_text()
-            .contains("could not record this node in the pool"),
+            .contains("recorded this node in the pool"),
         "{}",
         changed.log_text()
     );
-    drop(csi);
     changed.stop().await;
+    // A record that cannot be written at all (something planted in its place): a warning, and
+    // the plugin serves what is staged.
+    let record = pool.join("nodes/node-a");
+    std::fs::remove_file(&record).unwrap();
+    std::fs::create_dir(&record).unwrap();
+    let mut unwritable = CsiServer::start(EXE, &scratch, "unwritable", &args("4"));
+    let mut csi = Csi::connect(&unwritable).await;
+    ok(csi.id.probe(pb::ProbeRequest {}).await, "Probe");
+    assert!(
+        unwritable
+            .log_text()
+            .contains("could not record this node in the pool"),
+        "{}",
+        unwritable.log_text()
+    );
+    drop(csi);
+    unwritable.stop().await;
 }
