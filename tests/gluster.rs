@@ -249,7 +249,9 @@ impl<'s> GlusterPool<'s> {
     }
 
     /// Waits (bounded) until `node`'s client runs a graph with translators and none of
-    /// `types`: a `volume set` reaches mounted clients a moment later.
+    /// `types`, and answers through it: a `volume set` reaches mounted clients a moment later,
+    /// and a client that just switched graphs answers ENOENT for a moment even for a directory
+    /// it has just made (seen: the pool's `trash/`), so a file is made, found and removed.
     pub fn wait_for_graph_without(&self, node: Node, types: &[&str]) {
         poll(
             &format!("node {}'s client graph without {types:?}", node.name()),
@@ -257,6 +259,19 @@ impl<'s> GlusterPool<'s> {
             || {
                 let now = self.translators(node);
                 (!now.is_empty() && !now.iter().any(|t| types.contains(&t.as_str()))).then_some(())
+            },
+        );
+        let probe = self
+            .mount_point(node)
+            .join(format!(".graph-probe-{}", node.name()));
+        poll(
+            &format!("node {}'s client answering on its new graph", node.name()),
+            MOUNT_READY,
+            || {
+                let answered = std::fs::write(&probe, b"x").is_ok()
+                    && std::fs::metadata(&probe).is_ok()
+                    && std::fs::remove_file(&probe).is_ok();
+                answered.then_some(())
             },
         );
     }

@@ -285,13 +285,30 @@ impl PoolFs {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "create directory")),
         }
-        self.open_checked(
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-            Kind::Dir,
-        )
-        .map(drop)
+        let open = || {
+            self.open_checked(
+                rel,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+                Kind::Dir,
+            )
+            .map(drop)
+        };
+        // On a cluster filesystem, a directory that mkdir just made or found (EEXIST: another
+        // node made it) can still be ENOENT to the next lookup through this node's client for a
+        // moment (seen on GlusterFS when the servers of a new shared pool start at once): look
+        // again, bounded (about 2 s).
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..12 {
+            match open() {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(STALE_MAX_PAUSE);
+                }
+                done => return done,
+            }
+        }
+        open()
     }
 
     /// Whether the directory `rel` is there and writable (a readiness probe).
