@@ -5,9 +5,9 @@ use std::fs::File;
 use std::os::fd::AsFd;
 
 use nix::errno::Errno;
-use nix::unistd::{lseek, Whence};
 
 use crate::error::{Context, Result};
+use crate::extents;
 use crate::sys;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,54 +16,64 @@ pub enum CopyMethod {
     Sparse,
 }
 
-/// Copies the image open as `input` into `output` (a new, empty file opened for writing) and
-/// fsyncs it. `what` names the copy in messages ("volume a to snapshot b").
-pub(crate) fn copy_image(input: &File, output: &File, what: &str) -> Result<CopyMethod> {
-    let method = match sys::ficlone(output.as_fd(), input.as_fd()) {
-        Ok(()) => CopyMethod::Reflink,
-        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => {
-            sparse_copy(input, output).context(|| format!("copy {what}"))?;
-            CopyMethod::Sparse
-        }
-        Err(e) => return Err(e).context(|| format!("reflink {what}")),
-    };
-    output.sync_all().context(|| format!("fsync copy {what}"))?;
-    Ok(method)
+/// Makes `output` (a new, empty file open for writing) share every block of `input`: instant,
+/// and no space taken now. `Ok(false)` when the pool's filesystem cannot (then [`copy_data`]).
+/// `what` names the copy in messages ("volume a to snapshot b").
+pub(crate) fn reflink(input: &File, output: &File, what: &str) -> Result<bool> {
+    match sys::ficlone(output.as_fd(), input.as_fd()) {
+        Ok(()) => Ok(true),
+        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => Ok(false),
+        Err(e) => Err(e).context(|| format!("reflink {what}")),
+    }
 }
 
-/// Walks the data extents with SEEK_DATA/SEEK_HOLE and copies each with copy_file_range (which
-/// the kernel may itself accelerate); the destination gets the same length and the same holes.
-fn sparse_copy(input: &File, output: &File) -> std::io::Result<()> {
-    let len = input.metadata()?.len();
-    output.set_len(len)?;
-    let mut pos: i64 = 0;
-    while u64::try_from(pos).is_ok_and(|p| p < len) {
-        let data = match lseek(input.as_fd(), pos, Whence::SeekData) {
-            Ok(off) => off,
-            Err(Errno::ENXIO) => break, // only a hole remains
-            Err(e) => return Err(e.into()),
-        };
-        let hole = lseek(input.as_fd(), data, Whence::SeekHole)?;
-        let mut off_in = data;
-        let mut off_out = data;
-        let mut remaining = usize::try_from(hole - data)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+/// Allocates in `output` every range where `input` holds data (fallocate, nothing written):
+/// the space a [`copy_data`] of it will take is taken now, so it can be admitted and held
+/// before the data moves. Returns the bytes allocated.
+pub(crate) fn preallocate(input: &File, output: &File, what: &str) -> Result<u64> {
+    let mut total = 0u64;
+    for range in extents::data_ranges(input).context(|| format!("map {what}"))? {
+        let (start, end) = range.context(|| format!("map {what}"))?;
+        crate::volume::fallocate(output, start, end - start)?;
+        total = total.saturating_add(end - start);
+    }
+    Ok(total)
+}
+
+/// Copies the data extents of `input` into `output` with copy_file_range (which the kernel may
+/// itself accelerate); `output` becomes at least as long as `input`, with the same holes.
+pub(crate) fn copy_data(input: &File, output: &File, what: &str) -> Result<()> {
+    let ctx = || format!("copy {what}");
+    let len = input.metadata().context(ctx)?.len();
+    // Never shorter: a caller may have sized (and so reserved) the output beyond the input.
+    if output.metadata().context(ctx)?.len() < len {
+        output.set_len(len).context(ctx)?;
+    }
+    for range in extents::data_ranges(input).context(ctx)? {
+        let (start, end) = range.context(ctx)?;
+        let (mut off_in, mut off_out) = (as_offset(start)?, as_offset(start)?);
+        let mut remaining = end - start;
         while remaining > 0 {
+            let chunk = usize::try_from(remaining.min(1 << 30)).unwrap_or(1 << 30);
             let n = nix::fcntl::copy_file_range(
                 input.as_fd(),
                 Some(&mut off_in),
                 output.as_fd(),
                 Some(&mut off_out),
-                remaining.min(1 << 30),
-            )?;
+                chunk,
+            )
+            .context(ctx)?;
             if n == 0 {
                 break; // the source shrank under us; the length is already set
             }
-            remaining -= n;
+            remaining = remaining.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX));
         }
-        pos = hole;
     }
     Ok(())
+}
+
+fn as_offset(n: u64) -> Result<i64> {
+    i64::try_from(n).map_err(|_| crate::Error::OutOfRange(format!("offset {n} is too large")))
 }
 
 #[cfg(test)]
@@ -87,7 +97,7 @@ mod tests {
             .create_new(true)
             .open(&dest)
             .unwrap();
-        copy_image(&File::open(&src).unwrap(), &output, "src to dest").unwrap();
+        copy_data(&File::open(&src).unwrap(), &output, "src to dest").unwrap();
         let a = std::fs::read(&src).unwrap();
         let b = std::fs::read(&dest).unwrap();
         assert_eq!(a, b);

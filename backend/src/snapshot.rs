@@ -8,11 +8,12 @@ use std::collections::BTreeSet;
 
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::extents;
 use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
-use crate::pool::{fsops, Pool};
+use crate::pool::{fsops, Charge, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
 
@@ -194,18 +195,6 @@ impl Pool {
             .iter()
             .map(|m| self.volume(&m.source))
             .collect::<Result<_>>()?;
-        // Without reflinks a copy takes the source's allocated bytes.
-        let needed: u64 = todo
-            .iter()
-            .filter_map(|m| fsops::stat_image(&self.volume_image(&m.source)))
-            .map(|st| st.allocated)
-            .fold(0, u64::saturating_add);
-        let free = self.capacity()?.free_bytes;
-        if needed > free {
-            return Err(Error::NoSpace(format!(
-                "snapshot needs up to {needed} bytes; the pool has {free} free"
-            )));
-        }
         for m in &todo {
             let dir = self.snapshot_dir(&m.id);
             if fsops::exists(&dir) {
@@ -213,20 +202,13 @@ impl Pool {
             }
             fsops::create_dirs(&dir)?;
         }
-        {
-            let view = KernelView::read()?;
-            let frozen_sources: Vec<(&VolumeId, _)> = sources
-                .iter()
-                .map(|v| (v.id(), view.devices_of(v.image().as_ref())))
-                .collect();
-            let _frozen = freeze::freeze(&view, &frozen_sources)?;
+        if let Err(e) = self.copy_members(&todo, &sources) {
             for m in &todo {
-                let input = fsops::open_image(&self.volume_image(&m.source), true)?;
-                let output = fsops::create_image(&self.snapshot_dir(&m.id).join("image.tmp"))?;
-                let what = format!("volume {} to snapshot {}", m.source, m.id);
-                let method = copy::copy_image(&input, &output, &what)?;
-                tracing::info!(snapshot = %m.id, volume = %m.source, ?method, "copied image");
+                if let Err(undo) = self.remove_dir_atomically(&self.snapshot_dir(&m.id)) {
+                    tracing::warn!(snapshot = %m.id, error = %undo, "could not remove a failed snapshot");
+                }
             }
+            return Err(e);
         }
         let mut made = sources.iter();
         for (m, slot) in members.iter().zip(done.iter_mut()) {
@@ -253,6 +235,59 @@ impl Pool {
             *slot = Some(meta);
         }
         Ok(done.into_iter().flatten().collect())
+    }
+
+    /// Copies each member's source into its `image.tmp`, all under one freeze. Each copy is
+    /// admitted against what the pool can still promise and made visible before the admission
+    /// lock goes: a reflink shares what its source owned alone (the source then owes a copy of
+    /// those blocks for its next write over them: charged to the source's allocation); a data
+    /// copy takes its space now (charged as space taken, preallocated under the lock and
+    /// filled after it).
+    fn copy_members(&self, todo: &[&Member], sources: &[Volume<'_>]) -> Result<()> {
+        let view = KernelView::read()?;
+        let frozen_sources: Vec<(&VolumeId, _)> = sources
+            .iter()
+            .map(|v| (v.id(), view.devices_of(v.image().as_ref())))
+            .collect();
+        let _frozen = freeze::freeze(&view, &frozen_sources)?;
+        let shared_blocks = fsops::may_share_blocks(self.root());
+        let mut to_copy = Vec::new();
+        {
+            let mut admission = self.admission()?;
+            for (m, source) in todo.iter().zip(sources) {
+                let image = self.volume_image(&m.source);
+                let input = fsops::open_image(&image, true)?;
+                let output = fsops::create_image(&self.snapshot_dir(&m.id).join("image.tmp"))?;
+                let what = format!("snapshot {} of volume {}", m.id, m.source);
+                let own = fsops::image_space(&image, shared_blocks).map_or(0, |s| s.own);
+                if copy::reflink(&input, &output, &what)? {
+                    admission.admit(Charge::new(source.meta().allocation, own), &what)?;
+                    tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Reflink, "copied image");
+                } else {
+                    let data = extents::data_bytes(&input).map_err(|e| Error::Io {
+                        context: format!("map the data of {}", image.display()),
+                        source: e,
+                    })?;
+                    admission.admit(Charge::now(data), &what)?;
+                    copy::preallocate(&input, &output, &what)?;
+                    to_copy.push((m, input, output, what));
+                }
+            }
+        }
+        for (m, input, output, what) in &to_copy {
+            copy::copy_data(input, output, what)?;
+            tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Sparse, "copied image");
+        }
+        for m in todo {
+            let tmp = self.snapshot_dir(&m.id).join("image.tmp");
+            fsops::open_image(&tmp, false)?
+                .sync_all()
+                .map_err(|e| Error::Io {
+                    context: format!("fsync {}", tmp.display()),
+                    source: e,
+                })?;
+        }
+        Ok(())
     }
 
     /// Deletes a snapshot; unknown IDs succeed. Volumes restored from it are independent copies,

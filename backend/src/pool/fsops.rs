@@ -146,6 +146,48 @@ pub(crate) fn stat_image(path: &Path) -> Option<ImageStat> {
     })
 }
 
+/// An image's length and how many of its allocated bytes are its own: not shared with another
+/// file (a reflinked snapshot or clone), so a write over them needs no new space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ImageSpace {
+    pub len: u64,
+    pub own: u64,
+}
+
+/// The [`ImageSpace`] of the image at `path`; `None` when it does not exist (or cannot be
+/// reached). Where the pool's filesystem cannot share blocks (`shared_blocks` false), its
+/// allocated blocks are all its own and no extent map is read.
+pub(crate) fn image_space(path: &Path, shared_blocks: bool) -> Option<ImageSpace> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking and not through a symlink: a FIFO or a link planted in the pool is no image.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let md = file.metadata().ok().filter(|m| m.is_file())?;
+    let allocated = md.blocks().saturating_mul(512).min(md.len());
+    let own = if shared_blocks && allocated > 0 {
+        crate::extents::own_bytes(&file, md.len())
+            .ok()
+            .flatten()
+            .unwrap_or(allocated)
+    } else {
+        allocated
+    };
+    Some(ImageSpace { len: md.len(), own })
+}
+
+/// Whether the filesystem holding `dir` may share blocks between files (reflinks). ext4 and
+/// tmpfs never do; anything else is asked extent by extent.
+pub(crate) fn may_share_blocks(dir: &Path) -> bool {
+    use nix::sys::statfs::{statfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+    statfs(dir).map_or(true, |st| {
+        let t = st.filesystem_type();
+        t != EXT4_SUPER_MAGIC && t != TMPFS_MAGIC
+    })
+}
+
 /// Renames `from` to `to` (committing an image, moving a tree to trash).
 pub(crate) fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)
@@ -172,14 +214,18 @@ pub(crate) fn list_paths(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Space available to us on the filesystem holding `path`, in bytes.
+/// The size of the filesystem holding `path` and the space available to us on it, in bytes.
 #[allow(
     clippy::useless_conversion,
     reason = "fsblkcnt_t and c_ulong are u32 on 32-bit targets"
 )]
-pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
+pub(crate) fn fs_size_and_free(path: &Path) -> Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).context(|| format!("statvfs {}", path.display()))?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    let frsize = u64::from(st.fragment_size());
+    Ok((
+        u64::from(st.blocks()).saturating_mul(frsize),
+        u64::from(st.blocks_available()).saturating_mul(frsize),
+    ))
 }
 
 #[cfg(test)]
@@ -212,6 +258,8 @@ mod tests {
             }],
             staged: vec![],
             formatting: None,
+            blank: true,
+            raw_block: true,
         };
         write_json(&path, &meta).unwrap();
         assert_eq!(read_json::<VolumeMeta>(&path).unwrap().unwrap(), meta);

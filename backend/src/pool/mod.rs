@@ -27,6 +27,7 @@ use crate::meta;
 use crate::validate;
 
 pub use capacity::Capacity;
+pub(crate) use capacity::Charge;
 pub use listing::Page;
 
 /// How a front end runs the pool.

@@ -2,13 +2,16 @@
 //! is one call under the name's lock (which is the volume's lock: the ID is derived from the
 //! name), so two callers racing on one name make one volume.
 
+use std::path::Path;
+
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::extents;
 use crate::freeze;
 use crate::ids::VolumeId;
 use crate::kernel::KernelView;
 use crate::meta::{self, Allocation, VolumeMeta, VolumeSource};
-use crate::pool::{fsops, Pool};
+use crate::pool::{fsops, Charge, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::FsType;
 
@@ -34,12 +37,15 @@ impl Pool {
     ///
     /// Idempotent by name: same name and a compatible request (its size range admits the
     /// existing size; same fs type, allocation and source where asked) → the same volume; same
-    /// name otherwise → `AlreadyExists`. Safe when interrupted: metadata is written last, so a
-    /// half-made volume is made again from scratch.
+    /// name otherwise → `AlreadyExists`. Safe when interrupted: the image is made and synced
+    /// first (`image.tmp`), then the metadata is written, then the image moves into place. A
+    /// volume interrupted before its metadata is made again from scratch; after it, a repeat
+    /// finishes the move.
     pub fn create_volume(&self, req: &CreateVolume) -> Result<VolumeMeta> {
         let id = VolumeId::for_name(&req.name)?;
         let _guard = self.lock_volume(&id)?;
         if let Some(existing) = self.read_volume_meta(&id)? {
+            self.finish_create(&id)?;
             return check_compatible(existing, req);
         }
         self.create_locked(&id, req)
@@ -51,7 +57,10 @@ impl Pool {
         let id = VolumeId::for_name(&req.name)?;
         let guard = self.lock_volume(&id)?;
         let meta = match self.read_volume_meta(&id)? {
-            Some(existing) => existing,
+            Some(existing) => {
+                self.finish_create(&id)?;
+                existing
+            }
             None => self.create_locked(&id, req)?,
         };
         Ok(Volume {
@@ -59,6 +68,69 @@ impl Pool {
             meta,
             _guard: guard,
         })
+    }
+
+    /// Finishes a create interrupted after its metadata was committed: the image, complete and
+    /// durable before the metadata was written, only has to be moved into place.
+    fn finish_create(&self, id: &VolumeId) -> Result<()> {
+        let (image, tmp) = (self.volume_image(id), self.volume_dir(id).join("image.tmp"));
+        if fsops::exists(&image) || !fsops::exists(&tmp) {
+            return Ok(());
+        }
+        fsops::rename(&tmp, &image).map_err(|e| io_error(e, format!("commit image of {id}")))?;
+        fsops::sync_dir(&self.volume_dir(id))?;
+        tracing::info!(volume = %id, "finished an interrupted create");
+        Ok(())
+    }
+
+    /// Discards what an interrupted create left of volume `id` (a directory without metadata),
+    /// unless the kernel or the image says it is a volume that lost its metadata: a loop device
+    /// bound to its image (now or before the image was deleted), or data in its image. Those are
+    /// refused (`FailedPrecondition`) saying what to do: without its metadata nothing else tells
+    /// that the data is wanted. The caller holds the volume's lock.
+    pub(crate) fn discard_leftovers(&self, id: &VolumeId) -> Result<()> {
+        let dir = self.volume_dir(id);
+        let image = self.volume_image(id);
+        let view = KernelView::read()?;
+        let current = fsops::stat_image(&image).map(|st| crate::kernel::Image {
+            path: image.clone(),
+            id: st.id,
+        });
+        if let Some(dev) = view.volume_devices(&image, current.as_ref()).first() {
+            let users: Vec<String> = view
+                .users(std::slice::from_ref(dev), &[])
+                .iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            let mounted = if users.is_empty() {
+                String::new()
+            } else {
+                format!(", mounted at {}", users.join(", "))
+            };
+            return Err(Error::precondition(format!(
+                "volume {id} has no volume.json, but its image is in use on this node: attached \
+                 as {}{mounted}. loopvol will not discard a volume in use; unmount and detach it \
+                 (umount; losetup -d {}), then copy its data off or write its volume.json back",
+                dev.path().display(),
+                dev.path().display(),
+            )));
+        }
+        if current.is_some() {
+            let data = fsops::open_image(&image, true).and_then(|f| {
+                extents::data_bytes(&f).map_err(|e| io_error(e, image_ctx(&image)))
+            })?;
+            if data > 0 {
+                return Err(Error::precondition(format!(
+                    "volume {id} has no volume.json, but its image {} holds {data} bytes of \
+                     data; loopvol will not discard it. If the data is wanted, copy it off (cp \
+                     --sparse=always) or write the volume's volume.json back; if not, remove {} \
+                     and retry",
+                    image.display(),
+                    dir.display()
+                )));
+            }
+        }
+        self.remove_dir_atomically(&dir)
     }
 
     /// Creates volume `id` for `req`; the caller holds its lock and found no metadata.
@@ -113,41 +185,20 @@ impl Pool {
             )));
         }
         let allocation = req.allocation.unwrap_or_default();
-        // Thin or thick, the volume is promised its whole size.
-        self.ensure_room(size, &format!("volume {id}"))?;
 
         let dir = self.volume_dir(id);
-        // Leftovers of an interrupted create (no metadata was committed) are discarded.
         if fsops::exists(&dir) {
-            self.remove_dir_atomically(&dir)?;
+            self.discard_leftovers(id)?;
         }
         fsops::create_dirs(&dir)?;
         let tmp = dir.join("image.tmp");
-        let file = fsops::create_image(&tmp)?;
-        if let Some(src) = &source {
-            let input = fsops::open_image(&src.image, true)?;
-            // A mounted source volume is frozen while it is copied, so the copy holds a
-            // consistent filesystem.
-            let _frozen = match &src.volume {
-                Some(v) => {
-                    let view = KernelView::read()?;
-                    let devices = view.devices_of(v.image().as_ref());
-                    Some(freeze::freeze(&view, &[(v.id(), devices)])?)
-                }
-                None => None,
-            };
-            let method = copy::copy_image(&input, &file, &format!("the source of volume {id}"))?;
-            tracing::info!(volume = %id, ?method, "copied source image");
+        if let Err(e) = self.make_image(id, &tmp, size, allocation, source.as_ref()) {
+            // Nothing was committed: the next attempt starts from scratch.
+            if let Err(undo) = self.remove_dir_atomically(&dir) {
+                tracing::warn!(volume = %id, error = %undo, "could not remove a failed create");
+            }
+            return Err(e);
         }
-        file.set_len(size)
-            .map_err(|e| io_error(e, format!("size {}", tmp.display())))?;
-        if allocation == Allocation::Thick {
-            fallocate(&file, 0, size)?;
-        }
-        file.sync_all()
-            .map_err(|e| io_error(e, format!("fsync {}", tmp.display())))?;
-        fsops::rename(&tmp, &self.volume_image(id))
-            .map_err(|e| io_error(e, format!("commit image of {id}")))?;
 
         let meta = VolumeMeta {
             schema: meta::SCHEMA_VERSION,
@@ -162,11 +213,84 @@ impl Pool {
             claims: Vec::new(),
             staged: Vec::new(),
             formatting: None,
+            blank: source.is_none(),
+            raw_block: false,
         };
+        // The metadata before the image moves into place: a directory with an image and no
+        // metadata is then never an interrupted create, only a volume that lost its metadata
+        // (which is never discarded), and a repeat finishes an interrupted commit.
         fsops::write_json(&self.volume_meta_path(id), &meta)?;
+        self.finish_create(id)?;
         tracing::info!(volume = %id, size, allocation = allocation.as_str(), "created volume");
         Ok(meta)
     }
+
+    /// Makes the image of new volume `id` at `tmp`: admitted against what the pool can still
+    /// promise (its size, and what a volume it is reflinked from then shares), sized or reflinked
+    /// under the admission lock, then the data copied and the blocks allocated without it.
+    fn make_image(
+        &self,
+        id: &VolumeId,
+        tmp: &Path,
+        size: u64,
+        allocation: Allocation,
+        source: Option<&Source<'_>>,
+    ) -> Result<()> {
+        let what = format!("volume {id}");
+        let input = source
+            .map(|s| fsops::open_image(&s.image, true))
+            .transpose()?;
+        // A mounted source volume is frozen while it is copied, so the copy holds a consistent
+        // filesystem. Frozen before the admission lock: freezing flushes.
+        let _frozen = match source.and_then(|s| s.volume.as_ref()) {
+            Some(v) => {
+                let view = KernelView::read()?;
+                let devices = view.devices_of(v.image().as_ref());
+                Some(freeze::freeze(&view, &[(v.id(), devices)])?)
+            }
+            None => None,
+        };
+        let file;
+        let mut copy_from = None;
+        {
+            let mut admission = self.admission()?;
+            let mut charge = Charge::new(allocation, size);
+            file = fsops::create_image(tmp)?;
+            if let (Some(src), Some(input)) = (source, input.as_ref()) {
+                // What a source volume owns alone now, it shares with the copy after a reflink:
+                // a write over it then needs new space, which the pool keeps for it.
+                let source_own = src.volume.as_ref().map_or(0, |_| {
+                    let shared_blocks = fsops::may_share_blocks(self.root());
+                    fsops::image_space(&src.image, shared_blocks).map_or(0, |s| s.own)
+                });
+                if copy::reflink(input, &file, &format!("the source of {what}"))? {
+                    if let Some(v) = &src.volume {
+                        charge = charge.plus(Charge::new(v.meta.allocation, source_own));
+                    }
+                    tracing::info!(volume = %id, method = ?copy::CopyMethod::Reflink, "copied source image");
+                } else {
+                    copy_from = Some(input);
+                }
+            }
+            admission.admit(charge, &what)?;
+            // Its full length is what the next admission sees as this volume's promise.
+            file.set_len(size)
+                .map_err(|e| io_error(e, format!("size {}", tmp.display())))?;
+        }
+        if let Some(input) = copy_from {
+            copy::copy_data(input, &file, &format!("the source of {what}"))?;
+            tracing::info!(volume = %id, method = ?copy::CopyMethod::Sparse, "copied source image");
+        }
+        if allocation == Allocation::Thick {
+            fallocate(&file, 0, size)?;
+        }
+        file.sync_all()
+            .map_err(|e| io_error(e, format!("fsync {}", tmp.display())))
+    }
+}
+
+fn image_ctx(image: &Path) -> String {
+    format!("map the data of {}", image.display())
 }
 
 /// The source of a copy, locked until the copy is committed.
@@ -235,6 +359,8 @@ mod tests {
             claims: vec![],
             staged: vec![],
             formatting: None,
+            blank: false,
+            raw_block: false,
         }
     }
 

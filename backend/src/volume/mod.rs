@@ -23,7 +23,7 @@ use crate::kernel::{Image, KernelView};
 use crate::lock::LockGuard;
 use crate::loopdev;
 use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta};
-use crate::pool::{fsops, Pool};
+use crate::pool::{fsops, Charge, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
@@ -190,8 +190,9 @@ impl<'p> Volume<'p> {
     }
 
     /// Grows the image file to `new_size` (and the recorded size with it); smaller or equal: no
-    /// change. The image grows before the metadata: after a crash the image is at least as large
-    /// as recorded, and a repeat finishes the job.
+    /// change. The growth is admitted against what the pool can still promise, and the image
+    /// grows before the metadata: after a crash the image is at least as large as recorded, and
+    /// a repeat finishes the job.
     fn grow_image(&mut self, new_size: u64) -> Result<()> {
         let id = self.meta.id.clone();
         let image = self.image_path();
@@ -200,18 +201,20 @@ impl<'p> Volume<'p> {
             .metadata()
             .context(|| format!("stat image of {id}"))?
             .len();
-        if new_size > self.meta.size_bytes {
-            self.pool.ensure_room(
-                new_size - self.meta.size_bytes,
+        if new_size > current_len {
+            let mut admission = self.pool.admission()?;
+            admission.admit(
+                Charge::new(self.meta.allocation, new_size - current_len),
                 &format!("growing volume {id}"),
             )?;
-        }
-        if new_size > current_len {
+            // Longer is what the next admission sees as this volume's promise.
             file.set_len(new_size)
                 .context(|| format!("grow image of {id}"))?;
-            if self.meta.allocation == Allocation::Thick {
-                fallocate(&file, current_len, new_size - current_len)?;
-            }
+        }
+        if self.meta.allocation == Allocation::Thick {
+            allocate_all(&file, &id)?;
+        }
+        if new_size > current_len {
             file.sync_all().context(|| format!("fsync image of {id}"))?;
         }
         if new_size > self.meta.size_bytes {
@@ -223,38 +226,47 @@ impl<'p> Volume<'p> {
     }
 
     /// Changes how the image is allocated. Thin → thick allocates every block now (so the volume
-    /// can no longer run out of pool space); thick → thin only changes the accounting (space
-    /// already allocated stays allocated until the filesystem discards it).
+    /// never needs new space for a write, except where it shares blocks with a snapshot or a
+    /// clone, which the pool keeps reserved); thick → thin only changes the accounting (space
+    /// already allocated stays allocated until the filesystem discards it). Admitted against
+    /// what the pool can still promise: a thick volume is never overcommitted. A repeat after a
+    /// failed allocation finishes it.
     pub fn set_allocation(&mut self, allocation: Allocation) -> Result<()> {
         let id = self.meta.id.clone();
-        if self.meta.allocation == allocation {
-            return Ok(());
+        let image = self.image_path();
+        let missing = || {
+            Error::precondition(format!(
+                "the image of volume {id} is missing: {}",
+                image.display()
+            ))
+        };
+        if self.meta.allocation != allocation {
+            let mut admission = self.pool.admission()?;
+            let shared_blocks = fsops::may_share_blocks(self.pool.root());
+            let need = fsops::image_space(&image, shared_blocks)
+                .map(|s| s.len.saturating_sub(s.own))
+                .ok_or_else(missing)?;
+            admission.admit(
+                Charge::moving(need, self.meta.allocation, allocation),
+                &format!("making volume {id} {}", allocation.as_str()),
+            )?;
+            // Admission reads the class from the metadata: saved before the lock goes.
+            let before = self.meta.allocation;
+            self.meta.allocation = allocation;
+            if let Err(e) = self.save() {
+                self.meta.allocation = before;
+                return Err(e);
+            }
+            drop(admission);
+            tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         }
         if allocation == Allocation::Thick {
-            let image = self.image_path();
-            let allocated = fsops::stat_image(&image)
-                .ok_or_else(|| {
-                    Error::precondition(format!(
-                        "the image of volume {id} is missing: {}",
-                        image.display()
-                    ))
-                })?
-                .allocated;
-            let missing = self.meta.size_bytes.saturating_sub(allocated);
-            let free = self.pool.capacity()?.free_bytes;
-            if missing > free {
-                return Err(Error::NoSpace(format!(
-                    "allocating volume {id} needs {missing} more bytes; the pool has {free} free"
-                )));
+            if fsops::stat_image(&image).is_none() {
+                return Err(missing());
             }
             let file = fsops::open_image(&image, false)?;
-            // FALLOC_FL_KEEP_SIZE not needed: we allocate exactly the current length.
-            fallocate(&file, 0, self.meta.size_bytes)?;
-            file.sync_all().context(|| format!("fsync image of {id}"))?;
+            allocate_all(&file, &id)?;
         }
-        self.meta.allocation = allocation;
-        self.save()?;
-        tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         Ok(())
     }
 
@@ -345,6 +357,19 @@ pub(crate) fn check_sharing(
         )));
     }
     Ok(())
+}
+
+/// Allocates every block of a thick volume's image that is not allocated yet (after a crash, a
+/// failed allocation, or a trim), and makes it durable. Allocated and shared blocks are left as
+/// they are: the pool keeps their copies reserved.
+fn allocate_all(file: &std::fs::File, id: &VolumeId) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().context(|| format!("stat image of {id}"))?;
+    if md.blocks().saturating_mul(512) >= md.len() {
+        return Ok(());
+    }
+    fallocate(file, 0, md.len())?;
+    file.sync_all().context(|| format!("fsync image of {id}"))
 }
 
 pub(crate) fn fallocate(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {

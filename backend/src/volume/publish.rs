@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::host;
 use crate::ids::VolumeId;
-use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, KernelView};
+use crate::kernel::{former_path, is_device_bind_of, is_fs_mount_of, uses, KernelView};
 use crate::meta::AccessMode;
 use crate::mount;
 use crate::plan;
@@ -38,11 +38,11 @@ pub struct Publish {
 
 /// The volume whose filesystem or device is mounted at `path` on this node, read back from the
 /// kernel: the mount at `path` → its loop device → the image it is bound to → the volume that
-/// owns it.
+/// owns it (also when that image was deleted or replaced since it was attached).
 pub(super) fn volume_mounted_at(pool: &Pool, view: &KernelView, path: &Path) -> Option<VolumeId> {
     let m = view.mount_at(path)?;
     let dev = view.device_of_mount(m)?;
-    pool.volume_id_of_image(&dev.backing_file)
+    pool.volume_id_of_image(former_path(&dev.backing_file))
 }
 
 impl Pool {
