@@ -274,8 +274,18 @@ impl Pool {
             }
             admission.admit(charge, &what)?;
             // Its full length is what the next admission sees as this volume's promise.
-            file.set_len(size)
-                .map_err(|e| io_error(e, format!("size {}", tmp.display())))?;
+            file.set_len(size).map_err(|e| {
+                let why = if e.raw_os_error() == Some(libc::EFBIG) {
+                    format!(
+                        "{size} bytes is more than the pool's filesystem holds in one file; \
+                         size {}",
+                        tmp.display()
+                    )
+                } else {
+                    format!("size {}", tmp.display())
+                };
+                io_error(e, why)
+            })?;
         }
         if let Some(input) = copy_from {
             copy::copy_data(input, &file, &format!("the source of {what}"))?;

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::fs::{self, Usage};
-use crate::host::{self, PathKind};
+use crate::host;
 use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
 use crate::loopdev;
 use crate::meta::VolumeMeta;
@@ -135,7 +135,8 @@ impl Pool {
 
     /// Usage of volume `m` at `path` (a mounted filesystem: bytes and inodes; a published block
     /// device: bytes) and its condition, from one look at the kernel. `NotFound` when the volume
-    /// is not at `path`.
+    /// is not at `path`. A filesystem that cannot answer (shut down, I/O errors) reports its
+    /// device's size with nothing available, and the condition says why.
     pub fn volume_stats(&self, m: &VolumeMeta, path: &Path) -> Result<(Usage, Condition)> {
         let view = KernelView::read()?;
         let usage = self.usage_in(&view, m, path)?;
@@ -154,37 +155,40 @@ impl Pool {
         if validate::check_path("volume path", path, &[]).is_err() {
             return Err(not_here());
         }
-        let devices = view.devices_of(self.image_of(m).as_ref());
-        let at = view.mount_at(path);
-        match host::kind_of(path) {
-            PathKind::Missing => Err(not_here()),
-            PathKind::FileOrDevice => {
-                // A published block volume is a bind of its device node onto the file; any
-                // other file is not this volume.
-                let at = at.ok_or_else(not_here)?;
-                let dev = devices
-                    .iter()
-                    .find(|d| is_device_bind_of(at, d))
-                    .ok_or_else(not_here)?;
-                let total = loopdev::device_size(&dev.path())?;
-                Ok(Usage {
-                    total_bytes: total,
-                    available_bytes: 0,
-                    used_bytes: total,
-                    inodes: None,
-                })
-            }
-            PathKind::Directory => {
-                if !at.is_some_and(|m| devices.iter().any(|d| is_fs_mount_of(m, d))) {
-                    return Err(not_here());
-                }
-                fs::usage(path)
+        // Whose mount is at `path` comes from mountinfo alone: a path on a shut-down
+        // filesystem cannot even be stat'ed, and the volume's image may be gone (its device,
+        // bound to the deleted file, is still the volume's).
+        let devices = view.volume_devices(&self.volume_image(&m.id), self.image_of(m).as_ref());
+        let at = view.mount_at(path).ok_or_else(not_here)?;
+        let device_usage = |dev: &crate::loopdev::LoopDevice| -> Result<Usage> {
+            let total = loopdev::device_size(&dev.path())?;
+            Ok(Usage {
+                total_bytes: total,
+                available_bytes: 0,
+                used_bytes: total,
+                inodes: None,
+            })
+        };
+        // A published block volume is a bind of its device node onto a file.
+        if let Some(dev) = devices.iter().find(|d| is_device_bind_of(at, d)) {
+            return device_usage(dev);
+        }
+        let dev = devices
+            .iter()
+            .find(|d| is_fs_mount_of(at, d))
+            .ok_or_else(not_here)?;
+        match fs::usage(path) {
+            Ok(usage) => Ok(usage),
+            Err(e) => {
+                tracing::warn!(volume = %m.id, path = %path.display(), error = %e, "the volume's filesystem does not answer");
+                device_usage(dev)
             }
         }
     }
 
-    /// Whether volume `m` is healthy on this node: its image exists, and an attached filesystem
-    /// has recorded no errors and was not turned read-only or shut down by the kernel.
+    /// Whether volume `m` is healthy on this node: its image exists at its full size, and an
+    /// attached filesystem has recorded no errors and was not turned read-only or shut down by
+    /// the kernel. Each abnormal condition says what an operator can do.
     pub fn volume_condition(&self, m: &VolumeMeta) -> Result<Condition> {
         self.condition_in(None, m)
     }
@@ -208,47 +212,95 @@ impl Pool {
     /// The condition of `m`, looking at the kernel (`view`, read here when `None` and needed)
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
-        let Some(image) = self.image_of(m) else {
-            return Ok(Condition::abnormal(format!(
-                "image {} is missing",
-                self.volume_image(&m.id).display()
-            )));
-        };
-        if !m.staged.iter().any(|h| h.node == *self.node()) {
-            return Ok(Condition::ok());
-        }
+        let path = self.volume_image(&m.id);
+        let stat = fsops::stat_image(&path);
+        let staged_here = m.staged.iter().any(|h| h.node == *self.node());
         let read;
-        let view = match view {
-            Some(v) => v,
-            None => {
+        let view = match (view, staged_here) {
+            (_, false) => None,
+            (Some(v), true) => Some(v),
+            (None, true) => {
                 read = KernelView::read()?;
-                &read
+                Some(&read)
             }
         };
+        if let Some(dev) = view.and_then(|v| v.stale_devices_of(&path).into_iter().next()) {
+            let (how, now) = match stat {
+                Some(_) => (
+                    "replaced by another file",
+                    format!(" (the file now at {} is not what it wrote)", path.display()),
+                ),
+                None => ("deleted", String::new()),
+            };
+            let dev = dev.path();
+            return Ok(Condition::abnormal(format!(
+                "the image of volume {} was {how} while in use{now}; the volume's data is still \
+                 readable from {} until it is unstaged on this node: copy it now (dd if={} \
+                 of=<file> bs=4M conv=sparse), then unstage it",
+                m.id,
+                dev.display(),
+                dev.display()
+            )));
+        }
+        let Some(stat) = stat else {
+            return Ok(Condition::abnormal(format!(
+                "image {} is missing",
+                path.display()
+            )));
+        };
+        if stat.len < m.size_bytes {
+            return Ok(Condition::abnormal(format!(
+                "image {} is {} bytes, less than the volume's {}: it was truncated, and reads \
+                 beyond its end fail; restore the volume from a snapshot or a backup",
+                path.display(),
+                stat.len,
+                m.size_bytes
+            )));
+        }
+        let Some(view) = view else {
+            return Ok(Condition::ok());
+        };
+        let image = Image { path, id: stat.id };
         let devices = view.devices_of(Some(&image));
         let Some(dev) = devices.first() else {
             return Ok(Condition::abnormal(
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
-        if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
-            return Ok(Condition::abnormal(
-                "the filesystem has recorded errors; run fsck",
-            ));
+        match fs::superblock(&dev.path()) {
+            Ok(Some(sb)) if sb.has_errors => {
+                return Ok(Condition::abnormal(
+                    "the filesystem has recorded errors; run fsck",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Ok(Condition::abnormal(format!(
+                    "reading {} fails: {e}",
+                    dev.path().display()
+                )));
+            }
         }
-        // The kernel's own verdicts on a mounted filesystem: turned read-only after errors
-        // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
+        // The kernel's own verdicts on a mounted filesystem: aborted after errors (ext4's
+        // emergency_ro), turned read-only after errors (errors=remount-ro, btrfs), or shut
+        // down (xfs, ext4: every access answers EIO).
         for mnt in view.fs_mounts(dev) {
+            let mp = mnt.mount_point.display();
+            if mnt.super_options.iter().any(|o| o == "emergency_ro") {
+                return Ok(Condition::abnormal(format!(
+                    "the filesystem at {mp} aborted after an I/O error and is read-only \
+                     (emergency_ro); unstage the volume, check it (e2fsck -f), stage it again"
+                )));
+            }
             if mnt.super_read_only() && !dev.read_only {
                 return Ok(Condition::abnormal(format!(
-                    "the filesystem at {} went read-only after errors",
-                    mnt.mount_point.display()
+                    "the filesystem at {mp} went read-only after errors"
                 )));
             }
             if host::answers_eio(&mnt.mount_point) {
                 return Ok(Condition::abnormal(format!(
-                    "the filesystem at {} has shut down (I/O errors)",
-                    mnt.mount_point.display()
+                    "the filesystem at {mp} has shut down (I/O errors); unstage the volume and \
+                     check it before staging it again"
                 )));
             }
         }

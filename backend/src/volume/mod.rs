@@ -21,7 +21,7 @@ use crate::error::{Context, Error, Result};
 use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{Image, KernelView};
 use crate::lock::LockGuard;
-use crate::loopdev;
+use crate::loopdev::{self, LoopDevice};
 use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta};
 use crate::pool::{fsops, Charge, Pool};
 use crate::size::{self, SizeRequest};
@@ -78,8 +78,9 @@ impl Pool {
     }
 
     /// Deletes a volume. Unknown IDs succeed (deletion is idempotent), and the leftovers of an
-    /// interrupted create (a directory without metadata) are removed. A volume in use is refused:
-    /// see [`Volume::delete`].
+    /// interrupted create (a directory without metadata, its image unattached and holding no
+    /// data) are removed. A volume in use is refused: see [`Volume::delete`]; so is a directory
+    /// without metadata whose image is attached or holds data.
     pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let dir = self.volume_dir(id);
         if !fsops::exists(&dir) {
@@ -93,7 +94,9 @@ impl Pool {
                 _guard: guard,
             }
             .delete(),
-            None => self.remove_dir_atomically(&dir),
+            // An interrupted create, or a volume that lost its metadata: the kernel and the
+            // image decide (see `discard_leftovers`).
+            None => self.discard_leftovers(id),
         }
     }
 
@@ -142,18 +145,38 @@ impl<'p> Volume<'p> {
         fsops::stat_image(&path).map(|st| Image { path, id: st.id })
     }
 
+    /// Every loop device of this volume on this node: bound to its image, or to a former image
+    /// deleted or replaced while attached (which still holds the volume's data).
+    pub(crate) fn devices(&self, view: &KernelView) -> Vec<LoopDevice> {
+        view.volume_devices(&self.image_path(), self.image().as_ref())
+    }
+
     /// Deletes the volume. Refused (`FailedPrecondition`) while its data is in use: attached on
-    /// this node, staged on any node, or claimed by a node.
+    /// this node (the kernel says so, whatever the metadata says), staged on another node, or
+    /// claimed by a node. This node's own staging hold does not count when nothing of the
+    /// volume is attached here: it is stale (an unstage that could not record its end, a
+    /// reboot), and the delete is what frees the space of a full pool.
     pub fn delete(self) -> Result<()> {
         let id = &self.meta.id;
         let view = KernelView::read()?;
-        if let Some(dev) = view.devices_of(self.image().as_ref()).first() {
+        if let Some(dev) = self.devices(&view).first() {
+            let users: Vec<String> = view
+                .users(std::slice::from_ref(dev), &[])
+                .iter()
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            let mounted = if users.is_empty() {
+                String::new()
+            } else {
+                format!(" and mounted at {}", users.join(", "))
+            };
             return Err(Error::precondition(format!(
-                "volume {id} is in use: attached as {} on this node; unstage it first",
+                "volume {id} is in use: attached as {}{mounted} on this node; unstage it first",
                 dev.path().display()
             )));
         }
-        if let Some(h) = self.meta.staged.first() {
+        let here = self.pool.node();
+        if let Some(h) = self.meta.staged.iter().find(|h| h.node != *here) {
             return Err(Error::precondition(format!(
                 "volume {id} is staged on node {}; unstage it first",
                 h.node
@@ -164,6 +187,9 @@ impl<'p> Volume<'p> {
                 "volume {id} is published to node {}; unpublish it first",
                 h.node
             )));
+        }
+        if self.meta.staged.iter().any(|h| h.node == *here) {
+            tracing::info!(volume = %id, node = %here, "nothing attached here: this node's staging hold is stale");
         }
         self.pool.remove_dir_atomically(&self.pool.volume_dir(id))?;
         tracing::info!(volume = %id, "deleted volume");

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::host;
+use crate::host::{self, PathKind};
 use crate::ids::VolumeId;
 use crate::kernel::{former_path, is_device_bind_of, is_fs_mount_of, uses, KernelView};
 use crate::meta::AccessMode;
@@ -79,6 +79,7 @@ impl Volume<'_> {
         }
         let target: &Path = &p.target;
         let view = KernelView::read()?;
+        self.refuse_stale(&view)?;
         let devices = view.devices_of(self.image().as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
@@ -107,11 +108,21 @@ impl Volume<'_> {
 
         match &p.access {
             Access::Block => {
+                if !p.read_only {
+                    self.record_raw_block()?;
+                }
                 host::create_block_target(target)?;
                 let flags = plan::bind_flags(true, p.read_only, &[]);
                 mount::bind(&dev.path(), target, flags)?;
             }
             Access::Mount { mount_options, .. } => {
+                if host::kind_of(target) == PathKind::FileOrDevice {
+                    return Err(Error::precondition(format!(
+                        "target path {} is a file; a filesystem volume is published onto a \
+                         directory (only a block volume is published onto a file)",
+                        target.display()
+                    )));
+                }
                 let source = match &p.staging {
                     Some(s) => {
                         if !view.mount_at(s).is_some_and(|sm| is_fs_mount_of(sm, dev)) {
@@ -149,7 +160,8 @@ impl Volume<'_> {
     pub fn unpublish(&mut self, target: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let mut view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        // Also a device bound to an image deleted or replaced since: still this volume's.
+        let devices = self.devices(&view);
         // Bounded: a target holds a handful of stacked mounts at most. Each unmount changes the
         // table, so each round looks again.
         for _ in 0..16 {
@@ -204,7 +216,7 @@ impl Volume<'_> {
     pub fn release_staging_if_unused(&mut self) -> Result<bool> {
         let staging = self.pool.default_staging_path(&self.meta.id);
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = self.devices(&view);
         if !view.users(&devices, &[&staging]).is_empty() {
             return Ok(false);
         }
