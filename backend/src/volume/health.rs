@@ -267,20 +267,6 @@ impl Pool {
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
-        match fs::superblock(&dev.path()) {
-            Ok(Some(sb)) if sb.has_errors => {
-                return Ok(Condition::abnormal(
-                    "the filesystem has recorded errors; run fsck",
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Ok(Condition::abnormal(format!(
-                    "reading {} fails: {e}",
-                    dev.path().display()
-                )));
-            }
-        }
         // The kernel's own verdicts on a mounted filesystem: aborted after errors (ext4's
         // emergency_ro), turned read-only after errors (errors=remount-ro, btrfs), or shut
         // down (xfs, ext4: every access answers EIO).
@@ -301,6 +287,20 @@ impl Pool {
                 return Ok(Condition::abnormal(format!(
                     "the filesystem at {mp} has shut down (I/O errors); unstage the volume and \
                      check it before staging it again"
+                )));
+            }
+        }
+        match fs::superblock(&dev.path()) {
+            Ok(Some(sb)) if sb.has_errors => {
+                return Ok(Condition::abnormal(
+                    "the filesystem has recorded errors; run fsck",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Ok(Condition::abnormal(format!(
+                    "reading {} fails: {e}",
+                    dev.path().display()
                 )));
             }
         }

@@ -10,7 +10,9 @@
 //! - [`recovery`]: calls held in flight on a frozen filesystem, a busy volume, SIGTERM, SIGKILL
 //!   and the repeated call that finishes the job; as root;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
-//!   nodes and surviving a dead one; as root.
+//!   nodes and surviving a dead one; as root;
+//! - [`safety`]: small pools of their own: parallel admission, raw data never formatted, a full
+//!   pool, a failed stage undone, the smaller refusals' codes; as root.
 //!
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
@@ -18,6 +20,7 @@ mod lifecycle;
 mod process;
 mod protocol;
 mod recovery;
+mod safety;
 mod shared_pool;
 
 use loopvol_e2e::csi::{Csi, CsiServer, Kubelet};
