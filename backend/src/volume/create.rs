@@ -190,7 +190,6 @@ impl Pool {
         if fsops::exists(&dir) {
             self.discard_leftovers(id)?;
         }
-        fsops::create_dirs(&dir)?;
         let tmp = dir.join("image.tmp");
         if let Err(e) = self.make_image(id, &tmp, size, allocation, source.as_ref()) {
             // Nothing was committed: the next attempt starts from scratch.
@@ -253,8 +252,13 @@ impl Pool {
         let file;
         let mut copy_from = None;
         {
+            // The promises are read before the volume's directory takes its block: a request of
+            // exactly what GetCapacity reported is admitted.
             let mut admission = self.admission()?;
             let mut charge = Charge::new(allocation, size);
+            if let Some(dir) = tmp.parent() {
+                fsops::create_dirs(dir)?;
+            }
             file = fsops::create_image(tmp)?;
             if let (Some(src), Some(input)) = (source, input.as_ref()) {
                 // What a source volume owns alone now, it shares with the copy after a reflink:
