@@ -159,22 +159,24 @@ pub(crate) struct ImageSpace {
 /// allocated blocks are all its own and no extent map is read.
 pub(crate) fn image_space(path: &Path, shared_blocks: bool) -> Option<ImageSpace> {
     use std::os::unix::fs::OpenOptionsExt;
-    // Non-blocking and not through a symlink: a FIFO or a link planted in the pool is no image.
-    let file = OpenOptions::new()
+    // Not through a symlink, and no FIFO or device: a link planted in the pool is no image.
+    let md = std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_file())?;
+    let allocated = md.blocks().saturating_mul(512).min(md.len());
+    if !shared_blocks || allocated == 0 {
+        return Some(ImageSpace {
+            len: md.len(),
+            own: allocated,
+        });
+    }
+    let own = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(path)
-        .ok()?;
-    let md = file.metadata().ok().filter(|m| m.is_file())?;
-    let allocated = md.blocks().saturating_mul(512).min(md.len());
-    let own = if shared_blocks && allocated > 0 {
-        crate::extents::own_bytes(&file, md.len())
-            .ok()
-            .flatten()
-            .unwrap_or(allocated)
-    } else {
-        allocated
-    };
+        .ok()
+        .and_then(|file| crate::extents::own_bytes(&file, md.len()).ok().flatten())
+        .unwrap_or(allocated);
     Some(ImageSpace { len: md.len(), own })
 }
 
