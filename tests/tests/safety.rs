@@ -164,9 +164,10 @@ fn a_thick_volume_is_overwritten_in_full_after_a_reflinked_snapshot_on_a_full_po
     let fill = pattern(usize::try_from(room).unwrap(), 3);
     write_at(&filler, 0, &fill).unwrap();
 
-    // Every block of the thick volume is copied on this write: the reserve pays for it.
+    // Every block of the thick volume is copied on this write: the space kept for its shared
+    // blocks pays for it.
     let new = pattern(100 << 20, 2);
-    write_at(&dev, 0, &new).expect("a thick volume never fails a write for lack of space");
+    write_at(&dev, 0, &new).expect("a thick volume never fails a write for lack of pool space");
     assert!(read_at(&dev, 0, new.len()) == new, "thick data differs");
     assert!(read_at(&filler, 0, fill.len()) == fill, "thin data differs");
     let snap_image = pool
@@ -213,7 +214,7 @@ fn a_snapshot_never_takes_what_a_thin_volume_was_promised() {
         "a refused snapshot left its directory"
     );
     let all = pattern(usize::try_from(size).unwrap(), 2);
-    write_at(&dev, 0, &all).expect("a thin volume writes what it was promised");
+    write_at(&dev, 0, &all).expect("a thin volume can always write its whole size");
     assert!(read_at(&dev, 0, all.len()) == all, "thin data differs");
     unstage(&pool, "thin", &s.path("st")).unwrap();
 }
