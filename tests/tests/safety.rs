@@ -160,6 +160,18 @@ fn a_thick_volume_is_overwritten_in_full_after_a_reflinked_snapshot_on_a_full_po
         ErrorKind::ResourceExhausted,
         "can promise only",
     );
+    // A clone costs nothing now (a reflink) but is promised its whole size: refused too.
+    assert_kind(
+        create(
+            &pool,
+            "clone",
+            120 * MIB,
+            Allocation::Thin,
+            Some(VolumeSource::Volume(vid("thick"))),
+        ),
+        ErrorKind::ResourceExhausted,
+        "volume clone needs",
+    );
     let filler = stage(&pool, "filler", &s.path("st-filler"), &Access::Block).unwrap();
     let fill = pattern(usize::try_from(room).unwrap(), 3);
     write_at(&filler, 0, &fill).unwrap();

@@ -240,12 +240,13 @@ async fn a_full_pool_does_not_wedge_the_node() {
     c.create("pvc-next", 64 * MIB, cap).await;
 }
 
-/// A stage that fails at mount(2) because of a caller's option undoes itself: nothing attached,
-/// no hold, INVALID_ARGUMENT naming the option's key but never its value. The volume then
-/// stages, and deletes, normally.
+/// A stage that fails at attach, or at mount(2) because of a caller's option, undoes itself:
+/// nothing attached, no hold (kubelet never unstages a failed stage). A caller's bad option is
+/// INVALID_ARGUMENT naming its key, never its value. The volume then stages, and deletes,
+/// normally.
 #[tokio::test]
 async fn a_failed_stage_undoes_itself() {
-    if !require_root(fs_tools("ext4")) {
+    if !require_root(fs_tools("ext4")) || !require_root(&["chattr"]) {
         return;
     }
     let scratch = Scratch::new();
@@ -254,6 +255,35 @@ async fn a_failed_stage_undoes_itself() {
     let k = kubelet(&scratch);
     let id = c.create("pvc-undo", 64 * MIB, rwo("ext4")).await.volume_id;
     let v = k.pod_volume("pod-1", &id);
+    let staged = || -> serde_json::Value {
+        let meta = scratch.pool().join("volumes").join(&id).join("volume.json");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(meta).unwrap()).unwrap()
+            ["staged"]
+            .clone()
+    };
+    // Failing at attach (the image cannot be opened for writing), after the hold was recorded.
+    let image = scratch.pool().join("volumes").join(&id).join("image");
+    let chattr = |flag: &str| {
+        let (code, _, err) =
+            loopvol_e2e::run(std::process::Command::new("chattr").arg(flag).arg(&image));
+        assert_eq!(code, 0, "chattr {flag}: {err}");
+    };
+    chattr("+i");
+    let status = c
+        .node
+        .node_stage_volume(stage_req(&id, &v.staging, rwo("ext4")))
+        .await
+        .unwrap_err();
+    chattr("-i");
+    assert!(
+        status.message().contains("open image"),
+        "{}",
+        status.message()
+    );
+    scratch.assert_clean("a stage that failed at attach");
+    assert_eq!(staged(), serde_json::json!([]), "the hold stayed");
+
+    // Failing at mount(2), because of a caller's option.
     let bad = mount_cap_with(
         "ext4",
         Mode::SingleNodeWriter,
@@ -276,12 +306,8 @@ async fn a_failed_stage_undoes_itself() {
         "{}",
         status.message()
     );
-    scratch.assert_clean("a failed stage");
-    let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(scratch.pool().join("volumes").join(&id).join("volume.json")).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(meta["staged"], serde_json::json!([]), "{meta}");
+    scratch.assert_clean("a stage that failed at mount");
+    assert_eq!(staged(), serde_json::json!([]), "the hold stayed");
 
     c.stage_and_publish(&v, &rwo("ext4")).await;
     c.unpublish_and_unstage(&v).await;
