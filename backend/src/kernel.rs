@@ -70,6 +70,20 @@ impl KernelView {
         all
     }
 
+    /// `dev` as a message names it: its node, and where it is mounted if anywhere
+    /// ("/dev/loop3, mounted at /a, /b").
+    pub fn describe(&self, dev: &LoopDevice) -> String {
+        let users: Vec<String> = self
+            .users(std::slice::from_ref(dev), &[])
+            .iter()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
+        match users.as_slice() {
+            [] => dev.path().display().to_string(),
+            _ => format!("{}, mounted at {}", dev.path().display(), users.join(", ")),
+        }
+    }
+
     /// The topmost mount at exactly `path` (later lines stack over earlier ones).
     pub fn mount_at(&self, path: &Path) -> Option<&MountEntry> {
         mount::mount_at(&self.mounts, path)

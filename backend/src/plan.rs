@@ -266,12 +266,32 @@ mod tests {
         Content::Filesystem(name.into())
     }
 
+    /// Every case whose plan is not the expected one (a `Refuse` matches when its text
+    /// contains the expected one's).
+    fn wrong_plans<'a>(
+        cases: impl IntoIterator<Item = (FormatInputs<'a>, &'a FormatPlan)>,
+    ) -> Vec<String> {
+        let id = VolumeId::try_from("v").unwrap();
+        cases
+            .into_iter()
+            .filter_map(|(inputs, want)| {
+                let got = format_plan(&id, &inputs);
+                let ok = match (&got, want) {
+                    (FormatPlan::Refuse(text), FormatPlan::Refuse(needle)) => {
+                        text.contains(needle.as_str())
+                    }
+                    (got, want) => got == want,
+                };
+                (!ok).then(|| format!("{inputs:?}: got {got:?}, want {want:?}"))
+            })
+            .collect()
+    }
+
     /// Every input combination that matters, with the plan it must give.
     #[test]
     fn format_plans() {
         use FormatPlan::*;
         use FsType::*;
-        let id = VolumeId::try_from("v").unwrap();
         let gpt = Content::Other("partition table gpt".into());
         // (content, in progress, requested, recorded, read-only) → plan ("" = Refuse, with the
         // text it must contain)
@@ -409,29 +429,24 @@ mod tests {
                 refuse("refusing to format"),
             ),
         ];
-        let mut wrong = Vec::new();
-        for (content, in_progress, requested, recorded, read_only, want) in &table {
-            let inputs = FormatInputs {
-                content,
-                in_progress: *in_progress,
-                requested: *requested,
-                recorded: *recorded,
-                read_only: *read_only,
-                // Provably empty: the witnesses have their own table below.
-                data_bytes: Some(0),
-                recorded_blank: false,
-                raw_block: false,
-                source: None,
-            };
-            let got = format_plan(&id, &inputs);
-            let ok = match (&got, want) {
-                (Refuse(text), Refuse(needle)) => text.contains(needle.as_str()),
-                (got, want) => got == want,
-            };
-            if !ok {
-                wrong.push(format!("{inputs:?}: got {got:?}, want {want:?}"));
-            }
-        }
+        let cases = table.iter().map(
+            |(content, in_progress, requested, recorded, read_only, want)| {
+                let inputs = FormatInputs {
+                    content,
+                    in_progress: *in_progress,
+                    requested: *requested,
+                    recorded: *recorded,
+                    read_only: *read_only,
+                    // Provably empty: the witnesses have their own table below.
+                    data_bytes: Some(0),
+                    recorded_blank: false,
+                    raw_block: false,
+                    source: None,
+                };
+                (inputs, want)
+            },
+        );
+        let wrong = wrong_plans(cases);
         assert!(wrong.is_empty(), "{wrong:#?}");
     }
 
@@ -442,7 +457,6 @@ mod tests {
     fn formatting_needs_a_witness_of_no_data() {
         use FormatPlan::*;
         use FsType::*;
-        let id = VolumeId::try_from("v").unwrap();
         let snap = VolumeSource::Snapshot(crate::SnapshotId::try_from("s1").unwrap());
         let vol = VolumeSource::Volume(VolumeId::try_from("v0").unwrap());
         let refuse = |needle: &'static str| Refuse(needle.to_owned());
@@ -573,28 +587,23 @@ mod tests {
                 Use(Ext4),
             ),
         ];
-        let mut wrong = Vec::new();
-        for (content, data_bytes, recorded_blank, raw_block, source, in_progress, want) in &table {
-            let inputs = FormatInputs {
-                content,
-                in_progress: *in_progress,
-                requested: None,
-                recorded: None,
-                read_only: false,
-                data_bytes: *data_bytes,
-                recorded_blank: *recorded_blank,
-                raw_block: *raw_block,
-                source: *source,
-            };
-            let got = format_plan(&id, &inputs);
-            let ok = match (&got, want) {
-                (Refuse(text), Refuse(needle)) => text.contains(needle.as_str()),
-                (got, want) => got == want,
-            };
-            if !ok {
-                wrong.push(format!("{inputs:?}: got {got:?}, want {want:?}"));
-            }
-        }
+        let cases = table.iter().map(
+            |(content, data_bytes, recorded_blank, raw_block, source, in_progress, want)| {
+                let inputs = FormatInputs {
+                    content,
+                    in_progress: *in_progress,
+                    requested: None,
+                    recorded: None,
+                    read_only: false,
+                    data_bytes: *data_bytes,
+                    recorded_blank: *recorded_blank,
+                    raw_block: *raw_block,
+                    source: *source,
+                };
+                (inputs, want)
+            },
+        );
+        let wrong = wrong_plans(cases);
         assert!(wrong.is_empty(), "{wrong:#?}");
     }
 

@@ -209,10 +209,12 @@ pub(crate) fn fiemap(
         },
         extents: [FiemapExtent::default(); FIEMAP_BATCH],
     });
-    // SAFETY: `buf` is a fiemap header followed by exactly `fm_extent_count` extent slots, as
-    // FS_IOC_FIEMAP requires; the kernel writes at most that many extents and the mapped count
-    // into it, and it outlives the call. The descriptor is live for the borrow.
     let whole: *mut FiemapBuffer = &mut *buf;
+    // SAFETY: `whole` points to a fiemap header followed by exactly `fm_extent_count` extent
+    // slots, as FS_IOC_FIEMAP requires; the kernel writes at most that many extents and the
+    // mapped count into it, and the buffer outlives the call. The pointer is derived from the
+    // whole buffer, so the writes past the header stay within what it may reach. The
+    // descriptor is live for the borrow.
     unsafe { ioctl_fiemap(file.as_raw_fd(), whole.cast::<FiemapHeader>()) }?;
     let mapped = usize::try_from(buf.header.fm_mapped_extents)
         .map_err(|_| Errno::EOVERFLOW)?

@@ -97,21 +97,11 @@ impl Pool {
             id: st.id,
         });
         if let Some(dev) = view.volume_devices(&image, current.as_ref()).first() {
-            let users: Vec<String> = view
-                .users(std::slice::from_ref(dev), &[])
-                .iter()
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
-            let mounted = if users.is_empty() {
-                String::new()
-            } else {
-                format!(", mounted at {}", users.join(", "))
-            };
             return Err(Error::precondition(format!(
                 "volume {id} has no volume.json, but its image is in use on this node: attached \
-                 as {}{mounted}. loopvol will not discard a volume in use; unmount and detach it \
+                 as {}. loopvol will not discard a volume in use; unmount and detach it \
                  (umount; losetup -d {}), then copy its data off or write its volume.json back",
-                dev.path().display(),
+                view.describe(dev),
                 dev.path().display(),
             )));
         }

@@ -160,19 +160,9 @@ impl<'p> Volume<'p> {
         let id = &self.meta.id;
         let view = KernelView::read()?;
         if let Some(dev) = self.devices(&view).first() {
-            let users: Vec<String> = view
-                .users(std::slice::from_ref(dev), &[])
-                .iter()
-                .map(|m| m.mount_point.display().to_string())
-                .collect();
-            let mounted = if users.is_empty() {
-                String::new()
-            } else {
-                format!(" and mounted at {}", users.join(", "))
-            };
             return Err(Error::precondition(format!(
-                "volume {id} is in use: attached as {}{mounted} on this node; unstage it first",
-                dev.path().display()
+                "volume {id} is in use on this node: attached as {}; unstage it first",
+                view.describe(dev)
             )));
         }
         let here = self.pool.node();
