@@ -180,13 +180,16 @@ pub(crate) fn image_space(path: &Path, shared_blocks: bool) -> Option<ImageSpace
     Some(ImageSpace { len: md.len(), own })
 }
 
-/// Whether the filesystem holding `dir` may share blocks between files (reflinks). ext4 and
-/// tmpfs never do; anything else is asked extent by extent.
+/// Whether the filesystem holding `dir` may share blocks between files (reflinks) that an extent
+/// map can show. ext4 and tmpfs never share; FUSE (GlusterFS) cannot reflink; NFS cannot map
+/// extents. Anything else (xfs, btrfs) is asked extent by extent.
 pub(crate) fn may_share_blocks(dir: &Path) -> bool {
-    use nix::sys::statfs::{statfs, EXT4_SUPER_MAGIC, TMPFS_MAGIC};
+    use nix::sys::statfs::{
+        statfs, EXT4_SUPER_MAGIC, FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC, TMPFS_MAGIC,
+    };
     statfs(dir).map_or(true, |st| {
         let t = st.filesystem_type();
-        t != EXT4_SUPER_MAGIC && t != TMPFS_MAGIC
+        ![EXT4_SUPER_MAGIC, TMPFS_MAGIC, FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC].contains(&t)
     })
 }
 
