@@ -73,6 +73,16 @@ pub enum Error {
 
     #[error("corrupt metadata {path}: {reason}")]
     Metadata { path: PathBuf, reason: String },
+
+    /// An entry inside the pool is not what loopvol puts there (a symbolic link, a FIFO, a device
+    /// node, a file far too large, ...): it is never followed, opened for I/O or used.
+    #[error("pool entry {path}: {reason}; refusing to use it")]
+    Untrusted { path: PathBuf, reason: String },
+
+    /// A file replaced through another node (a shared pool) still answers ESTALE here after
+    /// bounded re-opens by path: retryable, never an internal error.
+    #[error("{path}: stale file handle after {tries} re-opens (it was replaced through another node); retry")]
+    Stale { path: PathBuf, tries: u32 },
 }
 
 impl Error {
@@ -82,7 +92,10 @@ impl Error {
             Error::NotFound { .. } => ErrorKind::NotFound,
             Error::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             Error::Busy(_) => ErrorKind::Busy,
-            Error::Precondition(_) | Error::Pool { .. } => ErrorKind::FailedPrecondition,
+            Error::Precondition(_) | Error::Pool { .. } | Error::Untrusted { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            Error::Stale { .. } => ErrorKind::Busy,
             Error::OutOfRange(_) => ErrorKind::OutOfRange,
             Error::NoSpace(_) => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
@@ -134,6 +147,15 @@ impl<T> Context<T> for std::result::Result<T, std::io::Error> {
         self.map_err(|source| Error::Io {
             context: ctx(),
             source,
+        })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, rustix::io::Errno> {
+    fn context(self, ctx: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::Io {
+            context: ctx(),
+            source: e.into(),
         })
     }
 }

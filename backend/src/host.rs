@@ -1,76 +1,466 @@
 //! The node's own directories that volumes are staged and published at (kubelet's, or the
-//! pool's `staging/`): creating and removing mount points, and what a publication needs done to
-//! the volume's root. Every path here already passed [`crate::NodePath`]'s checks.
+//! pool's `staging/`): a caller's path resolved once into a [`NodePath`], the mount points made
+//! under it, and what a publication needs done to the volume's root.
 //!
-//! Issue 12 resolves these paths once (`O_PATH`) and mounts onto the resolved descriptor; this
-//! module is where that goes.
+//! No caller's path is trusted. [`NodePath::resolve`] opens the deepest existing directory above
+//! the path's last component with `O_PATH`, following symbolic links as the kernel would for
+//! kubelet (a kubelet root that is a link, `/var/lib/kubelet -> /data/kubelet`, is a real
+//! layout), reads back where that really is (`/proc/self/fd/N`), and checks the resolved path:
+//! under the allowed prefixes (themselves resolved), not a system directory, neither inside nor
+//! above the pool. The last component itself is never followed. Directories still missing are
+//! created relative to that descriptor, one `O_NOFOLLOW` step at a time, and mounts go onto the
+//! descriptor of the final directory (`/proc/self/fd/N`), so nothing can be swapped in between
+//! the check and the mount. Every later lookup (mountinfo, unpublish, unstage, stats, expand)
+//! uses the resolved path, which is what mountinfo shows.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::error::{Context, Error, Result};
+use crate::validate;
 
-/// Creates the directory `path` and its parents (mode 0750 for those it makes).
-pub(crate) fn mkdir_p(path: &Path) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(path)
-        .context(|| format!("create directory {}", path.display()))
+/// A staging or target path on this node, resolved once and checked: see the module
+/// documentation. It dereferences to the resolved path. Made by [`crate::Pool::node_path`] (and,
+/// for the pool's own staging directories, by the pool); node operations take only these.
+#[derive(Debug, Clone)]
+pub struct NodePath {
+    /// Where the path really is: its parents' links resolved, its last component as given.
+    resolved: PathBuf,
+    /// The deepest directory above the last component that existed, opened `O_PATH` when the path
+    /// was resolved.
+    anchor: Arc<OwnedFd>,
+    /// The components below the anchor (the missing directories, then the last component).
+    below: Vec<OsString>,
 }
 
-/// Removes the directory `path` if it is empty; anything else is left as it is.
-pub(crate) fn remove_dir_if_empty(path: &Path) {
-    match std::fs::remove_dir(path) {
-        Ok(()) => {}
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound) => {}
-        Err(e) => tracing::debug!(path = %path.display(), error = %e, "left directory in place"),
+impl PartialEq for NodePath {
+    fn eq(&self, other: &Self) -> bool {
+        self.resolved == other.resolved
+    }
+}
+impl Eq for NodePath {}
+
+impl std::hash::Hash for NodePath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.resolved.hash(state);
     }
 }
 
-/// Makes the file a raw block volume is bound onto (its parent too). An existing file is
-/// reused; a directory there is `InvalidArgument`.
-pub(crate) fn create_block_target(target: &Path) -> Result<()> {
-    if let Some(parent) = target.parent() {
-        mkdir_p(parent)?;
+impl NodePath {
+    pub fn as_path(&self) -> &Path {
+        &self.resolved
     }
-    match std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .open(target)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            if std::fs::metadata(target).is_ok_and(|m| m.is_dir()) {
+}
+
+impl AsRef<Path> for NodePath {
+    fn as_ref(&self) -> &Path {
+        &self.resolved
+    }
+}
+
+impl std::ops::Deref for NodePath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.resolved
+    }
+}
+
+/// What a resolved node path must satisfy.
+pub(crate) struct Rules<'a> {
+    /// When not empty, the path must lie strictly under one of these (resolved before use).
+    pub prefixes: &'a [PathBuf],
+    /// The pool root: a mount inside it would hide volumes, one above it the whole pool.
+    pub pool: &'a Path,
+}
+
+impl NodePath {
+    /// Resolves and checks the caller's path `given` (what it is: `what`, for messages).
+    pub(crate) fn resolve(what: &'static str, given: &Path, rules: &Rules<'_>) -> Result<NodePath> {
+        // The text first: absolute, normalized, no NUL, not a system directory as written.
+        validate::check_path(what, given, &[])?;
+        let (Some(parent), Some(name)) = (given.parent(), given.file_name()) else {
+            return Err(Error::invalid(what, "must not be /"));
+        };
+        let mut missing = Vec::new();
+        let mut at = parent;
+        let anchor = loop {
+            match rfs::open(
+                at,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => break fd,
+                Err(Errno::NOENT) => {
+                    let (Some(up), Some(component)) = (at.parent(), at.file_name()) else {
+                        return Err(Error::invalid(what, "no part of it exists"));
+                    };
+                    missing.push(component.to_owned());
+                    at = up;
+                }
+                Err(e) => {
+                    return Err(Error::invalid(
+                        what,
+                        format!(
+                            "{}: {} cannot be resolved: {e}",
+                            given.display(),
+                            at.display()
+                        ),
+                    ))
+                }
+            }
+        };
+        missing.reverse();
+        let base = fd_path(&anchor).context(|| format!("resolve {}", given.display()))?;
+        let mut resolved = base;
+        for c in &missing {
+            resolved.push(c);
+        }
+        resolved.push(name);
+        check_resolved(what, given, &resolved, rules)?;
+        let mut below = missing;
+        below.push(name.to_owned());
+        let path = NodePath {
+            resolved,
+            anchor: Arc::new(anchor),
+            below,
+        };
+        // The last component is never followed: a link there is refused, whatever it names. (A
+        // mount point that answers EIO, a shut-down filesystem, must still be unstaged.)
+        if let Ok(Some(ft)) = path.final_type() {
+            if ft == FileType::Symlink {
                 return Err(Error::invalid(
-                    "target path",
+                    what,
                     format!(
-                        "{} is a directory; a block volume needs a file",
-                        target.display()
+                        "{} is a symbolic link; loopvol mounts only on a real directory or file",
+                        given.display()
                     ),
                 ));
             }
-            Ok(())
         }
-        Err(e) => Err(e).context(|| format!("create {}", target.display())),
+        Ok(path)
+    }
+
+    /// A directory under the pool's `staging/` (the pool layer opened `dir` beneath the root,
+    /// refusing links): the path is `dir_path/name`.
+    pub(crate) fn in_pool_dir(dir: OwnedFd, dir_path: PathBuf, name: &OsStr) -> NodePath {
+        NodePath {
+            resolved: dir_path.join(name),
+            anchor: Arc::new(dir),
+            below: vec![name.to_owned()],
+        }
+    }
+
+    /// Opens the directory holding the last component, walking from the anchor without following
+    /// links; `None` when a directory on the way does not exist. With `create`, missing
+    /// directories are made (mode 0750).
+    fn parent_dir(&self, create: bool) -> Result<Option<OwnedFd>> {
+        let mut dir: Option<OwnedFd> = None;
+        let (_, dirs) = self
+            .below
+            .split_last()
+            .expect("a node path has a last component");
+        for c in dirs {
+            let at = dir.as_ref().map_or(self.anchor.as_fd(), |d| d.as_fd());
+            if create {
+                match rfs::mkdirat(at, c, Mode::from_raw_mode(0o750)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(self.io(e, "create a directory of")),
+                }
+            }
+            match rfs::openat(
+                at,
+                c,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => dir = Some(fd),
+                Err(Errno::NOENT) if !create => return Ok(None),
+                Err(Errno::NOTDIR | Errno::LOOP) => return Err(self.swapped(c)),
+                Err(e) => return Err(self.io(e, "open a directory of")),
+            }
+        }
+        Ok(Some(match dir {
+            Some(d) => d,
+            None => rfs::openat(
+                &*self.anchor,
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.io(e, "open the parent of"))?,
+        }))
+    }
+
+    fn name(&self) -> &OsStr {
+        self.below.last().expect("a node path has a last component")
+    }
+
+    fn io(&self, e: Errno, what: &str) -> Error {
+        Error::Io {
+            context: format!("{what} {}", self.resolved.display()),
+            source: e.into(),
+        }
+    }
+
+    fn swapped(&self, c: &OsStr) -> Error {
+        Error::precondition(format!(
+            "{}: {:?} is not a directory (was it replaced by a symbolic link?); refusing to go on",
+            self.resolved.display(),
+            c
+        ))
+    }
+
+    /// What the last component is now (not followed); `None` when it or a parent is missing.
+    fn final_type(&self) -> Result<Option<FileType>> {
+        let Some(parent) = self.parent_dir(false)? else {
+            return Ok(None);
+        };
+        match rfs::statat(&parent, self.name(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(self.io(e, "stat")),
+        }
+    }
+
+    /// Whether something is at the path (not following a link there).
+    pub(crate) fn is_present(&self) -> Result<bool> {
+        // Something that answers an error (EIO from a shut-down filesystem) is there.
+        Ok(!matches!(self.final_type(), Ok(None)))
+    }
+
+    /// Creates the directory (and its parents, mode 0750) and opens it to mount onto.
+    pub(crate) fn mkdir_p(&self) -> Result<MountPoint> {
+        let parent = self.parent_dir(true)?.expect("created");
+        match rfs::mkdirat(&parent, self.name(), Mode::from_raw_mode(0o750)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(self.io(e, "create directory")),
+        }
+        let mp = self.open_at(parent)?;
+        match mp.file_type()? {
+            FileType::Directory => Ok(mp),
+            other => Err(Error::precondition(format!(
+                "{} is {}, not a directory",
+                self.resolved.display(),
+                crate::pool::fsops::type_name(other)
+            ))),
+        }
+    }
+
+    /// Makes the file a raw block volume is bound onto (its parents too) and opens it. An
+    /// existing file is reused; a directory there is `InvalidArgument`.
+    pub(crate) fn create_block_target(&self) -> Result<MountPoint> {
+        let parent = self.parent_dir(true)?.expect("created");
+        match rfs::openat(
+            &parent,
+            self.name(),
+            OFlags::WRONLY
+                | OFlags::CREATE
+                | OFlags::EXCL
+                | OFlags::NOFOLLOW
+                | OFlags::CLOEXEC
+                | OFlags::NONBLOCK,
+            Mode::from_raw_mode(0o640),
+        ) {
+            Ok(_) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(self.io(e, "create")),
+        }
+        let mp = self.open_at(parent)?;
+        match mp.file_type()? {
+            FileType::Directory => Err(Error::invalid(
+                "target path",
+                format!(
+                    "{} is a directory; a block volume needs a file",
+                    self.resolved.display()
+                ),
+            )),
+            FileType::RegularFile | FileType::BlockDevice => Ok(mp),
+            other => Err(Error::precondition(format!(
+                "{} is {}; a block volume is bound onto a regular file",
+                self.resolved.display(),
+                crate::pool::fsops::type_name(other)
+            ))),
+        }
+    }
+
+    /// Opens the last component (not followed) in `parent`.
+    fn open_at(&self, parent: OwnedFd) -> Result<MountPoint> {
+        let fd = rfs::openat(
+            &parent,
+            self.name(),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io(e, "open"))?;
+        Ok(MountPoint {
+            parent,
+            name: self.name().to_owned(),
+            fd,
+            path: self.resolved.clone(),
+        })
+    }
+
+    /// The directory opened for reading (the root of a staged volume, to apply an fsGroup to):
+    /// what is mounted there now.
+    pub(crate) fn open_dir(&self) -> Result<OwnedFd> {
+        let parent = self
+            .parent_dir(false)?
+            .ok_or_else(|| Error::not_found("directory", self.resolved.display().to_string()))?;
+        rfs::openat(
+            &parent,
+            self.name(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.io(e, "open"))
+    }
+
+    /// Removes the directory if it is empty; anything else is left as it is.
+    pub(crate) fn remove_dir_if_empty(&self) {
+        let Ok(Some(parent)) = self.parent_dir(false) else {
+            return;
+        };
+        match rfs::unlinkat(&parent, self.name(), AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => {
+                tracing::debug!(path = %self.resolved.display(), error = %e, "left directory in place")
+            }
+        }
+    }
+
+    /// Removes what a publication made here once it is unmounted: its empty directory, or the
+    /// empty file a block volume was bound onto. Anything else stays.
+    pub(crate) fn remove_target(&self) {
+        let Ok(Some(parent)) = self.parent_dir(false) else {
+            return;
+        };
+        let Ok(st) = rfs::statat(&parent, self.name(), AtFlags::SYMLINK_NOFOLLOW) else {
+            return;
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => self.remove_dir_if_empty(),
+            FileType::RegularFile if st.st_size == 0 => {
+                let _ = rfs::unlinkat(&parent, self.name(), AtFlags::empty());
+            }
+            _ => {}
+        }
     }
 }
 
-/// Removes what a publication made at `target` once it is unmounted: its empty directory, or
-/// the empty file a block volume was bound onto. Anything else stays.
-pub(crate) fn remove_target(target: &Path) {
-    match std::fs::symlink_metadata(target) {
-        Ok(md) if md.is_dir() => remove_dir_if_empty(target),
-        Ok(md) if md.is_file() && md.len() == 0 => {
-            let _ = std::fs::remove_file(target);
-        }
-        _ => {}
+/// A mount point opened from a [`NodePath`]: mounts go onto its descriptor.
+#[derive(Debug)]
+pub(crate) struct MountPoint {
+    parent: OwnedFd,
+    name: OsString,
+    fd: OwnedFd,
+    /// The resolved path, for messages (mountinfo shows the mount there).
+    pub path: PathBuf,
+}
+
+impl MountPoint {
+    /// The path mount(2) reaches this very directory or file by, whatever happens to the path's
+    /// parents meanwhile.
+    pub fn proc_path(&self) -> PathBuf {
+        proc_fd(&self.fd)
+    }
+
+    fn file_type(&self) -> Result<FileType> {
+        let st = rfs::fstat(&self.fd).context(|| format!("stat {}", self.path.display()))?;
+        Ok(FileType::from_raw_mode(st.st_mode))
+    }
+
+    /// Opens the name again in the same parent: after a mount onto it, the root of that mount
+    /// (the lookup crosses into it), to change the mount's flags.
+    pub fn reopen(&self) -> Result<OwnedFd> {
+        rfs::openat(
+            &self.parent,
+            &self.name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .context(|| format!("open {}", self.path.display()))
     }
 }
 
-/// Whether something exists at `path`.
-pub(crate) fn exists(path: &Path) -> bool {
-    path.exists()
+/// `/proc/self/fd/N` for `fd`.
+pub(crate) fn proc_fd(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Where the directory open as `fd` is, as the kernel names it.
+fn fd_path(fd: &OwnedFd) -> std::io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let target = rfs::readlink(proc_fd(fd), Vec::new())?;
+    Ok(PathBuf::from(OsString::from_vec(target.into_bytes())))
+}
+
+/// The checks on a resolved path (see the module documentation).
+fn check_resolved(
+    what: &'static str,
+    given: &Path,
+    resolved: &Path,
+    rules: &Rules<'_>,
+) -> Result<()> {
+    let shown = || {
+        if resolved == given {
+            given.display().to_string()
+        } else {
+            format!("{} (resolved: {})", given.display(), resolved.display())
+        }
+    };
+    let text = resolved.as_os_str().as_encoded_bytes();
+    if !resolved.is_absolute() || text.ends_with(b" (deleted)") {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "{} was removed while it was being resolved",
+                given.display()
+            ),
+        ));
+    }
+    if let Some(dir) = validate::system_dir(resolved) {
+        return Err(Error::invalid(
+            what,
+            format!("{} is in system directory {dir}", shown()),
+        ));
+    }
+    if resolved.starts_with(rules.pool) || rules.pool.starts_with(resolved) {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "{} is inside or above the pool {}; volumes are never mounted there",
+                shown(),
+                rules.pool.display()
+            ),
+        ));
+    }
+    if !rules.prefixes.is_empty() {
+        let under = |p: &Path| resolved.starts_with(p) && resolved != p;
+        let inside = rules.prefixes.iter().any(|p| {
+            // The prefix as configured, and where it really is (kubelet's root may be a link).
+            under(p) || std::fs::canonicalize(p).is_ok_and(|c| under(&c))
+        });
+        if !inside {
+            let allowed: Vec<String> = rules
+                .prefixes
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "{} is outside the allowed directories {}",
+                    shown(),
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a volume path a caller names is, for a stats call.
@@ -82,12 +472,38 @@ pub(crate) enum PathKind {
     Directory,
 }
 
-pub(crate) fn kind_of(path: &Path) -> PathKind {
-    match std::fs::metadata(path) {
+/// A caller's volume path for a read (stats): its parents' links resolved like
+/// [`NodePath::resolve`]'s, its last component not followed, and what is there. `None` when it
+/// cannot be resolved (it does not exist, or is no path at all).
+pub(crate) fn resolve_for_reading(path: &Path) -> Option<(PathBuf, PathKind)> {
+    let (parent, name) = (path.parent()?, path.file_name()?);
+    let dir = rfs::open(
+        parent,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let resolved = fd_path(&dir).ok()?.join(name);
+    let kind = match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Err(_) => PathKind::Missing,
-        Ok(md) if md.file_type().is_block_device() || md.is_file() => PathKind::FileOrDevice,
-        Ok(_) => PathKind::Directory,
-    }
+        Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => PathKind::Directory,
+            FileType::RegularFile | FileType::BlockDevice => PathKind::FileOrDevice,
+            _ => PathKind::Missing,
+        },
+    };
+    Some((resolved, kind))
+}
+
+/// Opens the root of the filesystem mounted at `mount_point` (a path mountinfo gave: the
+/// kernel's), for binding from and for an fsGroup.
+pub(crate) fn open_mount_root(mount_point: &Path) -> Result<OwnedFd> {
+    rfs::open(
+        mount_point,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .context(|| format!("open {}", mount_point.display()))
 }
 
 /// Whether the filesystem mounted at `mount_point` answers EIO (the kernel shut it down).
@@ -95,18 +511,14 @@ pub(crate) fn answers_eio(mount_point: &Path) -> bool {
     std::fs::metadata(mount_point).is_err_and(|e| e.raw_os_error() == Some(libc::EIO))
 }
 
-/// Gives group `gid` the volume's root directory (setgid, group rwx): new files inherit the
-/// group, so a pod's fsGroup can write without a recursive chown of existing data.
-pub(crate) fn apply_fs_group(root: &Path, gid: u32) -> Result<()> {
-    nix::unistd::chown(root, None, Some(nix::unistd::Gid::from_raw(gid)))
-        .context(|| format!("chown {} to group {gid}", root.display()))?;
-    let mode = std::fs::metadata(root)
-        .context(|| format!("stat {}", root.display()))?
-        .permissions()
-        .mode();
-    std::fs::set_permissions(
-        root,
-        std::fs::Permissions::from_mode((mode & 0o7777) | 0o2070),
-    )
-    .context(|| format!("chmod {}", root.display()))
+/// Gives group `gid` the volume's root directory open as `root` (setgid, group rwx): new files
+/// inherit the group, so a pod's fsGroup can write without a recursive chown of existing data.
+pub(crate) fn apply_fs_group(root: &OwnedFd, shown: &Path, gid: u32) -> Result<()> {
+    rfs::fchown(root, None, Some(rfs::Gid::from_raw(gid)))
+        .context(|| format!("chown {} to group {gid}", shown.display()))?;
+    let mode = rfs::fstat(root)
+        .context(|| format!("stat {}", shown.display()))?
+        .st_mode;
+    rfs::fchmod(root, Mode::from_raw_mode((mode & 0o7777) | 0o2070))
+        .context(|| format!("chmod {}", shown.display()))
 }

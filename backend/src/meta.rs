@@ -158,6 +158,35 @@ pub struct SnapshotMeta {
     pub group_id: Option<GroupSnapshotId>,
 }
 
+/// What the typed fields of a record cannot say about it: a schema this release reads, names
+/// within the caller's limits. (Every ID and node name is typed, so deserializing checked those.)
+fn check_record(schema: u32, name: &str, holds: &[&Hold]) -> std::result::Result<(), String> {
+    if schema == 0 || schema > SCHEMA_VERSION {
+        return Err(format!(
+            "schema {schema} is not one this release reads (1 to {SCHEMA_VERSION})"
+        ));
+    }
+    crate::validate::check_name("name", name).map_err(|e| e.to_string())?;
+    for pv in holds.iter().filter_map(|h| h.pv_name.as_deref()) {
+        crate::validate::check_name("PV name", pv).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+impl VolumeMeta {
+    /// See [`check_record`]; read_record refuses a record that fails it as corrupt.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        let holds: Vec<&Hold> = self.claims.iter().chain(&self.staged).collect();
+        check_record(self.schema, &self.name, &holds)
+    }
+}
+
+impl SnapshotMeta {
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        check_record(self.schema, &self.name, &[])
+    }
+}
+
 pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::error::{Context, Error, Result};
+use crate::host::MountPoint;
 
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,42 +109,64 @@ pub(crate) fn mount_at<'a>(table: &'a [MountEntry], path: &Path) -> Option<&'a M
     table.iter().rev().find(|m| m.mount_point == path)
 }
 
-/// Mounts `source` (a block device) of type `fs_type` at `target`.
+/// Mounts `source` (a block device) of type `fs_type` onto the opened mount point `target`
+/// (through its descriptor: nothing swapped into the path since it was resolved can get it).
 pub(crate) fn mount_fs(
     source: &Path,
-    target: &Path,
+    target: &MountPoint,
     fs_type: &str,
     flags: MsFlags,
     data: &str,
 ) -> Result<()> {
     let data = (!data.is_empty()).then_some(data);
-    nix::mount::mount(Some(source), target, Some(fs_type), flags, data).context(|| {
+    nix::mount::mount(
+        Some(source),
+        &target.proc_path(),
+        Some(fs_type),
+        flags,
+        data,
+    )
+    .context(|| {
         format!(
             "mount {} ({fs_type}) at {}",
             source.display(),
-            target.display()
+            target.path.display()
         )
     })
 }
 
-/// Bind-mounts `source` onto `target`, then applies `flags` (read-only, nodev, ...) to the bind:
-/// a bind ignores flags on its first call, so they need a remount of the bind itself.
-pub(crate) fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
+/// Bind-mounts `source` (a path the kernel names: `/proc/self/fd/N` of an opened directory, or a
+/// device node; `shown` for messages) onto the opened mount point `target`, then applies `flags`
+/// (read-only, nodev, ...) to the bind: a bind ignores flags on its first call, so they need a
+/// remount of the bind itself, reached by opening the name again in the same parent.
+pub(crate) fn bind(source: &Path, shown: &Path, target: &MountPoint, flags: MsFlags) -> Result<()> {
     nix::mount::mount(
         Some(source),
-        target,
+        &target.proc_path(),
         None::<&str>,
         MsFlags::MS_BIND,
         None::<&str>,
     )
-    .context(|| format!("bind {} onto {}", source.display(), target.display()))?;
+    .context(|| format!("bind {} onto {}", shown.display(), target.path.display()))?;
     if !flags.is_empty() {
         let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
-        if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, remount, None::<&str>)
-        {
+        let result = target.reopen().and_then(|bound| {
+            nix::mount::mount(
+                None::<&str>,
+                &crate::host::proc_fd(&bound),
+                None::<&str>,
+                remount,
+                None::<&str>,
+            )
+            .context(|| format!("remount bind {} with {flags:?}", target.path.display()))
+        });
+        if let Err(e) = result {
             // Never leave a writable bind where a read-only one was asked for.
-            let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
-            return Err(e).context(|| format!("remount bind {} with {flags:?}", target.display()));
+            let _ = nix::mount::umount2(
+                &target.path,
+                MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
+            );
+            return Err(e);
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
-use crate::pool::{fsops, Charge, Pool};
+use crate::pool::{fsops::PoolFs, layout, Charge, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
 
@@ -195,16 +195,17 @@ impl Pool {
             .iter()
             .map(|m| self.volume(&m.source))
             .collect::<Result<_>>()?;
+        let fs = self.fs()?;
         for m in &todo {
-            let dir = self.snapshot_dir(&m.id);
-            if fsops::exists(&dir) {
+            let dir = layout::snapshot_dir(&m.id);
+            if fs.exists(&dir)? {
                 self.remove_dir_atomically(&dir)?; // leftovers of an interrupted attempt
             }
-            fsops::create_dirs(&dir)?;
+            fs.ensure_dir(&dir)?;
         }
-        if let Err(e) = self.copy_members(&todo, &sources) {
+        if let Err(e) = self.copy_members(&fs, &todo, &sources) {
             for m in &todo {
-                if let Err(undo) = self.remove_dir_atomically(&self.snapshot_dir(&m.id)) {
+                if let Err(undo) = self.remove_dir_atomically(&layout::snapshot_dir(&m.id)) {
                     tracing::warn!(snapshot = %m.id, error = %undo, "could not remove a failed snapshot");
                 }
             }
@@ -216,11 +217,13 @@ impl Pool {
                 continue;
             }
             let source = made.next().expect("one source per snapshot to take");
-            let tmp = self.snapshot_dir(&m.id).join("image.tmp");
-            fsops::rename(&tmp, &self.snapshot_image(&m.id)).map_err(|e| Error::Io {
-                context: format!("commit image of snapshot {}", m.id),
-                source: e,
-            })?;
+            let tmp = layout::snapshot_image_tmp(&m.id);
+            if !fs.rename(&tmp, &layout::snapshot_image(&m.id))? {
+                return Err(Error::precondition(format!(
+                    "the image of snapshot {} vanished before it was committed",
+                    m.id
+                )));
+            }
             let meta = SnapshotMeta {
                 schema: meta::SCHEMA_VERSION,
                 id: m.id.clone(),
@@ -231,7 +234,7 @@ impl Pool {
                 created_unix: meta::now_unix(),
                 group_id: group_id.cloned(),
             };
-            fsops::write_json(&self.snapshot_meta_path(&m.id), &meta)?;
+            fs.write_json(&layout::snapshot_meta(&m.id), &meta)?;
             *slot = Some(meta);
         }
         Ok(done.into_iter().flatten().collect())
@@ -243,29 +246,30 @@ impl Pool {
     /// those blocks for its next write over them: charged to the source's allocation); a data
     /// copy takes its space now (charged as space taken, preallocated under the lock and
     /// filled after it).
-    fn copy_members(&self, todo: &[&Member], sources: &[Volume<'_>]) -> Result<()> {
+    fn copy_members(&self, fs: &PoolFs, todo: &[&Member], sources: &[Volume<'_>]) -> Result<()> {
         let view = KernelView::read()?;
         let frozen_sources: Vec<(&VolumeId, _)> = sources
             .iter()
-            .map(|v| (v.id(), view.devices_of(v.image().as_ref())))
-            .collect();
+            .map(|v| Ok((v.id(), view.devices_of(v.image()?.as_ref()))))
+            .collect::<Result<_>>()?;
         let _frozen = freeze::freeze(&view, &frozen_sources)?;
-        let shared_blocks = fsops::may_share_blocks(self.root());
+        let shared_blocks = fs.may_share_blocks();
         let mut to_copy = Vec::new();
         {
             let mut admission = self.admission()?;
             for (m, source) in todo.iter().zip(sources) {
-                let image = self.volume_image(&m.source);
-                let input = fsops::open_image(&image, true)?;
-                let output = fsops::create_image(&self.snapshot_dir(&m.id).join("image.tmp"))?;
+                let image = layout::volume_image(&m.source);
+                let input = fs.open_image(&image, true)?;
+                let output = fs.create_image(&layout::snapshot_image_tmp(&m.id))?;
                 let what = format!("snapshot {} of volume {}", m.id, m.source);
-                let own = fsops::image_space(&image, shared_blocks).map_or(0, |s| s.own);
+                // Measured before the reflink: what the source owns alone becomes shared.
+                let own = fs.image_space(&image, shared_blocks)?.map_or(0, |s| s.own);
                 if copy::reflink(&input, &output, &what)? {
                     admission.admit(Charge::new(source.meta().allocation, own), &what)?;
                     tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Reflink, "copied image");
                 } else {
                     let data = extents::data_bytes(&input).map_err(|e| Error::Io {
-                        context: format!("map the data of {}", image.display()),
+                        context: format!("map the data of {}", fs.path(&image).display()),
                         source: e,
                     })?;
                     admission.admit(Charge::now(data), &what)?;
@@ -279,11 +283,11 @@ impl Pool {
             tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Sparse, "copied image");
         }
         for m in todo {
-            let tmp = self.snapshot_dir(&m.id).join("image.tmp");
-            fsops::open_image(&tmp, false)?
+            let tmp = layout::snapshot_image_tmp(&m.id);
+            fs.open_image(&tmp, false)?
                 .sync_all()
                 .map_err(|e| Error::Io {
-                    context: format!("fsync {}", tmp.display()),
+                    context: format!("fsync {}", fs.path(&tmp).display()),
                     source: e,
                 })?;
         }
@@ -293,8 +297,8 @@ impl Pool {
     /// Deletes a snapshot; unknown IDs succeed. Volumes restored from it are independent copies,
     /// so a snapshot is never in use.
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let dir = self.snapshot_dir(id);
-        if !fsops::exists(&dir) {
+        let dir = layout::snapshot_dir(id);
+        if !self.fs()?.exists(&dir)? {
             return Ok(());
         }
         let _guard = self.lock_snapshot(id)?;

@@ -17,18 +17,28 @@ pub mod loopdev {
 
     /// The loop devices bound to the file at `image` (by path or by identity).
     pub fn find(image: &Path) -> Result<Vec<LoopDevice>> {
-        let Some(st) = crate::pool::fsops::stat_image(image) else {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::metadata(image) else {
             return Ok(Vec::new());
+        };
+        let id = crate::loopdev::FileId {
+            dev: md.dev(),
+            ino: md.ino(),
         };
         Ok(list()?
             .into_iter()
-            .filter(|d| d.is_backed_by(image, st.id))
+            .filter(|d| d.is_backed_by(image, id))
             .collect())
     }
 
     /// Attaches `image` (any file) to a free loop device.
     pub fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
-        let file = crate::pool::fsops::open_image(image, read_only)?;
+        use crate::error::Context;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(image)
+            .context(|| format!("open {}", image.display()))?;
         crate::loopdev::attach(&file, image, read_only)
     }
 
@@ -74,7 +84,10 @@ pub mod mount {
         flags: MsFlags,
         data: &str,
     ) -> Result<()> {
-        crate::mount::mount_fs(source, target, fs_type, flags, data)
+        use crate::error::Context;
+        let data = (!data.is_empty()).then_some(data);
+        nix::mount::mount(Some(source), target, Some(fs_type), flags, data)
+            .context(|| format!("mount {} at {}", source.display(), target.display()))
     }
 
     /// Unmounts `target` (not mounted: done).

@@ -201,26 +201,91 @@ const FORBIDDEN_OPTIONS: &[&str] = &[
     "sizelimit",
 ];
 
+/// Keys whose value names a device or a file outside the volume (an external journal or log,
+/// another device of a btrfs): a volume must never reach beyond its own image. The value need
+/// not contain a `/` (the kernel resolves `logdev=sdb` from the working directory, and takes
+/// `journal_dev=` as a device number).
+const DEVICE_KEYS: &[&str] = &["device", "journal_dev", "journal_path", "logdev", "rtdev"];
+
+/// Options that can crash or hang the node, or debugging aids that inject faults, with why:
+/// (key, the value that is refused or `None` for any, why).
+const DANGEROUS_OPTIONS: &[(&str, Option<&str>, &str)] = &[
+    // ext2/3/4: the first filesystem error panics the kernel (a full thin pool can cause one).
+    (
+        "errors",
+        Some("panic"),
+        "panics the node on the first filesystem error",
+    ),
+    // btrfs: the same for its fatal errors.
+    (
+        "fatal_errors",
+        Some("panic"),
+        "panics the node on a fatal filesystem error",
+    ),
+    // ext4 debugging aids: abort the filesystem at mount, fake encryption, replay faults.
+    ("abort", None, "aborts the filesystem (a debugging aid)"),
+    ("test_dummy_encryption", None, "is a debugging aid"),
+    ("fc_debug_force", None, "is a debugging aid"),
+    (
+        "fc_debug_max_replay",
+        None,
+        "injects journal replay faults (a debugging aid)",
+    ),
+    ("debug_want_extra_isize", None, "is a debugging aid"),
+    // btrfs debugging aids (CONFIG_BTRFS_DEBUG / integrity checker): fragment every allocation,
+    // verify every reference, check every write: fault injection and node-wide slowdowns.
+    ("fragment", None, "injects fragmentation (a debugging aid)"),
+    ("ref_verify", None, "is a debugging aid"),
+    ("check_int", None, "is a debugging aid"),
+    ("check_int_data", None, "is a debugging aid"),
+    ("check_int_print_mask", None, "is a debugging aid"),
+];
+
 /// Checks user mount options. Each is a flag or `key=value` of a plain charset; anything naming a
-/// path (`device=/dev/sdb`, `logdev=`, `journal_path=`) or changing the kind of mount is refused,
-/// because it would let a volume reach beyond its own image.
+/// path or a device (`device=`, `logdev=`, `journal_path=`, ...), changing the kind of mount, or
+/// able to crash or hang the node (`errors=panic`, debugging aids) is refused, matched without
+/// regard to case. Messages name the option's key, never its value (a value may be a secret).
 pub fn check_mount_options(options: &[String]) -> Result<()> {
     for opt in options {
-        let bad = |reason: &str| Error::invalid("mount option", format!("{opt:?}: {reason}"));
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        let shown: String = key
+            .chars()
+            .take(64)
+            .collect::<String>()
+            .escape_debug()
+            .to_string();
+        let bad = |reason: &str| Error::invalid("mount option", format!("\"{shown}\": {reason}"));
         if opt.is_empty() {
-            return Err(bad("empty"));
+            return Err(Error::invalid("mount option", "empty"));
         }
         if opt.len() > 256 {
             return Err(bad("longer than 256 bytes"));
         }
-        if let Some(c) = opt.chars().find(|c| {
-            !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '=' | ':' | '+'))
-        }) {
-            return Err(bad(&format!("character {c:?} is not allowed")));
+        if !opt
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '=' | ':' | '+'))
+        {
+            return Err(bad(
+                "contains a character that is not allowed (letters, digits, '_-.=:+')",
+            ));
         }
-        let key = opt.split('=').next().unwrap_or_default();
-        if FORBIDDEN_OPTIONS.contains(&key) {
+        let key_lower = key.to_ascii_lowercase();
+        let value_lower = value.map(str::to_ascii_lowercase);
+        if FORBIDDEN_OPTIONS.contains(&key_lower.as_str()) {
             return Err(bad("changes what is mounted; not allowed"));
+        }
+        if DEVICE_KEYS.contains(&key_lower.as_str()) {
+            return Err(bad(
+                "names a device or file outside the volume; not allowed",
+            ));
+        }
+        if let Some((_, _, why)) = DANGEROUS_OPTIONS.iter().find(|(k, v, _)| {
+            *k == key_lower && v.is_none_or(|v| value_lower.as_deref() == Some(v))
+        }) {
+            return Err(bad(&format!("{why}; not allowed")));
         }
     }
     Ok(())
@@ -255,6 +320,11 @@ const SYSTEM_DIRS: &[&str] = &[
     "/usr",
 ];
 
+/// The system directory `path` is in (or is), if any.
+pub(crate) fn system_dir(path: &Path) -> Option<&'static str> {
+    SYSTEM_DIRS.iter().find(|d| path.starts_with(d)).copied()
+}
+
 /// Checks a staging or target path from a caller: absolute, normalized (no `.`/`..`, no `//`, no
 /// trailing `/`), no NUL, not `/` or a system directory, and (when `prefixes` is not empty) under
 /// one of `prefixes`.
@@ -287,7 +357,7 @@ pub fn check_path(what: &'static str, path: &Path, prefixes: &[PathBuf]) -> Resu
     if path == Path::new("/") {
         return Err(Error::invalid(what, "must not be /"));
     }
-    if let Some(dir) = SYSTEM_DIRS.iter().find(|d| path.starts_with(d)) {
+    if let Some(dir) = system_dir(path) {
         return Err(Error::invalid(
             what,
             format!("{shown} is in system directory {dir}"),
@@ -382,23 +452,58 @@ mod tests {
 
     #[test]
     fn mount_options() {
-        parse_mount_options("noatime, discard,commit=30,compress=zstd:3").unwrap();
-        for bad in [
-            "bind",
-            "remount",
-            "device=/dev/sda",
-            "logdev=/dev/x",
-            "a b",
-            "x;y",
-            "loop",
-            "offset=4",
+        parse_mount_options("noatime, discard,commit=30,compress=zstd:3,errors=remount-ro")
+            .unwrap();
+        // (option, accepted)
+        let table = [
+            ("noatime", true),
+            ("errors=remount-ro", true),
+            ("errors=continue", true),
+            ("data=ordered", true),
+            ("bind", false),
+            ("BIND", false),
+            ("remount", false),
+            ("device=/dev/sda", false),
+            ("device=sdb", false),
+            ("logdev=/dev/x", false),
+            ("LogDev=sdb", false),
+            ("rtdev=sdc", false),
+            ("journal_dev=2049", false),
+            ("journal_path=x", false),
+            ("errors=panic", false),
+            ("ERRORS=PANIC", false),
+            ("Errors=Panic", false),
+            ("fatal_errors=panic", false),
+            ("fatal_errors=bug", true),
+            ("abort", false),
+            ("test_dummy_encryption", false),
+            ("fc_debug_max_replay=3", false),
+            ("fragment=all", false),
+            ("ref_verify", false),
+            ("check_int", false),
+            ("a b", false),
+            ("x;y", false),
+            ("loop", false),
+            ("offset=4", false),
+            ("", false),
+        ];
+        crate::table::check(table, |opt| check_mount_options(&[opt.to_string()]).is_ok());
+        // Messages name the key, never the value (it may be a secret).
+        for opt in [
+            "password=hunter2;x",
+            "errors=panic",
+            "device=hunter2",
+            "x b=hunter2",
         ] {
+            let err = check_mount_options(&[opt.to_string()])
+                .unwrap_err()
+                .to_string();
             assert!(
-                check_mount_options(&[bad.to_string()]).is_err(),
-                "{bad:?} accepted"
+                !err.contains("hunter2") && !err.contains("panic\""),
+                "{opt}: {err}"
             );
+            assert!(err.contains("mount option"), "{err}");
         }
-        assert!(check_mount_options(&[String::new()]).is_err());
     }
 
     #[test]

@@ -53,20 +53,42 @@ impl<'a> Args<'a> {
         })
     }
 
+    /// An argument that is not the JSON options: refused, without echoing it, unless it is plain
+    /// text (see [`options::is_plain`]); JSON or option text here is a caller's mistake that
+    /// must not put secrets into a reply or a log.
+    fn plain(&self, i: usize, what: &str) -> Result<&'a str, CallError> {
+        let arg = self.get(i, what)?;
+        if !crate::options::is_plain(arg) {
+            return Err(CallError::invalid(format!(
+                "{} needs {what} as argument {} but got {} bytes that are not one (JSON \
+                 options, or characters no path or name has; not shown); usage: {} {}",
+                self.call,
+                i + 1,
+                arg.len(),
+                self.call,
+                self.usage
+            )));
+        }
+        Ok(arg)
+    }
+
     fn options(&self, i: usize) -> Result<Options, CallError> {
         Ok(Options::parse(self.get(i, "the JSON options")?)?)
     }
 
     /// A path argument: absolute and normalized, not a system directory.
     fn path(&self, i: usize, what: &'static str) -> Result<PathBuf, CallError> {
-        let p = PathBuf::from(self.get(i, what)?);
+        let p = PathBuf::from(self.plain(i, what)?);
         validate::check_path(what, &p, &[])?;
         Ok(p)
     }
 
     fn node(&self, i: usize) -> Result<NodeName, CallError> {
-        let node = self.get(i, "the node name")?;
-        Ok(NodeName::parse("node name", node)?)
+        // The one rule for node names first (its messages never echo the name), then: no JSON
+        // or option text, which a misordered call could put here and a message would echo.
+        let node = NodeName::parse("node name", self.get(i, "the node name")?)?;
+        self.plain(i, "the node name")?;
+        Ok(node)
     }
 }
 
@@ -187,8 +209,8 @@ impl Driver<'_> {
     pub fn expandfs(&self, a: &Args) -> CallResult {
         let options = a.options(0)?;
         let id = VolumeId::try_from(options.volume_id()?.as_str())?;
-        let mount_path = a.get(2, "the device mount path")?;
-        let new_size = a.get(3, "the new size in bytes")?;
+        let mount_path = a.plain(2, "the device mount path")?;
+        let new_size = a.plain(3, "the new size in bytes")?;
         let new_size: u64 = new_size.parse().map_err(|_| {
             CallError::invalid(format!(
                 "the new size must be a number of bytes, not {new_size:?}"
@@ -206,10 +228,11 @@ impl Driver<'_> {
         // kubelet passes the device mount path, or the pod's dir; if the volume is not mounted
         // there, grow it wherever this node mounts it.
         let at = match mount_path {
-            Some(p) if pool.volume_at(&p)?.as_ref() == Some(&id) => {
-                Some(pool.node_path("device mount path", p)?)
+            Some(p) => {
+                let p = pool.node_path("device mount path", p)?;
+                (pool.volume_at(&p)?.as_ref() == Some(&id)).then_some(p)
             }
-            _ => None,
+            None => None,
         };
         // FlexVolume has no controller expansion: the node grows the image too.
         let device_size = volume.node_expand(at.as_ref(), SizeRequest::at_least(new_size), true)?;
@@ -247,7 +270,7 @@ impl Driver<'_> {
 
     /// `detach <pvName> <nodeName>`: releases the node's claim made for that PV. Unknown: done.
     pub fn detach(&self, a: &Args) -> CallResult {
-        let pv = a.get(0, "the volume name")?;
+        let pv = a.plain(0, "the volume name")?;
         validate::check_name("volume name", pv)?;
         let node = a.node(1)?;
         let pool = self.pool()?;
@@ -267,7 +290,7 @@ impl Driver<'_> {
 
     /// `waitforattach <device> <json>` (kubelet, on the node): attaches the loop device.
     pub fn waitforattach(&self, a: &Args) -> CallResult {
-        let handle = a.get(0, "the device")?;
+        let handle = a.plain(0, "the device")?;
         let req = Request::parse(&a.options(1)?)?;
         check_handle(handle, &req.id)?;
         let pool = self.pool()?;
@@ -281,7 +304,7 @@ impl Driver<'_> {
     /// unmountdevice for a path that is not mounted.
     pub fn mountdevice(&self, a: &Args) -> CallResult {
         let path = a.path(0, "device mount path")?;
-        let handle = a.get(1, "the device")?;
+        let handle = a.plain(1, "the device")?;
         let req = Request::parse(&a.options(2)?)?;
         check_handle(handle, &req.id)?;
         let pool = self.pool()?;

@@ -165,21 +165,10 @@ fn dispatch(d: &Driver, call: &str, rest: &[String]) -> Result<Reply, CallError>
     }
 }
 
-/// The arguments for the log: JSON options with their secrets redacted, never the raw text.
+/// The arguments for the log: each plain one as it is; the JSON options, and anything else that
+/// could carry them (whatever its position or leading bytes), only by its length. A redacted
+/// view is not enough: `mountOptions` values, for one, are secrets under no secret key.
 fn loggable(args: &[String]) -> String {
-    let shown: Vec<String> = args
-        .iter()
-        .map(|a| {
-            let t = a.trim_start();
-            if t.starts_with('{') || t.starts_with('[') {
-                match options::Options::parse(a) {
-                    Ok(o) => o.redacted().to_string(),
-                    Err(_) => format!("<{} bytes of unusable JSON>", a.len()),
-                }
-            } else {
-                format!("{a:?}")
-            }
-        })
-        .collect();
+    let shown: Vec<String> = args.iter().map(|a| options::shown_arg(a)).collect();
     format!("[{}]", shown.join(", "))
 }

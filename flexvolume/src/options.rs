@@ -189,6 +189,26 @@ impl Options {
     }
 }
 
+/// Whether an argument may be shown (logged, or echoed in a reply) as it is: a path, a node or
+/// volume name, a device, a size. Anything else (the JSON options, option text, a leading BOM or
+/// whitespace, quotes, `=`, `,`, control characters, more than 4096 bytes) may carry secrets and
+/// is shown only by its length ([`shown_arg`]).
+pub fn is_plain(arg: &str) -> bool {
+    arg.len() <= 4096
+        && arg.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | ':' | '~' | '+' | '@')
+        })
+}
+
+/// An argument as logs and replies show it: as it is when [`is_plain`], else its length only.
+pub fn shown_arg(arg: &str) -> String {
+    if is_plain(arg) {
+        format!("{arg:?}")
+    } else {
+        format!("<{} bytes, not shown>", arg.len())
+    }
+}
+
 /// Whether a key's value must never be logged: kubelet's secrets, and anything in the user's
 /// options whose name says it is one.
 pub fn is_secret(key: &str) -> bool {
@@ -369,6 +389,36 @@ mod tests {
         assert!(message(sent.volume_id().unwrap_err()).contains("no volume named"));
         let options = pv_options(r#"{"size":"1Gi","volumeID":"v"}"#);
         assert_eq!(options.keys().collect::<Vec<_>>(), ["size", "volumeID"]);
+    }
+
+    #[test]
+    fn only_plain_arguments_are_shown() {
+        // (argument, shown as it is)
+        let table = [
+            ("/var/lib/kubelet/pods/u/volumes/loopvol~loopvol/pv-1", true),
+            ("node-a.example.com", true),
+            ("loopvol:pv-1", true),
+            ("1073741824", true),
+            ("", true),
+            (r#"{"kubernetes.io/secret/password":"aHVudGVy"}"#, false),
+            ("\u{feff}{\"mountOptions\":\"password=hunter2\"}", false),
+            ("  {\"a\":1}", false),
+            ("password=hunter2", false),
+            ("noatime,password=x", false),
+            ("a\nb", false),
+            ("/path with space", false),
+        ];
+        for (arg, plain) in table {
+            assert_eq!(is_plain(arg), plain, "{arg:?}");
+            let shown = shown_arg(arg);
+            assert_eq!(!shown.contains("not shown"), plain, "{arg:?}: {shown}");
+            if !plain {
+                assert!(
+                    !shown.contains("hunter") && !shown.contains("aHVudGVy"),
+                    "{shown}"
+                );
+            }
+        }
     }
 
     #[test]

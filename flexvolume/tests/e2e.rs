@@ -600,7 +600,8 @@ fn node_mode_lifecycle_ext4() {
     flex.ok(&["unmount", &s.path("pods/uid-10/gone").display().to_string()]);
     s.assert_clean("left behind");
     assert_no_secrets_logged(&s);
-    assert!(log_text(&s).contains("<redacted>"));
+    // The options argument is logged by its length only (issue 12).
+    assert!(log_text(&s).contains("bytes, not shown"));
 }
 
 fn libc_erofs() -> i32 {
@@ -1152,4 +1153,135 @@ fn detach_alone_releases_a_rebooted_node() {
     node_a.ok(&["unmountdevice", &dmp("node-a")]);
     cm.ok(&["detach", "pv-rb", "node-a"]);
     s.assert_clean("left behind");
+}
+
+/// Issue 12: no argument carrying options or JSON is ever logged or echoed, whatever its position
+/// or leading bytes (a BOM, whitespace), and a mount option's value (`password=...`) is never in
+/// a reply or the log either.
+#[test]
+fn arguments_with_options_are_never_logged_or_echoed() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = node_mode(&s);
+    let pod = mkdir(&s.path("pods/p/volumes/loopvol~loopvol/pv"));
+    let options = kubelet_mount_options(
+        "pv",
+        "ext4",
+        "rw",
+        json!({"size": "64Mi", "mountOptions": format!("password={SECRET}")}),
+    );
+    let cases: Vec<Vec<String>> = vec![
+        // The options with a BOM, and with leading whitespace.
+        vec!["mount".into(), pod.clone(), format!("\u{feff}{options}")],
+        vec!["mount".into(), pod.clone(), format!(" \n{options}")],
+        // JSON where the pod dir belongs, and where a node name, a device and a size belong.
+        vec!["mount".into(), options.clone(), pod.clone()],
+        vec!["unmount".into(), options.clone()],
+        vec!["isattached".into(), options.clone(), options.clone()],
+        vec![
+            "expandfs".into(),
+            options.clone(),
+            "".into(),
+            pod.clone(),
+            options.clone(),
+            "1".into(),
+        ],
+        // A valid call whose mount option carries the secret: the mount fails, quietly.
+        vec!["mount".into(), pod.clone(), options.clone()],
+    ];
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = flex.call(&args);
+        let text = reply.to_string();
+        assert!(
+            !text.contains(SECRET) && !text.contains(SECRET_B64) && !text.contains("ZmxleHVzZXI="),
+            "{:?}: the reply echoes a secret: {text}",
+            &args[..1]
+        );
+    }
+    assert_no_secrets_logged(&s);
+    assert!(
+        !log_text(&s).contains("password="),
+        "a mount option's value reached the log"
+    );
+    s.assert_clean("after the calls");
+}
+
+/// Issue 12: the kubelet root is a symlink (`/var/lib/kubelet -> /data/kubelet`): node mode's
+/// mount and unmount, and attach mode's mountdevice, mount, unmount, unmountdevice, all work
+/// through it and leave nothing behind.
+#[test]
+fn a_symlinked_kubelet_root_works_in_both_modes() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let real = s.path("data/kubelet");
+    std::fs::create_dir_all(&real).unwrap();
+    let root = s.path("var-lib-kubelet");
+    std::os::unix::fs::symlink(&real, &root).unwrap();
+
+    let flex = node_mode(&s);
+    let pod = root.join("pods/uid-1/volumes/loopvol~loopvol/pv-a");
+    std::fs::create_dir_all(&pod).unwrap();
+    let opts = kubelet_mount_options("pv-a", "ext4", "rw", json!({"size": "64Mi"}));
+    flex.ok(&["mount", &pod.display().to_string(), &opts]);
+    write_synced(&pod.join("f"), b"via the link");
+    assert_eq!(
+        std::fs::read(real.join("pods/uid-1/volumes/loopvol~loopvol/pv-a/f")).unwrap(),
+        b"via the link"
+    );
+    flex.ok(&["unmount", &pod.display().to_string()]);
+    s.assert_clean("node mode through the link");
+
+    let attach = Flex::new(EXE, &s, "node-a", true);
+    let aopts = kubelet_attach_options("pv-b", "ext4", "rw", json!({"size": "64Mi"}));
+    let handle = attach.ok(&["attach", &aopts, "node-a"])["device"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    attach.ok(&["waitforattach", &handle, &aopts]);
+    let global = root.join("plugins/loopvol/loopvol/mounts/pv-b");
+    let globals = global.display().to_string();
+    attach.ok(&["mountdevice", &globals, &handle, &aopts]);
+    let pod_b = root.join("pods/uid-2/volumes/loopvol~loopvol/pv-b");
+    std::fs::create_dir_all(&pod_b).unwrap();
+    let pod_bs = pod_b.display().to_string();
+    let mopts = kubelet_mount_options("pv-b", "ext4", "rw", json!({}));
+    attach.ok(&["mount", &pod_bs, &mopts]);
+    write_synced(&pod_b.join("g"), b"attach mode via the link");
+    attach.ok(&["unmount", &pod_bs]);
+    attach.ok(&["unmountdevice", &globals]);
+    attach.ok(&["detach", "pv-b", "node-a"]);
+    s.assert_clean("attach mode through the link");
+}
+
+/// Issue 12: FlexVolume's `<pool>/staging/<node>` planted as a symlink to a directory elsewhere:
+/// `mount` is refused, nothing is staged there, and nothing is left mounted or attached.
+#[test]
+fn a_planted_staging_link_is_refused() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = node_mode(&s);
+    let elsewhere = s.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    // The pool's layout exists once a call opened it.
+    flex.call(&["unmount", &mkdir(&s.path("pods/none/vol"))]);
+    let staging = s.pool().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let _ = std::fs::remove_dir_all(staging.join("node-a"));
+    std::os::unix::fs::symlink(&elsewhere, staging.join("node-a")).unwrap();
+    let pod = mkdir(&s.path("pods/p/volumes/loopvol~loopvol/pv"));
+    let m = flex.fail(&[
+        "mount",
+        &pod,
+        &kubelet_mount_options("pv", "ext4", "rw", json!({"size": "64Mi"})),
+    ]);
+    assert!(m.contains("symbolic link") && m.contains("staging"), "{m}");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    s.assert_clean("after the refused mount");
 }

@@ -25,15 +25,17 @@
 //! (an image at its full length, a reflink, a preallocated copy, a grown image) before releasing
 //! it. The lock is never held around mkfs or a copy of data.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::ids::VolumeId;
 use crate::lock::{self, LockGuard, LockWait};
 use crate::meta::Allocation;
 
-use super::{fsops, Pool};
+use super::{layout, Pool};
 
 const MIB: u64 = 1 << 20;
 /// Never promised: room for metadata writes and for the pool filesystem's own bookkeeping (its
@@ -241,17 +243,30 @@ impl Pool {
     fn promises(&self, classify: bool) -> Result<(u64, u64, Promises, bool)> {
         let overcommit_milli = overcommit_milli(self.options.overcommit);
         let classify = classify || overcommit_milli != 1000;
-        let (size, free) = fsops::fs_size_and_free(&self.root)?;
+        let fs = self.fs()?;
+        let (size, free) = fs.size_and_free()?;
         let reserve = reserve(size);
-        let shared_blocks = fsops::may_share_blocks(&self.root);
+        let shared_blocks = fs.may_share_blocks();
+        // A planted entry (not a volume ID, a link, a device) is no volume's image: it promises
+        // nothing, and is reported by the listings.
+        let space = |rel: &Path| match fs.image_space(rel, shared_blocks) {
+            Ok(space) => space,
+            Err(e) => {
+                tracing::debug!(error = %e, "not counted as an image");
+                None
+            }
+        };
         let (mut thick, mut thin) = (0u64, 0u64);
-        for dir in fsops::list_paths(&self.root.join("volumes")) {
+        for id in fs.list_names(Path::new("volumes"))? {
+            let Ok(id) = VolumeId::try_from(id.as_str()) else {
+                continue;
+            };
             // An image being made counts at its full length, as thick: whatever it becomes, it
             // was admitted for that much.
-            if let Some(tmp) = fsops::image_space(&dir.join("image.tmp"), shared_blocks) {
+            if let Some(tmp) = space(&layout::volume_image_tmp(&id)) {
                 thick = thick.saturating_add(tmp.len.saturating_sub(tmp.own));
             }
-            let Some(image) = fsops::image_space(&dir.join("image"), shared_blocks) else {
+            let Some(image) = space(&layout::volume_image(&id)) else {
                 continue;
             };
             let need = image.len.saturating_sub(image.own);
@@ -260,7 +275,8 @@ impl Pool {
                 continue;
             }
             // Unreadable metadata (or none yet: a create committing it) counts as thick.
-            let class = fsops::read_json::<AllocationOnly>(&dir.join("volume.json"))
+            let class = fs
+                .read_json::<AllocationOnly>(&layout::volume_meta(&id))
                 .ok()
                 .flatten()
                 .map_or(Allocation::Thick, |m| m.allocation);
@@ -281,10 +297,11 @@ impl Pool {
     /// Takes the pool's admission lock and reads the promises under it. Hold the result only
     /// around checking a charge and making it visible on disk.
     pub(crate) fn admission(&self) -> Result<Admission<'_>> {
-        let path = self.root.join("locks").join("space.lock");
+        // Its subject is the volumes directory, which is always there: the file stays.
         let guard = lock::lock(
-            fsops::open_lock(&path)?,
-            &path,
+            &self.fs()?,
+            Path::new("locks/space.lock"),
+            Path::new("volumes"),
             "the pool's space admission",
             LockWait::Bounded(ADMISSION_WAIT),
         )?;

@@ -1,149 +1,97 @@
-//! The one way into the pool's files: every read, write, create, rename and removal of a pool
-//! entry (metadata, images, entry directories, lock files, trash, node records, listings) goes
-//! through these functions, and nothing outside this module calls `std::fs` on a pool path.
+//! The pool-access layer: the one way into the pool's files. Every read, write, create, rename
+//! and removal of a pool entry (metadata, images, entry directories, lock files, trash, node
+//! records, listings) goes through a [`PoolFs`], and nothing outside this module calls `std::fs`
+//! on a pool path (a test greps the backend's sources for it).
 //!
-//! Path-based for now. Issue 12 re-implements this module relative to a directory descriptor of
-//! the pool root (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, file types checked after
-//! open, bounded metadata reads) without changing its callers.
+//! The driver trusts the kernel and the pool root it was given, and nothing inside the pool: on a
+//! shared pool any node's root, or anyone who can write the export, can plant a symbolic link, a
+//! FIFO, a device node, a hard link or garbage anywhere in it. So:
+//!
+//! - every entry is reached relative to a directory descriptor of the root (opened afresh per
+//!   [`PoolFs`], so a remounted pool is seen), with `openat2(RESOLVE_BENEATH |
+//!   RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`; a kernel without `openat2` (before 5.6, or a
+//!   seccomp profile that answers ENOSYS) gets a walk that opens one component at a time with
+//!   `O_NOFOLLOW` (`Resolver::Walk`, tested by forcing it);
+//! - always `O_NONBLOCK | O_CLOEXEC` (a FIFO never blocks an open), then `fstat`: directories
+//!   must be directories, images, metadata and lock files regular files, an image its own file
+//!   (one link); anything else is [`Error::Untrusted`], naming the entry and what it is;
+//! - metadata reads are bounded ([`MAX_METADATA`]); an ESTALE (a record replaced through another
+//!   node of a shared pool) re-opens by path from the root, a bounded number of times;
+//! - temporary, image and lock files are created `O_CREAT | O_EXCL | O_NOFOLLOW`;
+//! - images are opened here and attached from that descriptor (never re-opened by path);
+//! - metadata writes cannot fail for lack of space ([`PoolFs::write_json`]).
+//!
+//! Crates: `rustix` gives every system call used here, safely (`openat2` with `ResolveFlags`,
+//! the `*at` calls, `renameat2(RENAME_EXCHANGE)`, `flock` for `lock.rs`). Evaluated and not
+//! taken: `cap-std`/`cap-fs-ext` keep opens beneath a directory but follow symbolic links that
+//! stay inside it (`FollowSymlinks::No` covers only the last component), so `volumes/<a>` linked
+//! to `volumes/<b>` would give two volumes one image; `pathrs` resolves as if the root were a
+//! chroot (symlinks followed inside it), its no-symlink mode goes through an `O_PATH` handle and
+//! a re-open through procfs (two or three system calls per open where `openat2` is one), and it
+//! adds an MPL/LGPL dependency. Written here, because no crate has them: the `O_NOFOLLOW` walk
+//! (a dozen lines), the type checks, the bounded and ESTALE-retrying read, the fd-relative tree
+//! removal (std's `remove_dir_all` starts from a path whose parents could be swapped), and the
+//! space-safe metadata write.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::io::Errno;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 use crate::loopdev::FileId;
 
-/// Creates the directory `dir` unless it exists.
-pub(crate) fn ensure_dir(dir: &Path) -> std::io::Result<()> {
-    match std::fs::create_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
+/// The largest metadata record read (or written): a `volume.json` is well under 1 KiB, a few KiB
+/// with many holds. A bigger file is refused without being read to its end.
+pub(crate) const MAX_METADATA: u64 = 64 * 1024;
+
+/// The size every metadata record file is padded to (JSON allows trailing whitespace, so older
+/// releases read it as it is). Records that never change size are rewritten without allocating.
+pub(crate) const RECORD_SIZE: usize = 16 * 1024;
+
+/// How often a metadata read that answers ESTALE is re-opened by path before giving up, and the
+/// longest pause between tries: about 2 s in all, twice GlusterFS's default cache timeout.
+const STALE_TRIES: u32 = 16;
+const STALE_MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// Set once `openat2` answered ENOSYS: every later open walks.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+fn resolve_flags() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
 }
 
-/// Creates `dir` and any missing parents.
-pub(crate) fn create_dirs(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).context(|| format!("create {}", dir.display()))
+/// How a relative path is resolved beneath the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resolver {
+    /// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS` (Linux 5.6+).
+    Openat2,
+    /// One `openat(O_NOFOLLOW)` per component: kernels without `openat2`.
+    Walk,
 }
 
-/// Whether `path` exists (a file, a directory, anything).
-pub(crate) fn exists(path: &Path) -> bool {
-    path.exists()
+/// What an entry must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Dir,
+    File,
 }
 
-/// Whether `path` is a directory we may write into (a readiness probe).
-pub(crate) fn check_writable_dir(dir: &Path) -> std::result::Result<(), String> {
-    use nix::unistd::{access, AccessFlags};
-    if !std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
-        return Err(format!("{} is missing", dir.display()));
-    }
-    access(dir, AccessFlags::W_OK | AccessFlags::X_OK)
-        .map_err(|e| format!("{} is not writable: {e}", dir.display()))
-}
-
-/// Reads a JSON record; `Ok(None)` when the file does not exist. A record that does not parse
-/// (or names an invalid ID) is corrupt metadata, naming the file.
-pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).context(|| format!("read {}", path.display())),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::Metadata {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })
-}
-
-/// Replaces `path` with `value` atomically and durably (temp file, fsync, rename, fsync of the
-/// directory): a crash leaves the old record or the new one.
-pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(Error::Metadata {
-            path: path.to_owned(),
-            reason: "not a file in a directory".into(),
-        });
-    };
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let json = serde_json::to_vec_pretty(value).map_err(|e| Error::Metadata {
-        path: path.to_owned(),
-        reason: format!("cannot encode: {e}"),
-    })?;
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .context(|| format!("create {}", tmp.display()))?;
-    file.write_all(&json)
-        .context(|| format!("write {}", tmp.display()))?;
-    file.sync_all()
-        .context(|| format!("fsync {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
-    sync_dir(dir)
-}
-
-/// fsyncs a directory so a rename or create in it survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("fsync {}", dir.display()))
-}
-
-/// Opens (creating if needed) the lock file at `path`.
-pub(crate) fn open_lock(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .context(|| format!("open lock {}", path.display()))
-}
-
-/// Creates the new, empty image file `path` (it must not exist), open for writing.
-pub(crate) fn create_image(path: &Path) -> Result<File> {
-    File::options()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .context(|| format!("create {}", path.display()))
-}
-
-/// Opens an image for reading, and for writing unless `read_only`.
-pub(crate) fn open_image(path: &Path, read_only: bool) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .context(|| format!("open image {}", path.display()))
-}
-
-/// An image's length and allocated bytes.
+/// An image's length, allocated bytes and identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ImageStat {
     pub len: u64,
     pub allocated: u64,
     pub id: FileId,
-}
-
-/// Stats an image; `None` when it does not exist (or cannot be reached).
-pub(crate) fn stat_image(path: &Path) -> Option<ImageStat> {
-    let md = std::fs::metadata(path).ok()?;
-    Some(ImageStat {
-        len: md.len(),
-        allocated: md.blocks().saturating_mul(512),
-        id: FileId {
-            dev: md.dev(),
-            ino: md.ino(),
-        },
-    })
 }
 
 /// An image's length and how many of its allocated bytes are its own: not shared with another
@@ -154,141 +102,753 @@ pub(crate) struct ImageSpace {
     pub own: u64,
 }
 
-/// The [`ImageSpace`] of the image at `path`; `None` when it does not exist (or cannot be
-/// reached). Where the pool's filesystem cannot share blocks (`shared_blocks` false), its
-/// allocated blocks are all its own and no extent map is read.
-pub(crate) fn image_space(path: &Path, shared_blocks: bool) -> Option<ImageSpace> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Not through a symlink, and no FIFO or device: a link planted in the pool is no image.
-    let md = std::fs::symlink_metadata(path)
-        .ok()
-        .filter(|m| m.is_file())?;
-    let allocated = md.blocks().saturating_mul(512).min(md.len());
-    if !shared_blocks || allocated == 0 {
-        return Some(ImageSpace {
-            len: md.len(),
-            own: allocated,
-        });
+/// The pool root, opened: every entry is reached relative to it (see the module documentation).
+/// Paths given to its methods are relative to the root and made of plain components (the
+/// layout's, built from typed IDs).
+#[derive(Debug)]
+pub(crate) struct PoolFs {
+    root: PathBuf,
+    fd: OwnedFd,
+    resolver: Resolver,
+}
+
+impl PoolFs {
+    /// Opens the pool root `root` (trusted: symbolic links in it are followed, as the operator
+    /// configured it). Fails unless it is a directory.
+    pub fn open(root: &Path) -> std::io::Result<PoolFs> {
+        let resolver = if NO_OPENAT2.load(Ordering::Relaxed) {
+            Resolver::Walk
+        } else {
+            Resolver::Openat2
+        };
+        PoolFs::open_with(root, resolver)
     }
-    let own = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .ok()
-        .and_then(|file| crate::extents::own_bytes(&file, md.len()).ok().flatten())
-        .unwrap_or(allocated);
-    Some(ImageSpace { len: md.len(), own })
+
+    pub fn open_with(root: &Path, resolver: Resolver) -> std::io::Result<PoolFs> {
+        let fd = rfs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(PoolFs {
+            root: root.to_owned(),
+            fd,
+            resolver,
+        })
+    }
+
+    /// The absolute path of `rel`, for messages.
+    pub fn path(&self, rel: &Path) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Opens `rel` beneath the root, never following a symbolic link anywhere on the way.
+    fn resolve(&self, rel: &Path, flags: OFlags, mode: Mode) -> std::io::Result<OwnedFd> {
+        let mut flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        // O_PATH takes no other flags (openat2 refuses them); it opens nothing for I/O anyway.
+        if !flags.contains(OFlags::PATH) {
+            flags |= OFlags::NONBLOCK;
+        }
+        if self.resolver == Resolver::Openat2 && !NO_OPENAT2.load(Ordering::Relaxed) {
+            match rfs::openat2(&self.fd, rel, flags, mode, resolve_flags()) {
+                Err(Errno::NOSYS) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        "openat2 is not available: resolving pool paths one component at a time"
+                    );
+                }
+                other => return other.map_err(Into::into),
+            }
+        }
+        walk(self.fd.as_fd(), rel, flags, mode)
+    }
+
+    /// [`PoolFs::resolve`], then checks the entry is a `kind`. Errors name the entry: what a
+    /// planted entry is ([`Error::Untrusted`]), or the I/O error (ENOENT kept for callers).
+    fn open_checked(&self, rel: &Path, flags: OFlags, mode: Mode, kind: Kind) -> Result<OwnedFd> {
+        let fd = self
+            .resolve(rel, flags, mode)
+            .map_err(|e| self.fail(rel, e, "open"))?;
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, &st, kind)?;
+        Ok(fd)
+    }
+
+    fn check_type(&self, rel: &Path, st: &rfs::Stat, kind: Kind) -> Result<()> {
+        let ft = FileType::from_raw_mode(st.st_mode);
+        let ok = match kind {
+            Kind::Dir => ft == FileType::Directory,
+            Kind::File => ft == FileType::RegularFile,
+        };
+        if ok {
+            return Ok(());
+        }
+        let want = match kind {
+            Kind::Dir => "a directory",
+            Kind::File => "a regular file",
+        };
+        Err(self.untrusted(rel, format!("is {}, not {want}", type_name(ft))))
+    }
+
+    fn untrusted(&self, rel: &Path, reason: String) -> Error {
+        Error::Untrusted {
+            path: self.path(rel),
+            reason,
+        }
+    }
+
+    /// The error for `e` on `rel`: an entry that is not what it must be (a symbolic link on the
+    /// way, a FIFO without a reader, ...) is [`Error::Untrusted`], saying what is there.
+    fn fail(&self, rel: &Path, e: std::io::Error, what: &str) -> Error {
+        let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+        match errno {
+            Some(Errno::LOOP | Errno::NOTDIR | Errno::XDEV | Errno::NXIO) => {
+                self.untrusted(rel, self.describe(rel))
+            }
+            _ => Error::Io {
+                context: format!("{what} {}", self.path(rel).display()),
+                source: e,
+            },
+        }
+    }
+
+    /// What is wrong on the way to `rel`: the first component that is not a directory (or, last,
+    /// not a regular file), and what it is. Only `lstat`s, for the message.
+    fn describe(&self, rel: &Path) -> String {
+        let mut prefix = PathBuf::new();
+        let parts: Vec<&OsStr> = rel.iter().collect();
+        for (i, part) in parts.iter().enumerate() {
+            prefix.push(part);
+            let Ok(st) = rfs::statat(&self.fd, &prefix, AtFlags::SYMLINK_NOFOLLOW) else {
+                break;
+            };
+            let ft = FileType::from_raw_mode(st.st_mode);
+            let last = i + 1 == parts.len();
+            if ft == FileType::Symlink {
+                let target = rfs::readlinkat(&self.fd, &prefix, Vec::new())
+                    .map(|t| format!(" to {:?}", t.to_string_lossy()))
+                    .unwrap_or_default();
+                return format!(
+                    "{} is a symbolic link{target}",
+                    self.path(&prefix).display()
+                );
+            }
+            if !last && ft != FileType::Directory {
+                return format!(
+                    "{} is {}, not a directory",
+                    self.path(&prefix).display(),
+                    type_name(ft)
+                );
+            }
+            if last {
+                return format!("is {}", type_name(ft));
+            }
+        }
+        "is not what the pool holds there".to_owned()
+    }
+
+    /// Opens the directory `rel` (for listing, fsync, or as the parent of an entry).
+    pub fn open_dir(&self, rel: &Path) -> Result<OwnedFd> {
+        self.open_checked(
+            rel,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+            Kind::Dir,
+        )
+    }
+
+    /// The directory holding `rel` (opened) and `rel`'s name in it.
+    fn parent_of<'a>(&self, rel: &'a Path) -> Result<(OwnedFd, &'a OsStr)> {
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            return Err(self.untrusted(rel, "is not an entry in a directory".into()));
+        };
+        let dir = if parent.as_os_str().is_empty() {
+            rfs::openat(
+                &self.fd,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| self.fail(parent, e.into(), "open"))?
+        } else {
+            self.open_dir(parent)?
+        };
+        Ok((dir, name))
+    }
+
+    /// Whether `rel` exists. A planted entry on the way (a symbolic link, ...) is an error naming
+    /// it, not "missing".
+    pub fn exists(&self, rel: &Path) -> Result<bool> {
+        match self.resolve(rel, OFlags::PATH, Mode::empty()) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.fail(rel, e, "look up")),
+        }
+    }
+
+    /// Creates the directory `rel` unless it exists; either way it must be a directory.
+    pub fn ensure_dir(&self, rel: &Path) -> Result<()> {
+        let (parent, name) = self.parent_of(rel)?;
+        match rfs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(self.fail(rel, e.into(), "create directory")),
+        }
+        self.open_checked(
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+            Kind::Dir,
+        )
+        .map(drop)
+    }
+
+    /// Whether the directory `rel` is there and writable (a readiness probe).
+    pub fn check_writable_dir(&self, rel: &Path) -> std::result::Result<(), String> {
+        let dir = self.open_dir(rel).map_err(|e| e.to_string())?;
+        rfs::accessat(
+            &dir,
+            ".",
+            rfs::Access::WRITE_OK | rfs::Access::EXEC_OK,
+            AtFlags::empty(),
+        )
+        .map_err(|e| format!("{} is not writable: {e}", self.path(rel).display()))
+    }
+
+    /// The names of the entries of directory `rel` that are valid UTF-8, in no particular order.
+    pub fn list_names(&self, rel: &Path) -> Result<Vec<String>> {
+        let dir = self.open_dir(rel)?;
+        Ok(read_names(&dir)
+            .map_err(|e| self.fail(rel, e, "read"))?
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .collect())
+    }
+
+    /// Reads a JSON record; `Ok(None)` when it does not exist. A record that is not a regular
+    /// file, is larger than [`MAX_METADATA`] or does not parse (or names an invalid ID) is
+    /// refused, naming the file. ESTALE is retried (see the module documentation).
+    pub fn read_json<T: DeserializeOwned>(&self, rel: &Path) -> Result<Option<T>> {
+        let Some(bytes) = self.read_record(rel)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Metadata {
+                path: self.path(rel),
+                reason: e.to_string(),
+            })
+    }
+
+    fn read_record(&self, rel: &Path) -> Result<Option<Vec<u8>>> {
+        let mut pause = Duration::from_millis(5);
+        for attempt in 1..=STALE_TRIES {
+            // After an ESTALE, everything is looked up again from the root's path: the stale
+            // handle may be any directory on the way.
+            let fresh;
+            let fs = if attempt == 1 {
+                self
+            } else {
+                fresh = PoolFs::open_with(&self.root, self.resolver)
+                    .map_err(|e| self.fail(Path::new(""), e, "open the pool root"))?;
+                &fresh
+            };
+            match fs.read_record_once(rel) {
+                Err(e) if is_stale(&e) => {
+                    tracing::debug!(path = %self.path(rel).display(), attempt, "stale file handle; re-opening");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(STALE_MAX_PAUSE);
+                }
+                other => return other,
+            }
+        }
+        Err(Error::Stale {
+            path: self.path(rel),
+            tries: STALE_TRIES,
+        })
+    }
+
+    fn read_record_once(&self, rel: &Path) -> Result<Option<Vec<u8>>> {
+        let fd = match self.open_checked(rel, OFlags::RDONLY, Mode::empty(), Kind::File) {
+            Ok(fd) => fd,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let size = rfs::fstat(&fd)
+            .map_err(|e| self.fail(rel, e.into(), "stat"))?
+            .st_size;
+        if u64::try_from(size).map_or(true, |s| s > MAX_METADATA) {
+            return Err(self.too_large(rel));
+        }
+        let mut bytes = Vec::new();
+        File::from(fd)
+            .take(MAX_METADATA + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.fail(rel, e, "read"))?;
+        if bytes.len() as u64 > MAX_METADATA {
+            return Err(self.too_large(rel));
+        }
+        Ok(Some(bytes))
+    }
+
+    fn too_large(&self, rel: &Path) -> Error {
+        self.untrusted(
+            rel,
+            format!("is larger than {MAX_METADATA} bytes, which no metadata record is"),
+        )
+    }
+
+    /// Replaces the record `rel` with `value`, atomically and durably, without needing free
+    /// space once the record exists: the new JSON is written over a spare copy of the record
+    /// (`.<name>.tmp`, the same size, its blocks already allocated), fsynced, and swapped with the
+    /// record in one `renameat2(RENAME_EXCHANGE)`; the old record becomes the next spare. A crash
+    /// leaves the old record or the new one, never a torn one (only the spare is ever written in
+    /// place). Records are padded with whitespace to [`RECORD_SIZE`]. On a local filesystem
+    /// without exchange, a rename, then a new spare made best-effort; on a filesystem other nodes
+    /// mount, [`PoolFs::write_fresh`] (which needs free space).
+    pub fn write_json<T: Serialize>(&self, rel: &Path, value: &T) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(value).map_err(|e| Error::Metadata {
+            path: self.path(rel),
+            reason: format!("cannot encode: {e}"),
+        })?;
+        json.push(b'\n');
+        if json.len() as u64 > MAX_METADATA {
+            return Err(Error::Metadata {
+                path: self.path(rel),
+                reason: format!("the record would be larger than {MAX_METADATA} bytes"),
+            });
+        }
+        let (dir, name) = self.parent_of(rel)?;
+        let spare_name = spare_name(name);
+        let spare_rel = rel.with_file_name(&spare_name);
+        // The record itself must be a regular file (or missing): never swap a planted entry in.
+        match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => self.check_type(rel, &st, Kind::File)?,
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(self.fail(rel, e.into(), "stat")),
+        }
+        if !exchanges_safely(&dir) {
+            return self.write_fresh(&dir, name, &spare_name, rel, &spare_rel, &json);
+        }
+        let spare = self.open_spare(&dir, &spare_name, &spare_rel)?;
+        let current = rfs::fstat(&spare)
+            .map_err(|e| self.fail(&spare_rel, e.into(), "stat"))?
+            .st_size;
+        let current = usize::try_from(current).unwrap_or(usize::MAX);
+        if current as u64 > MAX_METADATA {
+            return Err(self.too_large(&spare_rel));
+        }
+        // Never shorter than the spare is: a shorter write would leave old bytes after the JSON,
+        // and truncating would give back blocks a full pool may not return.
+        let len = json.len().max(RECORD_SIZE).max(current);
+        json.resize(len, b' ');
+        json[len - 1] = b'\n';
+        let spare = File::from(spare);
+        spare
+            .write_all_at(&json, 0)
+            .map_err(|e| self.fail(&spare_rel, e, "write"))?;
+        spare
+            .sync_all()
+            .map_err(|e| self.fail(&spare_rel, e, "fsync"))?;
+        drop(spare);
+        match rfs::renameat_with(&dir, &spare_name, &dir, name, RenameFlags::EXCHANGE) {
+            Ok(()) => {}
+            // The first write (no record yet), or a filesystem without exchange.
+            Err(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+                rfs::renameat(&dir, &spare_name, &dir, name)
+                    .map_err(|e| self.fail(rel, e.into(), "rename the new record to"))?;
+                if let Err(e) = self.make_spare(&dir, &spare_name, &spare_rel) {
+                    tracing::warn!(path = %self.path(&spare_rel).display(), error = %e,
+                        "no spare metadata record: the next write needs free space");
+                }
+            }
+            Err(e) => return Err(self.fail(rel, e.into(), "replace")),
+        }
+        rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
+    }
+
+    /// The write of a record on a filesystem other nodes mount (FUSE, NFS, CephFS): a new file
+    /// under the temporary name (removed first, then created `O_EXCL`: the server resolves both
+    /// names, so a dentry another node left stale here cannot alias the record), fsync, rename
+    /// over the record. Writing over a spare found by name is unsafe there: after another
+    /// node's rename, this node's cached name of the spare may denote the live record.
+    fn write_fresh(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        tmp_name: &OsStr,
+        rel: &Path,
+        tmp_rel: &Path,
+        json: &[u8],
+    ) -> Result<()> {
+        match rfs::unlinkat(dir, tmp_name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(self.fail(tmp_rel, e.into(), "remove")),
+        }
+        let flags = OFlags::WRONLY
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::CLOEXEC;
+        let mode = Mode::from_raw_mode(0o644);
+        let fd = rfs::openat2(dir, tmp_name, flags, mode, resolve_flags())
+            .or_else(|e| match e {
+                Errno::NOSYS => rfs::openat(dir, tmp_name, flags, mode),
+                e => Err(e),
+            })
+            .map_err(|e| self.fail(tmp_rel, e.into(), "create"))?;
+        let tmp = File::from(fd);
+        tmp.write_all_at(json, 0)
+            .and_then(|()| tmp.sync_all())
+            .map_err(|e| self.fail(tmp_rel, e, "write"))?;
+        drop(tmp);
+        rfs::renameat(dir, tmp_name, dir, name)
+            .map_err(|e| self.fail(rel, e.into(), "rename the new record to"))?;
+        rfs::fsync(dir).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
+    }
+
+    /// Opens the spare record `name` in `dir`, creating it (`O_EXCL`) when missing.
+    fn open_spare(&self, dir: &OwnedFd, name: &OsStr, rel: &Path) -> Result<OwnedFd> {
+        let flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let open = |extra: OFlags| {
+            // openat2 takes a mode only with O_CREAT.
+            let mode = if extra.contains(OFlags::CREATE) {
+                Mode::from_raw_mode(0o644)
+            } else {
+                Mode::empty()
+            };
+            rfs::openat2(dir, name, flags | extra, mode, resolve_flags()).or_else(|e| match e {
+                Errno::NOSYS => rfs::openat(dir, name, flags | extra, mode),
+                e => Err(e),
+            })
+        };
+        let fd = match open(OFlags::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => open(OFlags::CREATE | OFlags::EXCL)
+                .map_err(|e| self.fail(rel, e.into(), "create"))?,
+            Err(e) => return Err(self.fail(rel, e.into(), "open")),
+        };
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, &st, Kind::File)?;
+        check_links(self, rel, &st)?;
+        Ok(fd)
+    }
+
+    /// A new spare: [`RECORD_SIZE`] bytes of whitespace, written and fsynced (allocated blocks,
+    /// not a hole, so overwriting it later allocates nothing).
+    fn make_spare(&self, dir: &OwnedFd, name: &OsStr, rel: &Path) -> Result<()> {
+        let spare = File::from(self.open_spare(dir, name, rel)?);
+        let mut blank = vec![b' '; RECORD_SIZE];
+        blank[RECORD_SIZE - 1] = b'\n';
+        spare
+            .write_all_at(&blank, 0)
+            .and_then(|()| spare.sync_all())
+            .map_err(|e| self.fail(rel, e, "write"))
+    }
+
+    /// fsyncs the directory `rel` so a rename or create in it survives a crash.
+    pub fn sync_dir(&self, rel: &Path) -> Result<()> {
+        let dir = self.open_dir(rel)?;
+        rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync"))
+    }
+
+    /// Opens (creating it `O_EXCL` if needed) the lock file `rel`, for writing (NFS needs that
+    /// for an exclusive lock); nothing is ever written to it.
+    pub fn open_lock(&self, rel: &Path) -> Result<File> {
+        // Bounded: each retry means another process removed the file between our two opens.
+        for _ in 0..64 {
+            let fd = match self.resolve(
+                rel,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                Mode::from_raw_mode(0o644),
+            ) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    match self.resolve(rel, OFlags::WRONLY, Mode::empty()) {
+                        Ok(fd) => fd,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(self.fail(rel, e, "open lock")),
+                    }
+                }
+                Err(e) => return Err(self.fail(rel, e, "create lock")),
+            };
+            let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+            self.check_type(rel, &st, Kind::File)?;
+            return Ok(File::from(fd));
+        }
+        Err(Error::Busy(format!(
+            "lock file {} (removed and re-created under us)",
+            self.path(rel).display()
+        )))
+    }
+
+    /// Whether `rel` is still the file `file` is open on (same device and inode).
+    pub fn names_file(&self, rel: &Path, file: &File) -> bool {
+        let Ok(mine) = rfs::fstat(file) else {
+            return false;
+        };
+        self.resolve(rel, OFlags::PATH, Mode::empty())
+            .and_then(|fd| rfs::fstat(&fd).map_err(Into::into))
+            .is_ok_and(|st| st.st_dev == mine.st_dev && st.st_ino == mine.st_ino)
+    }
+
+    /// Removes the file `rel` (not a directory); missing counts as done.
+    pub fn unlink(&self, rel: &Path) -> Result<()> {
+        let (dir, name) = self.parent_of(rel)?;
+        match rfs::unlinkat(&dir, name, AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(self.fail(rel, e.into(), "remove")),
+        }
+    }
+
+    /// Creates the new, empty image file `rel` (it must not exist), open for reading and writing.
+    pub fn create_image(&self, rel: &Path) -> Result<File> {
+        self.resolve(
+            rel,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL,
+            Mode::from_raw_mode(0o600),
+        )
+        .map(File::from)
+        .map_err(|e| self.fail(rel, e, "create"))
+    }
+
+    /// Opens an image for reading, and for writing unless `read_only`. It must be a regular file
+    /// with one link (its volume's own).
+    pub fn open_image(&self, rel: &Path, read_only: bool) -> Result<File> {
+        let flags = if read_only {
+            OFlags::RDONLY
+        } else {
+            OFlags::RDWR
+        };
+        let fd = self.open_checked(rel, flags, Mode::empty(), Kind::File)?;
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        check_links(self, rel, &st)?;
+        Ok(File::from(fd))
+    }
+
+    /// Stats an image; `None` when it does not exist. A planted entry is an error naming it.
+    pub fn stat_image(&self, rel: &Path) -> Result<Option<ImageStat>> {
+        let fd = match self.resolve(rel, OFlags::PATH, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.fail(rel, e, "look up")),
+        };
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, &st, Kind::File)?;
+        check_links(self, rel, &st)?;
+        Ok(Some(ImageStat {
+            len: u64::try_from(st.st_size).unwrap_or(0),
+            allocated: u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512),
+            id: FileId {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+        }))
+    }
+
+    /// Renames `from` to `to` (committing an image, moving a tree to trash); `Ok(false)` when
+    /// `from` does not exist.
+    pub fn rename(&self, from: &Path, to: &Path) -> Result<bool> {
+        let (from_dir, from_name) = self.parent_of(from)?;
+        let (to_dir, to_name) = self.parent_of(to)?;
+        match rfs::renameat(&from_dir, from_name, &to_dir, to_name) {
+            Ok(()) => Ok(true),
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(self.fail(from, e.into(), "rename")),
+        }
+    }
+
+    /// Removes `rel` and, when it is a directory, everything in it, without following a symbolic
+    /// link anywhere (links are removed, not followed).
+    pub fn remove_tree(&self, rel: &Path) -> Result<()> {
+        let (dir, name) = self.parent_of(rel)?;
+        remove_entry(dir.as_fd(), name, 0).map_err(|e| self.fail(rel, e, "remove"))
+    }
+
+    /// The [`ImageSpace`] of the image `rel`; `None` when it does not exist, an error naming a
+    /// planted entry (as [`PoolFs::stat_image`]). With `shared_blocks` false (the pool's
+    /// filesystem cannot share blocks, [`PoolFs::may_share_blocks`]) its allocated blocks are all
+    /// its own and no extent map is read.
+    pub fn image_space(&self, rel: &Path, shared_blocks: bool) -> Result<Option<ImageSpace>> {
+        let Some(st) = self.stat_image(rel)? else {
+            return Ok(None);
+        };
+        let allocated = st.allocated.min(st.len);
+        let own = if shared_blocks && allocated > 0 {
+            let file = self.open_image(rel, true)?;
+            crate::extents::own_bytes(&file, st.len)
+                .map_err(|e| self.fail(rel, e, "map the extents of"))?
+                .unwrap_or(allocated)
+        } else {
+            allocated
+        };
+        Ok(Some(ImageSpace { len: st.len, own }))
+    }
+
+    /// Whether the pool's filesystem may share blocks between files (reflinks) that an extent
+    /// map can show: xfs, btrfs and anything unknown are asked extent by extent; ext4 and tmpfs
+    /// never share, FUSE (GlusterFS) cannot reflink, NFS cannot map extents.
+    pub fn may_share_blocks(&self) -> bool {
+        const NEVER: [i64; 4] = [
+            0xEF53,      // ext2/3/4
+            0x0102_1994, // tmpfs
+            0x6573_5546, // FUSE
+            0x6969,      // NFS
+        ];
+        #[allow(
+            clippy::useless_conversion,
+            reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
+        )]
+        let never = |st: rfs::StatFs| NEVER.contains(&i64::from(st.f_type));
+        !rfs::fstatfs(&self.fd).is_ok_and(never)
+    }
+
+    /// The size of the pool's filesystem and the space available to us on it, in bytes.
+    pub fn size_and_free(&self) -> Result<(u64, u64)> {
+        let st =
+            rfs::fstatvfs(&self.fd).map_err(|e| self.fail(Path::new(""), e.into(), "statvfs"))?;
+        Ok((
+            st.f_blocks.saturating_mul(st.f_frsize),
+            st.f_bavail.saturating_mul(st.f_frsize),
+        ))
+    }
 }
 
-/// Whether the filesystem holding `dir` may share blocks between files (reflinks) that an extent
-/// map can show. ext4 and tmpfs never share; FUSE (GlusterFS) cannot reflink; NFS cannot map
-/// extents. Anything else (xfs, btrfs) is asked extent by extent.
-pub(crate) fn may_share_blocks(dir: &Path) -> bool {
-    use nix::sys::statfs::{
-        statfs, EXT4_SUPER_MAGIC, FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC, TMPFS_MAGIC,
+/// The configured pool root, resolved: it is trusted (the operator chose it, symbolic links and
+/// all), and must be a directory.
+pub(crate) fn canonical_root(path: &Path) -> std::result::Result<PathBuf, String> {
+    let md = std::fs::metadata(path).map_err(|e| format!("cannot use it: {e}"))?;
+    if !md.is_dir() {
+        return Err("is not a directory".into());
+    }
+    path.canonicalize().map_err(|e| e.to_string())
+}
+
+/// An image, a record or a spare with more than one link is shared with some other file: never
+/// ours to write, attach or copy.
+fn check_links(fs: &PoolFs, rel: &Path, st: &rfs::Stat) -> Result<()> {
+    if st.st_nlink > 1 {
+        return Err(fs.untrusted(
+            rel,
+            format!("has {} hard links; loopvol's files have one", st.st_nlink),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether records in `dir` may be rewritten over a spare and swapped in with
+/// `RENAME_EXCHANGE`: on a filesystem this kernel alone mounts (its cache of names is the
+/// truth) that has the exchange. Elsewhere (FUSE, NFS, CephFS) [`PoolFs::write_fresh`].
+fn exchanges_safely(dir: &OwnedFd) -> bool {
+    const LOCAL: [i64; 4] = [
+        0xEF53,      // ext2/3/4
+        0x5846_5342, // xfs
+        0x9123_683E, // btrfs
+        0x0102_1994, // tmpfs
+    ];
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
+    )]
+    let is_local = |st: rfs::StatFs| LOCAL.contains(&i64::from(st.f_type));
+    rfs::fstatfs(dir).is_ok_and(is_local)
+}
+
+fn spare_name(name: &OsStr) -> OsString {
+    let mut spare = OsString::from(".");
+    spare.push(name);
+    spare.push(".tmp");
+    spare
+}
+
+fn is_stale(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ESTALE))
+}
+
+/// What a file type is called in messages.
+pub(crate) fn type_name(ft: FileType) -> &'static str {
+    match ft {
+        FileType::RegularFile => "a regular file",
+        FileType::Directory => "a directory",
+        FileType::Symlink => "a symbolic link",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Unknown => "of an unknown type",
+    }
+}
+
+/// Opens `rel` beneath `root` one component at a time, never following a symbolic link: every
+/// directory on the way `O_PATH | O_DIRECTORY | O_NOFOLLOW` (a link there fails ENOTDIR), the
+/// last with `flags` (which carry `O_NOFOLLOW`: a link there fails ELOOP, or with `O_PATH`
+/// opens the link itself, which the caller's type check refuses).
+fn walk(root: BorrowedFd<'_>, rel: &Path, flags: OFlags, mode: Mode) -> std::io::Result<OwnedFd> {
+    let mut names = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => names.push(n),
+            _ => return Err(Errno::INVAL.into()),
+        }
+    }
+    let Some((last, dirs)) = names.split_last() else {
+        return Err(Errno::INVAL.into());
     };
-    statfs(dir).map_or(true, |st| {
-        let t = st.filesystem_type();
-        ![EXT4_SUPER_MAGIC, TMPFS_MAGIC, FUSE_SUPER_MAGIC, NFS_SUPER_MAGIC].contains(&t)
-    })
+    let mut dir: Option<OwnedFd> = None;
+    for name in dirs {
+        let at = dir.as_ref().map_or(root, |d| d.as_fd());
+        let next = rfs::openat(
+            at,
+            *name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        dir = Some(next);
+    }
+    let at = dir.as_ref().map_or(root, |d| d.as_fd());
+    Ok(rfs::openat(at, *last, flags | OFlags::NOFOLLOW, mode)?)
 }
 
-/// Renames `from` to `to` (committing an image, moving a tree to trash).
-pub(crate) fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::rename(from, to)
+/// The names in the directory open as `dir`, without `.` and `..`.
+fn read_names(dir: &OwnedFd) -> std::io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for entry in rfs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsString::from_vec(name.to_vec()));
+        }
+    }
+    Ok(names)
 }
 
-/// Removes a tree; what cannot be removed is left for the next attempt.
-pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
-    std::fs::remove_dir_all(path)
-}
-
-/// The names of the entries of `dir` that are valid UTF-8, in no particular order.
-pub(crate) fn list_names(dir: &Path) -> Result<Vec<String>> {
-    Ok(std::fs::read_dir(dir)
-        .context(|| format!("read {}", dir.display()))?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect())
-}
-
-/// The paths of every entry of `dir`; none when it cannot be read.
-pub(crate) fn list_paths(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
-}
-
-/// The size of the filesystem holding `path` and the space available to us on it, in bytes.
-#[allow(
-    clippy::useless_conversion,
-    reason = "fsblkcnt_t and c_ulong are u32 on 32-bit targets"
-)]
-pub(crate) fn fs_size_and_free(path: &Path) -> Result<(u64, u64)> {
-    let st = nix::sys::statvfs::statvfs(path).context(|| format!("statvfs {}", path.display()))?;
-    let frsize = u64::from(st.fragment_size());
-    Ok((
-        u64::from(st.blocks()).saturating_mul(frsize),
-        u64::from(st.blocks_available()).saturating_mul(frsize),
-    ))
+/// Removes `name` in `dir`, recursively for a directory, never following a link. Bounded depth:
+/// the pool's trees are two levels deep; a deeper one is planted.
+fn remove_entry(dir: BorrowedFd<'_>, name: &OsStr, depth: u32) -> std::io::Result<()> {
+    match rfs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::ISDIR) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if depth >= 8 {
+        return Err(Errno::LOOP.into());
+    }
+    let sub = rfs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    for entry in read_names(&sub)? {
+        remove_entry(sub.as_fd(), &entry, depth + 1)?;
+    }
+    match rfs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ids::{NodeName, SnapshotId, VolumeId};
-    use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta, VolumeSource, SCHEMA_VERSION};
-    use crate::validate::FsType;
-
-    #[test]
-    fn metadata_round_trip_missing_and_corrupt() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("volume.json");
-        assert!(read_json::<VolumeMeta>(&path).unwrap().is_none());
-        let node = NodeName::try_from("n1").unwrap();
-        let meta = VolumeMeta {
-            schema: SCHEMA_VERSION,
-            id: VolumeId::try_from("v").unwrap(),
-            name: "v".into(),
-            size_bytes: 1 << 30,
-            fs_type: Some(FsType::Xfs),
-            allocation: Allocation::Thin,
-            source: Some(VolumeSource::Snapshot(SnapshotId::try_from("s").unwrap())),
-            node: Some(node.clone()),
-            created_unix: 1,
-            claims: vec![Hold {
-                node,
-                mode: AccessMode::ReadOnly,
-                pv_name: Some("pv".into()),
-            }],
-            staged: vec![],
-            formatting: None,
-            blank: true,
-            raw_block: true,
-        };
-        write_json(&path, &meta).unwrap();
-        assert_eq!(read_json::<VolumeMeta>(&path).unwrap().unwrap(), meta);
-        assert!(!dir.path().join(".volume.json.tmp").exists());
-        // Each corruption is refused naming the file: bad JSON, and IDs that are not IDs.
-        let good = std::fs::read_to_string(&path).unwrap();
-        let corruptions = [
-            "{not json".to_owned(),
-            good.replace("\"id\": \"v\"", "\"id\": \"../../x\""),
-            good.replace(
-                "\"kind\": \"snapshot\",\n    \"id\": \"s\"",
-                "\"kind\": \"snapshot\",\n    \"id\": \"a/b\"",
-            ),
-            good.replace("\"node\": \"n1\"", "\"node\": \"\""),
-        ];
-        for text in corruptions {
-            assert_ne!(text, good, "the corruption did not apply");
-            std::fs::write(&path, &text).unwrap();
-            let err = read_json::<VolumeMeta>(&path).unwrap_err();
-            let msg = err.to_string();
-            assert!(
-                msg.contains("corrupt metadata") && msg.contains("volume.json"),
-                "{text}: {msg}"
-            );
-        }
-    }
-}
+mod tests;

@@ -10,7 +10,8 @@ use crate::ids::{SnapshotId, VolumeId};
 use crate::meta::{SnapshotMeta, VolumeMeta};
 use crate::validate;
 
-use super::{fsops, Pool};
+use super::fsops::PoolFs;
+use super::{layout, Pool};
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,14 +23,27 @@ pub struct Page<T> {
 
 const TOKEN_PREFIX: &str = "after:";
 
+/// A volume or snapshot whose record cannot be used (a planted entry, corrupt metadata): its ID
+/// (the directory's name) and why, naming the file. Listings report it instead of failing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadEntry {
+    pub id: String,
+    pub reason: String,
+}
+
+/// One entry of a listing: the record, or why it cannot be read.
+pub type Listed<T> = std::result::Result<T, BadEntry>;
+
 impl Pool {
-    /// Sorted IDs of the entries under `kind` that have committed metadata.
-    fn committed_ids(&self, kind: &str, meta_file: &str) -> Result<Vec<String>> {
-        let dir = self.root.join(kind);
-        let mut ids: Vec<String> = fsops::list_names(&dir)?
+    /// Sorted IDs of the entries under `kind` that have committed metadata, or something in its
+    /// place (reported by the listing as a [`BadEntry`]).
+    fn committed_ids(&self, fs: &PoolFs, kind: &str, meta_file: &str) -> Result<Vec<String>> {
+        let dir = Path::new(kind);
+        let mut ids: Vec<String> = fs
+            .list_names(dir)?
             .into_iter()
             .filter(|id| validate::check_id("id", id).is_ok())
-            .filter(|id| fsops::exists(&dir.join(id).join(meta_file)))
+            .filter(|id| !matches!(fs.exists(&dir.join(id).join(meta_file)), Ok(false)))
             .collect();
         ids.sort();
         Ok(ids)
@@ -86,32 +100,51 @@ impl Pool {
         })
     }
 
-    /// Volumes in ID order. `max_entries` 0 means all. An unknown token is `InvalidArgument`
-    /// (CSI maps a bad token in a list call to ABORTED).
+    /// Volumes in ID order, a volume whose record cannot be used as a [`BadEntry`] (one bad entry
+    /// never fails the listing). `max_entries` 0 means all. An unknown token is
+    /// `InvalidArgument` (CSI maps a bad token in a list call to ABORTED).
+    pub fn list_volume_entries(
+        &self,
+        starting_token: Option<&str>,
+        max_entries: usize,
+    ) -> Result<Page<Listed<VolumeMeta>>> {
+        let fs = self.fs()?;
+        let ids = self.committed_ids(&fs, "volumes", "volume.json")?;
+        Self::page(ids, starting_token, max_entries, |id| {
+            // `committed_ids` kept only valid IDs.
+            let vid = VolumeId::try_from(id)?;
+            Ok(listed(id, read_volume_record(&fs, &vid)))
+        })
+    }
+
+    /// [`Pool::list_volume_entries`] without the bad entries (each is logged as a warning).
     pub fn list_volumes(
         &self,
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<VolumeMeta>> {
-        let ids = self.committed_ids("volumes", "volume.json")?;
+        let fs = self.fs()?;
+        let ids = self.committed_ids(&fs, "volumes", "volume.json")?;
         Self::page(ids, starting_token, max_entries, |id| {
-            // `committed_ids` kept only valid IDs.
-            let id = VolumeId::try_from(id)?;
-            self.read_volume_meta(&id)
+            let vid = VolumeId::try_from(id)?;
+            Ok(listed(id, read_volume_record(&fs, &vid)).and_then(skip_bad))
         })
     }
 
-    /// Snapshots in ID order, optionally only those of `source`.
+    /// Snapshots in ID order, optionally only those of `source`. CSI has no place for a broken
+    /// snapshot in a listing, so a snapshot whose record cannot be used is skipped with a
+    /// warning naming the file (one bad entry never fails the listing).
     pub fn list_snapshots(
         &self,
         source: Option<&VolumeId>,
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<SnapshotMeta>> {
-        let ids = self.committed_ids("snapshots", "snapshot.json")?;
+        let fs = self.fs()?;
+        let ids = self.committed_ids(&fs, "snapshots", "snapshot.json")?;
         Self::page(ids, starting_token, max_entries, |id| {
-            let id = SnapshotId::try_from(id)?;
-            let m = self.read_snapshot_meta(&id)?;
+            let sid = SnapshotId::try_from(id)?;
+            let m = listed(id, read_snapshot_record(&fs, &sid)).and_then(skip_bad);
             Ok(m.filter(|m| source.is_none_or(|s| m.source_volume_id == *s)))
         })
     }
@@ -119,40 +152,79 @@ impl Pool {
     /// A volume's committed metadata, `None` when there is none; read without its lock (the
     /// record is replaced atomically). Refused as corrupt when it names another volume.
     pub(crate) fn read_volume_meta(&self, id: &VolumeId) -> Result<Option<VolumeMeta>> {
-        read_record(
-            &self.volume_meta_path(id),
-            id,
-            "volume",
-            |m: &VolumeMeta| &m.id,
-        )
+        read_volume_record(&self.fs()?, id)
     }
 
     /// A snapshot's committed metadata, `None` when there is none.
     pub(crate) fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<Option<SnapshotMeta>> {
-        read_record(
-            &self.snapshot_meta_path(id),
-            id,
-            "snapshot",
-            |m: &SnapshotMeta| &m.id,
-        )
+        read_snapshot_record(&self.fs()?, id)
     }
 }
 
-/// Reads the record of `what` `id` at `path`, refused as corrupt when it records another ID.
+fn read_volume_record(fs: &PoolFs, id: &VolumeId) -> Result<Option<VolumeMeta>> {
+    read_record(
+        fs,
+        &layout::volume_meta(id),
+        id,
+        "volume",
+        |m: &VolumeMeta| (&m.id, m.check()),
+    )
+}
+
+fn read_snapshot_record(fs: &PoolFs, id: &SnapshotId) -> Result<Option<SnapshotMeta>> {
+    read_record(
+        fs,
+        &layout::snapshot_meta(id),
+        id,
+        "snapshot",
+        |m: &SnapshotMeta| (&m.id, m.check()),
+    )
+}
+
+/// A listing's view of one record read: `None` when it vanished meanwhile.
+fn listed<T>(id: &str, read: Result<Option<T>>) -> Option<Listed<T>> {
+    match read {
+        Ok(Some(m)) => Some(Ok(m)),
+        Ok(None) => None,
+        Err(e) => Some(Err(BadEntry {
+            id: id.to_owned(),
+            reason: e.to_string(),
+        })),
+    }
+}
+
+fn skip_bad<T>(entry: Listed<T>) -> Option<T> {
+    match entry {
+        Ok(m) => Some(m),
+        Err(bad) => {
+            tracing::warn!(id = %bad.id, reason = %bad.reason, "skipped in a listing");
+            None
+        }
+    }
+}
+
+/// Reads the record of `what` `id` at `rel`, refused as corrupt when it records another ID or
+/// fails `check` (what the typed fields cannot say: names, schema).
 fn read_record<T: DeserializeOwned, I: PartialEq + Display>(
-    path: &Path,
+    fs: &PoolFs,
+    rel: &Path,
     id: &I,
     what: &str,
-    id_of: impl Fn(&T) -> &I,
+    id_and_check: impl Fn(&T) -> (&I, std::result::Result<(), String>),
 ) -> Result<Option<T>> {
-    let record: Option<T> = fsops::read_json(path)?;
-    match record {
-        Some(r) if id_of(&r) != id => Err(Error::Metadata {
-            path: path.to_owned(),
-            reason: format!("it records {what} {}, not {id}", id_of(&r)),
-        }),
-        other => Ok(other),
+    let Some(record) = fs.read_json::<T>(rel)? else {
+        return Ok(None);
+    };
+    let corrupt = |reason: String| Error::Metadata {
+        path: fs.path(rel),
+        reason,
+    };
+    let (recorded, checked) = id_and_check(&record);
+    if recorded != id {
+        return Err(corrupt(format!("it records {what} {recorded}, not {id}")));
     }
+    checked.map_err(corrupt)?;
+    Ok(Some(record))
 }
 
 #[cfg(test)]

@@ -20,15 +20,17 @@ mod listing;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
+use crate::host;
+pub use crate::host::NodePath;
 use crate::ids::{NodeName, SnapshotId, VolumeId};
 use crate::lock::{self, LockGuard, LockWait};
 use crate::meta;
-use crate::validate;
+use fsops::PoolFs;
 
 pub use capacity::Capacity;
 pub(crate) use capacity::Charge;
-pub use listing::Page;
+pub use listing::{BadEntry, Listed, Page};
 
 /// How a front end runs the pool.
 #[derive(Debug, Clone)]
@@ -67,31 +69,6 @@ pub fn default_node_name() -> Option<NodeName> {
     NodeName::parse("host name", name).ok()
 }
 
-/// A staging or target path on this node that passed the pool's checks: absolute, normalized,
-/// no NUL, not `/` or a system directory, and under the allowed prefixes when there are some.
-/// Made by [`Pool::node_path`]; node operations take only these.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NodePath(PathBuf);
-
-impl NodePath {
-    pub fn as_path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for NodePath {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for NodePath {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
 #[derive(Debug)]
 pub struct Pool {
     root: PathBuf,
@@ -99,6 +76,57 @@ pub struct Pool {
 }
 
 const SUBDIRS: [&str; 6] = ["volumes", "snapshots", "locks", "staging", "trash", "nodes"];
+
+/// Where each entry is, relative to the pool root: what the pool-access layer ([`fsops`]) takes.
+/// Every path is built from fixed names and typed IDs (one plain component each).
+pub(crate) mod layout {
+    use std::path::{Path, PathBuf};
+
+    use crate::ids::{NodeName, SnapshotId, VolumeId};
+
+    pub fn volume_dir(id: &VolumeId) -> PathBuf {
+        Path::new("volumes").join(id.as_str())
+    }
+    pub fn volume_meta(id: &VolumeId) -> PathBuf {
+        volume_dir(id).join("volume.json")
+    }
+    pub fn volume_image(id: &VolumeId) -> PathBuf {
+        volume_dir(id).join("image")
+    }
+    /// An image being made (create, copy): committed by a rename to `image`.
+    pub fn volume_image_tmp(id: &VolumeId) -> PathBuf {
+        volume_dir(id).join("image.tmp")
+    }
+    pub fn snapshot_dir(id: &SnapshotId) -> PathBuf {
+        Path::new("snapshots").join(id.as_str())
+    }
+    pub fn snapshot_meta(id: &SnapshotId) -> PathBuf {
+        snapshot_dir(id).join("snapshot.json")
+    }
+    pub fn snapshot_image(id: &SnapshotId) -> PathBuf {
+        snapshot_dir(id).join("image")
+    }
+    pub fn snapshot_image_tmp(id: &SnapshotId) -> PathBuf {
+        snapshot_dir(id).join("image.tmp")
+    }
+    /// The lock of volume `id`, which is also the lock of the name that maps to it.
+    pub fn volume_lock(id: &VolumeId) -> PathBuf {
+        Path::new("locks").join(format!("v-{id}.lock"))
+    }
+    pub fn snapshot_lock(id: &SnapshotId) -> PathBuf {
+        Path::new("locks").join(format!("s-{id}.lock"))
+    }
+    pub fn node_record(node: &NodeName) -> PathBuf {
+        Path::new("nodes").join(node.path_component())
+    }
+    /// Where this node stages volumes for a front end without staging paths of its own.
+    pub fn staging_dir(node: &NodeName) -> PathBuf {
+        Path::new("staging").join(node.path_component())
+    }
+    pub fn trash() -> &'static Path {
+        Path::new("trash")
+    }
+}
 
 impl Pool {
     /// Opens the pool at `path`, creating its internal layout if needed. The directory itself must
@@ -112,25 +140,30 @@ impl Pool {
         if path.as_os_str().is_empty() {
             return Err(pool_err("no pool directory configured".into()));
         }
-        let md = std::fs::metadata(path).map_err(|e| pool_err(format!("cannot use it: {e}")))?;
-        if !md.is_dir() {
-            return Err(pool_err("is not a directory".into()));
-        }
+        let root = fsops::canonical_root(path).map_err(pool_err)?;
         if !(options.overcommit >= 1.0 && options.overcommit.is_finite()) {
             return Err(Error::invalid(
                 "overcommit",
                 format!("{} (must be ≥ 1.0)", options.overcommit),
             ));
         }
-        let root = path.canonicalize().map_err(|e| pool_err(e.to_string()))?;
-        for sub in SUBDIRS {
-            let dir = root.join(sub);
-            fsops::ensure_dir(&dir)
-                .map_err(|e| pool_err(format!("create {}: {e}", dir.display())))?;
-        }
         let pool = Pool { root, options };
-        pool.empty_trash();
+        let fs = pool.fs()?;
+        for sub in SUBDIRS {
+            fs.ensure_dir(Path::new(sub))
+                .map_err(|e| pool_err(e.to_string()))?;
+        }
+        pool.empty_trash(&fs);
         Ok(pool)
+    }
+
+    /// The pool root, opened afresh (so a pool remounted under us is seen): every access to an
+    /// entry goes through it.
+    pub(crate) fn fs(&self) -> Result<PoolFs> {
+        PoolFs::open(&self.root).map_err(|e| Error::Pool {
+            path: self.root.clone(),
+            reason: format!("cannot open it: {e}"),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -149,15 +182,14 @@ impl Pool {
         self.options.shared
     }
 
-    /// Checks a caller's staging or target path against the pool's rules (see [`NodePath`]).
+    /// Resolves a caller's staging or target path and checks it against the pool's rules (see
+    /// [`NodePath`]).
     pub fn node_path(&self, what: &'static str, path: impl Into<PathBuf>) -> Result<NodePath> {
-        let path = path.into();
-        validate::check_path(what, &path, &self.options.path_prefixes)?;
-        Ok(NodePath(path))
-    }
-
-    fn node_record(&self, node: &NodeName) -> PathBuf {
-        self.root.join("nodes").join(node.path_component())
+        let rules = host::Rules {
+            prefixes: &self.options.path_prefixes,
+            pool: &self.root,
+        };
+        NodePath::resolve(what, &path.into(), &rules)
     }
 
     /// Records that this node serves the pool; a node plugin calls it when it starts. On a shared
@@ -169,8 +201,8 @@ impl Pool {
             node: &'a NodeName,
             registered_unix: u64,
         }
-        fsops::write_json(
-            &self.node_record(&self.options.node),
+        self.fs()?.write_json(
+            &layout::node_record(&self.options.node),
             &NodeRecord {
                 node: &self.options.node,
                 registered_unix: meta::now_unix(),
@@ -180,7 +212,7 @@ impl Pool {
 
     /// `NotFound` unless `node` has registered with [`Pool::register_node`].
     pub fn check_node_registered(&self, node: &NodeName) -> Result<()> {
-        if fsops::exists(&self.node_record(node)) {
+        if self.fs()?.exists(&layout::node_record(node))? {
             Ok(())
         } else {
             Err(Error::not_found("node", node.as_str()))
@@ -190,44 +222,35 @@ impl Pool {
     /// A cheap readiness check (CSI Probe): the pool's layout is still in place and writable.
     /// Reads no volume, so it costs the same with 10 or 10 000 volumes.
     pub fn probe(&self) -> Result<()> {
+        let fs = self.fs()?;
         for sub in ["volumes", "snapshots", "locks", "trash"] {
-            fsops::check_writable_dir(&self.root.join(sub)).map_err(|reason| Error::Pool {
-                path: self.root.clone(),
-                reason,
-            })?;
+            fs.check_writable_dir(Path::new(sub))
+                .map_err(|reason| Error::Pool {
+                    path: self.root.clone(),
+                    reason,
+                })?;
         }
         Ok(())
     }
 
-    pub(crate) fn volume_dir(&self, id: &VolumeId) -> PathBuf {
-        self.root.join("volumes").join(id.as_str())
-    }
-    pub(crate) fn volume_meta_path(&self, id: &VolumeId) -> PathBuf {
-        self.volume_dir(id).join("volume.json")
-    }
-    /// The image file of a volume (whether or not it exists).
+    /// The image file of a volume (whether or not it exists), as the kernel names it.
     pub fn volume_image(&self, id: &VolumeId) -> PathBuf {
-        self.volume_dir(id).join("image")
-    }
-    pub(crate) fn snapshot_dir(&self, id: &SnapshotId) -> PathBuf {
-        self.root.join("snapshots").join(id.as_str())
-    }
-    pub(crate) fn snapshot_meta_path(&self, id: &SnapshotId) -> PathBuf {
-        self.snapshot_dir(id).join("snapshot.json")
-    }
-    pub(crate) fn snapshot_image(&self, id: &SnapshotId) -> PathBuf {
-        self.snapshot_dir(id).join("image")
+        self.root.join(layout::volume_image(id))
     }
 
-    /// Where a front end without a staging path of its own (FlexVolume node mode) stages a volume.
-    pub fn default_staging_path(&self, id: &VolumeId) -> NodePath {
-        // Under the pool: the prefixes (kubelet's directories) do not apply to it.
-        NodePath(
-            self.root
-                .join("staging")
-                .join(self.options.node.path_component())
-                .join(id.as_str()),
-        )
+    /// Where a front end without a staging path of its own (FlexVolume node mode) stages a
+    /// volume: `staging/<node>/<id>` in the pool, reached through the pool-access layer (a link
+    /// planted there is refused), so the prefixes (kubelet's directories) do not apply to it.
+    pub fn default_staging_path(&self, id: &VolumeId) -> Result<NodePath> {
+        let fs = self.fs()?;
+        let dir = layout::staging_dir(&self.options.node);
+        fs.ensure_dir(&dir)?;
+        let fd = fs.open_dir(&dir)?;
+        Ok(NodePath::in_pool_dir(
+            fd,
+            fs.path(&dir),
+            std::ffi::OsStr::new(id.as_str()),
+        ))
     }
 
     /// The volume ID whose image is `image`, if it is one of this pool's volume images.
@@ -241,25 +264,28 @@ impl Pool {
 
     /// The lock of volume `id`, which is also the lock of the name that maps to it.
     pub(crate) fn lock_volume(&self, id: &VolumeId) -> Result<LockGuard> {
-        self.lock(&format!("v-{id}.lock"), &format!("volume {id}"))
-    }
-
-    pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<LockGuard> {
-        self.lock(&format!("s-{id}.lock"), &format!("snapshot {id}"))
-    }
-
-    fn lock(&self, file: &str, what: &str) -> Result<LockGuard> {
-        let path = self.root.join("locks").join(file);
         lock::lock(
-            fsops::open_lock(&path)?,
-            &path,
-            what,
+            &self.fs()?,
+            &layout::volume_lock(id),
+            &layout::volume_dir(id),
+            &format!("volume {id}"),
             self.options.lock_wait,
         )
     }
 
-    /// Removes a directory atomically from the listing's point of view (rename into trash), then
-    /// deletes it. A crash midway leaves it in trash, emptied at the next open.
+    pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<LockGuard> {
+        lock::lock(
+            &self.fs()?,
+            &layout::snapshot_lock(id),
+            &layout::snapshot_dir(id),
+            &format!("snapshot {id}"),
+            self.options.lock_wait,
+        )
+    }
+
+    /// Removes the directory `dir` (relative to the root) atomically from the listing's point of
+    /// view (rename into trash), then deletes it. A crash midway leaves it in trash, emptied at
+    /// the next open.
     pub(crate) fn remove_dir_atomically(&self, dir: &Path) -> Result<()> {
         let Some(name) = dir.file_name() else {
             return Ok(());
@@ -268,31 +294,38 @@ impl Pool {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let trash = self.root.join("trash").join(format!(
+        let trash = layout::trash().join(format!(
             "{}.{}.{nanos}",
             name.to_string_lossy(),
             std::process::id()
         ));
-        match fsops::rename(dir, &trash) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).context(|| format!("move {} to trash", dir.display())),
+        let fs = self.fs()?;
+        if !fs.rename(dir, &trash)? {
+            return Ok(());
         }
         if let Some(parent) = dir.parent() {
-            fsops::sync_dir(parent)?;
+            fs.sync_dir(parent)?;
         }
         // Gone from the pool's point of view once renamed. Another process emptying the trash
         // may be removing the same tree; whatever is left is removed at the next open.
-        if let Err(e) = fsops::remove_tree(&trash) {
-            tracing::warn!(path = %trash.display(), error = %e, "left in trash");
+        if let Err(e) = fs.remove_tree(&trash) {
+            tracing::warn!(path = %fs.path(&trash).display(), error = %e, "left in trash");
         }
         Ok(())
     }
 
-    fn empty_trash(&self) {
-        for entry in fsops::list_paths(&self.root.join("trash")) {
-            if let Err(e) = fsops::remove_tree(&entry) {
-                tracing::warn!(path = %entry.display(), error = %e, "could not empty trash");
+    fn empty_trash(&self, fs: &PoolFs) {
+        let names = match fs.list_names(layout::trash()) {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list trash");
+                return;
+            }
+        };
+        for name in names {
+            let entry = layout::trash().join(name);
+            if let Err(e) = fs.remove_tree(&entry) {
+                tracing::warn!(path = %fs.path(&entry).display(), error = %e, "could not empty trash");
             }
         }
     }
@@ -337,7 +370,7 @@ mod tests {
         assert_eq!(pool.volume_id_of_image(Path::new("/tmp/x/image")), None);
         let a = VolumeId::try_from("a").unwrap();
         assert_eq!(
-            pool.volume_id_of_image(&pool.volume_dir(&a).join("other")),
+            pool.volume_id_of_image(&pool.root().join(layout::volume_dir(&a)).join("other")),
             None
         );
         assert_eq!(
@@ -351,7 +384,7 @@ mod tests {
         let (_d, pool) = pool();
         let odd = Pool::open(pool.root(), PoolOptions::new(node("../../etc"))).unwrap();
         let v = VolumeId::try_from("v").unwrap();
-        let staging = odd.default_staging_path(&v);
+        let staging = odd.default_staging_path(&v).unwrap();
         assert!(
             staging.starts_with(pool.root().join("staging"))
                 && staging.parent().unwrap().parent() == Some(&pool.root().join("staging")),
@@ -371,6 +404,8 @@ mod tests {
         assert_eq!(
             std::fs::read_dir(pool.root().join("nodes"))
                 .unwrap()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
                 .count(),
             1
         );

@@ -2,8 +2,6 @@
 //! is one call under the name's lock (which is the volume's lock: the ID is derived from the
 //! name), so two callers racing on one name make one volume.
 
-use std::path::Path;
-
 use crate::copy;
 use crate::error::{Error, Result};
 use crate::extents;
@@ -11,7 +9,7 @@ use crate::freeze;
 use crate::ids::VolumeId;
 use crate::kernel::KernelView;
 use crate::meta::{self, Allocation, VolumeMeta, VolumeSource};
-use crate::pool::{fsops, Charge, Pool};
+use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::FsType;
 
@@ -73,12 +71,12 @@ impl Pool {
     /// Finishes a create interrupted after its metadata was committed: the image, complete and
     /// durable before the metadata was written, only has to be moved into place.
     fn finish_create(&self, id: &VolumeId) -> Result<()> {
-        let (image, tmp) = (self.volume_image(id), self.volume_dir(id).join("image.tmp"));
-        if fsops::exists(&image) || !fsops::exists(&tmp) {
+        let fs = self.fs()?;
+        let (image, tmp) = (layout::volume_image(id), layout::volume_image_tmp(id));
+        if fs.exists(&image)? || !fs.rename(&tmp, &image)? {
             return Ok(());
         }
-        fsops::rename(&tmp, &image).map_err(|e| io_error(e, format!("commit image of {id}")))?;
-        fsops::sync_dir(&self.volume_dir(id))?;
+        fs.sync_dir(&layout::volume_dir(id))?;
         tracing::info!(volume = %id, "finished an interrupted create");
         Ok(())
     }
@@ -89,14 +87,22 @@ impl Pool {
     /// refused (`FailedPrecondition`) saying what to do: without its metadata nothing else tells
     /// that the data is wanted. The caller holds the volume's lock.
     pub(crate) fn discard_leftovers(&self, id: &VolumeId) -> Result<()> {
-        let dir = self.volume_dir(id);
-        let image = self.volume_image(id);
+        let fs = self.fs()?;
+        let (dir, image) = (layout::volume_dir(id), layout::volume_image(id));
+        let current = match self.image_of(id) {
+            Ok(current) => current,
+            // A planted entry is nobody's image; the kernel is still asked about the path.
+            Err(e @ Error::Untrusted { .. }) => {
+                tracing::warn!(volume = %id, error = %e, "not an image");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let view = KernelView::read()?;
-        let current = fsops::stat_image(&image).map(|st| crate::kernel::Image {
-            path: image.clone(),
-            id: st.id,
-        });
-        if let Some(dev) = view.volume_devices(&image, current.as_ref()).first() {
+        if let Some(dev) = view
+            .volume_devices(&self.volume_image(id), current.as_ref())
+            .first()
+        {
             return Err(Error::precondition(format!(
                 "volume {id} has no volume.json, but its image is in use on this node: attached \
                  as {}. loopvol will not discard a volume in use; unmount and detach it \
@@ -106,8 +112,9 @@ impl Pool {
             )));
         }
         if current.is_some() {
-            let data = fsops::open_image(&image, true).and_then(|f| {
-                extents::data_bytes(&f).map_err(|e| io_error(e, image_ctx(&image)))
+            let file = fs.open_image(&image, true)?;
+            let data = extents::data_bytes(&file).map_err(|e| {
+                io_error(e, format!("map the data of {}", fs.path(&image).display()))
             })?;
             if data > 0 {
                 return Err(Error::precondition(format!(
@@ -115,8 +122,8 @@ impl Pool {
                      data; loopvol will not discard it. If the data is wanted, copy it off (cp \
                      --sparse=always) or write the volume's volume.json back; if not, remove {} \
                      and retry",
-                    image.display(),
-                    dir.display()
+                    fs.path(&image).display(),
+                    fs.path(&dir).display()
                 )));
             }
         }
@@ -133,7 +140,7 @@ impl Pool {
                 let guard = self.lock_snapshot(sid)?;
                 let snap = self.get_snapshot(sid)?;
                 Some(Source {
-                    image: self.snapshot_image(sid),
+                    image: layout::snapshot_image(sid),
                     size: snap.size_bytes,
                     fs: snap.fs_type,
                     volume: None,
@@ -149,7 +156,7 @@ impl Pool {
                 }
                 let volume = self.volume(vid)?;
                 Some(Source {
-                    image: self.volume_image(vid),
+                    image: layout::volume_image(vid),
                     size: volume.meta.size_bytes,
                     fs: volume.meta.fs_type,
                     volume: Some(volume),
@@ -176,13 +183,13 @@ impl Pool {
         }
         let allocation = req.allocation.unwrap_or_default();
 
-        let dir = self.volume_dir(id);
-        if fsops::exists(&dir) {
+        let dir = layout::volume_dir(id);
+        if self.fs()?.exists(&dir)? {
             self.discard_leftovers(id)?;
         }
-        let tmp = dir.join("image.tmp");
-        if let Err(e) = self.make_image(id, &tmp, size, allocation, source.as_ref()) {
-            // Nothing was committed: the next attempt starts from scratch.
+        if let Err(e) = self.make_image(id, size, allocation, source.as_ref()) {
+            // Nothing was committed; a create that fails undoes what it made (the caller may
+            // never retry), and the next attempt starts from scratch.
             if let Err(undo) = self.remove_dir_atomically(&dir) {
                 tracing::warn!(volume = %id, error = %undo, "could not remove a failed create");
             }
@@ -208,33 +215,35 @@ impl Pool {
         // The metadata before the image moves into place: a directory with an image and no
         // metadata is then never an interrupted create, only a volume that lost its metadata
         // (which is never discarded), and a repeat finishes an interrupted commit.
-        fsops::write_json(&self.volume_meta_path(id), &meta)?;
+        self.fs()?.write_json(&layout::volume_meta(id), &meta)?;
         self.finish_create(id)?;
         tracing::info!(volume = %id, size, allocation = allocation.as_str(), "created volume");
         Ok(meta)
     }
 
-    /// Makes the image of new volume `id` at `tmp`: admitted against what the pool can still
-    /// promise (its size, and what a volume it is reflinked from then shares), sized or reflinked
-    /// under the admission lock, then the data copied and the blocks allocated without it.
+    /// Makes the image of new volume `id` (`image.tmp` in its directory, which it creates):
+    /// admitted against what the pool can still promise (its size, and what a volume it is
+    /// reflinked from then shares), sized or reflinked under the admission lock, then the data
+    /// copied and the blocks allocated without it.
     fn make_image(
         &self,
         id: &VolumeId,
-        tmp: &Path,
         size: u64,
         allocation: Allocation,
         source: Option<&Source<'_>>,
     ) -> Result<()> {
         let what = format!("volume {id}");
-        let input = source
-            .map(|s| fsops::open_image(&s.image, true))
-            .transpose()?;
+        let fs = self.fs()?;
+        let tmp = layout::volume_image_tmp(id);
+        let tmp_shown = fs.path(&tmp);
+        // The source's image is opened (and checked) before anything is made.
+        let input = source.map(|s| fs.open_image(&s.image, true)).transpose()?;
         // A mounted source volume is frozen while it is copied, so the copy holds a consistent
         // filesystem. Frozen before the admission lock: freezing flushes.
         let _frozen = match source.and_then(|s| s.volume.as_ref()) {
             Some(v) => {
                 let view = KernelView::read()?;
-                let devices = view.devices_of(v.image().as_ref());
+                let devices = view.devices_of(v.image()?.as_ref());
                 Some(freeze::freeze(&view, &[(v.id(), devices)])?)
             }
             None => None,
@@ -246,17 +255,21 @@ impl Pool {
             // exactly what GetCapacity reported is admitted.
             let mut admission = self.admission()?;
             let mut charge = Charge::new(allocation, size);
-            if let Some(dir) = tmp.parent() {
-                fsops::create_dirs(dir)?;
+            if source.is_none() {
+                // Refused before anything is made.
+                admission.admit(charge, &what)?;
             }
-            file = fsops::create_image(tmp)?;
+            fs.ensure_dir(&layout::volume_dir(id))?;
+            file = fs.create_image(&tmp)?;
             if let (Some(src), Some(input)) = (source, input.as_ref()) {
                 // What a source volume owns alone now, it shares with the copy after a reflink:
                 // a write over it then needs new space, which the pool keeps for it.
-                let source_own = src.volume.as_ref().map_or(0, |_| {
-                    let shared_blocks = fsops::may_share_blocks(self.root());
-                    fsops::image_space(&src.image, shared_blocks).map_or(0, |s| s.own)
-                });
+                let source_own = match &src.volume {
+                    Some(_) => fs
+                        .image_space(&src.image, fs.may_share_blocks())?
+                        .map_or(0, |s| s.own),
+                    None => 0,
+                };
                 if copy::reflink(input, &file, &format!("the source of {what}"))? {
                     if let Some(v) = &src.volume {
                         charge = charge.plus(Charge::new(v.meta.allocation, source_own));
@@ -265,18 +278,18 @@ impl Pool {
                 } else {
                     copy_from = Some(input);
                 }
+                admission.admit(charge, &what)?;
             }
-            admission.admit(charge, &what)?;
             // Its full length is what the next admission sees as this volume's promise.
             file.set_len(size).map_err(|e| {
                 let why = if e.raw_os_error() == Some(libc::EFBIG) {
                     format!(
                         "{size} bytes is more than the pool's filesystem holds in one file; \
                          size {}",
-                        tmp.display()
+                        tmp_shown.display()
                     )
                 } else {
-                    format!("size {}", tmp.display())
+                    format!("size {}", tmp_shown.display())
                 };
                 io_error(e, why)
             })?;
@@ -289,16 +302,13 @@ impl Pool {
             fallocate(&file, 0, size)?;
         }
         file.sync_all()
-            .map_err(|e| io_error(e, format!("fsync {}", tmp.display())))
+            .map_err(|e| io_error(e, format!("fsync {}", tmp_shown.display())))
     }
-}
-
-fn image_ctx(image: &Path) -> String {
-    format!("map the data of {}", image.display())
 }
 
 /// The source of a copy, locked until the copy is committed.
 struct Source<'p> {
+    /// Relative to the pool root.
     image: std::path::PathBuf,
     size: u64,
     fs: Option<FsType>,

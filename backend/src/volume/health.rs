@@ -12,7 +12,7 @@ use crate::host;
 use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
 use crate::loopdev;
 use crate::meta::VolumeMeta;
-use crate::pool::{fsops, NodePath, Pool};
+use crate::pool::{layout, NodePath, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::{self, FsType};
 
@@ -74,7 +74,7 @@ impl Volume<'_> {
         if grow_image && target > self.meta.size_bytes {
             self.grow_image(target)?;
         }
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
                 "volume {id} is not attached on this node"
@@ -106,13 +106,13 @@ impl Volume<'_> {
     /// mounted on this node, `path` is one of those mounts (or, for a block volume, a bind of its
     /// device). Growing a volume because a caller named some other directory would report a
     /// success for a filesystem that did not grow.
-    fn check_expand_path(&self, view: &KernelView, path: &Path) -> Result<()> {
+    fn check_expand_path(&self, view: &KernelView, path: &NodePath) -> Result<()> {
         let not_here =
             |why: &str| Error::not_found("volume path", format!("{} ({why})", path.display()));
-        if !host::exists(path) {
+        if !path.is_present()? {
             return Err(not_here("it does not exist"));
         }
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let mounted_somewhere = devices.iter().any(|d| view.fs_mounts(d).next().is_some());
         let here = view
             .mount_at(path)
@@ -128,9 +128,14 @@ impl Volume<'_> {
 }
 
 impl Pool {
-    fn image_of(&self, m: &VolumeMeta) -> Option<Image> {
-        let path = self.volume_image(&m.id);
-        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    /// Volume `id`'s image as the kernel knows it; `None` when it is missing. An entry that is
+    /// not a volume image (a symbolic link, a device, ...) is an error naming it.
+    pub(crate) fn image_of(&self, id: &crate::VolumeId) -> Result<Option<Image>> {
+        let st = self.fs()?.stat_image(&layout::volume_image(id))?;
+        Ok(st.map(|st| Image {
+            path: self.volume_image(id),
+            id: st.id,
+        }))
     }
 
     /// Usage of volume `m` at `path` (a mounted filesystem: bytes and inodes; a published block
@@ -155,10 +160,23 @@ impl Pool {
         if validate::check_path("volume path", path, &[]).is_err() {
             return Err(not_here());
         }
-        // Whose mount is at `path` comes from mountinfo alone: a path on a shut-down
-        // filesystem cannot even be stat'ed, and the volume's image may be gone (its device,
-        // bound to the deleted file, is still the volume's).
-        let devices = view.volume_devices(&self.volume_image(&m.id), self.image_of(m).as_ref());
+        // Where it really is (its parents' links resolved), as mountinfo names it. Whose mount
+        // is there comes from mountinfo alone: a path on a shut-down filesystem cannot even be
+        // stat'ed, and the volume's image may be gone (its device, bound to the deleted file, is
+        // still the volume's).
+        let Some((resolved, _)) = host::resolve_for_reading(path) else {
+            return Err(not_here());
+        };
+        let path = resolved.as_path();
+        let image = match self.image_of(&m.id) {
+            Ok(image) => image,
+            Err(e @ Error::Untrusted { .. }) => {
+                tracing::warn!(volume = %m.id, error = %e, "image is not usable");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let devices = view.volume_devices(&self.volume_image(&m.id), image.as_ref());
         let at = view.mount_at(path).ok_or_else(not_here)?;
         let device_usage = |dev: &crate::loopdev::LoopDevice| -> Result<Usage> {
             let total = loopdev::device_size(&dev.path())?;
@@ -213,7 +231,12 @@ impl Pool {
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
         let path = self.volume_image(&m.id);
-        let stat = fsops::stat_image(&path);
+        let stat = match self.fs()?.stat_image(&layout::volume_image(&m.id)) {
+            Ok(stat) => stat,
+            // A planted entry where the image belongs: that is the volume's condition.
+            Err(e @ Error::Untrusted { .. }) => return Ok(Condition::abnormal(e.to_string())),
+            Err(e) => return Err(e),
+        };
         let staged_here = m.staged.iter().any(|h| h.node == *self.node());
         let read;
         let view = match (view, staged_here) {

@@ -21,9 +21,9 @@ use crate::error::{Context, Error, Result};
 use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{Image, KernelView};
 use crate::lock::LockGuard;
-use crate::loopdev::{self, LoopDevice};
+use crate::loopdev::{self, FileId, LoopDevice};
 use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta};
-use crate::pool::{fsops, Charge, Pool};
+use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
@@ -59,7 +59,7 @@ impl Pool {
     /// [`Pool::volume`], with `None` for a volume that does not exist.
     pub fn find_volume(&self, id: &VolumeId) -> Result<Option<Volume<'_>>> {
         // Looked for before the lock, so an unknown ID leaves nothing behind; read again under it.
-        if !fsops::exists(&self.volume_meta_path(id)) {
+        if !self.fs()?.exists(&layout::volume_meta(id))? {
             return Ok(None);
         }
         let guard = self.lock_volume(id)?;
@@ -82,8 +82,8 @@ impl Pool {
     /// data) are removed. A volume in use is refused: see [`Volume::delete`]; so is a directory
     /// without metadata whose image is attached or holds data.
     pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
-        let dir = self.volume_dir(id);
-        if !fsops::exists(&dir) {
+        let dir = layout::volume_dir(id);
+        if !self.fs()?.exists(&dir)? {
             return Ok(());
         }
         let guard = self.lock_volume(id)?;
@@ -101,18 +101,26 @@ impl Pool {
     }
 
     /// The volume a claim for PV `pv_name` on `node` was made on (FlexVolume `detach` names only
-    /// the PV).
+    /// the PV). The volume named like the PV (kubelet's default volume ID) is looked at first,
+    /// alone; only when it is not the one is every record read, and a record that cannot be read
+    /// is skipped (with a warning), never a failure: one bad volume must not stop every detach.
     pub fn find_claim_by_pv(&self, pv_name: &str, node: &NodeName) -> Result<Option<VolumeId>> {
+        let claimed = |m: &VolumeMeta| {
+            m.claims
+                .iter()
+                .any(|h| h.node == *node && h.pv_name.as_deref() == Some(pv_name))
+        };
+        if let Ok(id) = VolumeId::for_name(pv_name) {
+            match self.read_volume_meta(&id) {
+                Ok(Some(m)) if claimed(&m) => return Ok(Some(id)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %id, error = %e, "skipped while looking for a claim")
+                }
+            }
+        }
         let page = self.list_volumes(None, 0)?;
-        Ok(page
-            .entries
-            .into_iter()
-            .find(|m| {
-                m.claims
-                    .iter()
-                    .any(|h| h.node == *node && h.pv_name.as_deref() == Some(pv_name))
-            })
-            .map(|m| m.id))
+        Ok(page.entries.into_iter().find(|m| claimed(m)).map(|m| m.id))
     }
 }
 
@@ -132,23 +140,40 @@ impl<'p> Volume<'p> {
     }
 
     fn save(&self) -> Result<()> {
-        fsops::write_json(&self.pool.volume_meta_path(&self.meta.id), &self.meta)
+        self.pool
+            .fs()?
+            .write_json(&layout::volume_meta(&self.meta.id), &self.meta)
     }
 
     fn image_path(&self) -> PathBuf {
         self.pool.volume_image(&self.meta.id)
     }
 
-    /// The image as the kernel knows it; `None` when it is missing.
-    pub(crate) fn image(&self) -> Option<Image> {
-        let path = self.image_path();
-        fsops::stat_image(&path).map(|st| Image { path, id: st.id })
+    /// The image as the kernel knows it; `None` when it is missing. An entry that is not a
+    /// volume image (a symbolic link, a device, ...) is an error naming it.
+    pub(crate) fn image(&self) -> Result<Option<Image>> {
+        self.pool.image_of(&self.meta.id)
+    }
+
+    /// [`Volume::image`] for a check that must still run when the image is not a proper one:
+    /// then it is known by its path alone (a device bound to it before it was replaced).
+    fn image_or_path(&self) -> Result<Option<Image>> {
+        match self.image() {
+            Err(e @ Error::Untrusted { .. }) => {
+                tracing::warn!(volume = %self.meta.id, error = %e, "image is not usable");
+                Ok(Some(Image {
+                    path: self.image_path(),
+                    id: FileId { dev: 0, ino: 0 },
+                }))
+            }
+            other => other,
+        }
     }
 
     /// Every loop device of this volume on this node: bound to its image, or to a former image
     /// deleted or replaced while attached (which still holds the volume's data).
-    pub(crate) fn devices(&self, view: &KernelView) -> Vec<LoopDevice> {
-        view.volume_devices(&self.image_path(), self.image().as_ref())
+    pub(crate) fn devices(&self, view: &KernelView) -> Result<Vec<LoopDevice>> {
+        Ok(view.volume_devices(&self.image_path(), self.image_or_path()?.as_ref()))
     }
 
     /// Deletes the volume. Refused (`FailedPrecondition`) while its data is in use: attached on
@@ -159,7 +184,7 @@ impl<'p> Volume<'p> {
     pub fn delete(self) -> Result<()> {
         let id = &self.meta.id;
         let view = KernelView::read()?;
-        if let Some(dev) = self.devices(&view).first() {
+        if let Some(dev) = self.devices(&view)?.first() {
             return Err(Error::precondition(format!(
                 "volume {id} is in use on this node: attached as {}; unstage it first",
                 view.describe(dev)
@@ -181,7 +206,7 @@ impl<'p> Volume<'p> {
         if self.meta.staged.iter().any(|h| h.node == *here) {
             tracing::info!(volume = %id, node = %here, "nothing attached here: this node's staging hold is stale");
         }
-        self.pool.remove_dir_atomically(&self.pool.volume_dir(id))?;
+        self.pool.remove_dir_atomically(&layout::volume_dir(id))?;
         tracing::info!(volume = %id, "deleted volume");
         Ok(())
     }
@@ -196,7 +221,7 @@ impl<'p> Volume<'p> {
         let target = size::for_expansion(&self.meta.id, size, self.meta.size_bytes)?;
         self.grow_image(target)?;
         let view = KernelView::read()?;
-        for dev in view.devices_of(self.image().as_ref()) {
+        for dev in view.devices_of(self.image()?.as_ref()) {
             loopdev::refresh_capacity(&dev)?;
         }
         Ok(Expanded {
@@ -211,8 +236,10 @@ impl<'p> Volume<'p> {
     /// a repeat finishes the job.
     fn grow_image(&mut self, new_size: u64) -> Result<()> {
         let id = self.meta.id.clone();
-        let image = self.image_path();
-        let file = fsops::open_image(&image, false)?;
+        let file = self
+            .pool
+            .fs()?
+            .open_image(&layout::volume_image(&id), false)?;
         let current_len = file
             .metadata()
             .context(|| format!("stat image of {id}"))?
@@ -249,17 +276,18 @@ impl<'p> Volume<'p> {
     /// failed allocation finishes it.
     pub fn set_allocation(&mut self, allocation: Allocation) -> Result<()> {
         let id = self.meta.id.clone();
-        let image = self.image_path();
+        let fs = self.pool.fs()?;
+        let image = layout::volume_image(&id);
         let missing = || {
             Error::precondition(format!(
                 "the image of volume {id} is missing: {}",
-                image.display()
+                fs.path(&image).display()
             ))
         };
         if self.meta.allocation != allocation {
             let mut admission = self.pool.admission()?;
-            let shared_blocks = fsops::may_share_blocks(self.pool.root());
-            let need = fsops::image_space(&image, shared_blocks)
+            let need = fs
+                .image_space(&image, fs.may_share_blocks())?
                 .map(|s| s.len.saturating_sub(s.own))
                 .ok_or_else(missing)?;
             admission.admit(
@@ -277,10 +305,10 @@ impl<'p> Volume<'p> {
             tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         }
         if allocation == Allocation::Thick {
-            if fsops::stat_image(&image).is_none() {
+            if fs.stat_image(&image)?.is_none() {
                 return Err(missing());
             }
-            let file = fsops::open_image(&image, false)?;
+            let file = fs.open_image(&image, false)?;
             allocate_all(&file, &id)?;
         }
         Ok(())

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::host::{self, PathKind};
+use crate::host;
 use crate::ids::VolumeId;
 use crate::kernel::{former_path, is_device_bind_of, is_fs_mount_of, uses, KernelView};
 use crate::meta::AccessMode;
@@ -57,7 +57,7 @@ impl Pool {
     /// that is not mounted (already unmounted, or the node rebooted) only loses its directory.
     pub fn release_target(&self, target: &NodePath) -> Result<Option<VolumeId>> {
         let Some(id) = self.volume_at(target)? else {
-            host::remove_dir_if_empty(target);
+            target.remove_dir_if_empty();
             return Ok(None);
         };
         let mut volume = self.volume(&id)?;
@@ -80,7 +80,7 @@ impl Volume<'_> {
         let target: &Path = &p.target;
         let view = KernelView::read()?;
         self.refuse_stale(&view)?;
-        let devices = view.devices_of(self.image().as_ref());
+        let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
                 "volume {id} is not staged on this node"
@@ -111,19 +111,13 @@ impl Volume<'_> {
                 if !p.read_only {
                     self.record_raw_block()?;
                 }
-                host::create_block_target(target)?;
+                let mount_point = p.target.create_block_target()?;
                 let flags = plan::bind_flags(true, p.read_only, &[]);
-                mount::bind(&dev.path(), target, flags)?;
+                mount::bind(&dev.path(), &dev.path(), &mount_point, flags)?;
             }
             Access::Mount { mount_options, .. } => {
-                if host::kind_of(target) == PathKind::FileOrDevice {
-                    return Err(Error::precondition(format!(
-                        "target path {} is a file; a filesystem volume is published onto a \
-                         directory (only a block volume is published onto a file)",
-                        target.display()
-                    )));
-                }
-                let source = match &p.staging {
+                // The staged filesystem's root, opened: bound from its descriptor.
+                let (source, shown) = match &p.staging {
                     Some(s) => {
                         if !view.mount_at(s).is_some_and(|sm| is_fs_mount_of(sm, dev)) {
                             return Err(Error::precondition(format!(
@@ -131,24 +125,27 @@ impl Volume<'_> {
                                 s.display()
                             )));
                         }
-                        s.to_path_buf()
+                        (s.open_dir()?, s.to_path_buf())
                     }
-                    None => view
-                        .fs_mounts(dev)
-                        .find(|m| m.root == Path::new("/"))
-                        .map(|m| m.mount_point.clone())
-                        .ok_or_else(|| {
-                            Error::precondition(format!(
-                                "volume {id} is attached but not mounted on this node"
-                            ))
-                        })?,
+                    None => {
+                        let at = view
+                            .fs_mounts(dev)
+                            .find(|m| m.root == Path::new("/"))
+                            .map(|m| m.mount_point.clone())
+                            .ok_or_else(|| {
+                                Error::precondition(format!(
+                                    "volume {id} is attached but not mounted on this node"
+                                ))
+                            })?;
+                        (host::open_mount_root(&at)?, at)
+                    }
                 };
                 if let Some(gid) = p.fs_group.filter(|_| !p.read_only) {
-                    host::apply_fs_group(&source, gid)?;
+                    host::apply_fs_group(&source, &shown, gid)?;
                 }
-                host::mkdir_p(target)?;
+                let mount_point = p.target.mkdir_p()?;
                 let flags = plan::bind_flags(false, p.read_only, mount_options);
-                mount::bind(&source, target, flags)?;
+                mount::bind(&host::proc_fd(&source), &shown, &mount_point, flags)?;
             }
         }
         tracing::info!(volume = %id, target = %target.display(), read_only = p.read_only, "published");
@@ -161,7 +158,7 @@ impl Volume<'_> {
         let id = self.meta.id.clone();
         let mut view = KernelView::read()?;
         // Also a device bound to an image deleted or replaced since: still this volume's.
-        let devices = self.devices(&view);
+        let devices = self.devices(&view)?;
         // Bounded: a target holds a handful of stacked mounts at most. Each unmount changes the
         // table, so each round looks again.
         for _ in 0..16 {
@@ -178,7 +175,7 @@ impl Volume<'_> {
             mount::unmount(target)?;
             view = KernelView::read()?;
         }
-        host::remove_target(target);
+        target.remove_target();
         tracing::info!(volume = %id, target = %target.display(), "unpublished");
         Ok(())
     }
@@ -189,7 +186,7 @@ impl Volume<'_> {
     /// device are released unless another pod uses them: kubelet never unmounts a mount that
     /// failed.
     pub fn stage_and_publish(&mut self, p: &Publish) -> Result<()> {
-        let staging = self.pool.default_staging_path(&self.meta.id);
+        let staging = self.pool.default_staging_path(&self.meta.id)?;
         let publish = Publish {
             staging: Some(staging.clone()),
             ..p.clone()
@@ -214,9 +211,9 @@ impl Volume<'_> {
     /// Unstages the volume from its default staging path (FlexVolume node mode) when no other
     /// mount of it is left; returns whether it did.
     pub fn release_staging_if_unused(&mut self) -> Result<bool> {
-        let staging = self.pool.default_staging_path(&self.meta.id);
+        let staging = self.pool.default_staging_path(&self.meta.id)?;
         let view = KernelView::read()?;
-        let devices = self.devices(&view);
+        let devices = self.devices(&view)?;
         if !view.users(&devices, &[&staging]).is_empty() {
             return Ok(false);
         }

@@ -9,13 +9,12 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::extents;
 use crate::fs;
-use crate::host;
 use crate::kernel::{is_fs_mount_of, KernelView};
 use crate::loopdev::{self, LoopDevice};
 use crate::meta::{AccessMode, Hold};
 use crate::mount::{self, MountEntry};
 use crate::plan::{self, FormatInputs, FormatPlan, GrowPlan};
-use crate::pool::{fsops, NodePath};
+use crate::pool::{layout, NodePath};
 use crate::validate::{self, FsType};
 
 use super::{check_sharing, Volume};
@@ -144,7 +143,7 @@ impl Volume<'_> {
         let id = self.meta.id.clone();
         let read_only = mode == AccessMode::ReadOnly;
         self.refuse_stale(view)?;
-        let Some(image) = self.image() else {
+        let Some(image) = self.image()? else {
             return Err(Error::precondition(format!(
                 "the image of volume {id} is missing: {}",
                 self.image_path().display()
@@ -176,7 +175,11 @@ impl Volume<'_> {
         match reusable {
             Some(dev) => Ok(dev),
             None => {
-                let file = fsops::open_image(&image.path, read_only)?;
+                // Attached from this descriptor: the image is never re-opened by path.
+                let file = self
+                    .pool
+                    .fs()?
+                    .open_image(&layout::volume_image(&id), read_only)?;
                 loopdev::attach(&file, &image.path, read_only)
             }
         }
@@ -260,15 +263,17 @@ impl Volume<'_> {
         // refuse before recording a hold or attaching, so the refusal leaves nothing behind.
         if let (Access::Mount { .. }, Some(existing)) = (access, existing) {
             let ours = view
-                .devices_of(self.image().as_ref())
+                .devices_of(self.image()?.as_ref())
                 .iter()
                 .any(|d| is_fs_mount_of(existing, d));
             check_existing_mount("staging path", staging, existing, ours, &id, read_only)?;
         }
+        let dev = self.hold_and_attach(&view, mode)?;
+        // Recorded once the device is there and before it is handed out (a refused stage
+        // records nothing).
         if *access == Access::Block && !read_only {
             self.record_raw_block()?;
         }
-        let dev = self.hold_and_attach(&view, mode)?;
         let Access::Mount {
             fs_type,
             mount_options,
@@ -346,18 +351,15 @@ impl Volume<'_> {
         if grow == GrowPlan::OfflineBeforeMount {
             fs::grow_ext4_offline(&device)?;
         }
-        host::mkdir_p(staging)?;
-        let how = plan::staging_mount(fs, read_only, mount_options);
-        if let Err(e) = mount::mount_fs(&device, staging, fs.as_str(), how.flags, &how.data) {
-            return Err(self.explain_mount_failure(
-                e,
-                &device,
-                staging,
-                fs,
-                read_only,
-                mount_options,
-            ));
+        let mount_point = staging.mkdir_p()?;
+        let try_mount = |options: &[String]| {
+            let how = plan::staging_mount(fs, read_only, options);
+            mount::mount_fs(&device, &mount_point, fs.as_str(), how.flags, &how.data)
+        };
+        if let Err(e) = try_mount(mount_options) {
+            return Err(self.explain_mount_failure(e, fs, mount_options, &try_mount, staging));
         }
+        drop(mount_point);
         done.mounted = true;
         if grow == GrowPlan::OnlineAfterMount {
             fs::grow_online(fs, &device, staging)?;
@@ -370,7 +372,11 @@ impl Volume<'_> {
     /// not be read, or the whole image is one data range, which is also what a filesystem
     /// without `SEEK_DATA` support answers (then the metadata's record decides).
     fn image_data_bytes(&self) -> Option<u64> {
-        let file = fsops::open_image(&self.image_path(), true).ok()?;
+        let file = self
+            .pool
+            .fs()
+            .and_then(|fs| fs.open_image(&layout::volume_image(&self.meta.id), true))
+            .ok()?;
         let len = file.metadata().ok()?.len();
         match extents::data_bytes(&file) {
             Ok(n) if n == len && len > 0 => None,
@@ -389,22 +395,18 @@ impl Volume<'_> {
     fn explain_mount_failure(
         &self,
         err: Error,
-        device: &Path,
-        staging: &Path,
         fs: FsType,
-        read_only: bool,
         options: &[String],
+        try_mount: &dyn Fn(&[String]) -> Result<()>,
+        staging: &Path,
     ) -> Error {
         let einval = matches!(&err, Error::Sys { source, .. } if *source == nix::Error::EINVAL);
         if !einval || options.is_empty() {
             return err;
         }
-        let mounts = |opts: &[String]| {
-            let how = plan::staging_mount(fs, read_only, opts);
-            match mount::mount_fs(device, staging, fs.as_str(), how.flags, &how.data) {
-                Ok(()) => mount::unmount(staging).map(|()| true),
-                Err(_) => Ok(false),
-            }
+        let mounts = |opts: &[String]| match try_mount(opts) {
+            Ok(()) => mount::unmount(staging).map(|()| true),
+            Err(_) => Ok(false),
         };
         if !matches!(mounts(&[]), Ok(true)) {
             return err;
@@ -426,9 +428,10 @@ impl Volume<'_> {
     }
 
     /// [`Volume::stage`], and when it fails, undoes it: unmounts what it mounted, then detaches
-    /// the loop device and drops this node's hold unless something else uses the device. Kubernetes takes a failed stage for "not staged" and
-    /// never unstages it, so a leftover device or hold would outlive the pod and block the
-    /// volume's deletion. Both front ends stage through this.
+    /// the loop device and drops this node's hold unless something else uses the device.
+    /// Kubernetes takes a failed stage for "not staged" and never unstages it, so a leftover
+    /// device or hold would outlive the pod and block the volume's deletion. Both front ends
+    /// stage through this.
     pub fn stage_or_release(
         &mut self,
         staging: &NodePath,
@@ -449,14 +452,14 @@ impl Volume<'_> {
     /// Unmounts what the failed stage mounted, then releases the volume's loop device and this
     /// node's hold when no mount uses the device (FlexVolume's `waitforattach` attached it for
     /// this very stage; kubelet calls `unmountdevice` only for a path that mounted).
-    fn undo_stage(&mut self, staging: &Path, done: &StageSteps) -> Result<()> {
+    fn undo_stage(&mut self, staging: &NodePath, done: &StageSteps) -> Result<()> {
         let id = self.meta.id.clone();
         if done.mounted {
             mount::unmount(staging)?;
-            host::remove_dir_if_empty(staging);
+            staging.remove_dir_if_empty();
         }
         let view = KernelView::read()?;
-        let devices = self.devices(&view);
+        let devices = self.devices(&view)?;
         if !view.users(&devices, &[]).is_empty() {
             return Ok(()); // another stage or publication of the volume uses it
         }
@@ -494,7 +497,7 @@ impl Volume<'_> {
     pub fn unstage(&mut self, staging: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let view = KernelView::read()?;
-        let devices = self.devices(&view);
+        let devices = self.devices(&view)?;
         let mut unmounted = false;
         if let Some(existing) = view.mount_at(staging) {
             if !devices.iter().any(|d| is_fs_mount_of(existing, d)) {
@@ -510,7 +513,7 @@ impl Volume<'_> {
             mount::unmount(staging)?;
             unmounted = true;
         }
-        host::remove_dir_if_empty(staging);
+        staging.remove_dir_if_empty();
         // The unmount changed the table (and a stacked mount may remain): look again.
         let after = if unmounted { KernelView::read()? } else { view };
         self.detach_unused(&after, &devices)?;
@@ -541,7 +544,7 @@ impl Volume<'_> {
     /// `unmountdevice` after the unmount; CSI block unstage) and drops this node's hold.
     pub fn detach(&mut self) -> Result<()> {
         let view = KernelView::read()?;
-        let devices = self.devices(&view);
+        let devices = self.devices(&view)?;
         self.detach_unused(&view, &devices)?;
         self.drop_hold_or_warn();
         Ok(())

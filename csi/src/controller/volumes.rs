@@ -174,23 +174,45 @@ impl Controller {
         let (page, conditions) = self
             .driver
             .run(Rpc::ListVolumes, Vec::new(), move |pool| {
-                let page = pool.list_volumes(token.as_deref(), max)?;
+                // A volume whose record cannot be read is listed, abnormal, naming the file: one
+                // bad entry never fails the listing, and the health monitor reports it.
+                let page = pool.list_volume_entries(token.as_deref(), max)?;
+                let good: Vec<loopvol::VolumeMeta> = page
+                    .entries
+                    .iter()
+                    .filter_map(|e| e.as_ref().ok().cloned())
+                    .collect();
                 // VOLUME_CONDITION is advertised, so every entry must carry one.
-                let conditions = pool.volume_conditions(&page.entries)?;
+                let conditions = pool.volume_conditions(&good)?;
                 Ok((page, conditions))
             })
             .await?;
+        let mut conditions = conditions.into_iter();
         Ok(pb::ListVolumesResponse {
             entries: page
                 .entries
                 .iter()
-                .zip(conditions)
-                .map(|(m, c)| pb::list_volumes_response::Entry {
-                    volume: Some(self.volume_pb(m)),
-                    status: Some(pb::list_volumes_response::VolumeStatus {
-                        published_node_ids: self.published_nodes(m),
-                        volume_condition: Some(convert::condition(c)),
-                    }),
+                .map(|entry| match entry {
+                    Ok(m) => pb::list_volumes_response::Entry {
+                        volume: Some(self.volume_pb(m)),
+                        status: Some(pb::list_volumes_response::VolumeStatus {
+                            published_node_ids: self.published_nodes(m),
+                            volume_condition: conditions.next().map(convert::condition),
+                        }),
+                    },
+                    Err(bad) => pb::list_volumes_response::Entry {
+                        volume: Some(pb::Volume {
+                            volume_id: bad.id.clone(),
+                            ..Default::default()
+                        }),
+                        status: Some(pb::list_volumes_response::VolumeStatus {
+                            published_node_ids: Vec::new(),
+                            volume_condition: Some(pb::VolumeCondition {
+                                abnormal: true,
+                                message: bad.reason.clone(),
+                            }),
+                        }),
+                    },
                 })
                 .collect(),
             next_token: page.next_token.unwrap_or_default(),

@@ -12,7 +12,9 @@
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
 //!   nodes and surviving a dead one; as root;
 //! - [`safety`]: small pools of their own: parallel admission, raw data never formatted, a full
-//!   pool, a failed stage undone, the smaller refusals' codes; as root.
+//!   pool, a failed stage undone, the smaller refusals' codes; as root;
+//! - [`trust`]: issue 12 through the server: a symlinked kubelet root end to end, paths that
+//!   lead out of the prefix, a bad entry in a listing, lock files that go with their volumes.
 //!
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
@@ -22,6 +24,7 @@ mod protocol;
 mod recovery;
 mod safety;
 mod shared_pool;
+mod trust;
 
 use loopvol_e2e::csi::{Csi, CsiServer, Kubelet};
 use loopvol_e2e::Scratch;

@@ -267,4 +267,16 @@ async fn sigkill_mid_stage_then_the_same_call_finishes_the_job() {
     c.unstage(&parent, &parent_stage).await;
     assert!(loops_under(&scratch.root()).is_empty());
     assert!(mounts_under(&scratch.root()).is_empty());
+    // Deleted, the volumes leave no lock file behind, the killed call's included.
+    for v in [&id, &parent] {
+        c.call(delete_req(v)).await.unwrap();
+    }
+    let locks: Vec<_> = std::fs::read_dir(scratch.pool().join("locks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        // The pool-wide admission lock stays with the pool.
+        .filter(|n| n != "space.lock")
+        .collect();
+    assert!(locks.is_empty(), "lock files left: {locks:?}");
 }
