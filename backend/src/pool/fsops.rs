@@ -697,12 +697,7 @@ impl PoolFs {
             0x6573_5546, // FUSE
             0x6969,      // NFS
         ];
-        #[allow(
-            clippy::useless_conversion,
-            reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
-        )]
-        let never = |st: rfs::StatFs| NEVER.contains(&i64::from(st.f_type));
-        !rfs::fstatfs(&self.fd).is_ok_and(never)
+        !fs_type_is_one_of(&self.fd, &NEVER)
     }
 
     /// The size of the pool's filesystem and the space available to us on it, in bytes.
@@ -748,12 +743,17 @@ fn exchanges_safely(dir: &OwnedFd) -> bool {
         0x9123_683E, // btrfs
         0x0102_1994, // tmpfs
     ];
+    fs_type_is_one_of(dir, &LOCAL)
+}
+
+/// Whether the filesystem holding `fd` has one of the magic numbers `types` (`statfs(2)`).
+fn fs_type_is_one_of(fd: &OwnedFd, types: &[i64]) -> bool {
     #[allow(
         clippy::useless_conversion,
         reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
     )]
-    let is_local = |st: rfs::StatFs| LOCAL.contains(&i64::from(st.f_type));
-    rfs::fstatfs(dir).is_ok_and(is_local)
+    let is_one = |st: rfs::StatFs| types.contains(&i64::from(st.f_type));
+    rfs::fstatfs(fd).is_ok_and(is_one)
 }
 
 fn spare_name(name: &OsStr) -> OsString {
