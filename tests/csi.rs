@@ -160,6 +160,29 @@ impl CsiServer {
         );
     }
 
+    /// Where the server serves `/metrics` (started with `--metrics-address`, port 0 included):
+    /// the address it logged.
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        poll_until(
+            Duration::from_secs(10),
+            "the metrics address in the log",
+            || {
+                self.log_text().lines().find_map(|l| {
+                    l.contains("serving metrics")
+                        .then(|| {
+                            l.split("address=")
+                                .nth(1)?
+                                .split_whitespace()
+                                .next()?
+                                .parse()
+                                .ok()
+                        })
+                        .flatten()
+                })
+            },
+        )
+    }
+
     /// A gRPC channel to the server.
     pub async fn channel(&self) -> Channel {
         loopvol_proto::connect_unix(&self.socket)

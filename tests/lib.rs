@@ -11,8 +11,11 @@
 //! - [`csi`]: the `loopvol-csi` process, a client, request builders, tables of calls;
 //! - [`flex`]: `loopvol-flexvolume` run as kubelet runs it, and kubelet's options;
 //! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes;
+//! - [`admin`]: the admin CLI `loopvol` run on a test's pool; [`openmetrics`]: a strict parser
+//!   of what `/metrics` and `loopvol metrics` write, and a scrape of `/metrics`;
 //! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight.
 
+pub mod admin;
 pub mod binaries;
 pub mod csi;
 pub mod data;
@@ -21,6 +24,7 @@ pub mod freeze;
 pub mod gate;
 pub mod gluster;
 pub mod kernel;
+pub mod openmetrics;
 pub mod poll;
 pub mod scratch;
 

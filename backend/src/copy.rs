@@ -8,20 +8,42 @@ use nix::errno::Errno;
 
 use crate::error::{Context, Result};
 use crate::extents;
+use crate::observe::{self, CopyKind};
 use crate::sys;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CopyMethod {
     Reflink,
     Sparse,
 }
 
+impl CopyMethod {
+    pub const ALL: [CopyMethod; 2] = [CopyMethod::Reflink, CopyMethod::Sparse];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMethod::Reflink => "reflink",
+            CopyMethod::Sparse => "sparse",
+        }
+    }
+}
+
 /// Makes `output` (a new, empty file open for writing) share every block of `input`: instant,
 /// and no space taken now. `Ok(false)` when the pool's filesystem cannot (then [`copy_data`]).
-/// `what` names the copy in messages ("volume a to snapshot b").
-pub(crate) fn reflink(input: &File, output: &File, what: &str) -> Result<bool> {
+/// `what` names the copy in messages ("volume a to snapshot b"); `kind` says why it is made
+/// (for the metrics).
+pub(crate) fn reflink(input: &File, output: &File, kind: CopyKind, what: &str) -> Result<bool> {
+    let start = std::time::Instant::now();
     match sys::ficlone(output.as_fd(), input.as_fd()) {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            // The data now shared: what a copy would have moved.
+            let shared = input
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
+                .unwrap_or(0);
+            observe::copy(kind, CopyMethod::Reflink, shared, start.elapsed());
+            Ok(true)
+        }
         Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => Ok(false),
         Err(e) => Err(e).context(|| format!("reflink {what}")),
     }
@@ -42,7 +64,9 @@ pub(crate) fn preallocate(input: &File, output: &File, what: &str) -> Result<u64
 
 /// Copies the data extents of `input` into `output` with copy_file_range (which the kernel may
 /// itself accelerate); `output` becomes at least as long as `input`, with the same holes.
-pub(crate) fn copy_data(input: &File, output: &File, what: &str) -> Result<()> {
+pub(crate) fn copy_data(input: &File, output: &File, kind: CopyKind, what: &str) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut copied = 0u64;
     let ctx = || format!("copy {what}");
     let len = input.metadata().context(ctx)?.len();
     // Never shorter: a caller may have sized (and so reserved) the output beyond the input.
@@ -66,9 +90,12 @@ pub(crate) fn copy_data(input: &File, output: &File, what: &str) -> Result<()> {
             if n == 0 {
                 break; // the source shrank under us; the length is already set
             }
-            remaining = remaining.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX));
+            let n = u64::try_from(n).unwrap_or(u64::MAX);
+            remaining = remaining.saturating_sub(n);
+            copied = copied.saturating_add(n);
         }
     }
+    observe::copy(kind, CopyMethod::Sparse, copied, start.elapsed());
     Ok(())
 }
 
@@ -97,7 +124,13 @@ mod tests {
             .create_new(true)
             .open(&dest)
             .unwrap();
-        copy_data(&File::open(&src).unwrap(), &output, "src to dest").unwrap();
+        copy_data(
+            &File::open(&src).unwrap(),
+            &output,
+            CopyKind::Clone,
+            "src to dest",
+        )
+        .unwrap();
         let a = std::fs::read(&src).unwrap();
         let b = std::fs::read(&dest).unwrap();
         assert_eq!(a, b);

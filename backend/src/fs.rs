@@ -76,7 +76,10 @@ fn mkfs(device: &Path, fs: FsType, force: bool) -> Result<()> {
         args.push(if fs == FsType::Ext4 { "-F" } else { "-f" });
     }
     args.push(&dev);
-    cmd::run(&format!("mkfs.{fs}"), &args)?;
+    let start = std::time::Instant::now();
+    let made = cmd::run(&format!("mkfs.{fs}"), &args);
+    crate::observe::format(fs, made.is_ok(), start.elapsed());
+    made?;
     tracing::info!(device = %dev, fs = %fs, force, "formatted");
     Ok(())
 }

@@ -84,6 +84,11 @@ impl KernelView {
         }
     }
 
+    /// Every bound loop device.
+    pub fn loops(&self) -> &[LoopDevice] {
+        &self.loops
+    }
+
     /// The topmost mount at exactly `path` (later lines stack over earlier ones).
     pub fn mount_at(&self, path: &Path) -> Option<&MountEntry> {
         mount::mount_at(&self.mounts, path)

@@ -30,11 +30,13 @@ mod freeze;
 mod fs;
 mod host;
 pub mod ids;
+pub mod inspect;
 mod kernel;
 mod lock;
 mod loopdev;
 mod meta;
 mod mount;
+pub mod observe;
 mod plan;
 mod pool;
 mod size;
@@ -94,4 +96,6 @@ pub use pool::{default_node_name, BadEntry, Capacity, Listed, NodePath, Page, Po
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;
-pub use volume::{Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume};
+pub use volume::{
+    AbnormalReason, Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume,
+};

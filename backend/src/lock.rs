@@ -19,6 +19,7 @@ use rustix::fs::{flock, FlockOperation};
 use rustix::io::Errno;
 
 use crate::error::{Context, Error, Result};
+use crate::observe::{self, LockOutcome};
 use crate::pool::fsops::PoolFs;
 
 /// How a caller waits for a busy lock.
@@ -103,17 +104,32 @@ pub(crate) fn lock(
 /// Takes the exclusive flock of `file`, failing at once or waiting until `deadline`.
 fn wait_for(file: &File, deadline: Option<Instant>, what: &str, path: &Path) -> Result<()> {
     let mut backoff = Duration::from_millis(2);
+    // Set when the lock was found held: the wait is reported to the metrics however it ends.
+    let mut contended: Option<Instant> = None;
     loop {
         match flock(file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(()),
-            Err(Errno::WOULDBLOCK) => match deadline {
-                Some(d) if Instant::now() < d => {
-                    // flock has no timed wait; a short capped backoff keeps latency low.
-                    std::thread::sleep(backoff.min(d.saturating_duration_since(Instant::now())));
-                    backoff = (backoff * 2).min(Duration::from_millis(50));
+            Ok(()) => {
+                if let Some(since) = contended {
+                    observe::lock_wait(LockOutcome::Acquired, since.elapsed());
                 }
-                _ => return Err(Error::Busy(what.to_owned())),
-            },
+                return Ok(());
+            }
+            Err(Errno::WOULDBLOCK) => {
+                let since = *contended.get_or_insert_with(Instant::now);
+                match deadline {
+                    Some(d) if Instant::now() < d => {
+                        // flock has no timed wait; a short capped backoff keeps latency low.
+                        std::thread::sleep(
+                            backoff.min(d.saturating_duration_since(Instant::now())),
+                        );
+                        backoff = (backoff * 2).min(Duration::from_millis(50));
+                    }
+                    _ => {
+                        observe::lock_wait(LockOutcome::Busy, since.elapsed());
+                        return Err(Error::Busy(what.to_owned()));
+                    }
+                }
+            }
             Err(Errno::INTR) => continue,
             Err(e) => {
                 return Err(std::io::Error::from(e)).context(|| format!("lock {}", path.display()))

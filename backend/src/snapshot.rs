@@ -13,6 +13,7 @@ use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
+use crate::observe::CopyKind;
 use crate::pool::{fsops::PoolFs, layout, Charge, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
@@ -264,7 +265,7 @@ impl Pool {
                 let what = format!("snapshot {} of volume {}", m.id, m.source);
                 // Measured before the reflink: what the source owns alone becomes shared.
                 let own = fs.image_space(&image, shared_blocks)?.map_or(0, |s| s.own);
-                if copy::reflink(&input, &output, &what)? {
+                if copy::reflink(&input, &output, CopyKind::Snapshot, &what)? {
                     admission.admit(Charge::new(source.meta().allocation, own), &what)?;
                     tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Reflink, "copied image");
                 } else {
@@ -279,7 +280,7 @@ impl Pool {
             }
         }
         for (m, input, output, what) in &to_copy {
-            copy::copy_data(input, output, what)?;
+            copy::copy_data(input, output, CopyKind::Snapshot, what)?;
             tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Sparse, "copied image");
         }
         for m in todo {

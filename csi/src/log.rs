@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing_subscriber::EnvFilter;
 
 use crate::caps;
+use crate::metrics;
 use crate::rpc::Rpc;
 
 /// Sends logs to `file` (appended) or, without one, to stderr. `RUST_LOG` overrides the level.
@@ -88,6 +89,9 @@ struct Abandoned<'a> {
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if self.armed {
+            if let Some(m) = metrics::get() {
+                m.finished(self.rpc, tonic::Code::Cancelled, self.start.elapsed());
+            }
             tracing::warn!(
                 method = self.rpc.as_str(),
                 volume = self.subject,
@@ -194,6 +198,7 @@ async fn call<T>(
 ) -> Result<Response<T>, Status> {
     let method = rpc.as_str();
     let start = Instant::now();
+    let _in_flight = metrics::get().map(|m| m.start(rpc));
     tracing::debug!(method, volume = subject, "request");
     let mut abandoned = Abandoned {
         rpc,
@@ -203,6 +208,12 @@ async fn call<T>(
     };
     let result = handler.await;
     abandoned.armed = false;
+    if let Some(m) = metrics::get() {
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        m.finished(rpc, code, start.elapsed());
+    }
     let duration_ms = elapsed_ms(start);
     match result {
         Ok(reply) => {

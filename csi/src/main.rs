@@ -13,6 +13,7 @@ mod group;
 mod identity;
 mod inflight;
 mod log;
+mod metrics;
 mod node;
 mod params;
 mod rpc;
@@ -79,6 +80,11 @@ struct Args {
     /// How many times the pool's free space may be promised to thin volumes (≥ 1.0).
     #[arg(long, default_value_t = 1.0)]
     overcommit: f64,
+
+    /// Serve Prometheus metrics (OpenMetrics text) on http://IP:PORT/metrics, e.g.
+    /// 0.0.0.0:9810; port 0 picks a free one (logged). Unset: no metrics server.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// Settings the services need, checked at startup.
@@ -166,7 +172,7 @@ fn run(args: Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let result = runtime.block_on(server::serve(config, pool, socket));
+    let result = runtime.block_on(server::serve(config, pool, socket, args.metrics_address));
     // Work whose caller gave up may still be running in the blocking pool: give it a moment,
     // then exit anyway (every backend operation is safe to interrupt and repeat).
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
@@ -243,5 +249,15 @@ mod tests {
         assert_eq!(args.mode, Mode::Node);
         assert!(args.shared_pool);
         assert!(Args::try_parse_from(["loopvol-csi", "--max-volumes-per-node", "-1"]).is_err());
+        assert_eq!(args.metrics_address, None);
+        let args =
+            Args::try_parse_from(["loopvol-csi", "--metrics-address", "0.0.0.0:9810"]).unwrap();
+        assert_eq!(args.metrics_address, Some("0.0.0.0:9810".parse().unwrap()));
+        for bad in ["9810", "localhost:9810", "0.0.0.0", ":9810"] {
+            assert!(
+                Args::try_parse_from(["loopvol-csi", "--metrics-address", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The gRPC server: the shared state every service uses ([`Driver`]), the Unix socket, and a
 //! graceful shutdown on SIGTERM/SIGINT.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tonic::Status;
 
 use crate::error::{self, Fail};
 use crate::inflight::InFlight;
+use crate::metrics::{self, BusyCause};
 use crate::rpc::Rpc;
 use crate::Config;
 
@@ -44,7 +46,15 @@ impl Driver {
         keys: Vec<String>,
         work: impl FnOnce(&Pool) -> Result<T, Fail> + Send + 'static,
     ) -> Result<T, Status> {
-        let guard = self.inflight.acquire(keys)?;
+        let busy = |cause| {
+            if let Some(m) = metrics::get() {
+                m.busy(rpc, cause);
+            }
+        };
+        let guard = self
+            .inflight
+            .acquire(keys)
+            .inspect_err(|_| busy(BusyCause::InFlight))?;
         let pool = Arc::clone(&self.pool);
         let outcome = tokio::task::spawn_blocking(move || {
             let _guard = guard;
@@ -53,7 +63,12 @@ impl Driver {
         .await
         .map_err(|e| Status::internal(format!("{rpc}: the operation failed: {e}")))?;
         outcome.map_err(|f| match f {
-            Fail::Backend(e) => error::to_status(rpc, e),
+            Fail::Backend(e) => {
+                if e.kind() == loopvol::ErrorKind::Busy {
+                    busy(BusyCause::Lock);
+                }
+                error::to_status(rpc, e)
+            }
             Fail::Status(s) => s,
         })
     }
@@ -178,10 +193,20 @@ impl Signals {
 
 /// Serves the configured services on `socket` until SIGTERM or SIGINT; then stops accepting,
 /// lets calls in flight finish, and removes the socket.
-pub async fn serve(config: Config, pool: Pool, socket: PathBuf) -> Result<(), String> {
+pub async fn serve(
+    config: Config,
+    pool: Pool,
+    socket: PathBuf,
+    metrics_address: Option<SocketAddr>,
+) -> Result<(), String> {
     // Catch the signals before the socket exists: one right after start is not lost (nor does
     // it kill the process with the socket left behind).
     let mut signals = Signals::install()?;
+    // Before the socket: a metrics port that cannot be had fails the start, with nothing left.
+    let metrics_listener = match metrics_address {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let listener = bind(&socket)?;
     let ino = std::fs::symlink_metadata(&socket)
         .map(|m| m.ino())
@@ -191,6 +216,13 @@ pub async fn serve(config: Config, pool: Pool, socket: PathBuf) -> Result<(), St
         pool: Arc::new(pool),
         inflight: InFlight::default(),
     });
+    if let Some(l) = metrics_listener {
+        let addr = l
+            .local_addr()
+            .map_err(|e| format!("metrics listener: {e}"))?;
+        metrics::serve(l, Arc::clone(&driver.pool));
+        tracing::info!(address = %addr, "serving metrics on http://{addr}/metrics");
+    }
 
     let router = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(crate::identity::Identity::new(&driver)))

@@ -45,8 +45,7 @@ LOOPVOL_IMAGE = "loopvol"
 CSI_FLAGS_WITH_VALUE = {"--endpoint", "--node-id", "--pool", "--driver-name", "--mode",
                         "--path-prefix", "--max-volumes-per-node",
                         "--overcommit",  # implemented by csi/ too; the manifests do not pass it
-                        # /metrics on HOST:PORT (issue 10). Until loopvol-csi has it,
-                        # tests/tests/deploy.rs lists it in PENDING_CSI_FLAGS.
+                        # /metrics on IP:PORT (issue 10).
                         "--metrics-address"}
 METRICS_PORT_NAME = "metrics"
 CSI_BOOL_FLAGS = {"--shared-pool"}
@@ -1196,13 +1195,16 @@ def check_build(r: Report, repo: Path) -> tuple[str, str]:
         t = tomllib.loads((repo / member / "Cargo.toml").read_text())
         pkg = t.get("package", {}).get("name")
         bins[pkg] = {b.get("name") for b in t.get("bin", [])} or {pkg}
-    for pkg in ("loopvol-csi", "loopvol-flexvolume"):
+    for pkg, binary in (("loopvol-csi", "loopvol-csi"), ("loopvol-flexvolume", "loopvol-flexvolume"),
+                        ("loopvol-admin", "loopvol")):
         if pkg not in bins:
             problems.append(f"workspace has no package {pkg}")
-        elif pkg not in bins[pkg]:
-            problems.append(f"package {pkg} builds no binary {pkg}: {sorted(bins[pkg])}")
+        elif binary not in bins[pkg]:
+            problems.append(f"package {pkg} builds no binary {binary}: {sorted(bins[pkg])}")
     df = (repo / "deploy" / "Dockerfile").read_text()
     for needle, why in (("-p loopvol-csi", "builds loopvol-csi"),
+                        ("-p loopvol-admin", "builds the admin CLI loopvol"),
+                        ("COPY --from=builder /out/loopvol /usr/local/bin/", "the admin CLI in /usr/local/bin"),
                         ("--target x86_64-unknown-linux-musl -p loopvol-flexvolume", "builds a musl FlexVolume"),
                         ("debian:${DEBIAN_RELEASE}-slim", "runtime from debian slim"),
                         ("ARG DEBIAN_RELEASE=bookworm", "bookworm"),

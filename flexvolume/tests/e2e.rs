@@ -1285,3 +1285,105 @@ fn a_planted_staging_link_is_refused() {
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
     s.assert_clean("after the refused mount");
 }
+
+/// A node reboot (every mount and loop device gone behind the driver's back): `loopvol check`
+/// reports the stale hold, kubelet's `mount` of the pod's volume again succeeds with the data
+/// intact and nothing formatted, and the hold is current again. Node mode.
+#[test]
+fn after_a_reboot_mount_succeeds_again_node_mode() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let flex = node_mode(&s);
+    let admin = loopvol_e2e::admin::Admin::built(s.pool(), "node-a");
+    let opts = kubelet_mount_options("pv-rb", "ext4", "rw", json!({"size": "64Mi"}));
+    let pod = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-rb");
+    let pods = mkdir(&pod);
+    flex.ok(&["mount", &pods, &opts]);
+    write_synced(&pod.join("kept"), b"before the reboot");
+    let uuid = blkid_uuid(&s.loops_of("pv-rb")[0].path());
+    assert_eq!(admin.findings(), (0, vec![]));
+
+    s.cleanup_kernel_state();
+    assert_eq!(
+        admin.findings(),
+        (1, vec![("stale-hold".to_owned(), "pv-rb".to_owned())])
+    );
+    // kubelet mounts the pod's volume again on the same (now empty) directory, maybe twice.
+    flex.ok(&["mount", &pods, &opts]);
+    flex.ok(&["mount", &pods, &opts]);
+    assert_eq!(
+        std::fs::read(pod.join("kept")).unwrap(),
+        b"before the reboot"
+    );
+    assert_eq!(
+        blkid_uuid(&s.loops_of("pv-rb")[0].path()),
+        uuid,
+        "formatted again"
+    );
+    assert_eq!(admin.findings(), (0, vec![]), "the hold is current again");
+    assert_eq!(
+        log_text(&s).matches("formatted").count(),
+        1,
+        "only the first mount formats"
+    );
+    flex.ok(&["unmount", &pods]);
+    s.assert_clean("left behind");
+}
+
+/// The same in attach mode: after node-a reboots, kubelet's `waitforattach`, `mountdevice` and
+/// `mount` succeed again under the controller's unchanged claim.
+#[test]
+fn after_a_reboot_mount_succeeds_again_attach_mode() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    let cm = Flex::new(EXE, &s, "controller", true);
+    let node = Flex::new(EXE, &s, "node-a", true);
+    let admin = loopvol_e2e::admin::Admin::built(s.pool(), "node-a");
+    let opts = kubelet_attach_options("pv-ar", "ext4", "rw", json!({"size": "64Mi"}));
+    let pod_opts = kubelet_mount_options("pv-ar", "ext4", "rw", json!({"size": "64Mi"}));
+    let dmp = s.path("node-a/plugins/kubernetes.io/flexvolume/loopvol/loopvol/mounts/pv-ar");
+    let pod = s.path("node-a/pods/uid-1/volumes/loopvol~loopvol/pv-ar");
+    let kubelet_node = |node: &Flex| {
+        let device = node.ok(&["waitforattach", "loopvol:pv-ar", &opts])["device"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        node.ok(&["mountdevice", &mkdir(&dmp), &device, &opts]);
+        node.ok(&["mount", &mkdir(&pod), &pod_opts]);
+        device
+    };
+    cm.ok(&["attach", &opts, "node-a"]);
+    let device = kubelet_node(&node);
+    write_synced(&pod.join("kept"), b"attach mode");
+    let uuid = blkid_uuid(Path::new(&device));
+
+    s.cleanup_kernel_state();
+    let (code, found) = admin.findings();
+    assert_eq!(
+        (code, found),
+        (1, vec![("stale-hold".to_owned(), "pv-ar".to_owned())])
+    );
+    assert_eq!(cm.ok(&["isattached", &opts, "node-a"])["attached"], true);
+    let device = kubelet_node(&node);
+    assert_eq!(std::fs::read(pod.join("kept")).unwrap(), b"attach mode");
+    assert_eq!(blkid_uuid(Path::new(&device)), uuid, "formatted again");
+    assert_eq!(admin.findings(), (0, vec![]));
+    node.ok(&["unmount", &pod.display().to_string()]);
+    node.ok(&["unmountdevice", &dmp.display().to_string()]);
+    cm.ok(&["detach", "pv-ar", "node-a"]);
+    s.assert_clean("left behind");
+}
+
+/// The filesystem UUID on `device` (empty when none): the same UUID means the same filesystem.
+fn blkid_uuid(device: &Path) -> String {
+    let out = std::process::Command::new("blkid")
+        .args(["-p", "-s", "UUID", "-o", "value"])
+        .arg(device)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

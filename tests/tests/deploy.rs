@@ -354,11 +354,7 @@ fn resolve(pod: &Value, c: &Value, path: &str) -> (String, String) {
 /// value must follow meanwhile. While a flag is pending its value is checked here and it is
 /// left out of the command line given to the binary's parser; once `loopvol-csi --help` shows
 /// it, the test fails until it is taken off this list (and the binary checks it like any other).
-const PENDING_CSI_FLAGS: &[PendingFlag] = &[PendingFlag {
-    name: "--metrics-address",
-    why: "issue 10: /metrics on HOST:PORT",
-    valid: |v| v.parse::<std::net::SocketAddr>().is_ok(),
-}];
+const PENDING_CSI_FLAGS: &[PendingFlag] = &[];
 
 struct PendingFlag {
     name: &'static str,

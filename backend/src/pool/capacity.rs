@@ -46,7 +46,7 @@ const RESERVE_MAX: u64 = 1024 * MIB;
 const ADMISSION_WAIT: Duration = Duration::from_secs(30);
 
 /// Capacity as the controller reports it, and as admission checks it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
     /// Free bytes of the pool's filesystem.
     pub free_bytes: u64,
@@ -56,8 +56,6 @@ pub struct Capacity {
     pub thick_unbacked_bytes: u64,
     /// What thin volumes may still take: their size minus what they own.
     pub thin_unallocated_bytes: u64,
-    /// How many times the pool's backed space may be promised to thin volumes.
-    pub overcommit: f64,
     /// The largest new thin volume the pool admits now.
     pub available_bytes: u64,
     /// The largest new thick volume (or data copy) the pool admits now.
@@ -231,7 +229,6 @@ impl Pool {
             reserve_bytes: reserve,
             thick_unbacked_bytes: promises.thick,
             thin_unallocated_bytes: promises.thin,
-            overcommit: self.options.overcommit,
             available_bytes: promises.available_thin(),
             available_thick_bytes: promises.available_thick(),
         })

@@ -850,5 +850,76 @@ fn remove_entry(dir: BorrowedFd<'_>, name: &OsStr, depth: u32) -> std::io::Resul
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Read-only inspection (the admin CLI's `check`) and what `gc` needs to decide on a removal
+// ---------------------------------------------------------------------------------------------
+
+/// What a pool entry is, without following a symbolic link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    Dir,
+    File,
+    Symlink,
+    /// A FIFO, socket or device node: never something loopvol makes.
+    Other,
+}
+
+impl PoolFs {
+    /// What `rel` is (not followed if it is a symbolic link); `None` when it does not exist.
+    /// A planted entry on the way to it is an error naming it.
+    pub fn entry_kind(&self, rel: &Path) -> Result<Option<EntryKind>> {
+        let fd = match self.resolve(rel, OFlags::PATH, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // O_PATH|O_NOFOLLOW opens a symbolic link itself; a link on the way is refused.
+            Err(e) => return Err(self.fail(rel, e, "look up")),
+        };
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        Ok(Some(match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => EntryKind::Dir,
+            FileType::RegularFile => EntryKind::File,
+            FileType::Symlink => EntryKind::Symlink,
+            _ => EntryKind::Other,
+        }))
+    }
+
+    /// Whether the regular file `rel` has any data extent (SEEK_DATA finds one).
+    pub fn has_data(&self, rel: &Path) -> Result<bool> {
+        let fd = self.open_checked(rel, OFlags::RDONLY, Mode::empty(), Kind::File)?;
+        match rfs::seek(&fd, rustix::fs::SeekFrom::Data(0)) {
+            Ok(_) => Ok(true),
+            // Only holes, or an empty file.
+            Err(Errno::NXIO) => Ok(false),
+            Err(e) => Err(self.fail(rel, e.into(), "look for data in")),
+        }
+    }
+
+    /// The identity of the file `rel` (any type, not followed); `None` when it does not exist.
+    pub fn file_id(&self, rel: &Path) -> Result<Option<FileId>> {
+        let fd = match self.resolve(rel, OFlags::PATH, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.fail(rel, e, "look up")),
+        };
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        Ok(Some(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }))
+    }
+
+    /// Size and use of the pool's filesystem, in bytes: (size, used).
+    pub fn filesystem_size(&self) -> Result<(u64, u64)> {
+        let st =
+            rfs::fstatvfs(&self.fd).map_err(|e| self.fail(Path::new(""), e.into(), "statvfs"))?;
+        Ok((
+            st.f_blocks.saturating_mul(st.f_frsize),
+            st.f_blocks
+                .saturating_sub(st.f_bfree)
+                .saturating_mul(st.f_frsize),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests;

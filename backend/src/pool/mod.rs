@@ -157,6 +157,40 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Opens an existing pool to read it (the admin CLI): nothing is created, repaired or
+    /// emptied. A directory that lacks the layout a front end creates (`volumes/`,
+    /// `snapshots/`, `locks/`) is not a loopvol pool, and is refused rather than "repaired".
+    pub fn open_existing(path: impl AsRef<Path>, options: PoolOptions) -> Result<Pool> {
+        let path = path.as_ref();
+        let pool_err = |reason: String| Error::Pool {
+            path: path.to_owned(),
+            reason,
+        };
+        if path.as_os_str().is_empty() {
+            return Err(pool_err("no pool directory configured".into()));
+        }
+        let root = fsops::canonical_root(path).map_err(pool_err)?;
+        let pool = Pool { root, options };
+        let fs = pool.fs()?;
+        let mut missing = Vec::new();
+        for sub in ["volumes", "snapshots", "locks"] {
+            if !fs
+                .exists(Path::new(sub))
+                .map_err(|e| pool_err(e.to_string()))?
+            {
+                missing.push(format!("{sub}/"));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(pool_err(format!(
+                "is not a loopvol pool: it has no {} (loopvol-csi and loopvol-flexvolume lay a \
+                 pool out when they first open it)",
+                missing.join(", ")
+            )));
+        }
+        Ok(pool)
+    }
+
     /// The pool root, opened afresh (so a pool remounted under us is seen): every access to an
     /// entry goes through it.
     pub(crate) fn fs(&self) -> Result<PoolFs> {

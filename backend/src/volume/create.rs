@@ -9,6 +9,7 @@ use crate::freeze;
 use crate::ids::VolumeId;
 use crate::kernel::KernelView;
 use crate::meta::{self, Allocation, VolumeMeta, VolumeSource};
+use crate::observe::CopyKind;
 use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::FsType;
@@ -233,6 +234,10 @@ impl Pool {
         source: Option<&Source<'_>>,
     ) -> Result<()> {
         let what = format!("volume {id}");
+        let kind = match source.map(|s| s.volume.is_some()) {
+            Some(true) => CopyKind::Clone,
+            _ => CopyKind::Restore,
+        };
         let fs = self.fs()?;
         let tmp = layout::volume_image_tmp(id);
         let tmp_shown = fs.path(&tmp);
@@ -270,7 +275,7 @@ impl Pool {
                         .map_or(0, |s| s.own),
                     None => 0,
                 };
-                if copy::reflink(input, &file, &format!("the source of {what}"))? {
+                if copy::reflink(input, &file, kind, &format!("the source of {what}"))? {
                     if let Some(v) = &src.volume {
                         charge = charge.plus(Charge::new(v.meta.allocation, source_own));
                     }
@@ -295,7 +300,7 @@ impl Pool {
             })?;
         }
         if let Some(input) = copy_from {
-            copy::copy_data(input, &file, &format!("the source of {what}"))?;
+            copy::copy_data(input, &file, kind, &format!("the source of {what}"))?;
             tracing::info!(volume = %id, method = ?copy::CopyMethod::Sparse, "copied source image");
         }
         if allocation == Allocation::Thick {

@@ -23,6 +23,74 @@ use super::Volume;
 pub struct Condition {
     pub abnormal: bool,
     pub message: String,
+    /// Why it is abnormal, as one of a fixed set (metrics label by it; `message` is for people).
+    pub reason: Option<AbnormalReason>,
+}
+
+/// The reasons a volume can be abnormal: a small fixed set, so a metric can count by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AbnormalReason {
+    /// The image file is gone from the pool.
+    ImageMissing,
+    /// Staged on this node but its loop device is gone (the node restarted, or someone
+    /// detached it).
+    DeviceGone,
+    /// The filesystem recorded errors (ext4's error state): fsck it.
+    FilesystemErrors,
+    /// The kernel turned the filesystem read-only after errors.
+    FilesystemReadOnly,
+    /// The filesystem shut down (xfs answers EIO).
+    FilesystemShutdown,
+    /// Its metadata cannot be read or names another volume (never a `Condition`: there is no
+    /// volume to ask about; listings and scans count it).
+    MetadataCorrupt,
+    /// Something planted where its image belongs (a symbolic link, a FIFO, a file with other
+    /// links): the pool-access layer refuses to use it.
+    UntrustedEntry,
+    /// The image was deleted while staged: its data lives on only in the loop device.
+    ImageDeletedInUse,
+    /// The image was replaced by another file while staged: the loop device holds the data.
+    ImageReplacedInUse,
+    /// The image is shorter than the volume: reads beyond its end fail.
+    ImageTruncated,
+    /// ext4 aborted its journal after an I/O error (`emergency_ro`).
+    FilesystemAborted,
+    /// The volume's loop device cannot be read.
+    DeviceUnreadable,
+}
+
+impl AbnormalReason {
+    pub const ALL: [AbnormalReason; 12] = [
+        AbnormalReason::ImageMissing,
+        AbnormalReason::DeviceGone,
+        AbnormalReason::FilesystemErrors,
+        AbnormalReason::FilesystemReadOnly,
+        AbnormalReason::FilesystemShutdown,
+        AbnormalReason::MetadataCorrupt,
+        AbnormalReason::UntrustedEntry,
+        AbnormalReason::ImageDeletedInUse,
+        AbnormalReason::ImageReplacedInUse,
+        AbnormalReason::ImageTruncated,
+        AbnormalReason::FilesystemAborted,
+        AbnormalReason::DeviceUnreadable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbnormalReason::ImageMissing => "image_missing",
+            AbnormalReason::DeviceGone => "device_gone",
+            AbnormalReason::FilesystemErrors => "fs_errors",
+            AbnormalReason::FilesystemReadOnly => "fs_read_only",
+            AbnormalReason::FilesystemShutdown => "fs_shutdown",
+            AbnormalReason::MetadataCorrupt => "metadata_corrupt",
+            AbnormalReason::UntrustedEntry => "untrusted_entry",
+            AbnormalReason::ImageDeletedInUse => "image_deleted_in_use",
+            AbnormalReason::ImageReplacedInUse => "image_replaced_in_use",
+            AbnormalReason::ImageTruncated => "image_truncated",
+            AbnormalReason::FilesystemAborted => "fs_aborted",
+            AbnormalReason::DeviceUnreadable => "device_unreadable",
+        }
+    }
 }
 
 impl Condition {
@@ -30,13 +98,15 @@ impl Condition {
         Condition {
             abnormal: false,
             message: "ok".into(),
+            reason: None,
         }
     }
 
-    fn abnormal(message: impl Into<String>) -> Condition {
+    fn abnormal(reason: AbnormalReason, message: impl Into<String>) -> Condition {
         Condition {
             abnormal: true,
             message: message.into(),
+            reason: Some(reason),
         }
     }
 }
@@ -230,11 +300,14 @@ impl Pool {
     /// The condition of `m`, looking at the kernel (`view`, read here when `None` and needed)
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
+        use AbnormalReason as R;
         let path = self.volume_image(&m.id);
         let stat = match self.fs()?.stat_image(&layout::volume_image(&m.id)) {
             Ok(stat) => stat,
             // A planted entry where the image belongs: that is the volume's condition.
-            Err(e @ Error::Untrusted { .. }) => return Ok(Condition::abnormal(e.to_string())),
+            Err(e @ Error::Untrusted { .. }) => {
+                return Ok(Condition::abnormal(R::UntrustedEntry, e.to_string()))
+            }
             Err(e) => return Err(e),
         };
         let staged_here = m.staged.iter().any(|h| h.node == *self.node());
@@ -248,37 +321,44 @@ impl Pool {
             }
         };
         if let Some(dev) = view.and_then(|v| v.stale_devices_of(&path).into_iter().next()) {
-            let (how, now) = match stat {
+            let (reason, how, now) = match stat {
                 Some(_) => (
+                    R::ImageReplacedInUse,
                     "replaced by another file",
                     format!(" (the file now at {} is not what it wrote)", path.display()),
                 ),
-                None => ("deleted", String::new()),
+                None => (R::ImageDeletedInUse, "deleted", String::new()),
             };
             let dev = dev.path();
-            return Ok(Condition::abnormal(format!(
-                "the image of volume {} was {how} while in use{now}; the volume's data is still \
-                 readable from {} until it is unstaged on this node: copy it now (dd if={} \
-                 of=<file> bs=4M conv=sparse), then unstage it",
-                m.id,
-                dev.display(),
-                dev.display()
-            )));
+            return Ok(Condition::abnormal(
+                reason,
+                format!(
+                    "the image of volume {} was {how} while in use{now}; the volume's data is \
+                     still readable from {} until it is unstaged on this node: copy it now (dd \
+                     if={} of=<file> bs=4M conv=sparse), then unstage it",
+                    m.id,
+                    dev.display(),
+                    dev.display()
+                ),
+            ));
         }
         let Some(stat) = stat else {
-            return Ok(Condition::abnormal(format!(
-                "image {} is missing",
-                path.display()
-            )));
+            return Ok(Condition::abnormal(
+                R::ImageMissing,
+                format!("image {} is missing", path.display()),
+            ));
         };
         if stat.len < m.size_bytes {
-            return Ok(Condition::abnormal(format!(
-                "image {} is {} bytes, less than the volume's {}: it was truncated, and reads \
-                 beyond its end fail; restore the volume from a snapshot or a backup",
-                path.display(),
-                stat.len,
-                m.size_bytes
-            )));
+            return Ok(Condition::abnormal(
+                R::ImageTruncated,
+                format!(
+                    "image {} is {} bytes, less than the volume's {}: it was truncated, and reads \
+                     beyond its end fail; restore the volume from a snapshot or a backup",
+                    path.display(),
+                    stat.len,
+                    m.size_bytes
+                ),
+            ));
         }
         let Some(view) = view else {
             return Ok(Condition::ok());
@@ -287,6 +367,7 @@ impl Pool {
         let devices = view.devices_of(Some(&image));
         let Some(dev) = devices.first() else {
             return Ok(Condition::abnormal(
+                R::DeviceGone,
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
@@ -296,35 +377,43 @@ impl Pool {
         for mnt in view.fs_mounts(dev) {
             let mp = mnt.mount_point.display();
             if mnt.super_options.iter().any(|o| o == "emergency_ro") {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {mp} aborted after an I/O error and is read-only \
-                     (emergency_ro); unstage the volume, check it (e2fsck -f), stage it again"
-                )));
+                return Ok(Condition::abnormal(
+                    R::FilesystemAborted,
+                    format!(
+                        "the filesystem at {mp} aborted after an I/O error and is read-only \
+                         (emergency_ro); unstage the volume, check it (e2fsck -f), stage it again"
+                    ),
+                ));
             }
             if mnt.super_read_only() && !dev.read_only {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {mp} went read-only after errors"
-                )));
+                return Ok(Condition::abnormal(
+                    R::FilesystemReadOnly,
+                    format!("the filesystem at {mp} went read-only after errors"),
+                ));
             }
             if host::answers_eio(&mnt.mount_point) {
-                return Ok(Condition::abnormal(format!(
-                    "the filesystem at {mp} has shut down (I/O errors); unstage the volume and \
-                     check it before staging it again"
-                )));
+                return Ok(Condition::abnormal(
+                    R::FilesystemShutdown,
+                    format!(
+                        "the filesystem at {mp} has shut down (I/O errors); unstage the volume \
+                         and check it before staging it again"
+                    ),
+                ));
             }
         }
         match fs::superblock(&dev.path()) {
             Ok(Some(sb)) if sb.has_errors => {
                 return Ok(Condition::abnormal(
+                    R::FilesystemErrors,
                     "the filesystem has recorded errors; run fsck",
                 ));
             }
             Ok(_) => {}
             Err(e) => {
-                return Ok(Condition::abnormal(format!(
-                    "reading {} fails: {e}",
-                    dev.path().display()
-                )));
+                return Ok(Condition::abnormal(
+                    R::DeviceUnreadable,
+                    format!("reading {} fails: {e}", dev.path().display()),
+                ));
             }
         }
         Ok(Condition::ok())

@@ -27,7 +27,7 @@ use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
-pub use health::Condition;
+pub use health::{AbnormalReason, Condition};
 pub use publish::Publish;
 pub use stage::{Access, Staged};
 

@@ -9,6 +9,9 @@
 //!   devices, filesystems and mounts, as root;
 //! - [`recovery`]: calls held in flight on a frozen filesystem, a busy volume, SIGTERM, SIGKILL
 //!   and the repeated call that finishes the job; as root;
+//! - [`metrics`]: `/metrics` parsed after known operations, its counts compared with them;
+//! - [`reboot`]: a simulated node reboot (server killed, mounts and loop devices gone behind
+//!   its back): kubelet's re-stage and re-publish, `loopvol check`, nothing formatted;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
 //!   nodes and surviving a dead one; as root;
 //! - [`safety`]: small pools of their own: parallel admission, raw data never formatted, a full
@@ -19,8 +22,10 @@
 //! `cargo test -p loopvol-csi --test e2e protocol::` runs one group.
 
 mod lifecycle;
+mod metrics;
 mod process;
 mod protocol;
+mod reboot;
 mod recovery;
 mod safety;
 mod shared_pool;
