@@ -456,6 +456,10 @@ impl Pool {
                 files.add(&fs, &dir.join(f));
             }
             match self.read_volume_meta(&id) {
+                // Metadata and no image: a create interrupted between committing its metadata
+                // and moving its image into place; `image.tmp` *is* the volume's image, and the
+                // create's repeat moves it (never a temp file to remove).
+                Ok(Some(meta)) if !entry.files.iter().any(|f| f == "image") => metas.push(meta),
                 Ok(Some(meta)) => {
                     temp_findings(&fs, &dir, &entry, Some(&id), &mut findings, |n| {
                         Fix::VolumeTemp(id.clone(), n)

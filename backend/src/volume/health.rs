@@ -343,10 +343,19 @@ impl Pool {
             ));
         }
         let Some(stat) = stat else {
-            return Ok(Condition::abnormal(
-                R::ImageMissing,
-                format!("image {} is missing", path.display()),
-            ));
+            // A create interrupted between its metadata and moving its image into place.
+            let tmp = layout::volume_image_tmp(&m.id);
+            let message = if self.fs()?.exists(&tmp).unwrap_or(false) {
+                format!(
+                    "image {} is missing: its create was interrupted before {} moved into place; \
+                     a repeat of the create finishes it",
+                    path.display(),
+                    self.fs()?.path(&tmp).display()
+                )
+            } else {
+                format!("image {} is missing", path.display())
+            };
+            return Ok(Condition::abnormal(R::ImageMissing, message));
         };
         if stat.len < m.size_bytes {
             return Ok(Condition::abnormal(
