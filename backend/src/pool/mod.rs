@@ -29,6 +29,7 @@ use crate::meta;
 use fsops::PoolFs;
 
 pub use capacity::Capacity;
+pub(crate) use capacity::Charge;
 pub use listing::{BadEntry, Listed, Page};
 
 /// How a front end runs the pool.
