@@ -108,6 +108,11 @@ impl Error {
             Error::Sys { source, .. } if *source == nix::Error::ENOSPC => {
                 ErrorKind::ResourceExhausted
             }
+            // A size the pool's filesystem cannot hold in one file (ext4: 16 TiB).
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+                ErrorKind::OutOfRange
+            }
+            Error::Sys { source, .. } if *source == nix::Error::EFBIG => ErrorKind::OutOfRange,
             Error::Io { .. }
             | Error::Sys { .. }
             | Error::Command { .. }
@@ -184,6 +189,11 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::EIO),
         };
         assert_eq!(e.kind(), ErrorKind::Internal);
+        let e = Error::Io {
+            context: "size".into(),
+            source: std::io::Error::from_raw_os_error(libc::EFBIG),
+        };
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
     }
 
     #[test]

@@ -456,6 +456,10 @@ impl Pool {
                 files.add(&fs, &dir.join(f));
             }
             match self.read_volume_meta(&id) {
+                // Metadata and no image: a create interrupted between committing its metadata
+                // and moving its image into place; `image.tmp` *is* the volume's image, and the
+                // create's repeat moves it (never a temp file to remove).
+                Ok(Some(meta)) if !entry.files.iter().any(|f| f == "image") => metas.push(meta),
                 Ok(Some(meta)) => {
                     temp_findings(&fs, &dir, &entry, Some(&id), &mut findings, |n| {
                         Fix::VolumeTemp(id.clone(), n)
@@ -951,6 +955,23 @@ fn abnormal_finding(id: &VolumeId, node: &NodeName, c: &Condition) -> Finding {
             FindingKind::AbnormalVolume,
             "look at the kernel log (`dmesg`): the pool's filesystem or disk may be failing; \
              then stop its pods, unstage and fsck it"
+                .to_owned(),
+        ),
+        Some(
+            AbnormalReason::ImageDeletedInUse
+            | AbnormalReason::ImageReplacedInUse
+            | AbnormalReason::FilesystemAborted
+            | AbnormalReason::DeviceUnreadable,
+        ) => (
+            FindingKind::AbnormalVolume,
+            "the message says what to do: copy the data from the loop device it names before \
+             unstaging, or unstage and check the filesystem"
+                .to_owned(),
+        ),
+        Some(AbnormalReason::ImageTruncated) => (
+            FindingKind::AbnormalVolume,
+            "part of the data is gone from the pool: restore the image from a backup or a \
+             snapshot, or delete the volume"
                 .to_owned(),
         ),
         Some(AbnormalReason::UntrustedEntry) => (

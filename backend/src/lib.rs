@@ -25,6 +25,7 @@
 mod cmd;
 mod copy;
 pub mod error;
+mod extents;
 mod freeze;
 mod fs;
 mod host;

@@ -184,6 +184,15 @@ pub struct VolumeMeta {
     /// must be formatted again, not mistaken for user data (or refused as such).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formatting: Option<FsType>,
+    /// Nothing but zeros since it was created blank (no source): loopvol has not formatted it and
+    /// no workload had its raw device. With the image's extent map, a witness that formatting it
+    /// loses nothing. `false` for volumes made before it was recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blank: bool,
+    /// Staged or published as a raw block device at least once: whatever it holds carries no
+    /// filesystem signature, so loopvol never formats it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw_block: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: thin, safe wrappers over the ioctls loopvol needs (loop devices,
-//! filesystem freeze and shutdown, reflink, block device size). Each wrapper takes owned or borrowed file
-//! descriptors, so the kernel never sees a closed or foreign descriptor.
+//! filesystem freeze and shutdown, reflink, extent maps, block device size). Each wrapper takes
+//! owned or borrowed file descriptors, so the kernel never sees a closed or foreign descriptor.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
@@ -74,6 +74,7 @@ nix::ioctl_readwrite!(ioctl_fifreeze, b'X', 119, libc::c_int);
 nix::ioctl_readwrite!(ioctl_fithaw, b'X', 120, libc::c_int);
 nix::ioctl_write_int!(ioctl_ficlone, 0x94, 9);
 nix::ioctl_read!(ioctl_blkgetsize64, 0x12, 114, u64);
+nix::ioctl_readwrite!(ioctl_fiemap, b'f', 11, FiemapHeader);
 
 /// Asks `/dev/loop-control` for a free loop device number (the kernel creates one if needed).
 pub(crate) fn loop_ctl_get_free(control: BorrowedFd<'_>) -> Result<u32, Errno> {
@@ -192,6 +193,84 @@ pub(crate) fn blkgetsize64(dev: impl AsFd) -> Result<u64, Errno> {
     // SAFETY: the kernel writes one u64 into `size`; the descriptor is live for the call.
     unsafe { ioctl_blkgetsize64(dev.as_fd().as_raw_fd(), &mut size) }?;
     Ok(size)
+}
+
+/// `struct fiemap` from `<linux/fiemap.h>` without its trailing extent array (FS_IOC_FIEMAP is
+/// numbered with the size of this header).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FiemapHeader {
+    fm_start: u64,
+    fm_length: u64,
+    fm_flags: u32,
+    fm_mapped_extents: u32,
+    fm_extent_count: u32,
+    fm_reserved: u32,
+}
+
+/// `struct fiemap_extent`: one mapped range of a file.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FiemapExtent {
+    pub fe_logical: u64,
+    pub fe_physical: u64,
+    pub fe_length: u64,
+    fe_reserved64: [u64; 2],
+    pub fe_flags: u32,
+    fe_reserved: [u32; 3],
+}
+
+const _: () = assert!(std::mem::size_of::<FiemapHeader>() == 32);
+const _: () = assert!(std::mem::size_of::<FiemapExtent>() == 56);
+
+/// The last extent of the file.
+pub(crate) const FIEMAP_EXTENT_LAST: u32 = 0x1;
+/// Data location unknown (delayed allocation): not on disk yet.
+pub(crate) const FIEMAP_EXTENT_UNKNOWN: u32 = 0x2;
+/// Space shared with other files (reflinks, snapshots).
+pub(crate) const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+
+/// How many extents one FS_IOC_FIEMAP call maps at most.
+const FIEMAP_BATCH_COUNT: u32 = 128;
+const FIEMAP_BATCH: usize = FIEMAP_BATCH_COUNT as usize;
+
+/// The header and room for [`FIEMAP_BATCH`] extents, laid out as the kernel expects.
+#[repr(C)]
+struct FiemapBuffer {
+    header: FiemapHeader,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+/// Maps the extents of the open file `file` that end after byte `start` (up to 128 of them, in
+/// order) into `out`, which it clears first. No flags: the kernel reports what is on disk now,
+/// delayed allocations as `FIEMAP_EXTENT_UNKNOWN`.
+pub(crate) fn fiemap(
+    file: BorrowedFd<'_>,
+    start: u64,
+    out: &mut Vec<FiemapExtent>,
+) -> Result<(), Errno> {
+    let mut buf = Box::new(FiemapBuffer {
+        header: FiemapHeader {
+            fm_start: start,
+            fm_length: u64::MAX - start,
+            fm_extent_count: FIEMAP_BATCH_COUNT,
+            ..FiemapHeader::default()
+        },
+        extents: [FiemapExtent::default(); FIEMAP_BATCH],
+    });
+    let whole: *mut FiemapBuffer = &mut *buf;
+    // SAFETY: `whole` points to a fiemap header followed by exactly `fm_extent_count` extent
+    // slots, as FS_IOC_FIEMAP requires; the kernel writes at most that many extents and the
+    // mapped count into it, and the buffer outlives the call. The pointer is derived from the
+    // whole buffer, so the writes past the header stay within what it may reach. The
+    // descriptor is live for the borrow.
+    unsafe { ioctl_fiemap(file.as_raw_fd(), whole.cast::<FiemapHeader>()) }?;
+    let mapped = usize::try_from(buf.header.fm_mapped_extents)
+        .map_err(|_| Errno::EOVERFLOW)?
+        .min(FIEMAP_BATCH);
+    out.clear();
+    out.extend_from_slice(&buf.extents[..mapped]);
+    Ok(())
 }
 
 /// Makes a child started from `cmd` die (SIGKILL) when the thread that started it dies, so a

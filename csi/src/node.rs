@@ -48,8 +48,10 @@ impl Node {
         self.driver
             .run(RPC, vec![inflight::volume(&id)], move |pool| {
                 let staging = pool.node_path("staging path", staging)?;
+                // A failed stage undoes what it did: the CO takes it for "not staged" and never
+                // unstages it.
                 let mut volume = pool.volume(&id)?;
-                Ok(volume.stage(&staging, &cap.access, cap.mode)?)
+                Ok(volume.stage_or_release(&staging, &cap.access, cap.mode)?)
             })
             .await?;
         Ok(pb::NodeStageVolumeResponse {})

@@ -1430,30 +1430,8 @@ fn snapshots_reflink_on_a_reflink_pool() {
         return;
     }
     let s = Scratch::new();
-    // The pool's own filesystem: xfs (reflink=1 is mkfs.xfs's default) on a loop device.
-    let backing = s.path("xfs-pool.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
-    let dev = loopdev::attach(&backing, false).unwrap();
-    let (code, _, err) = loopvol_e2e::run(
-        Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(dev.path()),
-    );
-    assert_eq!(code, 0, "{err}");
-    let pool_dir = s.path("xfs-pool");
-    std::fs::create_dir(&pool_dir).unwrap();
-    mount::mount_fs(
-        &dev.path(),
-        &pool_dir,
-        "xfs",
-        nix::mount::MsFlags::empty(),
-        "",
-    )
-    .unwrap();
-
+    // The pool's own filesystem: xfs with reflinks, on a loop device.
+    let pool_dir = s.small_pool("xfs", 1024);
     let pool = Pool::open(&pool_dir, options("node-a")).unwrap();
     let id = create(&pool, "big", Some(FsType::Ext4));
     let staging = s.path("staging");
@@ -1495,9 +1473,6 @@ fn snapshots_reflink_on_a_reflink_pool() {
         "restored content differs"
     );
     unstage(&pool, &restored.id, &staging).unwrap();
-    drop(pool);
-    mount::unmount(&pool_dir).unwrap();
-    loopdev::detach(&dev).unwrap();
 }
 
 /// Many volumes attached at once from many threads: the free-device race is retried, every

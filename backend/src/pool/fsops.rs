@@ -94,6 +94,14 @@ pub(crate) struct ImageStat {
     pub id: FileId,
 }
 
+/// An image's length and how many of its allocated bytes are its own: not shared with another
+/// file (a reflinked snapshot or clone), so a write over them needs no new space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ImageSpace {
+    pub len: u64,
+    pub own: u64,
+}
+
 /// The pool root, opened: every entry is reached relative to it (see the module documentation).
 /// Paths given to its methods are relative to the root and made of plain components (the
 /// layout's, built from typed IDs).
@@ -712,11 +720,47 @@ impl PoolFs {
         remove_entry(dir.as_fd(), name, 0).map_err(|e| self.fail(rel, e, "remove"))
     }
 
-    /// Space available to us on the pool's filesystem, in bytes.
-    pub fn free_bytes(&self) -> Result<u64> {
+    /// The [`ImageSpace`] of the image `rel`; `None` when it does not exist, an error naming a
+    /// planted entry (as [`PoolFs::stat_image`]). With `shared_blocks` false (the pool's
+    /// filesystem cannot share blocks, [`PoolFs::may_share_blocks`]) its allocated blocks are all
+    /// its own and no extent map is read.
+    pub fn image_space(&self, rel: &Path, shared_blocks: bool) -> Result<Option<ImageSpace>> {
+        let Some(st) = self.stat_image(rel)? else {
+            return Ok(None);
+        };
+        let allocated = st.allocated.min(st.len);
+        let own = if shared_blocks && allocated > 0 {
+            let file = self.open_image(rel, true)?;
+            crate::extents::own_bytes(&file, st.len)
+                .map_err(|e| self.fail(rel, e, "map the extents of"))?
+                .unwrap_or(allocated)
+        } else {
+            allocated
+        };
+        Ok(Some(ImageSpace { len: st.len, own }))
+    }
+
+    /// Whether the pool's filesystem may share blocks between files (reflinks) that an extent
+    /// map can show: xfs, btrfs and anything unknown are asked extent by extent; ext4 and tmpfs
+    /// never share, FUSE (GlusterFS) cannot reflink, NFS cannot map extents.
+    pub fn may_share_blocks(&self) -> bool {
+        const NEVER: [i64; 4] = [
+            0xEF53,      // ext2/3/4
+            0x0102_1994, // tmpfs
+            0x6573_5546, // FUSE
+            0x6969,      // NFS
+        ];
+        !fs_type_is_one_of(&self.fd, &NEVER)
+    }
+
+    /// The size of the pool's filesystem and the space available to us on it, in bytes.
+    pub fn size_and_free(&self) -> Result<(u64, u64)> {
         let st =
             rfs::fstatvfs(&self.fd).map_err(|e| self.fail(Path::new(""), e.into(), "statvfs"))?;
-        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+        Ok((
+            st.f_blocks.saturating_mul(st.f_frsize),
+            st.f_bavail.saturating_mul(st.f_frsize),
+        ))
     }
 }
 
@@ -752,12 +796,17 @@ fn exchanges_safely(dir: &OwnedFd) -> bool {
         0x9123_683E, // btrfs
         0x0102_1994, // tmpfs
     ];
+    fs_type_is_one_of(dir, &LOCAL)
+}
+
+/// Whether the filesystem holding `fd` has one of the magic numbers `types` (`statfs(2)`).
+fn fs_type_is_one_of(fd: &OwnedFd, types: &[i64]) -> bool {
     #[allow(
         clippy::useless_conversion,
         reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
     )]
-    let is_local = |st: rfs::StatFs| LOCAL.contains(&i64::from(st.f_type));
-    rfs::fstatfs(dir).is_ok_and(is_local)
+    let is_one = |st: rfs::StatFs| types.contains(&i64::from(st.f_type));
+    rfs::fstatfs(fd).is_ok_and(is_one)
 }
 
 fn spare_name(name: &OsStr) -> OsString {

@@ -32,6 +32,7 @@ use crate::lock::{self, LockGuard, LockWait};
 use fsops::PoolFs;
 
 pub use capacity::Capacity;
+pub(crate) use capacity::Charge;
 pub use listing::{BadEntry, Listed, Page};
 pub use nodes::{LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodeRecord};
 

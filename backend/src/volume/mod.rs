@@ -26,10 +26,9 @@ use crate::error::{Context, Error, Result};
 use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{Image, KernelView};
 use crate::lock::{LockGuard, LockWait};
-use crate::loopdev;
-use crate::loopdev::FileId;
+use crate::loopdev::{self, FileId, LoopDevice};
 use crate::meta::{AccessMode, Allocation, FencedBy, Hold, VolumeMeta};
-use crate::pool::{layout, Pool};
+use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
@@ -95,8 +94,9 @@ impl Pool {
     }
 
     /// Deletes a volume. Unknown IDs succeed (deletion is idempotent), and the leftovers of an
-    /// interrupted create (a directory without metadata) are removed. A volume in use is refused:
-    /// see [`Volume::delete`].
+    /// interrupted create (a directory without metadata, its image unattached and holding no
+    /// data) are removed. A volume in use is refused: see [`Volume::delete`]; so is a directory
+    /// without metadata whose image is attached or holds data.
     pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let dir = layout::volume_dir(id);
         if !self.fs()?.exists(&dir)? {
@@ -110,7 +110,9 @@ impl Pool {
                 _guard: guard,
             }
             .delete(),
-            None => self.remove_dir_atomically(&dir),
+            // An interrupted create, or a volume that lost its metadata: the kernel and the
+            // image decide (see `discard_leftovers`).
+            None => self.discard_leftovers(id),
         }
     }
 
@@ -184,24 +186,40 @@ impl<'p> Volume<'p> {
         }
     }
 
+    /// Every loop device of this volume on this node: bound to its image, or to a former image
+    /// deleted or replaced while attached (which still holds the volume's data).
+    pub(crate) fn devices(&self, view: &KernelView) -> Result<Vec<LoopDevice>> {
+        Ok(view.volume_devices(&self.image_path(), self.image_or_path()?.as_ref()))
+    }
+
     /// Deletes the volume. Refused (`FailedPrecondition`) while its data is in use: attached on
-    /// this node, staged on any node, or claimed by a node.
+    /// this node (the kernel says so, whatever the metadata says), staged on another node, or
+    /// claimed by a node. This node's own staging hold does not count when nothing of the
+    /// volume is attached here: it is stale (an unstage that could not record its end, a
+    /// reboot), and the delete is what frees the space of a full pool.
     pub fn delete(self) -> Result<()> {
         let id = &self.meta.id;
         let view = KernelView::read()?;
-        if let Some(dev) = view.devices_of(self.image_or_path()?.as_ref()).first() {
+        if let Some(dev) = self.devices(&view)?.first() {
             return Err(Error::precondition(format!(
-                "volume {id} is in use: attached as {} on this node; unstage it first",
-                dev.path().display()
+                "volume {id} is in use on this node: attached as {}; unstage it first",
+                view.describe(dev)
             )));
         }
-        // A node an operator declared down unstages nothing any more.
+        // This node's own hold goes with it (nothing is attached here: checked above); a node
+        // an operator declared down unstages nothing any more.
+        let here = self.pool.node();
         let declared_down = |h: &&Hold| {
             h.fenced
                 .as_ref()
                 .is_some_and(|f| f.by == FencedBy::Operator)
         };
-        if let Some(h) = self.meta.staged.iter().find(|h| !declared_down(h)) {
+        if let Some(h) = self
+            .meta
+            .staged
+            .iter()
+            .find(|h| h.node != *here && !declared_down(h))
+        {
             return Err(Error::precondition(format!(
                 "volume {id} is staged on node {}; unstage it first",
                 h.node
@@ -212,6 +230,9 @@ impl<'p> Volume<'p> {
                 "volume {id} is published to node {}; unpublish it first",
                 h.node
             )));
+        }
+        if self.meta.staged.iter().any(|h| h.node == *here) {
+            tracing::info!(volume = %id, node = %here, "nothing attached here: this node's staging hold is stale");
         }
         self.pool.remove_dir_atomically(&layout::volume_dir(id))?;
         tracing::info!(volume = %id, "deleted volume");
@@ -249,8 +270,9 @@ impl<'p> Volume<'p> {
     }
 
     /// Grows the image file to `new_size` (and the recorded size with it); smaller or equal: no
-    /// change. The image grows before the metadata: after a crash the image is at least as large
-    /// as recorded, and a repeat finishes the job.
+    /// change. The growth is admitted against what the pool can still promise, and the image
+    /// grows before the metadata: after a crash the image is at least as large as recorded, and
+    /// a repeat finishes the job.
     fn grow_image(&mut self, new_size: u64) -> Result<()> {
         let id = self.meta.id.clone();
         let file = self
@@ -261,18 +283,20 @@ impl<'p> Volume<'p> {
             .metadata()
             .context(|| format!("stat image of {id}"))?
             .len();
-        if new_size > self.meta.size_bytes {
-            self.pool.ensure_room(
-                new_size - self.meta.size_bytes,
+        if new_size > current_len {
+            let mut admission = self.pool.admission()?;
+            admission.admit(
+                Charge::new(self.meta.allocation, new_size - current_len),
                 &format!("growing volume {id}"),
             )?;
-        }
-        if new_size > current_len {
+            // Longer is what the next admission sees as this volume's promise.
             file.set_len(new_size)
                 .context(|| format!("grow image of {id}"))?;
-            if self.meta.allocation == Allocation::Thick {
-                fallocate(&file, current_len, new_size - current_len)?;
-            }
+        }
+        if self.meta.allocation == Allocation::Thick {
+            allocate_all(&file, &id)?;
+        }
+        if new_size > current_len {
             file.sync_all().context(|| format!("fsync image of {id}"))?;
         }
         if new_size > self.meta.size_bytes {
@@ -284,40 +308,48 @@ impl<'p> Volume<'p> {
     }
 
     /// Changes how the image is allocated. Thin → thick allocates every block now (so the volume
-    /// can no longer run out of pool space); thick → thin only changes the accounting (space
-    /// already allocated stays allocated until the filesystem discards it).
+    /// never needs new space for a write, except where it shares blocks with a snapshot or a
+    /// clone, which the pool keeps reserved); thick → thin only changes the accounting (space
+    /// already allocated stays allocated until the filesystem discards it). Admitted against
+    /// what the pool can still promise: a thick volume is never overcommitted. A repeat after a
+    /// failed allocation finishes it.
     pub fn set_allocation(&mut self, allocation: Allocation) -> Result<()> {
         let id = self.meta.id.clone();
-        if self.meta.allocation == allocation {
-            return Ok(());
+        let fs = self.pool.fs()?;
+        let image = layout::volume_image(&id);
+        let missing = || {
+            Error::precondition(format!(
+                "the image of volume {id} is missing: {}",
+                fs.path(&image).display()
+            ))
+        };
+        if self.meta.allocation != allocation {
+            let mut admission = self.pool.admission()?;
+            let need = fs
+                .image_space(&image, fs.may_share_blocks())?
+                .map(|s| s.len.saturating_sub(s.own))
+                .ok_or_else(missing)?;
+            admission.admit(
+                Charge::moving(need, self.meta.allocation, allocation),
+                &format!("making volume {id} {}", allocation.as_str()),
+            )?;
+            // Admission reads the class from the metadata: saved before the lock goes.
+            let before = self.meta.allocation;
+            self.meta.allocation = allocation;
+            if let Err(e) = self.save() {
+                self.meta.allocation = before;
+                return Err(e);
+            }
+            drop(admission);
+            tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         }
         if allocation == Allocation::Thick {
-            let fs = self.pool.fs()?;
-            let image = layout::volume_image(&id);
-            let allocated = fs
-                .stat_image(&image)?
-                .ok_or_else(|| {
-                    Error::precondition(format!(
-                        "the image of volume {id} is missing: {}",
-                        fs.path(&image).display()
-                    ))
-                })?
-                .allocated;
-            let missing = self.meta.size_bytes.saturating_sub(allocated);
-            let free = self.pool.capacity()?.free_bytes;
-            if missing > free {
-                return Err(Error::NoSpace(format!(
-                    "allocating volume {id} needs {missing} more bytes; the pool has {free} free"
-                )));
+            if fs.stat_image(&image)?.is_none() {
+                return Err(missing());
             }
             let file = fs.open_image(&image, false)?;
-            // FALLOC_FL_KEEP_SIZE not needed: we allocate exactly the current length.
-            fallocate(&file, 0, self.meta.size_bytes)?;
-            file.sync_all().context(|| format!("fsync image of {id}"))?;
+            allocate_all(&file, &id)?;
         }
-        self.meta.allocation = allocation;
-        self.save()?;
-        tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         Ok(())
     }
 
@@ -409,6 +441,19 @@ pub(crate) fn check_sharing(
         )));
     }
     Ok(())
+}
+
+/// Allocates every block of a thick volume's image that is not allocated yet (after a crash, a
+/// failed allocation, or a trim), and makes it durable. Allocated and shared blocks are left as
+/// they are: the pool keeps their copies reserved.
+fn allocate_all(file: &std::fs::File, id: &VolumeId) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().context(|| format!("stat image of {id}"))?;
+    if md.blocks().saturating_mul(512) >= md.len() {
+        return Ok(());
+    }
+    fallocate(file, 0, md.len())?;
+    file.sync_all().context(|| format!("fsync image of {id}"))
 }
 
 pub(crate) fn fallocate(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {

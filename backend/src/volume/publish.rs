@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::host;
 use crate::ids::VolumeId;
-use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, KernelView};
+use crate::kernel::{former_path, is_device_bind_of, is_fs_mount_of, uses, KernelView};
 use crate::meta::AccessMode;
 use crate::mount;
 use crate::plan;
@@ -38,11 +38,11 @@ pub struct Publish {
 
 /// The volume whose filesystem or device is mounted at `path` on this node, read back from the
 /// kernel: the mount at `path` → its loop device → the image it is bound to → the volume that
-/// owns it.
+/// owns it (also when that image was deleted or replaced since it was attached).
 pub(super) fn volume_mounted_at(pool: &Pool, view: &KernelView, path: &Path) -> Option<VolumeId> {
     let m = view.mount_at(path)?;
     let dev = view.device_of_mount(m)?;
-    pool.volume_id_of_image(&dev.backing_file)
+    pool.volume_id_of_image(former_path(&dev.backing_file))
 }
 
 impl Pool {
@@ -79,6 +79,7 @@ impl Volume<'_> {
         }
         let target: &Path = &p.target;
         let view = KernelView::read()?;
+        self.refuse_stale(&view)?;
         let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
@@ -114,6 +115,9 @@ impl Volume<'_> {
 
         match &p.access {
             Access::Block => {
+                if !p.read_only {
+                    self.record_raw_block()?;
+                }
                 let mount_point = p.target.create_block_target()?;
                 let flags = plan::bind_flags(true, read_only, &[]);
                 mount::bind(&dev.path(), &dev.path(), &mount_point, flags)?;
@@ -160,7 +164,8 @@ impl Volume<'_> {
     pub fn unpublish(&mut self, target: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let mut view = KernelView::read()?;
-        let devices = view.devices_of(self.image_or_path()?.as_ref());
+        // Also a device bound to an image deleted or replaced since: still this volume's.
+        let devices = self.devices(&view)?;
         // Bounded: a target holds a handful of stacked mounts at most. Each unmount changes the
         // table, so each round looks again.
         for _ in 0..16 {
@@ -215,7 +220,7 @@ impl Volume<'_> {
     pub fn release_staging_if_unused(&mut self) -> Result<bool> {
         let staging = self.pool.default_staging_path(&self.meta.id)?;
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image_or_path()?.as_ref());
+        let devices = self.devices(&view)?;
         if !view.users(&devices, &[&staging]).is_empty() {
             return Ok(false);
         }

@@ -31,6 +31,8 @@ fn meta() -> VolumeMeta {
         }],
         staged: vec![],
         formatting: None,
+        blank: true,
+        raw_block: true,
     }
 }
 
