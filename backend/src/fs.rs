@@ -291,10 +291,10 @@ pub(crate) fn usage(path: &Path) -> Result<Usage> {
     })
 }
 
-/// Shuts down the filesystem mounted at `mount_point` at once, flushing nothing (a fence: see
-/// `sys::FS_SHUTDOWN_NOLOGFLUSH`). `Ok(false)` when the filesystem has no shutdown (btrfs);
-/// already shut down counts as done.
-pub(crate) fn shutdown(mount_point: &Path) -> Result<bool> {
+/// Shuts down the filesystem mounted at `mount_point` (a fence): committing its log first with
+/// `flush_log` (`sys::FS_SHUTDOWN_LOGFLUSH`), else at once (`sys::FS_SHUTDOWN_NOLOGFLUSH`).
+/// `Ok(false)` when the filesystem has no shutdown (btrfs); already shut down counts as done.
+pub(crate) fn shutdown(mount_point: &Path, flush_log: bool) -> Result<bool> {
     use std::os::fd::AsFd;
     let dir = match File::open(mount_point) {
         Ok(dir) => dir,
@@ -302,7 +302,12 @@ pub(crate) fn shutdown(mount_point: &Path) -> Result<bool> {
         Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(true),
         Err(e) => return Err(e).context(|| format!("open {}", mount_point.display())),
     };
-    match crate::sys::fs_shutdown(dir.as_fd(), crate::sys::FS_SHUTDOWN_NOLOGFLUSH) {
+    let flags = if flush_log {
+        crate::sys::FS_SHUTDOWN_LOGFLUSH
+    } else {
+        crate::sys::FS_SHUTDOWN_NOLOGFLUSH
+    };
+    match crate::sys::fs_shutdown(dir.as_fd(), flags) {
         Ok(()) | Err(nix::errno::Errno::EIO) => Ok(true),
         Err(nix::errno::Errno::ENOTTY | nix::errno::Errno::EOPNOTSUPP) => Ok(false),
         Err(e) => {

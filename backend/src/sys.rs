@@ -14,11 +14,15 @@ const LOOP_CONFIGURE: u32 = 0x4C0A;
 const LOOP_CTL_GET_FREE: u32 = 0x4C82;
 
 pub(crate) const LO_FLAGS_READ_ONLY: u32 = 1;
+/// FS_SHUTDOWN_FLAGS_LOGFLUSH (= EXT4_GOING_FLAGS_LOGFLUSH = XFS_FSOP_GOING_FLAGS_LOGFLUSH):
+/// commit the log, then stop (ext4 refuses new calls first). An fsync racing the shutdown then
+/// either fails or has its transaction on disk: with NOLOGFLUSH, ext4 can answer such an fsync
+/// success while its transaction is dropped with the aborted journal (seen: the last synced
+/// block's size update lost). It writes to the device, so it may wait on a pool that hangs.
+pub(crate) const FS_SHUTDOWN_LOGFLUSH: u32 = 1;
 /// FS_SHUTDOWN_FLAGS_NOLOGFLUSH (= EXT4_GOING_FLAGS_NOLOGFLUSH = XFS_FSOP_GOING_FLAGS_NOLOGFLUSH):
-/// stop at once, flushing neither data nor the journal. The other flags (DEFAULT: freeze and sync;
-/// LOGFLUSH: commit the log) write to the device first, which may hang on a pool that stopped
-/// answering; what an application synced is already on disk, and the journal replays on the next
-/// mount.
+/// stop at once, flushing neither data nor the journal (DEFAULT, which freezes and syncs, is not
+/// used): what was committed replays on the next mount.
 pub(crate) const FS_SHUTDOWN_NOLOGFLUSH: u32 = 2;
 pub(crate) const LO_FLAGS_DIRECT_IO: u32 = 16;
 

@@ -18,6 +18,7 @@ use loopvol::{
 };
 use loopvol_e2e::kernel::{self, LoopDevice};
 use loopvol_e2e::small_fs::SmallFs;
+use loopvol_e2e::workload::{assert_synced_blocks, Workload};
 use loopvol_e2e::{fs_tools, pattern, poll_until, require_root, run, write_synced, Scratch};
 
 const MIB: u64 = 1 << 20;
@@ -595,4 +596,63 @@ fn a_read_only_claim_publishes_read_only() {
     assert!(kernel::mount_at(&target).unwrap().has_option("ro"));
     let write = std::fs::write(target.join("x"), b"x").unwrap_err();
     assert_eq!(write.raw_os_error(), Some(libc::EROFS));
+}
+
+/// What a workload was told is durable survives the fence: a workload appends and syncs blocks
+/// on node-a as fast as it can while node-a fences itself (its claim released), and every block
+/// whose fsync succeeded is there when the filesystem is mounted again (its journal replayed).
+/// The shutdown commits the log first: without that, ext4 can answer success to an fsync that
+/// raced the shutdown while dropping its transaction with the aborted journal.
+fn synced_blocks_survive_the_fence(fs: FsType) {
+    if !require_root(fs_tools(fs.as_str())) {
+        return;
+    }
+    let s = Scratch::new();
+    let a = Arc::new(open_as(&s, "node-a", LeaseSettings::default()));
+    for round in 0..4 {
+        let id = create(&a, &format!("race-{round}"), Some(fs));
+        let sa = s.path("node-a/staging");
+        claim(&a, &id, "node-a", AccessMode::SingleNodeWriter).unwrap();
+        stage(&a, &id, &sa, Some(fs)).unwrap();
+        let mut workload = Workload::start(sa.join("workload"));
+        poll_until(Duration::from_secs(10), "the workload syncing", || {
+            workload.synced() >= 8 * (round + 1)
+        });
+        release(&a, &id, "node-a");
+        NodeGuard::new(Arc::clone(&a)).tick();
+        let (synced, error) = workload.wait_failed(Duration::from_secs(10));
+        drop(workload);
+        unstage(&a, &id, &sa);
+        // Mounted again, read-write: the journal replays, as on the next node.
+        let dev = loopdev::attach(&a.volume_image(&id), false).unwrap();
+        let check = s.path("check");
+        std::fs::create_dir_all(&check).unwrap();
+        loopvol::testing::mount::mount_fs(
+            &dev.path(),
+            &check,
+            fs.as_str(),
+            nix::mount::MsFlags::empty(),
+            "",
+        )
+        .unwrap();
+        let got = std::fs::read(check.join("workload"));
+        loopvol::testing::mount::unmount(&check).unwrap();
+        loopdev::detach(&dev).unwrap();
+        assert_synced_blocks(
+            &got.unwrap(),
+            synced,
+            &format!("{fs}, round {round} (the workload stopped with: {error})"),
+        );
+    }
+    s.assert_clean("after the rounds");
+}
+
+#[test]
+fn synced_blocks_survive_the_fence_ext4() {
+    synced_blocks_survive_the_fence(FsType::Ext4);
+}
+
+#[test]
+fn synced_blocks_survive_the_fence_xfs() {
+    synced_blocks_survive_the_fence(FsType::Xfs);
 }

@@ -8,23 +8,26 @@
 //! renew its lease for half the lease timeout: by then the controller may be about to call the
 //! lease expired. Fencing, strongest first, without waiting on the pool:
 //!
-//! 1. the filesystem is shut down (`FS_IOC_SHUTDOWN`, no flush: ext4, xfs): every call on it fails
-//!    with EIO at once, and nothing more reaches the device;
+//! 1. the filesystem is shut down (`FS_IOC_SHUTDOWN`: ext4, xfs), committing its log first so that
+//!    an fsync racing the fence either fails or is on disk (at once, without the commit, when that
+//!    waits on a pool that hangs); every call on it then fails with EIO and nothing more of it
+//!    reaches the device;
 //! 2. the loop device is cut off its image (`loop::cut_off`): its size becomes 0, so no read or
 //!    write of any user (btrfs, which has no shutdown; a raw block volume; an open descriptor)
 //!    reaches the image again. The kernel waits for the I/O in flight first, which a hung pool
 //!    may never finish: this step runs on its own thread, bounded;
 //! 3. the image is synced through a descriptor of our own, so nothing of it stays in the cluster
 //!    client's write cache;
-//! 4. the fence is recorded in the volume's metadata (this node's hold, marked fenced) when the
-//!    pool answers: that record is what lets the controller hand the volume over.
+//! 4. once the fence is in effect (shut down, or cut off), it is recorded in the volume's metadata
+//!    (this node's hold, marked fenced) when the pool answers: that record is what lets the
+//!    controller hand the volume over.
 //!
 //! What remains after a fence: the mounts (until kubelet unpublishes and unstages; a repeated
 //! stage is refused until then), page-cache data no application synced (never promised), and
 //! for a pool that hangs, writes the cluster client already accepted before the cut-off.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +68,28 @@ pub(crate) fn fence_reason(m: &VolumeMeta, node: &NodeName, shared: bool) -> Opt
     None
 }
 
+/// Shuts down the filesystem mounted at the first of `mounts` that takes it (they are mounts of
+/// one device): `Some(true)` shut down, `Some(false)` it has no shutdown (btrfs), `None` no
+/// mount or every attempt failed.
+fn shut_down(id: &VolumeId, mounts: &[PathBuf], flush_log: bool) -> Option<bool> {
+    for m in mounts {
+        match fs::shutdown(m, flush_log) {
+            Ok(true) => {
+                tracing::warn!(volume = %id, mount = %m.display(), flush_log, "filesystem shut down");
+                return Some(true);
+            }
+            Ok(false) => {
+                tracing::warn!(volume = %id, "the filesystem has no shutdown: the device's cut-off fences it");
+                return Some(false);
+            }
+            Err(e) => {
+                tracing::warn!(volume = %id, error = %e, "could not shut the filesystem down")
+            }
+        }
+    }
+    None
+}
+
 /// The boot-time clock: it counts a suspended machine's sleep, which the monotonic clock does
 /// not, and another node's clock runs meanwhile.
 fn boottime() -> Duration {
@@ -96,32 +121,40 @@ impl Pool {
     }
 
     /// Cuts this node's writes to volume `id` on `dev` off (see the module's documentation),
-    /// steps 1 to 3. Logged as an error: a fence is an event an operator must see.
-    fn fence_device(&self, view: &KernelView, id: &VolumeId, dev: &LoopDevice, reason: &str) {
+    /// steps 1 to 3; returns whether the fence is in effect (the filesystem shut down, or the
+    /// device cut off): only then may it be recorded. Logged as an error: a fence is an event an
+    /// operator must see.
+    ///
+    /// The steps run on their own thread: the filesystem is shut down committing its log (an
+    /// fsync that raced the fence then either failed or is on disk), the device cut off, the image
+    /// synced. Each of them may wait on a pool that hangs: when the shutdown has not come back
+    /// within [`CUT_OFF_WAIT`], the filesystem is shut down at once, without flushing.
+    fn fence_device(
+        &self,
+        view: &KernelView,
+        id: &VolumeId,
+        dev: &LoopDevice,
+        reason: &str,
+    ) -> bool {
         tracing::error!(volume = %id, device = %dev.path().display(), reason, "fencing the volume: this node stops writing it");
-        for m in view.fs_mounts(dev) {
-            match fs::shutdown(&m.mount_point) {
-                Ok(true) => {
-                    tracing::warn!(volume = %id, mount = %m.mount_point.display(), "filesystem shut down");
-                    break;
-                }
-                Ok(false) => {
-                    tracing::warn!(volume = %id, fs = %m.fs_type, "the filesystem has no shutdown: the device's cut-off fences it");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(volume = %id, error = %e, "could not shut the filesystem down")
-                }
-            }
+        let mounts: Vec<PathBuf> = view.fs_mounts(dev).map(|m| m.mount_point.clone()).collect();
+        enum Step {
+            Shut(Option<bool>),
+            Cut(bool),
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let (dev, root, volume) = (dev.clone(), self.root().to_owned(), id.clone());
+        let helper_mounts = mounts.clone();
         let spawned = std::thread::Builder::new()
-            .name("loopvol-cut-off".into())
+            .name("loopvol-fence".into())
             .spawn(move || {
+                let _ = tx.send(Step::Shut(shut_down(&volume, &helper_mounts, true)));
                 let cut = loopdev::cut_off(&dev);
-                // Whatever the cluster client still caches of the image goes out now (on this
-                // thread: on a pool that hangs, this waits, not the fence).
+                match &cut {
+                    Ok(()) => tracing::warn!(volume = %volume, device = %dev.path().display(), "cut off its image"),
+                    Err(e) => tracing::error!(volume = %volume, error = %e, "could not cut the device off its image"),
+                }
+                // Whatever the cluster client still caches of the image goes out now.
                 let synced = PoolFs::open(&root)
                     .map_err(|e| Error::Io {
                         context: format!("open the pool {}", root.display()),
@@ -134,20 +167,39 @@ impl Pool {
                             source: e,
                         })
                     });
-                match (&cut, synced) {
-                    (Ok(()), _) => tracing::warn!(volume = %volume, device = %dev.path().display(), "cut off its image"),
-                    (Err(e), _) => tracing::error!(volume = %volume, error = %e, "could not cut the device off its image"),
+                if let Err(e) = synced {
+                    tracing::warn!(volume = %volume, error = %e, "could not sync the image after the fence");
                 }
-                let _ = tx.send(cut.is_ok());
+                let _ = tx.send(Step::Cut(cut.is_ok()));
             });
-        match spawned {
-            Ok(_) => {
-                if rx.recv_timeout(CUT_OFF_WAIT).is_err() {
-                    tracing::error!(volume = %id, "the device's cut-off is still waiting for I/O in flight to the pool");
+        if let Err(e) = spawned {
+            tracing::error!(volume = %id, error = %e, "could not start the fence's thread");
+            return shut_down(id, &mounts, false) == Some(true);
+        }
+        let deadline = std::time::Instant::now() + CUT_OFF_WAIT;
+        let (mut shut, mut cut) = (None, false);
+        let mut answered = false;
+        while let Ok(step) =
+            rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            match step {
+                Step::Shut(s) => {
+                    shut = s;
+                    answered = true;
+                }
+                Step::Cut(c) => {
+                    cut = c;
+                    break;
                 }
             }
-            Err(e) => tracing::error!(volume = %id, error = %e, "could not start the cut-off"),
         }
+        if !answered && !mounts.is_empty() {
+            tracing::error!(volume = %id, "the filesystem's shutdown waits on the pool: shutting it down without flushing");
+            shut = shut_down(id, &mounts, false);
+        } else if !cut {
+            tracing::error!(volume = %id, "the device's cut-off is still waiting for I/O in flight to the pool");
+        }
+        shut == Some(true) || cut
     }
 
     /// Marks this node's staging hold of `id` fenced, for `reason`: from then on the hold no
@@ -314,6 +366,14 @@ impl Pool {
     }
 }
 
+/// A fence this process started.
+#[derive(Debug, Clone)]
+struct Attempt {
+    reason: String,
+    /// The filesystem shut down or the device cut off (see `Pool::fence_device`).
+    in_effect: bool,
+}
+
 /// A node plugin's keeper of its lease and judge of its volumes, on two threads: the worker
 /// renews the lease and checks the volumes this node has attached every interval (the only
 /// thread that calls into the pool); the watch only reads the clock and the kernel, so it fences
@@ -324,9 +384,9 @@ pub struct NodeGuard {
     writer: Mutex<LeaseWriter>,
     /// Boot-time clock at the start of the last renewal that succeeded (or at the start).
     renewed: Mutex<Duration>,
-    /// Why this process fenced each volume on each device, to record it once the pool answers
-    /// (and not to fence the same device twice).
-    fenced: Mutex<HashMap<(VolumeId, u32), String>>,
+    /// The fences this process started, per volume and device: why, and whether it is in
+    /// effect (to record it once the pool answers, and never to start one twice).
+    fenced: Mutex<HashMap<(VolumeId, u32), Attempt>>,
     /// The last renewal's error, logged when it changes.
     last_error: Mutex<Option<String>>,
     /// Set by [`NodeGuard::stop`]: the threads end at their next round.
@@ -437,22 +497,45 @@ impl NodeGuard {
             return;
         };
         let error = Self::lock(&self.last_error).clone();
+        let reason =
+            format!(
+            "this node could not renew its lease for {:.1} s (it fences after {:.1} s, half the \
+             lease timeout){}",
+            unrenewed.as_secs_f64(),
+            settings.fence_after().as_secs_f64(),
+            error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
         for (id, dev) in self.pool.devices_here(&view) {
-            let key = (id.clone(), dev.number);
-            if dev.cut_off || Self::lock(&self.fenced).contains_key(&key) {
-                continue;
+            if !dev.cut_off {
+                self.fence_once(&view, &id, &dev, &reason);
             }
-            let reason =
-                format!(
-                "this node could not renew its lease for {:.1} s (it fences after {:.1} s, half \
-                 the lease timeout){}",
-                unrenewed.as_secs_f64(),
-                settings.fence_after().as_secs_f64(),
-                error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
-            );
-            self.pool.fence_device(&view, &id, &dev, &reason);
-            Self::lock(&self.fenced).insert(key, reason);
         }
+    }
+
+    /// Fences volume `id` on `dev` unless this process started that fence already (a cut-off may
+    /// still wait on the pool: it is not started twice); returns whether it is in effect.
+    fn fence_once(&self, view: &KernelView, id: &VolumeId, dev: &LoopDevice, reason: &str) -> bool {
+        let key = (id.clone(), dev.number);
+        {
+            let mut fenced = Self::lock(&self.fenced);
+            if let Some(before) = fenced.get(&key) {
+                return before.in_effect;
+            }
+            // Claimed before the fence starts: the other thread does not start it too.
+            fenced.insert(
+                key.clone(),
+                Attempt {
+                    reason: reason.to_owned(),
+                    in_effect: false,
+                },
+            );
+        }
+        // Not under the map's lock: the other thread must not wait for a fence.
+        let in_effect = self.pool.fence_device(view, id, dev, reason);
+        if let Some(a) = Self::lock(&self.fenced).get_mut(&key) {
+            a.in_effect = in_effect;
+        }
+        in_effect
     }
 
     /// Checks each volume this node has attached against the pool: fences those it may no
@@ -472,20 +555,20 @@ impl NodeGuard {
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            let recorded = own(&meta.staged, &node).is_some_and(|h| h.fenced.is_some());
-            let reason = if dev.cut_off {
-                if recorded {
-                    continue;
-                }
-                Self::lock(&self.fenced)
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or_else(|| "it was found cut off its image on this node".into())
-            } else {
-                match fence_reason(&meta, &node, pool.is_shared()) {
+            if own(&meta.staged, &node).is_some_and(|h| h.fenced.is_some()) && dev.cut_off {
+                continue;
+            }
+            let attempt = Self::lock(&self.fenced).get(&key).cloned();
+            // Why: a fence of this process (in effect now, or the kernel shows the cut-off), or a
+            // reason found in the pool.
+            let reason = match attempt {
+                Some(a) if a.in_effect || dev.cut_off => a.reason,
+                Some(_) => continue,
+                None if dev.cut_off => "it was found cut off its image on this node".into(),
+                None => match fence_reason(&meta, &node, pool.is_shared()) {
                     Some(r) => r,
                     None => continue,
-                }
+                },
             };
             // Judged again under the lock: the read above may predate a change in flight.
             let mut volume = match pool.lock_volume_with(&id, LockWait::Try) {
@@ -494,15 +577,14 @@ impl NodeGuard {
                 Err(e) if e.kind() == ErrorKind::Busy => continue,
                 Err(e) => return Err(e),
             };
-            if !dev.cut_off {
+            let fenced_here = dev.cut_off || Self::lock(&self.fenced).contains_key(&key);
+            if !fenced_here {
                 if fence_reason(&volume.meta, &node, pool.is_shared()).is_none() {
                     continue;
                 }
-                // Not under the map's lock: the fence watch must not wait for a fence.
-                let fenced_before = Self::lock(&self.fenced).contains_key(&key);
-                if !fenced_before {
-                    pool.fence_device(&view, &id, &dev, &reason);
-                    Self::lock(&self.fenced).insert(key, reason.clone());
+                if !self.fence_once(&view, &id, &dev, &reason) {
+                    // A cut-off still waiting on the pool: recorded once the kernel shows it.
+                    continue;
                 }
             }
             pool.record_fence(&mut volume, &reason)?;

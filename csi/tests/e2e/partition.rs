@@ -18,17 +18,14 @@
 //! node-a's mount (its FUSE client stopped) and checks that node-a's server still answers, within
 //! seconds, with the reason.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loopvol_e2e::admin::Admin;
 use loopvol_e2e::csi::*;
 use loopvol_e2e::gluster::{self, GlusterPool, Node};
 use loopvol_e2e::kernel;
+use loopvol_e2e::workload::{assert_synced_blocks, Workload};
 use loopvol_e2e::{
     cleanup_under, fs_tools, pattern, poll_until_async, require_root, run, write_synced, Scratch,
 };
@@ -39,88 +36,8 @@ use tonic::Code;
 use crate::shared_pool::LEASE_FLAGS;
 use crate::{EXE, MIB};
 
-/// The workload's unit: each block is synced before the next is written.
-const BLOCK: usize = 64 * 1024;
-
 fn cap() -> pb::VolumeCapability {
     mount_cap("ext4", Mode::SingleNodeWriter)
-}
-
-/// A workload on node-a: appends pattern blocks to one file, fsyncing each, until a write or
-/// sync fails (the fence) or it is stopped. `synced` counts the blocks known to be durable.
-struct Workload {
-    synced: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    error: Arc<Mutex<Option<std::io::Error>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Workload {
-    fn start(path: PathBuf) -> Workload {
-        let synced = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let error = Arc::new(Mutex::new(None));
-        let (s, st, e) = (Arc::clone(&synced), Arc::clone(&stop), Arc::clone(&error));
-        let thread = std::thread::spawn(move || {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .expect("open the workload's file");
-            let mut n = 0u64;
-            while !st.load(Ordering::Relaxed) {
-                let write = file
-                    .write_all_at(&pattern(BLOCK, n), n * BLOCK as u64)
-                    .and_then(|()| file.sync_data());
-                match write {
-                    Ok(()) => {
-                        n += 1;
-                        s.store(n, Ordering::SeqCst);
-                    }
-                    Err(err) => {
-                        *e.lock().unwrap() = Some(err);
-                        return;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        Workload {
-            synced,
-            stop,
-            error,
-            thread: Some(thread),
-        }
-    }
-
-    fn synced(&self) -> u64 {
-        self.synced.load(Ordering::SeqCst)
-    }
-
-    fn failed(&self) -> bool {
-        self.error.lock().unwrap().is_some()
-    }
-
-    /// Waits (bounded) until the workload failed; returns the blocks it synced and its error.
-    async fn wait_failed(&mut self, within: Duration) -> (u64, String) {
-        poll_until_async(within, "the workload on node-a failing", || {
-            std::future::ready(self.failed())
-        })
-        .await;
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        let err = self.error.lock().unwrap().as_ref().map(ToString::to_string);
-        (self.synced(), err.unwrap_or_default())
-    }
-}
-
-impl Drop for Workload {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // A workload stuck in a hung mount is left to the process's end.
-    }
 }
 
 /// The three servers over the GlusterFS volume, and a client of each.
@@ -218,7 +135,7 @@ impl Cluster {
             std::future::ready(workload.synced() >= 4 || workload.failed())
         })
         .await;
-        assert!(!workload.failed(), "{:?}", workload.error.lock().unwrap());
+        assert!(!workload.failed(), "the workload failed before any fence");
         workload
     }
 
@@ -287,18 +204,7 @@ impl Cluster {
     async fn node_b_takes_over(&mut self, synced: u64) -> Vec<u8> {
         self.b.stage_and_publish(&self.pb, &cap()).await;
         let got = std::fs::read(self.pb.target.join("workload")).unwrap();
-        assert!(
-            got.len() as u64 >= synced * BLOCK as u64,
-            "node-a synced {synced} blocks, node-b reads {} bytes",
-            got.len()
-        );
-        for n in 0..synced {
-            let at = (n * BLOCK as u64) as usize;
-            assert!(
-                got[at..at + BLOCK] == pattern(BLOCK, n)[..],
-                "block {n} of the {synced} node-a synced differs on node-b"
-            );
-        }
+        assert_synced_blocks(&got, synced, "node-a's workload read on node-b");
         let mine = pattern(3 * MIB as usize, 0xb);
         write_synced(&self.pb.target.join("by-node-b"), &mine);
         mine
@@ -391,7 +297,7 @@ async fn partition_a_stopped_plugin_fences_itself_when_it_resumes() {
     c.a_server.signal(Signal::SIGCONT);
     // node-a finds its claim gone and fences itself: its writes fail, the fence is recorded,
     // its volume reports abnormal.
-    let (synced, error) = workload.wait_failed(Duration::from_secs(20)).await;
+    let (synced, error) = workload.wait_failed_async(Duration::from_secs(20)).await;
     eprintln!("node-a's workload synced {synced} blocks, then: {error}");
     c.node_b_gets_it().await;
     assert!(
@@ -428,7 +334,7 @@ async fn partition_b_dead_client_needs_an_operator_fence() {
     let mut workload = c.node_a_writing().await;
     let killed_at = Instant::now();
     gp.kill_client(Node::A);
-    let (synced, error) = workload.wait_failed(Duration::from_secs(20)).await;
+    let (synced, error) = workload.wait_failed_async(Duration::from_secs(20)).await;
     eprintln!("node-a's workload synced {synced} blocks, then: {error}");
     // node-a reports the volume abnormal, with the reason, within seconds; its probe fails.
     poll_until_async(Duration::from_secs(10), "node-a reporting the pool", || {
@@ -510,7 +416,7 @@ async fn partition_c_force_detach_fences_before_node_b_can_stage() {
         c.node_a_device().is_some_and(|d| d.cut_off),
         "node-a's device"
     );
-    let (synced, error) = workload.wait_failed(Duration::from_secs(5)).await;
+    let (synced, error) = workload.wait_failed_async(Duration::from_secs(5)).await;
     eprintln!("node-a's workload synced {synced} blocks, then: {error}");
     c.node_b_takes_over_then_node_a_unstages(synced).await;
 }
