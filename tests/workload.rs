@@ -25,8 +25,15 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// Starts writing `path` (created, or truncated).
+    /// Starts writing `path` (created, or truncated), as fast as it can (a pause of 2 ms
+    /// between blocks).
     pub fn start(path: PathBuf) -> Workload {
+        Workload::paced(path, Duration::from_millis(2))
+    }
+
+    /// [`Workload::start`], pausing `pause` between blocks (a volume must hold what it writes
+    /// for as long as it runs).
+    pub fn paced(path: PathBuf, pause: Duration) -> Workload {
         let synced = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
@@ -53,7 +60,7 @@ impl Workload {
                         return;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(pause);
             }
         });
         Workload {

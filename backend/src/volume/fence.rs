@@ -51,6 +51,10 @@ use super::health::{AbnormalReason, Condition};
 /// and goes on; the cut-off itself keeps running.
 const CUT_OFF_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a fence waits for a shutdown without flushing, after one that flushes did not come
+/// back.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
+
 /// Why this node must fence the volume `m` it has attached, or None while it may keep it. Only
 /// volumes this node holds are its to judge (`m` names this node's staging hold).
 pub(crate) fn fence_reason(m: &VolumeMeta, node: &NodeName, shared: bool) -> Option<String> {
@@ -68,11 +72,27 @@ pub(crate) fn fence_reason(m: &VolumeMeta, node: &NodeName, shared: bool) -> Opt
     None
 }
 
+/// Whether the kernel shows the filesystem mounted at any of `mounts` as shut down (ext4's
+/// `shutdown` option in mountinfo).
+fn shows_shutdown(mounts: &[PathBuf]) -> bool {
+    crate::mount::mounts().is_ok_and(|table| {
+        table.iter().any(|m| {
+            mounts.contains(&m.mount_point) && m.super_options.iter().any(|o| o == "shutdown")
+        })
+    })
+}
+
+/// Where `dev`'s filesystem is mounted on this node.
+fn mounts_of(view: &KernelView, dev: &LoopDevice) -> Vec<PathBuf> {
+    view.fs_mounts(dev).map(|m| m.mount_point.clone()).collect()
+}
+
 /// Shuts down the filesystem mounted at the first of `mounts` that takes it (they are mounts of
 /// one device): `Some(true)` shut down, `Some(false)` it has no shutdown (btrfs), `None` no
 /// mount or every attempt failed.
 fn shut_down(id: &VolumeId, mounts: &[PathBuf], flush_log: bool) -> Option<bool> {
     for m in mounts {
+        tracing::warn!(volume = %id, mount = %m.display(), flush_log, "shutting the filesystem down");
         match fs::shutdown(m, flush_log) {
             Ok(true) => {
                 tracing::warn!(volume = %id, mount = %m.display(), flush_log, "filesystem shut down");
@@ -131,20 +151,19 @@ impl Pool {
     /// within [`CUT_OFF_WAIT`], the filesystem is shut down at once, without flushing.
     fn fence_device(
         &self,
-        view: &KernelView,
         id: &VolumeId,
         dev: &LoopDevice,
+        mounts: &[PathBuf],
         reason: &str,
     ) -> bool {
         tracing::error!(volume = %id, device = %dev.path().display(), reason, "fencing the volume: this node stops writing it");
-        let mounts: Vec<PathBuf> = view.fs_mounts(dev).map(|m| m.mount_point.clone()).collect();
         enum Step {
             Shut(Option<bool>),
             Cut(bool),
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let (dev, root, volume) = (dev.clone(), self.root().to_owned(), id.clone());
-        let helper_mounts = mounts.clone();
+        let helper_mounts = mounts.to_vec();
         let spawned = std::thread::Builder::new()
             .name("loopvol-fence".into())
             .spawn(move || {
@@ -174,7 +193,7 @@ impl Pool {
             });
         if let Err(e) = spawned {
             tracing::error!(volume = %id, error = %e, "could not start the fence's thread");
-            return shut_down(id, &mounts, false) == Some(true);
+            return false;
         }
         let deadline = std::time::Instant::now() + CUT_OFF_WAIT;
         let (mut shut, mut cut) = (None, false);
@@ -194,12 +213,26 @@ impl Pool {
             }
         }
         if !answered && !mounts.is_empty() {
+            // ext4 refused new calls before its commit started; xfs forces its log first. Either
+            // way now at once: even that may write (ext4 records the abort in its journal's
+            // superblock), so on a thread of its own as well, waited for a moment.
             tracing::error!(volume = %id, "the filesystem's shutdown waits on the pool: shutting it down without flushing");
-            shut = shut_down(id, &mounts, false);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (volume, mounts) = (id.clone(), mounts.to_vec());
+            let spawned = std::thread::Builder::new()
+                .name("loopvol-fence-now".into())
+                .spawn(move || {
+                    let _ = tx.send(shut_down(&volume, &mounts, false));
+                });
+            if spawned.is_ok() {
+                shut = rx.recv_timeout(SHUTDOWN_WAIT).ok().flatten();
+            }
         } else if !cut {
             tracing::error!(volume = %id, "the device's cut-off is still waiting for I/O in flight to the pool");
         }
-        shut == Some(true) || cut
+        // ext4 stops taking calls the moment its shutdown starts, before the journal I/O that a
+        // pool which hangs never finishes: the kernel shows it in the mount's options.
+        shut == Some(true) || cut || shows_shutdown(mounts)
     }
 
     /// Marks this node's staging hold of `id` fenced, for `reason`: from then on the hold no
@@ -505,16 +538,34 @@ impl NodeGuard {
             settings.fence_after().as_secs_f64(),
             error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
         );
-        for (id, dev) in self.pool.devices_here(&view) {
-            if !dev.cut_off {
-                self.fence_once(&view, &id, &dev, &reason);
+        // All at once: each fence waits a moment on a pool that hangs, none on another.
+        let devices: Vec<(VolumeId, LoopDevice, Vec<PathBuf>)> = self
+            .pool
+            .devices_here(&view)
+            .into_iter()
+            .filter(|(_, d)| !d.cut_off)
+            .map(|(id, dev)| {
+                let mounts = mounts_of(&view, &dev);
+                (id, dev, mounts)
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            for (id, dev, mounts) in devices {
+                let reason = &reason;
+                scope.spawn(move || self.fence_once(&id, &dev, &mounts, reason));
             }
-        }
+        });
     }
 
     /// Fences volume `id` on `dev` unless this process started that fence already (a cut-off may
     /// still wait on the pool: it is not started twice); returns whether it is in effect.
-    fn fence_once(&self, view: &KernelView, id: &VolumeId, dev: &LoopDevice, reason: &str) -> bool {
+    fn fence_once(
+        &self,
+        id: &VolumeId,
+        dev: &LoopDevice,
+        mounts: &[PathBuf],
+        reason: &str,
+    ) -> bool {
         let key = (id.clone(), dev.number);
         {
             let mut fenced = Self::lock(&self.fenced);
@@ -531,7 +582,7 @@ impl NodeGuard {
             );
         }
         // Not under the map's lock: the other thread must not wait for a fence.
-        let in_effect = self.pool.fence_device(view, id, dev, reason);
+        let in_effect = self.pool.fence_device(id, dev, mounts, reason);
         if let Some(a) = Self::lock(&self.fenced).get_mut(&key) {
             a.in_effect = in_effect;
         }
@@ -582,7 +633,7 @@ impl NodeGuard {
                 if fence_reason(&volume.meta, &node, pool.is_shared()).is_none() {
                     continue;
                 }
-                if !self.fence_once(&view, &id, &dev, &reason) {
+                if !self.fence_once(&id, &dev, &mounts_of(&view, &dev), &reason) {
                     // A cut-off still waiting on the pool: recorded once the kernel shows it.
                     continue;
                 }

@@ -1,8 +1,8 @@
 //! Partitions on a real cluster filesystem (issue 13, item 7): a GlusterFS volume mounted twice
 //! (see `loopvol_e2e::gluster`), node-a's plugin on mount A, node-b's and the controller's on
 //! mount B, the driver with its default settings except short lease terms
-//! (`shared_pool::LEASE_FLAGS`: renewed every 0.25 s, a node fences after 2 s without a
-//! renewal, a lease expires after 4 s). In each, node-a stages a volume read-write with a
+//! (`shared_pool::LEASE_FLAGS`: renewed every 0.25 s, a node fences after 4 s without a
+//! renewal, a lease expires after 8 s). In each, node-a stages a volume read-write with a
 //! workload writing and syncing, then loses the volume to node-b the way a partition makes it:
 //!
 //! - (a) node-a's plugin is stopped (SIGSTOP) and the controller force-detaches it: node-b is
@@ -34,6 +34,9 @@ use pb::volume_capability::access_mode::Mode;
 use tonic::Code;
 
 use crate::shared_pool::LEASE_FLAGS;
+
+/// The lease timeout `LEASE_FLAGS` sets.
+const LEASE_EXPIRY: Duration = Duration::from_secs(8);
 use crate::{EXE, MIB};
 
 fn cap() -> pb::VolumeCapability {
@@ -130,7 +133,8 @@ impl Cluster {
             "ControllerPublish to node-a",
         );
         self.a.stage_and_publish(&self.pa, &cap()).await;
-        let workload = Workload::start(self.pa.target.join("workload"));
+        // About 6 MiB/s at most: the 64 MiB volume holds a minute of it.
+        let workload = Workload::paced(self.pa.target.join("workload"), Duration::from_millis(10));
         poll_until_async(Duration::from_secs(20), "the workload syncing", || {
             std::future::ready(workload.synced() >= 4 || workload.failed())
         })
@@ -243,6 +247,36 @@ impl Cluster {
     }
 }
 
+/// A FUSE client paused (SIGSTOP) until [`Paused::resume`] or the drop.
+struct Paused<'g, 's> {
+    gp: &'g mut GlusterPool<'s>,
+    node: Node,
+    paused: bool,
+}
+
+impl<'g, 's> Paused<'g, 's> {
+    fn new(gp: &'g mut GlusterPool<'s>, node: Node) -> Self {
+        gp.pause_client(node);
+        Paused {
+            gp,
+            node,
+            paused: true,
+        }
+    }
+
+    fn resume(&mut self) {
+        if std::mem::take(&mut self.paused) {
+            self.gp.resume_client(self.node);
+        }
+    }
+}
+
+impl Drop for Paused<'_, '_> {
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
 fn gate() -> bool {
     require_root(fs_tools("ext4")) && gluster::require_gluster()
 }
@@ -285,7 +319,9 @@ async fn partition_a_stopped_plugin_fences_itself_when_it_resumes() {
     c.unpublish("node-a").await;
     // Refused for as long as node-a stays stopped: past its lease's expiry too (the default:
     // no hand-over at expiry; a stopped plugin cannot fence).
-    let (_, last) = c.node_b_refused_for(Duration::from_secs(5)).await;
+    let (_, last) = c
+        .node_b_refused_for(LEASE_EXPIRY + Duration::from_secs(1))
+        .await;
     assert!(
         last.contains("has expired") && last.contains("loopvol fence node-a"),
         "{last}"
@@ -368,7 +404,9 @@ async fn partition_b_dead_client_needs_an_operator_fence() {
     // node-a fences itself on its own clock (it cannot renew), but cannot tell the pool: the
     // controller keeps node-b out, past the lease's expiry.
     c.unpublish("node-a").await;
-    let (_, last) = c.node_b_refused_for(Duration::from_secs(5)).await;
+    let (_, last) = c
+        .node_b_refused_for(LEASE_EXPIRY + Duration::from_secs(1))
+        .await;
     assert!(
         last.contains("has expired") && last.contains("loopvol fence node-a"),
         "{last}"
@@ -423,8 +461,9 @@ async fn partition_c_force_detach_fences_before_node_b_can_stage() {
 
 /// A hung mount: node-a's FUSE client stopped (SIGSTOP), so every call on node-a's pool blocks.
 /// node-a's server still answers, within seconds: NodeGetVolumeStats OK with the volume abnormal
-/// and the reason, and Probe failing. Once the mount answers again the probe passes; the volume
-/// stays fenced (node-a could not renew its lease for longer than half the timeout).
+/// and the reason, and Probe failing; after half the lease timeout node-a fences on its own clock,
+/// the mount still hanging. Once the mount answers again the probe passes; the volume stays
+/// fenced, and says why.
 #[tokio::test]
 async fn a_hung_pool_is_reported_within_seconds() {
     if !gate() {
@@ -440,7 +479,9 @@ async fn a_hung_pool_is_reported_within_seconds() {
     c.a.stage_and_publish(&c.pa.clone(), &cap()).await;
     write_synced(&c.pa.target.join("before"), b"before the hang");
     assert!(!condition_a(&mut c).await.abnormal);
-    gp.pause_client(Node::A);
+    // Resumed however the test ends, before the servers go: a server waiting on the hung mount
+    // cannot even be killed.
+    let mut paused = Paused::new(&mut gp, Node::A);
     let hung_at = Instant::now();
     // Each call answers within the pool's deadline (3 s) and a margin, whatever the mount does.
     let bound = loopvol::POOL_DEADLINE + Duration::from_secs(3);
@@ -480,7 +521,29 @@ async fn a_hung_pool_is_reported_within_seconds() {
         Code::FailedPrecondition,
         "node-a's Probe on a hung pool",
     );
-    gp.resume_client(Node::A);
+    // Half the lease timeout without a renewal: node-a fences on its own clock while the pool
+    // still hangs. Seen in the kernel's mount table and node-a's log (nothing of the test may
+    // touch the hung mount: it would hang with it).
+    let staging = c.pa.staging.clone();
+    poll_until_async(
+        LEASE_EXPIRY,
+        "node-a's filesystem shut down while the pool hangs",
+        || {
+            // mountinfo only: ext4 shows `shutdown` in its options from the moment it stops.
+            let shut = loopvol::testing::mount::mounts().is_ok_and(|table| {
+                table.iter().any(|m| {
+                    m.mount_point == staging && m.super_options.iter().any(|o| o == "shutdown")
+                })
+            });
+            std::future::ready(shut && c.a_server.log_text().contains("could not renew its lease"))
+        },
+    )
+    .await;
+    eprintln!(
+        "node-a fenced itself {:?} after the hang began",
+        hung_at.elapsed()
+    );
+    paused.resume();
     poll_until_async(
         Duration::from_secs(20),
         "node-a's Probe once the pool answers",

@@ -78,9 +78,10 @@ impl Pools<'_> {
 }
 
 /// Lease terms for the tests: short enough that an operator's fence (which watches a lease for
-/// two intervals) costs half a second, long enough that a slow renewal on a busy machine never
-/// makes a node fence (after 2 s without one).
-pub(crate) const LEASE_FLAGS: [&str; 2] = ["--lease-interval=0.25", "--lease-timeout=4"];
+/// two intervals) costs half a second, and a lease's expiry 8 s; long enough that slow renewals
+/// on a busy machine (seen: more than 2 s between two renewals through GlusterFS under a full
+/// test run) never make a node fence (after 4 s without one).
+pub(crate) const LEASE_FLAGS: [&str; 2] = ["--lease-interval=0.25", "--lease-timeout=8"];
 
 /// Spawns `loopvol-csi --shared-pool` named `name` over the pool as it sees it, with the test
 /// lease terms and `extra` flags; does not wait for it to listen.
