@@ -13,7 +13,9 @@
 //! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes;
 //! - [`admin`]: the admin CLI `loopvol` run on a test's pool; [`openmetrics`]: a strict parser
 //!   of what `/metrics` and `loopvol metrics` write, and a scrape of `/metrics`;
-//! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight.
+//! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight;
+//! - [`small_fs`]: a small filesystem of the test's own, to fill; [`workload`]: writes and
+//!   syncs, and what it synced checked afterwards (fencing).
 
 pub mod admin;
 pub mod binaries;
@@ -27,6 +29,8 @@ pub mod kernel;
 pub mod openmetrics;
 pub mod poll;
 pub mod scratch;
+pub mod small_fs;
+pub mod workload;
 
 pub use binaries::{binary, run};
 pub use csi::CsiServer;

@@ -46,6 +46,10 @@ pub enum Error {
     #[error("not enough space: {0}")]
     NoSpace(String),
 
+    /// A limit other than space (a node's attach limit).
+    #[error("{0}")]
+    Limit(String),
+
     #[error("pool {path}: {reason}")]
     Pool { path: PathBuf, reason: String },
 
@@ -97,7 +101,7 @@ impl Error {
             }
             Error::Stale { .. } => ErrorKind::Busy,
             Error::OutOfRange(_) => ErrorKind::OutOfRange,
-            Error::NoSpace(_) => ErrorKind::ResourceExhausted,
+            Error::NoSpace(_) | Error::Limit(_) => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 ErrorKind::ResourceExhausted
             }

@@ -980,6 +980,16 @@ fn abnormal_finding(id: &VolumeId, node: &NodeName, c: &Condition) -> Finding {
              and restore the image"
                 .to_owned(),
         ),
+        Some(AbnormalReason::Fenced) => (
+            FindingKind::AbnormalVolume,
+            "this node fenced it (another node may have it now): unpublish and unstage it here"
+                .to_owned(),
+        ),
+        Some(AbnormalReason::PoolNotAnswering) => (
+            FindingKind::AbnormalVolume,
+            "the pool does not answer: repair its mount (the cluster filesystem's client)"
+                .to_owned(),
+        ),
         Some(AbnormalReason::MetadataCorrupt) | None => {
             (FindingKind::AbnormalVolume, "see the message".to_owned())
         }

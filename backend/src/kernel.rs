@@ -122,6 +122,19 @@ impl KernelView {
     }
 }
 
+/// This machine's kernel boot ID (`/proc/sys/kernel/random/boot_id`): it changes with every
+/// boot, so a staging hold stamped with an older one belongs to a kernel that no longer runs.
+pub(crate) fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
 /// How sysfs names the backing file of a loop device whose file at `path` was unlinked.
 fn deleted_name(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();

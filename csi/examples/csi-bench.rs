@@ -10,6 +10,20 @@
 //!    DeleteVolume) of VOLUMES (default 200) 1 GiB ext4 volumes, with 1, 8 and 32 concurrent
 //!    workers, over the real socket: per-RPC p50/p99 and lifecycles per second.
 //! 3. LIST_VOLUMES (default 1000) volumes in the pool: ListVolumes time and the server's peak RSS.
+//!
+//! ```text
+//! target/release/examples/csi-bench gluster [PAIRS] [HELD]
+//! ```
+//!
+//! On a GlusterFS volume of its own (the test harness's: glusterd on loopback, the volume with the
+//! options a shared pool needs), a `--shared-pool` server:
+//!
+//! 1. PAIRS (default 30) interleaved pairs of one shared-pool lifecycle (CreateVolume,
+//!    ControllerPublish, NodeStage, NodePublish, NodeUnpublish, NodeUnstage, ControllerUnpublish,
+//!    DeleteVolume) and the bare tools doing the same steps on the same mount: each side's median,
+//!    the median ratio and its spread;
+//! 2. the lease renewal cost of a node holding HELD (default 100) staged volumes: lease writes per
+//!    second, and the node plugin's CPU per renewal round and per second at the default interval.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +51,13 @@ impl Drop for Server {
 }
 
 fn start_server(dir: &Path) -> Server {
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    start_server_with(dir, &[format!("--pool={}", pool.display())])
+}
+
+/// The server on `<dir>/csi.sock` with `args` (the pool among them).
+fn start_server_with(dir: &Path, args: &[String]) -> Server {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/examples/csi-bench → target/<profile>/loopvol-csi
     let bin = exe.parent().unwrap().parent().unwrap().join("loopvol-csi");
@@ -45,11 +66,10 @@ fn start_server(dir: &Path) -> Server {
         "build it first: cargo build --release --bins --examples"
     );
     let socket = dir.join("csi.sock");
-    let pool = dir.join("pool");
-    std::fs::create_dir_all(&pool).unwrap();
+    let _ = std::fs::remove_file(&socket);
     let child = Command::new(bin)
         .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!("--pool={}", pool.display()))
+        .args(args)
         .arg("--node-id=bench")
         // 1 GiB thin volumes; only a few exist at once, and they stay nearly empty.
         .arg("--overcommit=64")
@@ -68,6 +88,19 @@ fn start_server(dir: &Path) -> Server {
 
 async fn channel(socket: &Path) -> Channel {
     loopvol_proto::connect_unix(socket).await.unwrap()
+}
+
+/// CreateVolume of an ext4 volume `name` of `bytes`.
+fn create_request(name: impl Into<String>, bytes: i64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        ..Default::default()
+    }
 }
 
 fn cap() -> pb::VolumeCapability {
@@ -91,26 +124,43 @@ const RPCS: [&str; 6] = [
     "DeleteVolume",
 ];
 
+/// A shared pool's lifecycle: the node-local one's, with the controller's claim around the
+/// node's calls.
+const SHARED_RPCS: [&str; 8] = [
+    "CreateVolume",
+    "ControllerPublishVolume",
+    "NodeStageVolume",
+    "NodePublishVolume",
+    "NodeUnpublishVolume",
+    "NodeUnstageVolume",
+    "ControllerUnpublishVolume",
+    "DeleteVolume",
+];
+
 /// One full lifecycle; returns each RPC's latency in RPCS order.
 async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
+    let t = timed_lifecycle(ch, dir, name, None).await;
+    [t[0], t[2], t[3], t[4], t[5], t[7]]
+}
+
+/// One full lifecycle, claimed for `node` on a shared pool (`None`: node-local); returns each
+/// RPC's latency in SHARED_RPCS order (zero for the claim's when there is none).
+async fn timed_lifecycle(
+    ch: &Channel,
+    dir: &Path,
+    name: &str,
+    node: Option<&str>,
+) -> [Duration; 8] {
     let mut ctl = ControllerClient::new(ch.clone());
-    let mut node = NodeClient::new(ch.clone());
+    let mut nd = NodeClient::new(ch.clone());
     let staging = dir.join("kubelet/staging").join(name);
     let target = dir.join("kubelet/pods").join(name).join("mount");
-    let mut t = [Duration::ZERO; 6];
+    let mut t = [Duration::ZERO; 8];
     let mut timed = |i: usize, start: Instant| t[i] = start.elapsed();
 
     let s = Instant::now();
     let id = ctl
-        .create_volume(pb::CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: GIB as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap()],
-            ..Default::default()
-        })
+        .create_volume(create_request(name, GIB as i64))
         .await
         .expect("CreateVolume")
         .into_inner()
@@ -118,8 +168,20 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         .unwrap()
         .volume_id;
     timed(0, s);
+    if let Some(node) = node {
+        let s = Instant::now();
+        ctl.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node.into(),
+            volume_capability: Some(cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublishVolume");
+        timed(1, s);
+    }
     let s = Instant::now();
-    node.node_stage_volume(pb::NodeStageVolumeRequest {
+    nd.node_stage_volume(pb::NodeStageVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: staging.display().to_string(),
         volume_capability: Some(cap()),
@@ -127,9 +189,9 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
     })
     .await
     .expect("NodeStageVolume");
-    timed(1, s);
+    timed(2, s);
     let s = Instant::now();
-    node.node_publish_volume(pb::NodePublishVolumeRequest {
+    nd.node_publish_volume(pb::NodePublishVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: staging.display().to_string(),
         target_path: target.display().to_string(),
@@ -138,23 +200,34 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
     })
     .await
     .expect("NodePublishVolume");
-    timed(2, s);
+    timed(3, s);
     let s = Instant::now();
-    node.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+    nd.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
         volume_id: id.clone(),
         target_path: target.display().to_string(),
     })
     .await
     .expect("NodeUnpublishVolume");
-    timed(3, s);
+    timed(4, s);
     let s = Instant::now();
-    node.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+    nd.node_unstage_volume(pb::NodeUnstageVolumeRequest {
         volume_id: id.clone(),
         staging_target_path: staging.display().to_string(),
     })
     .await
     .expect("NodeUnstageVolume");
-    timed(4, s);
+    timed(5, s);
+    if let Some(node) = node {
+        let s = Instant::now();
+        ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerUnpublishVolume");
+        timed(6, s);
+    }
     let s = Instant::now();
     ctl.delete_volume(pb::DeleteVolumeRequest {
         volume_id: id,
@@ -162,7 +235,7 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
     })
     .await
     .expect("DeleteVolume");
-    timed(5, s);
+    timed(7, s);
     t
 }
 
@@ -178,10 +251,15 @@ fn sh(program: &str, args: &[&str]) -> String {
 
 /// The same steps with the bare tools (what a shell script would do).
 fn bare_lifecycle(dir: &Path, i: usize) -> Duration {
+    bare_lifecycle_in(dir, dir, i)
+}
+
+/// [`bare_lifecycle`] with the image in `images` and the mount points in `mounts`.
+fn bare_lifecycle_in(images: &Path, mounts: &Path, i: usize) -> Duration {
     let start = Instant::now();
-    let image = dir.join(format!("bare-{i}.img"));
-    let staging = dir.join(format!("bare-{i}-staging"));
-    let target = dir.join(format!("bare-{i}-target"));
+    let image = images.join(format!("bare-{i}.img"));
+    let staging = mounts.join(format!("bare-{i}-staging"));
+    let target = mounts.join(format!("bare-{i}-target"));
     let (img, st, tg) = (
         image.display().to_string(),
         staging.display().to_string(),
@@ -228,6 +306,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
+/// Each RPC's p50 and p99, one line each.
+fn rpc_table(rpcs: &[&str], per_rpc: &mut [Vec<Duration>]) {
+    println!("  {:<26} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
+    for (name, times) in rpcs.iter().zip(per_rpc.iter_mut()) {
+        times.sort();
+        println!(
+            "  {:<26} {:>9} {:>9}",
+            name,
+            ms(percentile(times, 0.5)),
+            ms(percentile(times, 0.99))
+        );
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
@@ -258,6 +350,12 @@ async fn main() {
         "the benchmark needs root (loop devices, mounts)"
     );
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("gluster") {
+        let pairs = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(30);
+        let held = args.get(3).map(|s| s.parse().unwrap()).unwrap_or(100);
+        gluster::run(pairs, held).await;
+        return;
+    }
     let volumes: usize = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(200);
     let listed: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(1000);
     let base = std::env::var("LOOPVOL_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into());
@@ -327,16 +425,7 @@ async fn main() {
         if workers == 1 {
             one_worker_p50 = percentile(&lc, 0.5);
         }
-        println!("  {:<20} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
-        for (k, name) in RPCS.iter().enumerate() {
-            per_rpc[k].sort();
-            println!(
-                "  {:<20} {:>9} {:>9}",
-                name,
-                ms(percentile(&per_rpc[k], 0.5)),
-                ms(percentile(&per_rpc[k], 0.99))
-            );
-        }
+        rpc_table(&RPCS, &mut per_rpc);
     }
     println!(
         "\none lifecycle at 1 worker / bare tools: {:.2}x (target <= 1.2x)",
@@ -354,17 +443,9 @@ async fn main() {
             let name = format!("many-{i:05}");
             batch.push(tokio::spawn(async move {
                 let s = Instant::now();
-                c.create_volume(pb::CreateVolumeRequest {
-                    name,
-                    capacity_range: Some(pb::CapacityRange {
-                        required_bytes: GIB as i64,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![cap()],
-                    ..Default::default()
-                })
-                .await
-                .expect("CreateVolume");
+                c.create_volume(create_request(name, GIB as i64))
+                    .await
+                    .expect("CreateVolume");
                 s.elapsed()
             }));
         }
@@ -417,4 +498,160 @@ fn tempdir(base: &Path) -> PathBuf {
     let dir = base.join(format!("loopvol-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.canonicalize().unwrap()
+}
+
+/// The GlusterFS rows (see the module's documentation).
+mod gluster {
+    use super::*;
+    use loopvol_e2e::gluster::{GlusterPool, Node, COHERENT};
+    use loopvol_e2e::Scratch;
+
+    fn ratio_line(what: &str, ours: &mut [Duration], bare: &mut [Duration]) {
+        let mut ratios: Vec<f64> = ours
+            .iter()
+            .zip(bare.iter())
+            .map(|(o, b)| o.as_secs_f64() / b.as_secs_f64())
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ours.sort();
+        bare.sort();
+        let q = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
+        println!(
+            "{what}: loopvol p50 {} ms, bare tools p50 {} ms; ratio median {:.2}x (p25-p75 {:.2}-{:.2}, min-max {:.2}-{:.2}, {} interleaved pairs)",
+            ms(percentile(ours, 0.5)),
+            ms(percentile(bare, 0.5)),
+            q(0.5),
+            q(0.25),
+            q(0.75),
+            ratios[0],
+            ratios[ratios.len() - 1],
+            ratios.len()
+        );
+    }
+
+    fn lease_counter(pool: &Path) -> u64 {
+        std::fs::read_to_string(pool.join("leases/bench"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn run(pairs: usize, held: usize) {
+        let scratch = Scratch::new();
+        let gp = GlusterPool::start_with(&scratch, COHERENT);
+        let pool = gp.pool(Node::A);
+        let dir = scratch.path("bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bare_dir = gp.mount_point(Node::A).join("bare");
+        std::fs::create_dir_all(&bare_dir).unwrap();
+        let shared = |extra: &[&str]| {
+            let mut a = vec![
+                format!("--pool={}", pool.display()),
+                "--shared-pool".to_owned(),
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+
+        // 1. Interleaved pairs, the order alternating.
+        let server = start_server_with(&dir, &shared(&[]));
+        let ch = channel(&server.socket).await;
+        timed_lifecycle(&ch, &dir, "warmup", Some("bench")).await;
+        bare_lifecycle_in(&bare_dir, &dir, 0);
+        let (mut ours, mut bare) = (Vec::new(), Vec::new());
+        let mut per_rpc: Vec<Vec<Duration>> = vec![Vec::new(); 8];
+        for i in 0..pairs {
+            if i % 2 == 1 {
+                bare.push(bare_lifecycle_in(&bare_dir, &dir, i));
+            }
+            let t = timed_lifecycle(&ch, &dir, &format!("pair-{i}"), Some("bench")).await;
+            for (k, d) in t.iter().enumerate() {
+                per_rpc[k].push(*d);
+            }
+            ours.push(t.iter().sum::<Duration>());
+            if i % 2 == 0 {
+                bare.push(bare_lifecycle_in(&bare_dir, &dir, i));
+            }
+        }
+        println!("GlusterFS pool (one brick on loopback, the volume with {COHERENT:?}):");
+        ratio_line(
+            "one shared-pool lifecycle vs the bare tools on the same mount",
+            &mut ours,
+            &mut bare,
+        );
+        rpc_table(&SHARED_RPCS, &mut per_rpc);
+        drop(ch);
+        drop(server);
+
+        // 2. The lease keeper of a node holding `held` staged volumes, renewing every 0.25 s (to
+        // count many rounds in a short window), scaled to the default interval.
+        let interval = 0.25;
+        let server = start_server_with(
+            &dir,
+            &shared(&["--lease-interval=0.25", "--lease-timeout=30"]),
+        );
+        let ch = channel(&server.socket).await;
+        let mut ctl = ControllerClient::new(ch.clone());
+        let mut nd = NodeClient::new(ch.clone());
+        for i in 0..held {
+            let id = ctl
+                .create_volume(create_request(format!("held-{i}"), 64 << 20))
+                .await
+                .expect("CreateVolume")
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id;
+            ctl.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "bench".into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("ControllerPublishVolume");
+            nd.node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id,
+                staging_target_path: dir.join(format!("held/{i}")).display().to_string(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("NodeStageVolume");
+        }
+        let window = Duration::from_secs(10);
+        // The node's FUSE client does the renewals' and reads' work too.
+        let client = gp.client_pid(Node::A).expect("node-a's client");
+        let (_, client_before) = proc_usage(client);
+        let (_, cpu_before) = proc_usage(server.child.id());
+        // Read through the node's own mount (the other mount's page cache would serve a stale
+        // copy of a file rewritten in place).
+        let counter_before = lease_counter(&pool);
+        tokio::time::sleep(window).await;
+        let (_, cpu_after) = proc_usage(server.child.id());
+        let (_, client_after) = proc_usage(client);
+        let rounds = lease_counter(&pool).saturating_sub(counter_before).max(1);
+        let per_round = |cpu: f64| cpu / rounds as f64;
+        let (server_cpu, client_cpu) = (
+            per_round(cpu_after - cpu_before),
+            per_round(client_after - client_before),
+        );
+        println!(
+            "lease keeper with {held} staged volumes: {rounds} rounds in {:.0} s at {interval} s; per round (one lease write + fsync, {held} metadata reads) {:.2} ms CPU in the plugin + {:.2} ms in the FUSE client; at the default 2 s interval: 0.5 lease writes/s, {:.0} metadata reads/s, {:.3} % of a CPU",
+            window.as_secs_f64(),
+            server_cpu * 1000.0,
+            client_cpu * 1000.0,
+            held as f64 / 2.0,
+            (server_cpu + client_cpu) / 2.0 * 100.0
+        );
+        for i in 0..held {
+            let _ = nd
+                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                    volume_id: format!("held-{i}"),
+                    staging_target_path: dir.join(format!("held/{i}")).display().to_string(),
+                })
+                .await;
+        }
+        drop(server);
+    }
 }

@@ -293,13 +293,30 @@ impl PoolFs {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "create directory")),
         }
-        self.open_checked(
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-            Kind::Dir,
-        )
-        .map(drop)
+        let open = || {
+            self.open_checked(
+                rel,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+                Kind::Dir,
+            )
+            .map(drop)
+        };
+        // On a cluster filesystem, a directory that mkdir just made or found (EEXIST: another
+        // node made it) can still be ENOENT to the next lookup through this node's client for a
+        // moment (seen on GlusterFS when the servers of a new shared pool start at once): look
+        // again, bounded (about 2 s).
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..12 {
+            match open() {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(STALE_MAX_PAUSE);
+                }
+                done => return done,
+            }
+        }
+        open()
     }
 
     /// Whether the directory `rel` is there and writable (a readiness probe).
@@ -552,6 +569,42 @@ impl PoolFs {
     pub fn sync_dir(&self, rel: &Path) -> Result<()> {
         let dir = self.open_dir(rel)?;
         rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync"))
+    }
+
+    /// Reads the small file `rel` (at most `max` bytes) as the pool's filesystem has it now, not
+    /// as this node's page cache does; `Ok(None)` when it does not exist. For a file another node
+    /// rewrites in place (a lease): its size and inode never change, and a GlusterFS client
+    /// keeps serving the pages it cached (measured: the first value read, for ever) unless they
+    /// are dropped first.
+    pub fn read_uncached(&self, rel: &Path, max: usize) -> Result<Option<Vec<u8>>> {
+        let fd = match self.open_checked(rel, OFlags::RDONLY, Mode::empty(), Kind::File) {
+            Ok(fd) => fd,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        rfs::fadvise(&fd, 0, None, rfs::Advice::DontNeed)
+            .map_err(|e| self.fail(rel, e.into(), "drop the cached pages of"))?;
+        let mut bytes = Vec::with_capacity(max);
+        File::from(fd)
+            .take(u64::try_from(max).unwrap_or(u64::MAX))
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.fail(rel, e, "read"))?;
+        Ok(Some(bytes))
+    }
+
+    /// Opens (creating it if needed) a node's lease file `rel`, for rewriting in place.
+    pub fn open_lease(&self, rel: &Path) -> Result<File> {
+        let fd = self.open_checked(
+            rel,
+            OFlags::RDWR | OFlags::CREATE,
+            Mode::from_raw_mode(0o644),
+            Kind::File,
+        )?;
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        check_links(self, rel, &st)?;
+        Ok(File::from(fd))
     }
 
     /// Opens (creating it `O_EXCL` if needed) the lock file `rel`, for writing (NFS needs that

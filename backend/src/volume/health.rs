@@ -57,10 +57,14 @@ pub enum AbnormalReason {
     FilesystemAborted,
     /// The volume's loop device cannot be read.
     DeviceUnreadable,
+    /// This node fenced it (a shared pool: see `volume::fence`): its writes here fail.
+    Fenced,
+    /// The pool does not answer (a shared pool's client died, I/O errors, a hung mount).
+    PoolNotAnswering,
 }
 
 impl AbnormalReason {
-    pub const ALL: [AbnormalReason; 12] = [
+    pub const ALL: [AbnormalReason; 14] = [
         AbnormalReason::ImageMissing,
         AbnormalReason::DeviceGone,
         AbnormalReason::FilesystemErrors,
@@ -73,6 +77,8 @@ impl AbnormalReason {
         AbnormalReason::ImageTruncated,
         AbnormalReason::FilesystemAborted,
         AbnormalReason::DeviceUnreadable,
+        AbnormalReason::Fenced,
+        AbnormalReason::PoolNotAnswering,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +95,8 @@ impl AbnormalReason {
             AbnormalReason::ImageTruncated => "image_truncated",
             AbnormalReason::FilesystemAborted => "fs_aborted",
             AbnormalReason::DeviceUnreadable => "device_unreadable",
+            AbnormalReason::Fenced => "fenced",
+            AbnormalReason::PoolNotAnswering => "pool_not_answering",
         }
     }
 }
@@ -150,7 +158,7 @@ impl Volume<'_> {
                 "volume {id} is not attached on this node"
             )));
         };
-        loopdev::refresh_capacity(dev)?;
+        self.refresh_capacity(dev)?;
         let device = dev.path();
         let device_size = loopdev::device_size(&device)?;
         let mounted = match path {
@@ -301,6 +309,10 @@ impl Pool {
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
         use AbnormalReason as R;
+        // Shared pools: a pool that stops answering (see `fence`).
+        if let Some(c) = self.unreachable_condition() {
+            return Ok(c);
+        }
         let path = self.volume_image(&m.id);
         let stat = match self.fs()?.stat_image(&layout::volume_image(&m.id)) {
             Ok(stat) => stat,
@@ -380,6 +392,10 @@ impl Pool {
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
+        // Shared pools: fenced on this node (see `fence`).
+        if let Some(c) = self.fence_condition(m, dev) {
+            return Ok(c);
+        }
         // The kernel's own verdicts on a mounted filesystem: aborted after errors (ext4's
         // emergency_ro), turned read-only after errors (errors=remount-ro, btrfs), or shut
         // down (xfs, ext4: every access answers EIO).

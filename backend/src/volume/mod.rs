@@ -7,9 +7,14 @@
 //! - `create`: get-or-create by name;
 //! - `stage`: attach, format when blank, mount, and the reverse (node side);
 //! - `publish`: binds into workloads' paths, and which volume a path holds;
-//! - `health`: filesystem growth on the node, usage and condition.
+//! - `health`: filesystem growth on the node, usage and condition;
+//! - `handover`: who may have a volume of a shared pool (claims against holds, the attach limit,
+//!   the operator's fence);
+//! - `fence`: a node cutting its own writes to a volume off, and the node's lease keeper.
 
 mod create;
+mod fence;
+mod handover;
 mod health;
 mod publish;
 mod stage;
@@ -20,13 +25,15 @@ use std::path::PathBuf;
 use crate::error::{Context, Error, Result};
 use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{Image, KernelView};
-use crate::lock::LockGuard;
+use crate::lock::{LockGuard, LockWait};
 use crate::loopdev::{self, FileId, LoopDevice};
-use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta};
+use crate::meta::{AccessMode, Allocation, FencedBy, Hold, VolumeMeta};
 use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
+pub use fence::NodeGuard;
+pub use handover::{FenceCheck, FenceReport};
 pub use health::{AbnormalReason, Condition};
 pub use publish::Publish;
 pub use stage::{Access, Staged};
@@ -59,10 +66,19 @@ impl Pool {
     /// [`Pool::volume`], with `None` for a volume that does not exist.
     pub fn find_volume(&self, id: &VolumeId) -> Result<Option<Volume<'_>>> {
         // Looked for before the lock, so an unknown ID leaves nothing behind; read again under it.
+        self.lock_volume_with(id, self.options().lock_wait)
+    }
+
+    /// [`Pool::find_volume`], waiting for the lock as `wait` says.
+    pub(crate) fn lock_volume_with(
+        &self,
+        id: &VolumeId,
+        wait: LockWait,
+    ) -> Result<Option<Volume<'_>>> {
         if !self.fs()?.exists(&layout::volume_meta(id))? {
             return Ok(None);
         }
-        let guard = self.lock_volume(id)?;
+        let guard = self.lock_volume_waiting(id, wait)?;
         Ok(self.read_volume_meta(id)?.map(|meta| Volume {
             pool: self,
             meta,
@@ -190,8 +206,20 @@ impl<'p> Volume<'p> {
                 view.describe(dev)
             )));
         }
+        // This node's own hold goes with it (nothing is attached here: checked above); a node
+        // an operator declared down unstages nothing any more.
         let here = self.pool.node();
-        if let Some(h) = self.meta.staged.iter().find(|h| h.node != *here) {
+        let declared_down = |h: &&Hold| {
+            h.fenced
+                .as_ref()
+                .is_some_and(|f| f.by == FencedBy::Operator)
+        };
+        if let Some(h) = self
+            .meta
+            .staged
+            .iter()
+            .find(|h| h.node != *here && !declared_down(h))
+        {
             return Err(Error::precondition(format!(
                 "volume {id} is staged on node {}; unstage it first",
                 h.node
@@ -211,6 +239,17 @@ impl<'p> Volume<'p> {
         Ok(())
     }
 
+    /// Makes the loop device `dev` of this volume take its image's size now: the size fetched
+    /// afresh from the pool's filesystem (a cluster client may cache a size another node changed),
+    /// then `LOOP_SET_CAPACITY`.
+    fn refresh_capacity(&self, dev: &loopdev::LoopDevice) -> Result<()> {
+        let image = self
+            .pool
+            .fs()?
+            .open_image(&layout::volume_image(&self.meta.id), true)?;
+        loopdev::refresh_capacity(dev, &image)
+    }
+
     /// Grows the image to what `size` resolves to (never shrinks: a smaller size leaves it as it
     /// is) and, when the volume is attached on this node, tells the loop device. The filesystem
     /// grows separately on the node ([`Volume::node_expand`]).
@@ -222,7 +261,7 @@ impl<'p> Volume<'p> {
         self.grow_image(target)?;
         let view = KernelView::read()?;
         for dev in view.devices_of(self.image()?.as_ref()) {
-            loopdev::refresh_capacity(&dev)?;
+            self.refresh_capacity(&dev)?;
         }
         Ok(Expanded {
             size_bytes: self.meta.size_bytes,
@@ -316,7 +355,9 @@ impl<'p> Volume<'p> {
 
     /// Claims the volume for `node` (CSI ControllerPublish, FlexVolume attach). Idempotent; a
     /// claim by another node that cannot share with `mode` is refused (`FailedPrecondition`), and
-    /// a different mode on the same node is `AlreadyExists`.
+    /// so is another node's staging hold until that node provably stopped writing (see
+    /// `handover`); a different mode on the same node is `AlreadyExists`; a claim beyond the
+    /// node's attach limit is `ResourceExhausted`.
     pub fn claim(
         &mut self,
         node: &NodeName,
@@ -343,36 +384,35 @@ impl<'p> Volume<'p> {
             });
         }
         check_sharing(id, &self.meta.claims, node, mode, "published")?;
+        self.check_staged_elsewhere(node, mode)?;
+        let _limit = self.check_attach_limit(node)?;
         self.meta.claims.push(Hold {
-            node: node.clone(),
-            mode,
             pv_name: pv_name.map(str::to_owned),
+            ..Hold::new(node.clone(), mode)
         });
         self.save()?;
         tracing::info!(volume = %self.meta.id, %node, ?mode, "claimed");
         Ok(())
     }
 
-    /// Releases `node`'s claim, and with it that node's staging hold. The controller's release is
-    /// authoritative: Kubernetes detaches from a node once it no longer uses the volume or is
-    /// declared dead, and a dead node's stale hold must not lock the volume out of every other
-    /// node. No claim: nothing to do.
+    /// Releases `node`'s claim. Its staging hold stays until the node unstages or fences the
+    /// volume: Kubernetes also detaches (force-detach) a node that stopped answering while its
+    /// kernel may still write, and the next claim must wait for that (see `handover`). No
+    /// claim: nothing to do.
     pub fn release(&mut self, node: &NodeName) -> Result<()> {
         self.release_nodes(std::slice::from_ref(node))
     }
 
-    /// Releases every node's claim (CSI ControllerUnpublish without a node), with their staging
-    /// holds.
+    /// Releases every node's claim (CSI ControllerUnpublish without a node).
     pub fn release_all(&mut self) -> Result<()> {
         let nodes: Vec<NodeName> = self.meta.claims.iter().map(|h| h.node.clone()).collect();
         self.release_nodes(&nodes)
     }
 
     fn release_nodes(&mut self, nodes: &[NodeName]) -> Result<()> {
-        let before = (self.meta.claims.len(), self.meta.staged.len());
+        let before = self.meta.claims.len();
         self.meta.claims.retain(|h| !nodes.contains(&h.node));
-        self.meta.staged.retain(|h| !nodes.contains(&h.node));
-        if (self.meta.claims.len(), self.meta.staged.len()) != before {
+        if self.meta.claims.len() != before {
             self.save()?;
             for node in nodes {
                 tracing::info!(volume = %self.meta.id, %node, "released claim");

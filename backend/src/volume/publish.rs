@@ -86,6 +86,13 @@ impl Volume<'_> {
                 "volume {id} is not staged on this node"
             )));
         };
+        if dev.cut_off {
+            return Err(Error::precondition(format!(
+                "volume {id} was fenced on this node; unstage it and stage it again"
+            )));
+        }
+        // Staged read-only (a read-only claim makes a read-only stage): every publication too.
+        let read_only = p.read_only || dev.read_only;
         if p.exclusive {
             let mut except = vec![target];
             except.extend(p.staging.as_deref());
@@ -103,7 +110,7 @@ impl Volume<'_> {
                 Access::Block => is_device_bind_of(existing, dev),
                 Access::Mount { .. } => is_fs_mount_of(existing, dev),
             };
-            return check_existing_mount("target path", target, existing, ours, &id, p.read_only);
+            return check_existing_mount("target path", target, existing, ours, &id, read_only);
         }
 
         match &p.access {
@@ -112,7 +119,7 @@ impl Volume<'_> {
                     self.record_raw_block()?;
                 }
                 let mount_point = p.target.create_block_target()?;
-                let flags = plan::bind_flags(true, p.read_only, &[]);
+                let flags = plan::bind_flags(true, read_only, &[]);
                 mount::bind(&dev.path(), &dev.path(), &mount_point, flags)?;
             }
             Access::Mount { mount_options, .. } => {
@@ -140,15 +147,15 @@ impl Volume<'_> {
                         (host::open_mount_root(&at)?, at)
                     }
                 };
-                if let Some(gid) = p.fs_group.filter(|_| !p.read_only) {
+                if let Some(gid) = p.fs_group.filter(|_| !read_only) {
                     host::apply_fs_group(&source, &shown, gid)?;
                 }
                 let mount_point = p.target.mkdir_p()?;
-                let flags = plan::bind_flags(false, p.read_only, mount_options);
+                let flags = plan::bind_flags(false, read_only, mount_options);
                 mount::bind(&host::proc_fd(&source), &shown, &mount_point, flags)?;
             }
         }
-        tracing::info!(volume = %id, target = %target.display(), read_only = p.read_only, "published");
+        tracing::info!(volume = %id, target = %target.display(), read_only, "published");
         Ok(())
     }
 

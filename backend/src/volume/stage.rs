@@ -17,7 +17,9 @@ use crate::plan::{self, FormatInputs, FormatPlan, GrowPlan};
 use crate::pool::{layout, NodePath};
 use crate::validate::{self, FsType};
 
+use super::handover::live_holds;
 use super::{check_sharing, Volume};
+use crate::kernel::boot_id;
 
 /// How a volume is presented to a workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +99,8 @@ impl Volume<'_> {
     }
 
     /// Records this node's staging hold in `mode`, refusing when another node holds the volume
-    /// in a mode that cannot share. On a node-local pool the volume must live on this node.
+    /// in a mode that cannot share (holds their nodes fenced no longer count). On a node-local
+    /// pool the volume must live on this node.
     fn hold(&mut self, mode: AccessMode) -> Result<()> {
         let node = self.pool.node().clone();
         let id = &self.meta.id;
@@ -106,14 +109,14 @@ impl Volume<'_> {
                 "volume {id} lives in the pool of node {local}, not on node {node}"
             )));
         }
-        check_sharing(id, &self.meta.staged, &node, mode, "staged")?;
+        check_sharing(id, &live_holds(&self.meta.staged), &node, mode, "staged")?;
         // The controller's claims count too: a volume published read-write to another node is
         // that node's even before it stages it.
         check_sharing(id, &self.meta.claims, &node, mode, "published")?;
+        // Stamped with this boot: once the node boots again, the hold is known to be stale.
         let hold = Hold {
-            node: node.clone(),
-            mode,
-            pv_name: None,
+            boot: boot_id().map(str::to_owned),
+            ..Hold::new(node.clone(), mode)
         };
         match self.meta.staged.iter_mut().find(|h| h.node == node) {
             Some(h) if *h == hold => return Ok(()),
@@ -152,11 +155,20 @@ impl Volume<'_> {
         let mut reusable = None;
         let mut stale = Vec::new();
         for dev in view.devices_of(Some(&image)) {
-            if dev.read_only == read_only {
+            if dev.read_only == read_only && !dev.cut_off {
                 reusable = Some(dev);
                 continue;
             }
-            if !view.users(std::slice::from_ref(&dev), &[]).is_empty() {
+            let users = view.users(std::slice::from_ref(&dev), &[]);
+            if let Some(user) = users.first().filter(|_| dev.cut_off) {
+                return Err(Error::precondition(format!(
+                    "volume {id} was fenced on this node ({} is cut off from its image) and is \
+                     still mounted at {}; unstage it first",
+                    dev.path().display(),
+                    user.mount_point.display()
+                )));
+            }
+            if !users.is_empty() {
                 let how = |ro: bool| AccessMode::single_node(ro).describe();
                 return Err(Error::precondition(format!(
                     "volume {id} is in use {} as {}; it cannot also be used {}",
@@ -168,7 +180,8 @@ impl Volume<'_> {
             stale.push(dev);
         }
         self.hold(mode)?;
-        // Left attached in the other mode by an earlier, finished use: reattach.
+        // Left attached in the other mode by an earlier, finished use (or fenced and no longer
+        // used): reattach.
         for dev in &stale {
             loopdev::detach(dev)?;
         }
@@ -206,10 +219,9 @@ impl Volume<'_> {
     /// Attaches the volume as a loop device on this node and returns it (FlexVolume
     /// `waitforattach`; the first step of stage). Idempotent.
     pub fn attach(&mut self, read_only: bool) -> Result<PathBuf> {
+        let mode = self.stage_mode(AccessMode::single_node(read_only))?;
         let view = KernelView::read()?;
-        Ok(self
-            .hold_and_attach(&view, AccessMode::single_node(read_only))?
-            .path())
+        Ok(self.hold_and_attach(&view, mode)?.path())
     }
 
     /// Records that the volume is used as a raw block device: from now on its content is the
@@ -255,6 +267,7 @@ impl Volume<'_> {
                 ));
             }
         }
+        let mode = self.stage_mode(mode)?;
         let read_only = mode == AccessMode::ReadOnly;
         let view = KernelView::read()?;
         self.refuse_stale(&view)?;
