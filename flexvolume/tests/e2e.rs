@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
@@ -1134,6 +1135,84 @@ fn a_failed_mount_leaves_no_loop_device_behind() {
     assert_eq!(mount_count(&s, &dmp), 1);
     node.ok(&["unmountdevice", &dmps]);
     cm.ok(&["detach", "pv-fail", "node-a"]);
+    s.assert_clean("left behind");
+}
+
+/// A driver killed in the middle of mkfs (a node crash, an OOM kill) leaves part of a
+/// filesystem on the volume. The stage recorded its format intent, with its hold, before mkfs
+/// ran: the next mount formats again and succeeds. (Without that record the half-written bytes
+/// would be someone's data, never formatted over: the volume would be stuck.)
+#[test]
+fn a_mount_killed_mid_mkfs_is_finished_by_the_next() {
+    if !gate("ext4") {
+        return;
+    }
+    let s = Scratch::new();
+    // An mkfs.ext4 that writes part of a filesystem and kills its caller, as a crash would.
+    let bin = s.path("crashing-tools");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("mkfs.ext4");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor dev; do :; done\n\
+         head -c 1048576 /dev/zero | tr '\\000' '\\245' | \\\n\
+         dd of=\"$dev\" bs=64K seek=1 iflag=fullblock oflag=direct conv=notrunc status=none\n\
+         kill -KILL $PPID\nsleep 5\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let crashing = node_mode(&s).with_env("PATH", &path);
+    let opts = kubelet_mount_options(
+        "pv-crash",
+        "ext4",
+        "rw",
+        json!({"volumeID": "vol-crash", "size": "64Mi"}),
+    );
+    let pod = s.path("pods/uid-1/volumes/loopvol~loopvol/pv-crash");
+    let pods = mkdir(&pod);
+    let status = crashing
+        .spawn(&["mount", &pods, &opts])
+        .wait_with_output()
+        .unwrap()
+        .status;
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGKILL as i32),
+        "{status}"
+    );
+
+    // What the killed call left: its hold and its format intent, recorded before mkfs ran, and
+    // bytes of data on the volume.
+    let volumes: Vec<PathBuf> = std::fs::read_dir(s.pool().join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let [dir] = volumes.as_slice() else {
+        panic!("{volumes:?}")
+    };
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("volume.json")).unwrap()).unwrap();
+    assert_eq!(meta["formatting"], "ext4", "{meta:#}");
+    assert_eq!(meta["staged"][0]["node"], "node-a", "{meta:#}");
+    let image = std::fs::read(dir.join("image")).unwrap();
+    assert!(image.iter().any(|b| *b != 0), "mkfs wrote nothing");
+
+    // The next mount (kubelet retries) finishes the format and mounts it.
+    let flex = node_mode(&s);
+    flex.ok(&["mount", &pods, &opts]);
+    assert_eq!(mount_count(&s, &pod), 1);
+    write_synced(&pod.join("f"), b"usable");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("volume.json")).unwrap()).unwrap();
+    assert_eq!(meta["formatting"], Value::Null, "{meta:#}");
+    assert_eq!(meta["fs_type"], "ext4", "{meta:#}");
+    flex.ok(&["unmount", &pods]);
     s.assert_clean("left behind");
 }
 

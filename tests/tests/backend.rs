@@ -1609,6 +1609,67 @@ fn an_interrupted_format_is_finished_and_only_then() {
     unstage(&pool, &id, &staging).unwrap();
 }
 
+/// A stage that attaches a volume whose image holds no data formats it without asking blkid (the
+/// device reads as zeros). A device attached before the stage is another matter: its page cache
+/// may hold what the image does not yet (a filesystem written through it, not yet written back),
+/// so it is probed, and what is there is used, never formatted over.
+#[test]
+fn a_device_attached_before_the_stage_is_probed_not_presumed_blank() {
+    if !gate(FsType::Ext4) {
+        return;
+    }
+    let s = Scratch::new();
+    let pool = open(&s);
+    let staging = s.path("staging");
+    let id = create(&pool, "written-through-the-cache", Some(FsType::Ext4));
+    let device = attach_volume(&pool, &id, false).unwrap();
+    // A filesystem of the device's size, made in a file, copied onto the device through the page
+    // cache (no O_DIRECT, no fsync, and the device kept open: its last close would write the
+    // cache back): the image itself still holds nothing.
+    let made = s.path("made.img");
+    std::fs::File::create(&made).unwrap().set_len(SIZE).unwrap();
+    let (code, _, err) = loopvol_e2e::run(
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                "-U",
+                "0d5e1a7e-0000-4000-8000-00000000c0de",
+            ])
+            .arg(&made),
+    );
+    assert_eq!(code, 0, "{err}");
+    let fs_bytes = std::fs::read(&made).unwrap();
+    let used: Vec<(usize, &[u8])> = fs_bytes
+        .chunks(64 << 10)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|b| *b != 0))
+        .map(|(i, c)| (i * (64 << 10), c))
+        .collect();
+    let dev = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&device)
+        .unwrap();
+    for (at, chunk) in &used {
+        std::os::unix::fs::FileExt::write_all_at(&dev, chunk, *at as u64).unwrap();
+    }
+
+    let staged = stage(&pool, &id, &staging, &mount_access(FsType::Ext4), false).unwrap();
+    drop(dev);
+    assert_eq!(staged.formatted, None, "the filesystem was formatted over");
+    let uuid = loopvol_e2e::run(
+        Command::new("blkid")
+            .args(["-p", "-s", "UUID", "-o", "value"])
+            .arg(&device),
+    )
+    .1;
+    assert_eq!(uuid.trim(), "0d5e1a7e-0000-4000-8000-00000000c0de");
+    unstage(&pool, &id, &staging).unwrap();
+    assert!(loops_under(&s.root()).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Policy decided once, in the backend, for both front ends
 // ---------------------------------------------------------------------------------------------

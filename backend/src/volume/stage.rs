@@ -100,8 +100,9 @@ impl Volume<'_> {
 
     /// Records this node's staging hold in `mode`, refusing when another node holds the volume
     /// in a mode that cannot share (holds their nodes fenced no longer count). On a node-local
-    /// pool the volume must live on this node.
-    fn hold(&mut self, mode: AccessMode) -> Result<()> {
+    /// pool the volume must live on this node. With `format`, the same write records that
+    /// loopvol is about to format the volume with it (see [`Volume::format_recorded`]).
+    fn hold(&mut self, mode: AccessMode, format: Option<FsType>) -> Result<()> {
         let node = self.pool.node().clone();
         let id = &self.meta.id;
         if let Some(local) = self.meta.node.as_ref().filter(|n| **n != node) {
@@ -118,12 +119,21 @@ impl Volume<'_> {
             boot: boot_id().map(str::to_owned),
             ..Hold::new(node.clone(), mode)
         };
+        let mut changed = true;
         match self.meta.staged.iter_mut().find(|h| h.node == node) {
-            Some(h) if *h == hold => return Ok(()),
+            Some(h) if *h == hold => changed = false,
             Some(h) => *h = hold,
             None => self.meta.staged.push(hold),
         }
-        self.save()
+        if let Some(fs) = format {
+            changed |= self.meta.formatting != Some(fs) || self.meta.blank;
+            self.meta.formatting = Some(fs);
+            self.meta.blank = false;
+        }
+        if changed {
+            self.save()?;
+        }
+        Ok(())
     }
 
     fn drop_hold(&mut self) -> Result<()> {
@@ -141,8 +151,14 @@ impl Volume<'_> {
     /// attached, another node's hold, the device in use in the other mode) comes before anything
     /// is written, so a refused call leaves neither a hold nor a device behind. The hold is
     /// written before the attach: a crash in between leaves a hold and no device, never a device
-    /// no hold accounts for.
-    fn hold_and_attach(&mut self, view: &KernelView, mode: AccessMode) -> Result<LoopDevice> {
+    /// no hold accounts for. `format`: the format this stage has already decided on (recorded
+    /// with the hold, in one write).
+    fn hold_and_attach(
+        &mut self,
+        view: &KernelView,
+        mode: AccessMode,
+        format: Option<FsType>,
+    ) -> Result<LoopDevice> {
         let id = self.meta.id.clone();
         let read_only = mode == AccessMode::ReadOnly;
         self.refuse_stale(view)?;
@@ -179,7 +195,7 @@ impl Volume<'_> {
             }
             stale.push(dev);
         }
-        self.hold(mode)?;
+        self.hold(mode, format)?;
         // Left attached in the other mode by an earlier, finished use (or fenced and no longer
         // used): reattach.
         for dev in &stale {
@@ -221,7 +237,7 @@ impl Volume<'_> {
     pub fn attach(&mut self, read_only: bool) -> Result<PathBuf> {
         let mode = self.stage_mode(AccessMode::single_node(read_only))?;
         let view = KernelView::read()?;
-        Ok(self.hold_and_attach(&view, mode)?.path())
+        Ok(self.hold_and_attach(&view, mode, None)?.path())
     }
 
     /// Records that the volume is used as a raw block device: from now on its content is the
@@ -281,7 +297,13 @@ impl Volume<'_> {
                 .any(|d| is_fs_mount_of(existing, d));
             check_existing_mount("staging path", staging, existing, ours, &id, read_only)?;
         }
-        let dev = self.hold_and_attach(&view, mode)?;
+        let intent = match (access, existing) {
+            (Access::Mount { fs_type, .. }, None) => {
+                self.format_before_attach(&view, *fs_type, read_only)
+            }
+            _ => None,
+        };
+        let dev = self.hold_and_attach(&view, mode, intent)?;
         // Recorded once the device is there and before it is handed out (a refused stage
         // records nothing).
         if *access == Access::Block && !read_only {
@@ -319,39 +341,13 @@ impl Volume<'_> {
         }
 
         let device = dev.path();
-        let content = fs::probe(&device)?;
-        // The image's extent map is the second witness, asked only when blkid finds nothing.
-        let data_bytes = if content == fs::Content::Blank {
-            self.image_data_bytes()
-        } else {
-            None
-        };
-        let decision = plan::format_plan(
-            &id,
-            &FormatInputs {
-                content: &content,
-                in_progress: self.meta.formatting,
-                requested: *fs_type,
-                recorded: self.meta.fs_type,
-                read_only,
-                data_bytes,
-                recorded_blank: self.meta.blank,
-                raw_block: self.meta.raw_block,
-                source: self.meta.source.as_ref(),
-            },
-        );
-        let (fs, formatted) = match decision {
-            FormatPlan::Use(fs) => (fs, None),
-            FormatPlan::Format(fs) => {
-                self.format_recorded(&device, fs, fs::format)?;
+        let (fs, formatted) = match intent {
+            // Decided before the attach, and recorded with the hold.
+            Some(fs) => {
+                self.format_recorded(&device, fs, fs::format, true)?;
                 (fs, Some(fs))
             }
-            FormatPlan::FinishInterruptedFormat(fs) => {
-                tracing::warn!(volume = %id, ?content, %fs, "finishing an interrupted format");
-                self.format_recorded(&device, fs, fs::reformat_interrupted)?;
-                (fs, Some(fs))
-            }
-            FormatPlan::Refuse(why) => return Err(Error::precondition(why)),
+            None => self.plan_and_format(&device, *fs_type, read_only)?,
         };
 
         let device_size = loopdev::device_size(&device)?;
@@ -379,6 +375,87 @@ impl Volume<'_> {
         }
         tracing::info!(volume = %id, device = %device.display(), staging = %staging.display(), %fs, read_only, "staged");
         Ok(Staged { device, formatted })
+    }
+
+    /// The filesystem a stage that attaches the device now will format it with, decided before
+    /// the attach when the image provably holds nothing: no data extent at all (`SEEK_DATA`), so
+    /// the device this call binds reads as zeros and `blkid` can find no signature on it (on a
+    /// cluster filesystem `blkid` costs tens of reads through the network, as long as mkfs).
+    /// The plan is then the one `blkid`'s "nothing" would give. `None` when the device must be
+    /// probed after the attach: something has the image attached on this node already (its
+    /// page cache may hold what the image does not yet), the image holds data or its map
+    /// cannot tell, or the plan is anything but a format (a refusal then comes, as always,
+    /// from what the attached device holds).
+    fn format_before_attach(
+        &self,
+        view: &KernelView,
+        requested: Option<FsType>,
+        read_only: bool,
+    ) -> Option<FsType> {
+        let image = self.image().ok()??;
+        if !view.devices_of(Some(&image)).is_empty() {
+            return None;
+        }
+        let data_bytes = self.image_data_bytes().filter(|n| *n == 0)?;
+        match self.format_decision(&fs::Content::Blank, requested, read_only, Some(data_bytes)) {
+            FormatPlan::Format(fs) => Some(fs),
+            _ => None,
+        }
+    }
+
+    /// Probes the attached `device` (blkid, then the image's data map when blkid finds
+    /// nothing), decides, and formats when the plan says so. Returns the filesystem to mount
+    /// and whether this call made it.
+    fn plan_and_format(
+        &mut self,
+        device: &Path,
+        requested: Option<FsType>,
+        read_only: bool,
+    ) -> Result<(FsType, Option<FsType>)> {
+        let content = fs::probe(device)?;
+        // The image's extent map is the second witness, asked only when blkid finds nothing.
+        let data_bytes = if content == fs::Content::Blank {
+            self.image_data_bytes()
+        } else {
+            None
+        };
+        match self.format_decision(&content, requested, read_only, data_bytes) {
+            FormatPlan::Use(fs) => Ok((fs, None)),
+            FormatPlan::Format(fs) => {
+                self.format_recorded(device, fs, fs::format, false)?;
+                Ok((fs, Some(fs)))
+            }
+            FormatPlan::FinishInterruptedFormat(fs) => {
+                tracing::warn!(volume = %self.meta.id, ?content, %fs, "finishing an interrupted format");
+                self.format_recorded(device, fs, fs::reformat_interrupted, false)?;
+                Ok((fs, Some(fs)))
+            }
+            FormatPlan::Refuse(why) => Err(Error::precondition(why)),
+        }
+    }
+
+    /// [`plan::format_plan`] for what the device holds and the metadata records.
+    fn format_decision(
+        &self,
+        content: &fs::Content,
+        requested: Option<FsType>,
+        read_only: bool,
+        data_bytes: Option<u64>,
+    ) -> FormatPlan {
+        plan::format_plan(
+            &self.meta.id,
+            &FormatInputs {
+                content,
+                in_progress: self.meta.formatting,
+                requested,
+                recorded: self.meta.fs_type,
+                read_only,
+                data_bytes,
+                recorded_blank: self.meta.blank,
+                raw_block: self.meta.raw_block,
+                source: self.meta.source.as_ref(),
+            },
+        )
     }
 
     /// The bytes of data in the volume's image; `None` when its data map cannot tell: it could
@@ -484,17 +561,22 @@ impl Volume<'_> {
         Ok(())
     }
 
-    /// Formats `device` with `fs` under a record in the metadata: written before mkfs and cleared
-    /// after, so a crash in between is recognised as our own unfinished format.
+    /// Formats `device` with `fs` under a record in the metadata: written before mkfs (with the
+    /// hold when `recorded`, else here) and cleared after, so a crash in between is recognised
+    /// as our own unfinished format.
     fn format_recorded(
         &mut self,
         device: &Path,
         fs: FsType,
         mkfs: fn(&Path, FsType) -> Result<()>,
+        recorded: bool,
     ) -> Result<()> {
-        self.meta.formatting = Some(fs);
-        self.meta.blank = false;
-        self.save()?;
+        debug_assert!(!recorded || self.meta.formatting == Some(fs));
+        if !recorded {
+            self.meta.formatting = Some(fs);
+            self.meta.blank = false;
+            self.save()?;
+        }
         mkfs(device, fs)?;
         self.meta.formatting = None;
         self.meta.fs_type = Some(fs);
