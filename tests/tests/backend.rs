@@ -283,6 +283,15 @@ fn lifecycle(fs: FsType) {
         );
     }
 
+    // A second bind stacked on the target (a retried mount): unpublish takes both off, reading
+    // the mount table again after each unmount.
+    let (code, _, err) = loopvol_e2e::run(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&staging)
+            .arg(&target),
+    );
+    assert_eq!(code, 0, "{err}");
     unpublish(&pool, &id, &target).unwrap();
     unpublish(&pool, &id, &target).unwrap();
     assert!(!target.exists(), "unpublish removes the target dir");

@@ -180,7 +180,7 @@ impl Volume<'_> {
                 )));
             }
             mount::unmount(target)?;
-            view = KernelView::read()?;
+            view.reread_mounts()?;
         }
         target.remove_target();
         tracing::info!(volume = %id, target = %target.display(), "unpublished");

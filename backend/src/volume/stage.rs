@@ -591,7 +591,7 @@ impl Volume<'_> {
     /// the image was deleted or replaced while staged (its device is still recognised).
     pub fn unstage(&mut self, staging: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
-        let view = KernelView::read()?;
+        let mut view = KernelView::read()?;
         let devices = self.devices(&view)?;
         let mut unmounted = false;
         if let Some(existing) = view.mount_at(staging) {
@@ -610,8 +610,10 @@ impl Volume<'_> {
         }
         staging.remove_dir_if_empty();
         // The unmount changed the table (and a stacked mount may remain): look again.
-        let after = if unmounted { KernelView::read()? } else { view };
-        self.detach_unused(&after, &devices)?;
+        if unmounted {
+            view.reread_mounts()?;
+        }
+        self.detach_unused(&view, &devices)?;
         self.drop_hold_or_warn();
         tracing::info!(volume = %id, staging = %staging.display(), "unstaged");
         Ok(())
