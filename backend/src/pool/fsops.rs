@@ -608,24 +608,26 @@ impl PoolFs {
     }
 
     /// Opens (creating it `O_EXCL` if needed) the lock file `rel`, for writing (NFS needs that
-    /// for an exclusive lock); nothing is ever written to it.
+    /// for an exclusive lock); nothing is ever written to it. The file is looked for first: a
+    /// lock file lives as long as its subject, so it is there for every call but the first, and
+    /// on a cluster filesystem each failed create is a round trip to the server.
     pub fn open_lock(&self, rel: &Path) -> Result<File> {
-        // Bounded: each retry means another process removed the file between our two opens.
+        // Bounded: each retry means another process removed or made the file between our opens.
         for _ in 0..64 {
-            let fd = match self.resolve(
-                rel,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                Mode::from_raw_mode(0o644),
-            ) {
+            let fd = match self.resolve(rel, OFlags::WRONLY, Mode::empty()) {
                 Ok(fd) => fd,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    match self.resolve(rel, OFlags::WRONLY, Mode::empty()) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    match self.resolve(
+                        rel,
+                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+                        Mode::from_raw_mode(0o644),
+                    ) {
                         Ok(fd) => fd,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(self.fail(rel, e, "open lock")),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(self.fail(rel, e, "create lock")),
                     }
                 }
-                Err(e) => return Err(self.fail(rel, e, "create lock")),
+                Err(e) => return Err(self.fail(rel, e, "open lock")),
             };
             let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
             self.check_type(rel, &st, Kind::File)?;
