@@ -486,9 +486,9 @@ impl PoolFs {
     }
 
     /// The write of a record on a filesystem other nodes mount (FUSE, NFS, CephFS): a new file
-    /// under the temporary name (removed first, then created `O_EXCL`: the server resolves both
-    /// names, so a dentry another node left stale here cannot alias the record), fsync, rename
-    /// over the record. Writing over a spare found by name is unsafe there: after another
+    /// under the temporary name (created `O_EXCL`, and when one is there, it is removed and
+    /// created again: the server resolves both names, so a dentry another node left stale here
+    /// cannot alias the record), fsync, rename over the record. Writing over a spare found by name is unsafe there: after another
     /// node's rename, this node's cached name of the spare may denote the live record.
     fn write_fresh(
         &self,
@@ -499,10 +499,6 @@ impl PoolFs {
         tmp_rel: &Path,
         json: &[u8],
     ) -> Result<()> {
-        match rfs::unlinkat(dir, tmp_name, AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => return Err(self.fail(tmp_rel, e.into(), "remove")),
-        }
         let flags = OFlags::WRONLY
             | OFlags::CREATE
             | OFlags::EXCL
@@ -510,12 +506,25 @@ impl PoolFs {
             | OFlags::NONBLOCK
             | OFlags::CLOEXEC;
         let mode = Mode::from_raw_mode(0o644);
-        let fd = rfs::openat2(dir, tmp_name, flags, mode, resolve_flags())
-            .or_else(|e| match e {
+        let create = || {
+            rfs::openat2(dir, tmp_name, flags, mode, resolve_flags()).or_else(|e| match e {
                 Errno::NOSYS => rfs::openat(dir, tmp_name, flags, mode),
                 e => Err(e),
             })
-            .map_err(|e| self.fail(tmp_rel, e.into(), "create"))?;
+        };
+        // Normally there is no temporary file (every write renames its own away): it is removed
+        // only when one is in the way, left by a write that stopped half-way.
+        let fd = match create() {
+            Err(Errno::EXIST) => {
+                match rfs::unlinkat(dir, tmp_name, AtFlags::empty()) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(e) => return Err(self.fail(tmp_rel, e.into(), "remove")),
+                }
+                create()
+            }
+            other => other,
+        }
+        .map_err(|e| self.fail(tmp_rel, e.into(), "create"))?;
         let tmp = File::from(fd);
         tmp.write_all_at(json, 0)
             .and_then(|()| tmp.sync_all())

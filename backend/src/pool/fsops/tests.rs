@@ -98,6 +98,55 @@ fn records_are_rewritten_over_their_spare() {
     assert_eq!(serde_json::from_str::<VolumeMeta>(&text).unwrap(), m);
 }
 
+/// The write of a record on a filesystem other nodes mount (called here directly: a local
+/// test filesystem takes the exchange): a temporary file in the way, left by a write that
+/// stopped half-way or planted as a link, is replaced, the link's target never written, and
+/// nothing is left beside the record.
+#[test]
+fn fresh_writes_replace_what_is_in_the_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pool");
+    std::fs::create_dir_all(root.join("volumes")).unwrap();
+    let decoy = dir.path().join("decoy");
+    std::fs::write(&decoy, b"not yours").unwrap();
+    let fs = PoolFs::open(&root).unwrap();
+    let path = rel("volumes/volume.json");
+    let tmp = root.join("volumes/.volume.json.tmp");
+    let mut m = meta();
+    let in_the_way: [(&str, &dyn Fn()); 3] = [
+        ("nothing", &|| {}),
+        ("a half-written file", &|| {
+            std::fs::write(&tmp, b"{\"sche").unwrap()
+        }),
+        ("a link", &|| symlink(&decoy, &tmp).unwrap()),
+    ];
+    for (what, plant) in in_the_way {
+        plant();
+        m.size_bytes += 4096;
+        let (dirfd, name) = fs.parent_of(path).unwrap();
+        let json = serde_json::to_vec(&m).unwrap();
+        fs.write_fresh(
+            &dirfd,
+            name,
+            &spare_name(name),
+            path,
+            &rel("volumes/.volume.json.tmp"),
+            &json,
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            fs.read_json::<VolumeMeta>(path).unwrap().unwrap(),
+            m,
+            "{what}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&tmp).is_err(),
+            "{what}: left behind"
+        );
+        assert_eq!(std::fs::read(&decoy).unwrap(), b"not yours", "{what}");
+    }
+}
+
 /// What an attacker who can write the pool plants, and what each access must do: refuse,
 /// naming the entry, without touching (or hanging on) what the entry points at.
 #[test]
