@@ -97,6 +97,14 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     })
 }
 
+/// The mount `path` is on: the deepest mount point above it (the last one mounted there).
+pub(crate) fn containing<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
+}
+
 /// The current mount table.
 pub(crate) fn mounts() -> Result<Vec<MountEntry>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")

@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use crate::mount::{self, MountEntry};
+use crate::mount;
 
 const GLUSTER_FUSE: &str = "fuse.glusterfs";
 
@@ -30,7 +30,7 @@ const INCOHERENT: &[(&str, &str)] = &[
 /// across mounts, or whose client graph cannot be read to tell.
 pub(crate) fn check_shared(root: &Path) -> Result<(), String> {
     let mounts = mount::mounts().map_err(|e| e.to_string())?;
-    let Some(m) = containing_mount(&mounts, root) else {
+    let Some(m) = mount::containing(&mounts, root) else {
         return Ok(());
     };
     if m.fs_type != GLUSTER_FUSE {
@@ -61,14 +61,6 @@ pub(crate) fn check_shared(root: &Path) -> Result<(), String> {
         Some(why) => Err(why),
         None => Ok(()),
     }
-}
-
-/// The mount `path` is on: the deepest mount point above it (the last one mounted there).
-fn containing_mount<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
-    mounts
-        .iter()
-        .filter(|m| path.starts_with(&m.mount_point))
-        .max_by_key(|m| m.mount_point.components().count())
 }
 
 /// The volume of a GlusterFS mount source (`host:volume` or `host:/volume`).
@@ -174,7 +166,7 @@ mod tests {
              2 1 0:42 / /mnt/g rw - fuse.glusterfs 127.0.0.1:gv0 rw\n\
              3 1 0:43 / /mnt/gx rw - ext4 /dev/sdb rw\n",
         );
-        let on = |p: &str| containing_mount(&table, Path::new(p)).map(|m| m.fs_type.as_str());
+        let on = |p: &str| mount::containing(&table, Path::new(p)).map(|m| m.fs_type.as_str());
         assert_eq!(on("/mnt/g/pool"), Some("fuse.glusterfs"));
         assert_eq!(on("/mnt/gx/pool"), Some("ext4"));
         assert_eq!(on("/var/pool"), Some("ext4"));

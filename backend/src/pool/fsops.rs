@@ -110,6 +110,9 @@ pub(crate) struct PoolFs {
     root: PathBuf,
     fd: OwnedFd,
     resolver: Resolver,
+    /// The pool was on a GlusterFS mount when it was opened ([`on_glusterfs`]): a directory
+    /// there that is still on FUSE is not fsynced (see [`syncs_directories`]).
+    glusterfs: bool,
 }
 
 impl PoolFs {
@@ -134,7 +137,14 @@ impl PoolFs {
             root: root.to_owned(),
             fd,
             resolver,
+            glusterfs: false,
         })
+    }
+
+    /// This handle for a pool found on GlusterFS ([`on_glusterfs`]) when it was opened.
+    pub fn on_glusterfs(mut self, glusterfs: bool) -> PoolFs {
+        self.glusterfs = glusterfs;
+        self
     }
 
     /// The absolute path of `rel`, for messages.
@@ -257,7 +267,10 @@ impl PoolFs {
         )
     }
 
-    /// The directory holding `rel` (opened) and `rel`'s name in it.
+    /// The directory holding `rel` and `rel`'s name in it. The directory is opened `O_PATH`,
+    /// resolved and checked like any other: good for the `*at` calls, `fstat` and `fstatfs`,
+    /// and on a cluster filesystem no round trip to the server (a directory opened for reading
+    /// is one, and another when it is closed). [`PoolFs::fsync_dir`] opens it for its fsync.
     fn parent_of<'a>(&self, rel: &'a Path) -> Result<(OwnedFd, &'a OsStr)> {
         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
             return Err(self.untrusted(rel, "is not an entry in a directory".into()));
@@ -266,14 +279,44 @@ impl PoolFs {
             rfs::openat(
                 &self.fd,
                 ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
             )
             .map_err(|e| self.fail(parent, e.into(), "open"))?
         } else {
-            self.open_dir(parent)?
+            self.open_checked(
+                parent,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+                Kind::Dir,
+            )?
         };
         Ok((dir, name))
+    }
+
+    /// Makes the entries of directory `dir` (as [`PoolFs::parent_of`] opened it, for `rel`'s
+    /// messages), whose filesystem has the magic number `magic`, durable: a rename or create in
+    /// it survives a crash once this returns. Nothing to do where a directory's fsync does
+    /// nothing ([`syncs_directories`]).
+    fn fsync_dir(&self, dir: &OwnedFd, magic: Option<i64>, rel: &Path) -> Result<()> {
+        if !self.dirs_need_sync(magic) {
+            return Ok(());
+        }
+        let readable = rfs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| self.fail(rel, e.into(), "open the directory of"))?;
+        rfs::fsync(&readable).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
+    }
+
+    /// Whether fsyncing a directory on a filesystem with the magic number `magic` does
+    /// anything: everywhere but on the GlusterFS mount the pool was opened on (a directory there
+    /// that is no longer on FUSE, a pool remounted since, is synced).
+    fn dirs_need_sync(&self, magic: Option<i64>) -> bool {
+        !(self.glusterfs && magic == Some(FUSE_MAGIC))
     }
 
     /// Whether `rel` exists. A planted entry on the way (a symbolic link, ...) is an error naming
@@ -445,8 +488,9 @@ impl PoolFs {
             Err(Errno::NOENT) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "stat")),
         }
-        if !exchanges_safely(&dir) {
-            return self.write_fresh(&dir, name, &spare_name, rel, &spare_rel, &json);
+        let magic = fs_magic(&dir);
+        if !exchanges_safely(magic) {
+            return self.write_fresh(&dir, magic, name, &spare_name, rel, &spare_rel, &json);
         }
         let spare = self.open_spare(&dir, &spare_name, &spare_rel)?;
         let current = rfs::fstat(&spare)
@@ -482,7 +526,7 @@ impl PoolFs {
             }
             Err(e) => return Err(self.fail(rel, e.into(), "replace")),
         }
-        rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
+        self.fsync_dir(&dir, magic, rel)
     }
 
     /// The write of a record on a filesystem other nodes mount (FUSE, NFS, CephFS): a new file
@@ -490,9 +534,14 @@ impl PoolFs {
     /// created again: the server resolves both names, so a dentry another node left stale here
     /// cannot alias the record), fsync, rename over the record. Writing over a spare found by name is unsafe there: after another
     /// node's rename, this node's cached name of the spare may denote the live record.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the parts of one write, in order"
+    )]
     fn write_fresh(
         &self,
         dir: &OwnedFd,
+        magic: Option<i64>,
         name: &OsStr,
         tmp_name: &OsStr,
         rel: &Path,
@@ -532,7 +581,7 @@ impl PoolFs {
         drop(tmp);
         rfs::renameat(dir, tmp_name, dir, name)
             .map_err(|e| self.fail(rel, e.into(), "rename the new record to"))?;
-        rfs::fsync(dir).map_err(|e| self.fail(rel, e.into(), "fsync the directory of"))
+        self.fsync_dir(dir, magic, rel)
     }
 
     /// Opens the spare record `name` in `dir`, creating it (`O_EXCL`) when missing.
@@ -574,8 +623,18 @@ impl PoolFs {
             .map_err(|e| self.fail(rel, e, "write"))
     }
 
-    /// fsyncs the directory `rel` so a rename or create in it survives a crash.
+    /// fsyncs the directory `rel` so a rename or create in it survives a crash (where that
+    /// does anything: [`syncs_directories`]).
     pub fn sync_dir(&self, rel: &Path) -> Result<()> {
+        if self.glusterfs {
+            let dir = self.open_checked(
+                rel,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+                Kind::Dir,
+            )?;
+            return self.fsync_dir(&dir, fs_magic(&dir), rel);
+        }
         let dir = self.open_dir(rel)?;
         rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync"))
     }
@@ -800,14 +859,44 @@ fn check_links(fs: &PoolFs, rel: &Path, st: &rfs::Stat) -> Result<()> {
 /// Whether records in `dir` may be rewritten over a spare and swapped in with
 /// `RENAME_EXCHANGE`: on a filesystem this kernel alone mounts (its cache of names is the
 /// truth) that has the exchange. Elsewhere (FUSE, NFS, CephFS) [`PoolFs::write_fresh`].
-fn exchanges_safely(dir: &OwnedFd) -> bool {
+fn exchanges_safely(magic: Option<i64>) -> bool {
     const LOCAL: [i64; 4] = [
         0xEF53,      // ext2/3/4
         0x5846_5342, // xfs
         0x9123_683E, // btrfs
         0x0102_1994, // tmpfs
     ];
-    fs_type_is_one_of(dir, &LOCAL)
+    magic.is_some_and(|m| LOCAL.contains(&m))
+}
+
+/// `statfs(2)`'s filesystem type of FUSE filesystems (GlusterFS's client among them).
+const FUSE_MAGIC: i64 = 0x6573_5546;
+
+/// The magic number of the filesystem holding `fd` (`statfs(2)`'s type); `None` when it
+/// cannot be read.
+fn fs_magic(fd: &OwnedFd) -> Option<i64> {
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
+    )]
+    rfs::fstatfs(fd).ok().map(|st| i64::from(st.f_type))
+}
+
+/// Whether the pool at `root` (canonical) is on a GlusterFS mount: a FUSE filesystem (one
+/// statfs) whose mount the mount table calls `fuse.glusterfs`.
+pub(crate) fn on_glusterfs(root: &Path) -> bool {
+    let Ok(fd) = rfs::open(root, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) else {
+        return false;
+    };
+    if fs_magic(&fd) != Some(FUSE_MAGIC) {
+        return false;
+    }
+    crate::mount::mounts()
+        .ok()
+        .and_then(|mounts| {
+            crate::mount::containing(&mounts, root).map(|m| !syncs_directories(&m.fs_type))
+        })
+        .unwrap_or(false)
 }
 
 /// Whether the filesystem holding `fd` has one of the magic numbers `types` (`statfs(2)`).
@@ -818,6 +907,18 @@ fn fs_type_is_one_of(fd: &OwnedFd, types: &[i64]) -> bool {
     )]
     let is_one = |st: rfs::StatFs| types.contains(&i64::from(st.f_type));
     rfs::fstatfs(fd).is_ok_and(is_one)
+}
+
+/// Whether fsync(2) of a directory on a filesystem of mount type `fs_type` makes its entries
+/// durable, or does nothing and only costs a round trip. GlusterFS: the FUSE client forwards it
+/// to the bricks, whose storage translator (`posix_fsyncdir`) answers success without syncing
+/// anything (read in its source; strace of a brick shows no fsync of a directory). A rename
+/// there is durable as far as the brick's filesystem makes it (its journal) whatever the client
+/// does, and survives the loss of a brick through replication. Everywhere else (local
+/// filesystems, NFS, CephFS, whose MDS answers a directory's fsync once its journal holds the
+/// rename) it is kept.
+pub(crate) fn syncs_directories(fs_type: &str) -> bool {
+    fs_type != "fuse.glusterfs"
 }
 
 fn spare_name(name: &OsStr) -> OsString {

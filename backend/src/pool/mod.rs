@@ -84,6 +84,8 @@ pub struct Pool {
     pub(crate) health: watchdog::PoolHealth,
     /// The other nodes' leases, when this process watches them (a controller).
     pub(crate) leases: nodes::LeaseWatch,
+    /// The pool was on GlusterFS when it was opened (see `fsops::syncs_directories`).
+    glusterfs: bool,
 }
 
 const SUBDIRS: [&str; 7] = [
@@ -226,6 +228,7 @@ impl Pool {
 
     fn new(root: PathBuf, options: PoolOptions) -> Pool {
         Pool {
+            glusterfs: fsops::on_glusterfs(&root),
             root,
             options,
             health: Default::default(),
@@ -236,10 +239,12 @@ impl Pool {
     /// The pool root, opened afresh (so a pool remounted under us is seen): every access to an
     /// entry goes through it.
     pub(crate) fn fs(&self) -> Result<PoolFs> {
-        PoolFs::open(&self.root).map_err(|e| Error::Pool {
-            path: self.root.clone(),
-            reason: format!("cannot open it: {e}"),
-        })
+        PoolFs::open(&self.root)
+            .map(|fs| fs.on_glusterfs(self.glusterfs))
+            .map_err(|e| Error::Pool {
+                path: self.root.clone(),
+                reason: format!("cannot open it: {e}"),
+            })
     }
 
     pub fn root(&self) -> &Path {

@@ -127,6 +127,7 @@ fn fresh_writes_replace_what_is_in_the_way() {
         let json = serde_json::to_vec(&m).unwrap();
         fs.write_fresh(
             &dirfd,
+            fs_magic(&dirfd),
             name,
             &spare_name(name),
             path,
@@ -145,6 +146,35 @@ fn fresh_writes_replace_what_is_in_the_way() {
         );
         assert_eq!(std::fs::read(&decoy).unwrap(), b"not yours", "{what}");
     }
+}
+
+/// A directory's fsync is skipped only where it is known to do nothing.
+#[test]
+fn directories_are_synced_except_on_glusterfs() {
+    let rows = [
+        ("fuse.glusterfs", false),
+        ("ext4", true),
+        ("xfs", true),
+        ("btrfs", true),
+        ("tmpfs", true),
+        ("nfs4", true),
+        ("ceph", true),
+        ("fuse.ceph-fuse", true),
+        ("fuse.sshfs", true),
+        ("fuse", true),
+        ("glusterfs", true),
+    ];
+    crate::table::check(rows.iter().copied(), |fs_type| syncs_directories(fs_type));
+    // Told the pool is on GlusterFS, a handle still syncs a directory that is not on FUSE.
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!on_glusterfs(dir.path()));
+    let fs = PoolFs::open(dir.path()).unwrap().on_glusterfs(true);
+    let root = rfs::open(dir.path(), OFlags::PATH, Mode::empty()).unwrap();
+    assert!(fs.dirs_need_sync(fs_magic(&root)));
+    assert!(!fs.dirs_need_sync(Some(FUSE_MAGIC)));
+    assert!(PoolFs::open(dir.path())
+        .unwrap()
+        .dirs_need_sync(Some(FUSE_MAGIC)));
 }
 
 /// What an attacker who can write the pool plants, and what each access must do: refuse,
