@@ -7,9 +7,13 @@
 //! starts over. So `locks/` never grows with deleted volumes, and the unlink never races a
 //! waiter into holding a lock nobody else can see.
 //!
-//! Releasing is closing the file (the kernel drops the lock with the last descriptor). There is
-//! no `LOCK_UN`: on a dead FUSE client it fails with ENOTCONN, and a guard must never fail (or
-//! panic, as nix's `Flock` does) in `Drop`.
+//! Releasing is an explicit `LOCK_UN`, then closing the file. The unlock is what makes the
+//! release synchronous on a FUSE filesystem: there closing only queues the release (FUSE_RELEASE
+//! is sent asynchronously, measured on GlusterFS: the lock is still held for a moment after
+//! `close` returns), so the next call on the volume, in this process or on another node, could
+//! find it held and be refused as busy. The unlock's error is ignored (on a dead FUSE client it
+//! fails with ENOTCONN; the close still drops the lock): a guard never fails (or panics, as
+//! nix's `Flock` does) in `Drop`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -64,6 +68,9 @@ impl Drop for LockGuard {
                     }
                 }
             }
+        }
+        if let Err(e) = flock(&file, FlockOperation::Unlock) {
+            tracing::debug!(error = %e, "unlock failed; the close drops the lock");
         }
         drop(file);
     }

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use loopvol::{
-    Access, AccessMode, CreateVolume, ErrorKind, FsType, NodeName, Pool, PoolOptions, Publish,
-    SizeRequest, SnapshotRequest, VolumeId, VolumeSource,
+    Access, AccessMode, CreateVolume, ErrorKind, FsType, LockWait, NodeName, Pool, PoolOptions,
+    Publish, SizeRequest, SnapshotRequest, VolumeId, VolumeSource,
 };
 use loopvol_e2e::{fs_tools, loops_under, mounts_under, require_root, run, Scratch};
 
@@ -852,7 +852,7 @@ fn metadata_replaced_through_another_mount_is_read_despite_estale() {
 }
 
 /// A node's FUSE client dies while a call holds a volume's lock on that mount: releasing the
-/// lock (LOCK_UN would fail ENOTCONN) neither panics nor fails, and the other node gets the lock.
+/// lock (its LOCK_UN fails ENOTCONN) neither panics nor fails, and the other node gets the lock.
 #[test]
 fn a_lock_held_on_a_dead_mount_is_released_without_a_panic() {
     use loopvol_e2e::gluster::{require_gluster, GlusterPool, Node};
@@ -871,4 +871,39 @@ fn a_lock_held_on_a_dead_mount_is_released_without_a_panic() {
     loopvol_e2e::poll_until(Duration::from_secs(10), "node b takes the lock", || {
         b.volume(&vid(&id)).is_ok()
     });
+}
+
+/// A released lock is free the moment its guard is gone, for the next call through the same
+/// mount and through another one. On FUSE, closing the lock file only queues its release (the
+/// brick still held it for a moment after close returned): CSI's calls, which never wait for a
+/// lock, were then refused as busy right after the call before them returned.
+#[test]
+fn a_released_lock_is_free_at_once_through_either_mount() {
+    use loopvol_e2e::gluster::{require_gluster, GlusterPool, Node, COHERENT};
+    if !require_gluster() {
+        return;
+    }
+    let s = Scratch::new();
+    let gp = GlusterPool::start_with(&s, COHERENT);
+    let at_once = |dir: &Path, node: &str| {
+        let mut options = PoolOptions::new(NodeName::try_from(node).unwrap());
+        options.shared = true;
+        options.lock_wait = LockWait::Try;
+        Pool::open(dir, options).unwrap()
+    };
+    let a = at_once(&gp.pool(Node::A), "node-a");
+    let b = at_once(&gp.pool(Node::B), "node-b");
+    let id = vid(&create_small(&a, "v"));
+    loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
+        b.get_volume(&id).is_ok()
+    });
+    let mut busy = Vec::new();
+    for round in 0..400 {
+        drop(a.volume(&id).unwrap());
+        let next = if round % 2 == 0 { &a } else { &b };
+        if let Err(e) = next.volume(&id) {
+            busy.push(format!("round {round}: {e}"));
+        }
+    }
+    assert!(busy.is_empty(), "{} of 400: {busy:#?}", busy.len());
 }
