@@ -43,7 +43,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
+use rustix::fs::{
+    self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, StatxFlags,
+};
 use rustix::io::Errno;
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -179,13 +181,14 @@ impl PoolFs {
         let fd = self
             .resolve(rel, flags, mode)
             .map_err(|e| self.fail(rel, e, "open"))?;
-        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
-        self.check_type(rel, &st, kind)?;
+        let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, st.mode, kind)?;
         Ok(fd)
     }
 
-    fn check_type(&self, rel: &Path, st: &rfs::Stat, kind: Kind) -> Result<()> {
-        let ft = FileType::from_raw_mode(st.st_mode);
+    /// Checks that `rel`, whose `st_mode` is `mode`, is a `kind`.
+    fn check_type(&self, rel: &Path, mode: u32, kind: Kind) -> Result<()> {
+        let ft = FileType::from_raw_mode(mode);
         let ok = match kind {
             Kind::Dir => ft == FileType::Directory,
             Kind::File => ft == FileType::RegularFile,
@@ -435,10 +438,11 @@ impl PoolFs {
             }
             Err(e) => return Err(e),
         };
-        let size = rfs::fstat(&fd)
+        // The size as the open saw it (the read is bounded whatever it is).
+        let size = cached_stat(&fd, None)
             .map_err(|e| self.fail(rel, e.into(), "stat"))?
-            .st_size;
-        if u64::try_from(size).map_or(true, |s| s > MAX_METADATA) {
+            .size;
+        if size > MAX_METADATA {
             return Err(self.too_large(rel));
         }
         let mut bytes = Vec::new();
@@ -483,8 +487,8 @@ impl PoolFs {
         let spare_name = spare_name(name);
         let spare_rel = rel.with_file_name(&spare_name);
         // The record itself must be a regular file (or missing): never swap a planted entry in.
-        match rfs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => self.check_type(rel, &st, Kind::File)?,
+        match cached_stat(&dir, Some(name)) {
+            Ok(st) => self.check_type(rel, st.mode, Kind::File)?,
             Err(Errno::NOENT) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "stat")),
         }
@@ -606,7 +610,7 @@ impl PoolFs {
             Err(e) => return Err(self.fail(rel, e.into(), "open")),
         };
         let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
-        self.check_type(rel, &st, Kind::File)?;
+        self.check_type(rel, st.st_mode, Kind::File)?;
         check_links(self, rel, &st)?;
         Ok(fd)
     }
@@ -697,8 +701,8 @@ impl PoolFs {
                 }
                 Err(e) => return Err(self.fail(rel, e, "open lock")),
             };
-            let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
-            self.check_type(rel, &st, Kind::File)?;
+            let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+            self.check_type(rel, st.mode, Kind::File)?;
             return Ok(File::from(fd));
         }
         Err(Error::Busy(format!(
@@ -759,7 +763,7 @@ impl PoolFs {
             Err(e) => return Err(self.fail(rel, e, "look up")),
         };
         let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
-        self.check_type(rel, &st, Kind::File)?;
+        self.check_type(rel, st.st_mode, Kind::File)?;
         check_links(self, rel, &st)?;
         Ok(Some(ImageStat {
             len: u64::try_from(st.st_size).unwrap_or(0),
@@ -897,6 +901,45 @@ pub(crate) fn on_glusterfs(root: &Path) -> bool {
             crate::mount::containing(&mounts, root).map(|m| !syncs_directories(&m.fs_type))
         })
         .unwrap_or(false)
+}
+
+/// The type, size and identity of `name` in directory `fd` (the directory itself when `None`),
+/// not following a link, as this kernel has them cached (`AT_STATX_DONT_SYNC`). For the checks
+/// of what an entry is: an inode's type never changes, and a FUSE or NFS client has the
+/// attributes it got when it looked the entry up; an `fstat` there asks the server again (a
+/// round trip on GlusterFS, as the attributes of a file just opened are not kept). Sizes, link
+/// counts and allocations that must be current are read with `fstat`.
+fn cached_stat(fd: &OwnedFd, name: Option<&OsStr>) -> rustix::io::Result<EntryStat> {
+    let flags = AtFlags::SYMLINK_NOFOLLOW | AtFlags::STATX_DONT_SYNC;
+    let want = StatxFlags::TYPE | StatxFlags::MODE | StatxFlags::SIZE;
+    let st = match name {
+        Some(name) => rfs::statx(fd, name, flags, want),
+        None => rfs::statx(fd, "", flags | AtFlags::EMPTY_PATH, want),
+    };
+    match st {
+        Ok(st) => Ok(EntryStat {
+            mode: st.stx_mode.into(),
+            size: st.stx_size,
+        }),
+        // Before Linux 4.11 (or a seccomp profile without it): the stat that asks.
+        Err(Errno::NOSYS) => {
+            let st = match name {
+                Some(name) => rfs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW)?,
+                None => rfs::fstat(fd)?,
+            };
+            Ok(EntryStat {
+                mode: st.st_mode,
+                size: u64::try_from(st.st_size).unwrap_or(0),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What [`cached_stat`] tells.
+struct EntryStat {
+    mode: u32,
+    size: u64,
 }
 
 /// Whether the filesystem holding `fd` has one of the magic numbers `types` (`statfs(2)`).
