@@ -241,9 +241,8 @@ impl Pool {
         let overcommit_milli = overcommit_milli(self.options.overcommit);
         let classify = classify || overcommit_milli != 1000;
         let fs = self.fs()?;
-        let (size, free) = fs.size_and_free()?;
+        let (size, free, shared_blocks) = fs.size_free_and_sharing()?;
         let reserve = reserve(size);
-        let shared_blocks = fs.may_share_blocks();
         // A planted entry (not a volume ID, a link, a device) is no volume's image: it promises
         // nothing, and is reported by the listings.
         let space = |rel: &Path| match fs.image_space(rel, shared_blocks) {

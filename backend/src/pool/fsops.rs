@@ -818,22 +818,36 @@ impl PoolFs {
     /// map can show: xfs, btrfs and anything unknown are asked extent by extent; ext4 and tmpfs
     /// never share, FUSE (GlusterFS) cannot reflink, NFS cannot map extents.
     pub fn may_share_blocks(&self) -> bool {
-        const NEVER: [i64; 4] = [
-            0xEF53,      // ext2/3/4
-            0x0102_1994, // tmpfs
-            0x6573_5546, // FUSE
-            0x6969,      // NFS
-        ];
-        !fs_type_is_one_of(&self.fd, &NEVER)
+        may_share_blocks(fs_magic(&self.fd))
     }
 
-    /// The size of the pool's filesystem and the space available to us on it, in bytes.
-    pub fn size_and_free(&self) -> Result<(u64, u64)> {
+    /// The size of the pool's filesystem and the space available to us on it, in bytes, and
+    /// whether it may share blocks ([`PoolFs::may_share_blocks`]): one `statfs` (a round trip
+    /// on a cluster filesystem).
+    pub fn size_free_and_sharing(&self) -> Result<(u64, u64, bool)> {
         let st =
-            rfs::fstatvfs(&self.fd).map_err(|e| self.fail(Path::new(""), e.into(), "statvfs"))?;
+            rfs::fstatfs(&self.fd).map_err(|e| self.fail(Path::new(""), e.into(), "statfs"))?;
+        #[allow(
+            clippy::useless_conversion,
+            clippy::unnecessary_cast,
+            reason = "the statfs fields' types differ between targets"
+        )]
+        let (frsize, blocks, avail, magic) = (
+            // The kernel fills in the fragment size (the block size where a filesystem has none).
+            u64::try_from(if st.f_frsize > 0 {
+                st.f_frsize
+            } else {
+                st.f_bsize
+            })
+            .unwrap_or(0),
+            st.f_blocks as u64,
+            st.f_bavail as u64,
+            i64::from(st.f_type),
+        );
         Ok((
-            st.f_blocks.saturating_mul(st.f_frsize),
-            st.f_bavail.saturating_mul(st.f_frsize),
+            blocks.saturating_mul(frsize),
+            avail.saturating_mul(frsize),
+            may_share_blocks(Some(magic)),
         ))
     }
 }
@@ -871,6 +885,17 @@ fn exchanges_safely(magic: Option<i64>) -> bool {
         0x0102_1994, // tmpfs
     ];
     magic.is_some_and(|m| LOCAL.contains(&m))
+}
+
+/// [`PoolFs::may_share_blocks`] for a filesystem with the magic number `magic`.
+fn may_share_blocks(magic: Option<i64>) -> bool {
+    const NEVER: [i64; 4] = [
+        0xEF53,      // ext2/3/4
+        0x0102_1994, // tmpfs
+        FUSE_MAGIC,
+        0x6969, // NFS
+    ];
+    !magic.is_some_and(|m| NEVER.contains(&m))
 }
 
 /// `statfs(2)`'s filesystem type of FUSE filesystems (GlusterFS's client among them).
@@ -940,16 +965,6 @@ fn cached_stat(fd: &OwnedFd, name: Option<&OsStr>) -> rustix::io::Result<EntrySt
 struct EntryStat {
     mode: u32,
     size: u64,
-}
-
-/// Whether the filesystem holding `fd` has one of the magic numbers `types` (`statfs(2)`).
-fn fs_type_is_one_of(fd: &OwnedFd, types: &[i64]) -> bool {
-    #[allow(
-        clippy::useless_conversion,
-        reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
-    )]
-    let is_one = |st: rfs::StatFs| types.contains(&i64::from(st.f_type));
-    rfs::fstatfs(fd).is_ok_and(is_one)
 }
 
 /// Whether fsync(2) of a directory on a filesystem of mount type `fs_type` makes its entries
