@@ -445,7 +445,9 @@ impl PoolFs {
         if size > MAX_METADATA {
             return Err(self.too_large(rel));
         }
-        let mut bytes = Vec::new();
+        // Room for the whole record and one byte more: one read gets it all (a cluster client
+        // may read straight from the server, each read a round trip), the next finds the end.
+        let mut bytes = Vec::with_capacity(usize::try_from(size + 1).unwrap_or(0));
         File::from(fd)
             .take(MAX_METADATA + 1)
             .read_to_end(&mut bytes)
