@@ -37,9 +37,10 @@ impl Pool {
     /// Idempotent by name: same name and a compatible request (its size range admits the
     /// existing size; same fs type, allocation and source where asked) → the same volume; same
     /// name otherwise → `AlreadyExists`. Safe when interrupted: the image is made and synced
-    /// first (`image.tmp`), then the metadata is written, then the image moves into place. A
-    /// volume interrupted before its metadata is made again from scratch; after it, a repeat
-    /// finishes the move.
+    /// first, then the metadata is written. A copy is made as `image.tmp` and moved into place
+    /// after the metadata; a blank image is made in place (see `make_image`). A volume
+    /// interrupted before its metadata is made again from scratch; after it, a repeat finishes
+    /// the move.
     pub fn create_volume(&self, req: &CreateVolume) -> Result<VolumeMeta> {
         let id = VolumeId::for_name(&req.name)?;
         let _guard = self.lock_volume(&id)?;
@@ -213,19 +214,28 @@ impl Pool {
             blank: source.is_none(),
             raw_block: false,
         };
-        // The metadata before the image moves into place: a directory with an image and no
-        // metadata is then never an interrupted create, only a volume that lost its metadata
-        // (which is never discarded), and a repeat finishes an interrupted commit.
-        self.fs()?.write_json(&layout::volume_meta(id), &meta)?;
+        // The metadata after the image, durable, is in its place (a blank one) or beside it
+        // (`image.tmp`, a copy): a repeat then finishes an interrupted commit, and a directory
+        // without metadata holds no data of a copy in `image`.
+        let fs = self.fs()?;
+        if source.is_none() {
+            fs.sync_dir(&dir)?;
+        }
+        fs.write_json(&layout::volume_meta(id), &meta)?;
         self.finish_create(id)?;
         tracing::info!(volume = %id, size, allocation = allocation.as_str(), "created volume");
         Ok(meta)
     }
 
-    /// Makes the image of new volume `id` (`image.tmp` in its directory, which it creates):
-    /// admitted against what the pool can still promise (its size, and what a volume it is
-    /// reflinked from then shares), sized or reflinked under the admission lock, then the data
-    /// copied and the blocks allocated without it.
+    /// Makes the image of new volume `id` in its directory, which it creates: admitted against
+    /// what the pool can still promise (its size, and what a volume it is reflinked from then
+    /// shares), sized or reflinked under the admission lock, then the data copied and the
+    /// blocks allocated without it. A copy is made as `image.tmp`, moved into place once the
+    /// metadata is written: a directory without metadata whose `image` holds data is a volume
+    /// that lost its metadata, never discarded, and an interrupted copy must not look like one.
+    /// A blank image is made in place: interrupted, it holds no data, and a directory without
+    /// metadata whose image holds none is discarded like any interrupted create (on a cluster
+    /// filesystem the move is a round trip to the server, and a rename there costs a millisecond).
     fn make_image(
         &self,
         id: &VolumeId,
@@ -239,7 +249,10 @@ impl Pool {
             _ => CopyKind::Restore,
         };
         let fs = self.fs()?;
-        let tmp = layout::volume_image_tmp(id);
+        let tmp = match source {
+            Some(_) => layout::volume_image_tmp(id),
+            None => layout::volume_image(id),
+        };
         let tmp_shown = fs.path(&tmp);
         // The source's image is opened (and checked) before anything is made.
         let input = source.map(|s| fs.open_image(&s.image, true)).transpose()?;
