@@ -85,32 +85,54 @@ fn sys_block() -> &'static Path {
     Path::new("/sys/block")
 }
 
-/// Every bound loop device, from `/sys/block/loopN/loop/backing_file`.
+/// Where the loop devices' sysfs directories are (`/sys/block/loopN` is a link to each).
+fn sys_devices() -> &'static Path {
+    Path::new("/sys/devices/virtual/block")
+}
+
+/// Every bound loop device, from `loopN/loop/backing_file` in sysfs. Each device is looked at
+/// relative to the directory that holds the devices themselves: through `/sys/block` every
+/// lookup resolves a symbolic link first (about 5 µs a device against 1.5; a machine keeps every
+/// loop device it ever created, bound or not, a hundred on the test machine, and an operation
+/// lists them once or twice).
 pub(crate) fn list() -> Result<Vec<LoopDevice>> {
+    let (dir, base) = match File::open(sys_devices()) {
+        Ok(dir) => (dir, sys_devices()),
+        Err(_) => (
+            File::open(sys_block()).context(|| "read /sys/block".into())?,
+            sys_block(),
+        ),
+    };
+    let names = std::fs::read_dir(base).context(|| format!("read {}", base.display()))?;
+    let attr = |name: &str, rel: &str| -> Option<String> {
+        let fd = rustix::fs::openat(
+            &dir,
+            format!("{name}/{rel}"),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        std::io::read_to_string(File::from(fd)).ok()
+    };
     let mut devices = Vec::new();
-    let entries = std::fs::read_dir(sys_block()).context(|| "read /sys/block".into())?;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(number) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("loop"))
-            .and_then(|n| n.parse().ok())
-        else {
+    for entry in names.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let Some(number) = name.strip_prefix("loop").and_then(|n| n.parse().ok()) else {
             continue;
         };
         // Missing `loop/backing_file` means the device is unbound (or was just detached).
-        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+        let Some(backing) = attr(&name, "loop/backing_file") else {
             continue;
         };
-        let read_only =
-            std::fs::read_to_string(entry.path().join("ro")).is_ok_and(|s| s.trim() == "1");
+        let read_only = attr(&name, "ro").is_some_and(|s| s.trim() == "1");
         let mut dev = LoopDevice::new(
             number,
             PathBuf::from(backing.trim_end_matches('\n')),
             read_only,
         );
-        dev.cut_off = std::fs::read_to_string(entry.path().join("loop/offset"))
-            .is_ok_and(|s| s.trim() != "0");
+        dev.cut_off = attr(&name, "loop/offset").is_some_and(|s| s.trim() != "0");
         devices.push(dev);
     }
     devices.sort_by_key(|d| d.number);

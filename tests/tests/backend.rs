@@ -1510,6 +1510,22 @@ fn concurrent_attaches_get_distinct_devices() {
     unique.sort();
     unique.dedup();
     assert_eq!(unique.len(), 8, "{devices:?}");
+    // The driver's listing of loop devices (sysfs' device directories) finds each, bound to its
+    // image, read-write, as `/sys/block` shows them.
+    let listed = loopdev::list().unwrap();
+    for (id, dev) in ids.iter().zip(&devices) {
+        let name = dev.file_name().unwrap().to_str().unwrap();
+        let via_block =
+            std::fs::read_to_string(Path::new("/sys/block").join(name).join("loop/backing_file"))
+                .unwrap();
+        let found = listed
+            .iter()
+            .find(|d| d.path() == *dev)
+            .unwrap_or_else(|| panic!("{} not listed", dev.display()));
+        assert_eq!(found.backing_file, image(&pool, id));
+        assert_eq!(found.backing_file, Path::new(via_block.trim_end()));
+        assert!(!found.read_only && !found.cut_off, "{found:?}");
+    }
     for (id, dev) in ids.iter().zip(&devices) {
         assert_eq!(
             attach_volume(&pool, id, false).unwrap(),
