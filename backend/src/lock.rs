@@ -86,23 +86,53 @@ pub(crate) fn lock(
     what: &str,
     wait: LockWait,
 ) -> Result<LockGuard> {
+    lock_file(fs, lock, subject, what, wait, || {
+        fs.open_lock(lock).map(Some)
+    })?
+    .ok_or_else(|| Error::Busy(what.to_owned()))
+}
+
+/// [`lock`] when the lock file is there already; `Ok(None)`, creating nothing, when it is not
+/// (or goes while this waits for it: its subject went with it).
+pub(crate) fn lock_existing(
+    fs: &PoolFs,
+    lock: &Path,
+    subject: &Path,
+    what: &str,
+    wait: LockWait,
+) -> Result<Option<LockGuard>> {
+    lock_file(fs, lock, subject, what, wait, || {
+        fs.open_existing_lock(lock)
+    })
+}
+
+fn lock_file(
+    fs: &PoolFs,
+    lock: &Path,
+    subject: &Path,
+    what: &str,
+    wait: LockWait,
+    open: impl Fn() -> Result<Option<File>>,
+) -> Result<Option<LockGuard>> {
     let deadline = match wait {
         LockWait::Try => None,
         LockWait::Bounded(d) => Some(Instant::now() + d),
     };
     // Bounded: each round means the file was removed under us by a holder whose subject was gone.
     for _ in 0..64 {
-        let file = fs.open_lock(lock)?;
+        let Some(file) = open()? else {
+            return Ok(None);
+        };
         wait_for(&file, deadline, what, &fs.path(lock))?;
         if fs.names_file(lock, &file) {
-            return Ok(LockGuard {
+            return Ok(Some(LockGuard {
                 file: Some(file),
                 cleanup: Some(Cleanup {
                     root: fs.path(Path::new("")),
                     lock: lock.to_owned(),
                     subject: subject.to_owned(),
                 }),
-            });
+            }));
         }
     }
     Err(Error::Busy(what.to_owned()))

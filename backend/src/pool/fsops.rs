@@ -713,6 +713,18 @@ impl PoolFs {
         )))
     }
 
+    /// Opens the lock file `rel` for writing when it exists; `Ok(None)` when it does not.
+    pub fn open_existing_lock(&self, rel: &Path) -> Result<Option<File>> {
+        let fd = match self.resolve(rel, OFlags::WRONLY, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.fail(rel, e, "open lock")),
+        };
+        let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, st.mode, Kind::File)?;
+        Ok(Some(File::from(fd)))
+    }
+
     /// Whether `rel` is still the file `file` is open on (same device and inode).
     pub fn names_file(&self, rel: &Path, file: &File) -> bool {
         let Ok(mine) = rfs::fstat(file) else {

@@ -327,6 +327,22 @@ impl Pool {
         )
     }
 
+    /// The lock of volume `id`, waiting as `wait` says, if its lock file is there; `None`,
+    /// creating nothing, when it is not.
+    pub(crate) fn lock_existing_volume(
+        &self,
+        id: &VolumeId,
+        wait: LockWait,
+    ) -> Result<Option<LockGuard>> {
+        lock::lock_existing(
+            &self.fs()?,
+            &layout::volume_lock(id),
+            &layout::volume_dir(id),
+            &format!("volume {id}"),
+            wait,
+        )
+    }
+
     /// The lock of volume `id`, waiting as `wait` says rather than as the pool does.
     pub(crate) fn lock_volume_waiting(&self, id: &VolumeId, wait: LockWait) -> Result<LockGuard> {
         lock::lock(
@@ -436,6 +452,23 @@ mod tests {
         let mut bad = PoolOptions::new(node("n"));
         bad.overcommit = 0.5;
         assert!(Pool::open(dir.path(), bad).is_err());
+    }
+
+    /// Looking a volume up takes its lock file when it is there and makes none for an unknown
+    /// ID; a lock file left by a volume that is gone is removed by the lookup that finds it.
+    #[test]
+    fn volume_lookups_make_no_lock_file_and_remove_stale_ones() {
+        let (dir, pool) = pool();
+        let id = VolumeId::try_from("ghost").unwrap();
+        let lock = dir.path().join("locks/v-ghost.lock");
+        assert!(pool.find_volume(&id).unwrap().is_none());
+        assert!(!lock.exists(), "an unknown ID made a lock file");
+        std::fs::write(&lock, b"").unwrap();
+        assert_eq!(
+            pool.volume(&id).unwrap_err().kind(),
+            crate::ErrorKind::NotFound
+        );
+        assert!(!lock.exists(), "a stale lock file stayed");
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Pool {
 
     /// [`Pool::volume`], with `None` for a volume that does not exist.
     pub fn find_volume(&self, id: &VolumeId) -> Result<Option<Volume<'_>>> {
-        // Looked for before the lock, so an unknown ID leaves nothing behind; read again under it.
+        // An unknown ID leaves nothing behind; the metadata is read under the lock.
         self.lock_volume_with(id, self.options().lock_wait)
     }
 
@@ -75,10 +75,14 @@ impl Pool {
         id: &VolumeId,
         wait: LockWait,
     ) -> Result<Option<Volume<'_>>> {
-        if !self.fs()?.exists(&layout::volume_meta(id))? {
-            return Ok(None);
-        }
-        let guard = self.lock_volume_waiting(id, wait)?;
+        // Every volume has its lock file: taken at once when it is there (one lookup fewer; a
+        // lock file left by a volume that is gone is removed again by the guard); else an
+        // unknown ID must not make one.
+        let guard = match self.lock_existing_volume(id, wait)? {
+            Some(guard) => guard,
+            None if !self.fs()?.exists(&layout::volume_meta(id))? => return Ok(None),
+            None => self.lock_volume_waiting(id, wait)?,
+        };
         Ok(self.read_volume_meta(id)?.map(|meta| Volume {
             pool: self,
             meta,
