@@ -505,10 +505,32 @@ fn list_inspect_and_the_metrics_textfile_show_what_the_node_has() {
         m.samples("loopvol_volumes_abnormal", &[]).len(),
         loopvol::AbnormalReason::ALL.len()
     );
+    // The space model's parts, as GetCapacity and admission have them.
     let cap = pool.capacity().unwrap();
-    assert_eq!(
-        gauge("loopvol_pool_thin_unallocated_bytes", &[]),
-        cap.thin_unallocated_bytes as f64
+    for (name, want) in [
+        ("loopvol_pool_reserve_bytes", cap.reserve_bytes),
+        (
+            "loopvol_pool_thin_promised_bytes",
+            cap.thin_unallocated_bytes,
+        ),
+        (
+            "loopvol_pool_thick_reserved_bytes",
+            cap.thick_unbacked_bytes,
+        ),
+    ] {
+        assert_eq!(gauge(name, &[]), want as f64, "{name}");
+    }
+    assert!(
+        cap.thin_unallocated_bytes > 0,
+        "thin volumes have unwritten space"
+    );
+    // Other tests write to the filesystem under the pool meanwhile: what depends on its free
+    // space is only close.
+    let thick = gauge("loopvol_pool_available_thick_bytes", &[]);
+    let want = cap.available_thick_bytes as f64;
+    assert!(
+        (thick - want).abs() <= 0.05 * want,
+        "{thick} against {want}"
     );
     assert!(
         gauge("loopvol_pool_filesystem_size_bytes", &[]) >= gauge("loopvol_pool_free_bytes", &[])
@@ -519,6 +541,8 @@ fn list_inspect_and_the_metrics_textfile_show_what_the_node_has() {
     openmetrics::parse(&out.stdout).unwrap();
     let j = a.json(&["metrics"], 0);
     assert_eq!(j["volumes"]["created"], 2);
+    assert_eq!(j["thin_promised_bytes"], cap.thin_unallocated_bytes);
+    assert_eq!(j["reserve_bytes"], cap.reserve_bytes);
     assert_eq!(j["volumes"]["published"], 1);
     assert_eq!(j["abnormal"]["device_gone"], 0);
     assert_eq!(j["snapshots"], 1);

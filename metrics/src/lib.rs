@@ -35,8 +35,11 @@ pub struct PoolGauges {
     filesystem_size: Bytes,
     filesystem_used: Bytes,
     free: Bytes,
-    thin_unallocated: Bytes,
+    reserve: Bytes,
+    thin_promised: Bytes,
+    thick_reserved: Bytes,
     available: Bytes,
+    available_thick: Bytes,
     overcommit: Float,
     volumes: Family<[(&'static str, &'static str); 1], Bytes>,
     abnormal: Family<[(&'static str, &'static str); 1], Bytes>,
@@ -72,18 +75,39 @@ impl PoolGauges {
             g.free.clone(),
         );
         r.register_with_unit(
-            "pool_thin_unallocated",
-            "Bytes promised to thin volumes that they have not written yet (size minus \
-             allocated, summed over the pool's images)",
+            "pool_reserve",
+            "Free bytes never promised (metadata and the filesystem's own bookkeeping): 1 % of \
+             the filesystem, 16 MiB to 1 GiB",
             Unit::Bytes,
-            g.thin_unallocated.clone(),
+            g.reserve.clone(),
+        );
+        r.register_with_unit(
+            "pool_thin_promised",
+            "Bytes promised to thin volumes: what they may still take, their size minus the \
+             bytes their images own alone (unwritten, or shared with a snapshot or clone)",
+            Unit::Bytes,
+            g.thin_promised.clone(),
+        );
+        r.register_with_unit(
+            "pool_thick_reserved",
+            "Free bytes reserved for thick volumes: what they may still take (trimmed ranges, \
+             blocks shared with a snapshot or clone), never overcommitted",
+            Unit::Bytes,
+            g.thick_reserved.clone(),
         );
         r.register_with_unit(
             "pool_available",
-            "Bytes a new volume may still be promised (admission): free x overcommit - thin \
-             unallocated",
+            "The largest new thin volume admission lets in now (GetCapacity): (free - reserve \
+             - thick reserved) x overcommit - thin promised",
             Unit::Bytes,
             g.available.clone(),
+        );
+        r.register_with_unit(
+            "pool_available_thick",
+            "The largest new thick volume (or data copy) admission lets in now: free - reserve \
+             - thick reserved - thin promised / overcommit",
+            Unit::Bytes,
+            g.available_thick.clone(),
         );
         r.register_with_unit(
             "pool_overcommit",
@@ -133,8 +157,11 @@ impl PoolGauges {
         self.filesystem_size.set(census.filesystem.size_bytes);
         self.filesystem_used.set(census.filesystem.used_bytes);
         self.free.set(cap.free_bytes);
-        self.thin_unallocated.set(cap.thin_unallocated_bytes);
+        self.reserve.set(cap.reserve_bytes);
+        self.thin_promised.set(cap.thin_unallocated_bytes);
+        self.thick_reserved.set(cap.thick_unbacked_bytes);
         self.available.set(cap.available_bytes);
+        self.available_thick.set(cap.available_thick_bytes);
         for (state, n) in [
             (VolumeState::Created, census.volumes),
             (VolumeState::Staged, census.staged),
@@ -196,10 +223,10 @@ mod tests {
                 capacity: Capacity {
                     free_bytes: 100,
                     reserve_bytes: 16,
-                    thick_unbacked_bytes: 0,
+                    thick_unbacked_bytes: 4,
                     thin_unallocated_bytes: 30,
-                    available_bytes: 120,
-                    available_thick_bytes: 54,
+                    available_bytes: 90,
+                    available_thick_bytes: 60,
                 },
                 filesystem: FilesystemUsage {
                     size_bytes: 1000,
@@ -218,8 +245,11 @@ mod tests {
             r#"loopvol_pool_filesystem_size_bytes{pool="/p o\"ol"} 1000"#,
             r#"loopvol_pool_filesystem_used_bytes{pool="/p o\"ol"} 900"#,
             r#"loopvol_pool_free_bytes{pool="/p o\"ol"} 100"#,
-            r#"loopvol_pool_thin_unallocated_bytes{pool="/p o\"ol"} 30"#,
-            r#"loopvol_pool_available_bytes{pool="/p o\"ol"} 120"#,
+            r#"loopvol_pool_reserve_bytes{pool="/p o\"ol"} 16"#,
+            r#"loopvol_pool_thin_promised_bytes{pool="/p o\"ol"} 30"#,
+            r#"loopvol_pool_thick_reserved_bytes{pool="/p o\"ol"} 4"#,
+            r#"loopvol_pool_available_bytes{pool="/p o\"ol"} 90"#,
+            r#"loopvol_pool_available_thick_bytes{pool="/p o\"ol"} 60"#,
             r#"loopvol_pool_overcommit_ratio{pool="/p o\"ol"} 1.5"#,
             r#"loopvol_volumes{pool="/p o\"ol",state="created"} 5"#,
             r#"loopvol_volumes{pool="/p o\"ol",state="staged"} 2"#,

@@ -42,8 +42,11 @@ pub fn run(ctx: &Context, args: &Args) -> Result<Outcome, String> {
                     "used_bytes": census.filesystem.used_bytes,
                 },
                 "free_bytes": c.free_bytes,
-                "thin_unallocated_bytes": c.thin_unallocated_bytes,
+                "reserve_bytes": c.reserve_bytes,
+                "thin_promised_bytes": c.thin_unallocated_bytes,
+                "thick_reserved_bytes": c.thick_unbacked_bytes,
                 "available_bytes": c.available_bytes,
+                "available_thick_bytes": c.available_thick_bytes,
                 "overcommit": ctx.pool.options().overcommit,
                 "volumes": {
                     "created": census.volumes,

@@ -180,15 +180,31 @@ async fn metrics_count_what_was_done() {
     // tests write to the filesystem under the pool meanwhile, so GetCapacity, asked earlier, is
     // only close).
     let available = m.value("loopvol_pool_available_bytes", &pool);
+    let available_thick = m.value("loopvol_pool_available_thick_bytes", &pool);
     let free = m.value("loopvol_pool_free_bytes", &pool);
-    let promised = m.value("loopvol_pool_thin_unallocated_bytes", &pool);
+    let promised = m.value("loopvol_pool_thin_promised_bytes", &pool);
+    let reserved = m.value("loopvol_pool_thick_reserved_bytes", &pool);
+    let reserve = m.value("loopvol_pool_reserve_bytes", &pool);
     // The space model keeps 1 % of the pool's filesystem (16 MiB to 1 GiB) out of every promise.
     let size = m.value("loopvol_pool_filesystem_size_bytes", &pool);
-    let reserve = (size / 100.0)
-        .floor()
-        .clamp(16.0 * MIB as f64, 1024.0 * MIB as f64);
-    assert_eq!(available, (free - reserve - promised).max(0.0));
-    assert!(promised > 0.0, "four thin volumes have unwritten space");
+    assert_eq!(
+        reserve,
+        (size / 100.0)
+            .floor()
+            .clamp(16.0 * MIB as f64, 1024.0 * MIB as f64)
+    );
+    assert!(m.value("loopvol_pool_filesystem_used_bytes", &pool) <= size);
+    // Four thin volumes of 32 MiB, three holding data (a filesystem, its copies): the thin
+    // promise is their sizes less what they own; no thick volume.
+    assert!(
+        promised > 0.0 && promised < 4.0 * 32.0 * MIB as f64,
+        "{promised}"
+    );
+    assert_eq!(reserved, 0.0);
+    // At overcommit 1 thin and thick are admitted alike: what is free beyond the reserve and
+    // every promise.
+    assert_eq!(available, (free - reserve - reserved - promised).max(0.0));
+    assert_eq!(available_thick, available);
     assert!(
         (available - capacity as f64).abs() < 0.05 * available,
         "GetCapacity {capacity} and the gauge {available} are far apart"
