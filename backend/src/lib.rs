@@ -91,7 +91,9 @@ pub use fs::{InodeUsage, Usage};
 pub use ids::{GroupSnapshotId, NodeName, SnapshotId, VolumeId};
 pub use lock::LockWait;
 pub use meta::{AccessMode, Allocation, Hold, SnapshotMeta, VolumeMeta, VolumeSource};
-pub use pool::{default_node_name, BadEntry, Capacity, Listed, NodePath, Page, Pool, PoolOptions};
+pub use pool::{
+    default_node_name, BadEntry, Capacity, Listed, ListedVolume, NodePath, Page, Pool, PoolOptions,
+};
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;

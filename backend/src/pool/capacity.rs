@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 
-use super::{layout, Pool};
+use super::Pool;
 
 /// Capacity as the controller reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,11 +24,9 @@ impl Pool {
         // An image's length is its volume's size, so one stat per volume tells what it may still
         // claim: no metadata is read, and a create stays cheap in a pool of thousands of volumes.
         // A planted entry is no volume's image: it promises nothing.
-        let unallocated: u64 = fs
-            .list_names(std::path::Path::new("volumes"))?
+        let unallocated: u64 = self
+            .volume_images()?
             .iter()
-            .filter_map(|id| crate::VolumeId::try_from(id.as_str()).ok())
-            .filter_map(|id| fs.stat_image(&layout::volume_image(&id)).ok().flatten())
             .map(|st| st.len.saturating_sub(st.allocated))
             .fold(0, u64::saturating_add);
         Ok(Capacity {

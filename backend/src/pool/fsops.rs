@@ -872,5 +872,10 @@ impl PoolFs {
     }
 }
 
+mod stamp;
+#[cfg(test)]
+pub(crate) use stamp::RACY;
+pub(crate) use stamp::{KindDir, Stamp};
+
 #[cfg(test)]
 mod tests;

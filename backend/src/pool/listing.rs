@@ -1,16 +1,22 @@
-//! Listings of volumes and snapshots, in ID order, in pages whose tokens survive deletions.
+//! Listings of volumes and snapshots, in ID order, in pages whose tokens survive creations and
+//! deletions. The IDs and the records come through the pool's [`index`](super::index): a page
+//! costs a few stats per entry it returns, whatever the size of the pool.
 
 use std::fmt::Display;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::ids::{SnapshotId, VolumeId};
+use crate::kernel::KernelView;
 use crate::meta::{SnapshotMeta, VolumeMeta};
 use crate::validate;
+use crate::volume::Condition;
 
-use super::fsops::PoolFs;
+use super::fsops::{ImageStat, KindDir, PoolFs};
 use super::{layout, Pool};
 
 /// One page of a listing.
@@ -34,25 +40,40 @@ pub struct BadEntry {
 /// One entry of a listing: the record, or why it cannot be read.
 pub type Listed<T> = std::result::Result<T, BadEntry>;
 
+/// A volume of a listing, with its condition on this node.
+#[derive(Debug, Clone)]
+pub struct ListedVolume {
+    pub meta: Arc<VolumeMeta>,
+    pub condition: Condition,
+}
+
 impl Pool {
-    /// Sorted IDs of the entries under `kind` that have committed metadata, or something in its
-    /// place (reported by the listing as a [`BadEntry`]).
-    fn committed_ids(&self, fs: &PoolFs, kind: &str, meta_file: &str) -> Result<Vec<String>> {
-        let dir = Path::new(kind);
-        let mut ids: Vec<String> = fs
-            .list_names(dir)?
-            .into_iter()
-            .filter(|id| validate::check_id("id", id).is_ok())
-            .filter(|id| !matches!(fs.exists(&dir.join(id).join(meta_file)), Ok(false)))
-            .collect();
-        ids.sort();
-        Ok(ids)
+    /// Pages through the IDs of `kind` (`volumes`, `snapshots`) as the index has them, loading
+    /// each entry with `load` (given the kind's directory, opened for this listing).
+    fn page_of<T>(
+        &self,
+        fs: &PoolFs,
+        kind: Kind,
+        read_at: SystemTime,
+        starting_token: Option<&str>,
+        max_entries: usize,
+        load: impl FnMut(&KindDir, &str) -> Result<Option<T>>,
+    ) -> Result<Page<T>> {
+        let dir = fs.open_kind(Path::new(kind.dir()))?;
+        let ids = match kind {
+            Kind::Volumes => self.index.volumes().ids(fs, &dir, read_at)?,
+            Kind::Snapshots => self.index.snapshots().ids(fs, &dir, read_at)?,
+        };
+        let mut load = load;
+        Self::page(&ids, starting_token, max_entries, |id| load(&dir, id))
     }
 
-    /// Pages through sorted `ids`, loading each entry with `load` (entries deleted meanwhile are
-    /// skipped). The token names the last ID returned, so deletions between pages lose nothing.
+    /// Pages through sorted `ids`, loading each entry with `load` (entries deleted meanwhile, or
+    /// not committed yet, are skipped). The token names the last ID returned, so a page starts
+    /// where the last one ended whatever was created or deleted meanwhile (see
+    /// [`Pool::list_volume_entries`] for what paging guarantees).
     fn page<T>(
-        ids: Vec<String>,
+        ids: &[String],
         starting_token: Option<&str>,
         max_entries: usize,
         mut load: impl FnMut(&str) -> Result<Option<T>>,
@@ -83,7 +104,7 @@ impl Pool {
         for id in iter.by_ref() {
             if let Some(entry) = load(id)? {
                 entries.push(entry);
-                last = Some(id.clone());
+                last = Some(id);
                 if entries.len() == max {
                     break;
                 }
@@ -100,21 +121,58 @@ impl Pool {
         })
     }
 
+    /// The volume `id` as a listing sees it: its record (the one the index remembers when its
+    /// stamp is unchanged, else read now), and its image as stat'ed now when the entry is
+    /// plainly loopvol's (`None`: not looked at; the condition asks the checked path). `None`
+    /// when it has no committed record.
+    fn listed_volume(
+        &self,
+        fs: &PoolFs,
+        dir: &KindDir,
+        id: &str,
+        read_at: SystemTime,
+    ) -> Result<Option<Listed<Found>>> {
+        let vid = VolumeId::try_from(id)?; // the index keeps only valid IDs
+        let Some(files) = fs.entry_files(dir, id, "volume.json", Some("image")) else {
+            // Not plainly an entry of ours: the checked path says what it is.
+            self.index.volumes().forget(id);
+            let read = read_volume_record(fs, &vid).map(|m| m.map(Arc::new));
+            return Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image: None })));
+        };
+        let Some(stamp) = files.record else {
+            self.index.volumes().forget(id);
+            return Ok(None);
+        };
+        let image = Some(files.image);
+        if let Some(meta) = self.index.volumes().record(id, &stamp) {
+            return Ok(Some(Ok(Found { meta, image })));
+        }
+        let read = read_volume_record(fs, &vid).map(|m| m.map(Arc::new));
+        match &read {
+            Ok(Some(meta)) => self.index.volumes().remember(id, stamp, meta, read_at),
+            _ => self.index.volumes().forget(id),
+        }
+        Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image })))
+    }
+
     /// Volumes in ID order, a volume whose record cannot be used as a [`BadEntry`] (one bad entry
     /// never fails the listing). `max_entries` 0 means all. An unknown token is
     /// `InvalidArgument` (CSI maps a bad token in a list call to ABORTED).
+    ///
+    /// **Paging** (what CSI asks: "the CO SHALL NOT expect a consistent view" across pages, and
+    /// may see volumes created or deleted meanwhile, or not): a token is the last ID returned,
+    /// so pages never repeat a volume, and every volume that exists from the first page to the
+    /// last is listed exactly once, in ID order. A volume created meanwhile is listed when its ID
+    /// sorts after the page it was created behind (else by the next listing); one deleted
+    /// meanwhile is listed only if it was before it was deleted. Tokens hold no state: any
+    /// server of the pool (a new controller leader, a restarted one) continues a listing.
     pub fn list_volume_entries(
         &self,
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<Listed<VolumeMeta>>> {
-        let fs = self.fs()?;
-        let ids = self.committed_ids(&fs, "volumes", "volume.json")?;
-        Self::page(ids, starting_token, max_entries, |id| {
-            // `committed_ids` kept only valid IDs.
-            let vid = VolumeId::try_from(id)?;
-            Ok(listed(id, read_volume_record(&fs, &vid)))
-        })
+        let page = self.volume_page(starting_token, max_entries)?;
+        Ok(map_page(page, |found| Arc::unwrap_or_clone(found.meta)))
     }
 
     /// [`Pool::list_volume_entries`] without the bad entries (each is logged as a warning).
@@ -123,30 +181,139 @@ impl Pool {
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<VolumeMeta>> {
-        let fs = self.fs()?;
-        let ids = self.committed_ids(&fs, "volumes", "volume.json")?;
-        Self::page(ids, starting_token, max_entries, |id| {
-            let vid = VolumeId::try_from(id)?;
-            Ok(listed(id, read_volume_record(&fs, &vid)).and_then(skip_bad))
+        let page = self.list_volume_entries(starting_token, max_entries)?;
+        Ok(Page {
+            entries: page.entries.into_iter().filter_map(skip_bad).collect(),
+            next_token: page.next_token,
         })
+    }
+
+    /// [`Pool::list_volume_entries`] with each volume's condition on this node, from one look at
+    /// the kernel for the whole page (read only when a volume of the page is staged here).
+    pub fn list_volumes_with_conditions(
+        &self,
+        starting_token: Option<&str>,
+        max_entries: usize,
+    ) -> Result<Page<Listed<ListedVolume>>> {
+        let page = self.volume_page(starting_token, max_entries)?;
+        let staged_here = page
+            .entries
+            .iter()
+            .flatten()
+            .any(|f| f.meta.staged.iter().any(|h| h.node == *self.node()));
+        let view = staged_here.then(KernelView::read).transpose()?;
+        let fs = self.fs()?;
+        let mut entries = Vec::with_capacity(page.entries.len());
+        for entry in page.entries {
+            entries.push(match entry {
+                Err(bad) => Err(bad),
+                Ok(Found { meta, image }) => {
+                    let image = match image {
+                        Some(stat) => Ok(stat),
+                        None => fs.stat_image(&layout::volume_image(&meta.id)),
+                    };
+                    let condition = self.condition_with(view.as_ref(), &meta, image)?;
+                    Ok(ListedVolume { meta, condition })
+                }
+            });
+        }
+        Ok(Page {
+            entries,
+            next_token: page.next_token,
+        })
+    }
+
+    fn volume_page(
+        &self,
+        starting_token: Option<&str>,
+        max_entries: usize,
+    ) -> Result<Page<Listed<Found>>> {
+        let read_at = SystemTime::now();
+        let fs = self.fs()?;
+        self.page_of(
+            &fs,
+            Kind::Volumes,
+            read_at,
+            starting_token,
+            max_entries,
+            |dir, id| self.listed_volume(&fs, dir, id, read_at),
+        )
     }
 
     /// Snapshots in ID order, optionally only those of `source`. CSI has no place for a broken
     /// snapshot in a listing, so a snapshot whose record cannot be used is skipped with a
-    /// warning naming the file (one bad entry never fails the listing).
+    /// warning naming the file (one bad entry never fails the listing). Paging as for volumes
+    /// ([`Pool::list_volume_entries`]).
     pub fn list_snapshots(
         &self,
         source: Option<&VolumeId>,
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<SnapshotMeta>> {
+        let read_at = SystemTime::now();
         let fs = self.fs()?;
-        let ids = self.committed_ids(&fs, "snapshots", "snapshot.json")?;
-        Self::page(ids, starting_token, max_entries, |id| {
-            let sid = SnapshotId::try_from(id)?;
-            let m = listed(id, read_snapshot_record(&fs, &sid)).and_then(skip_bad);
-            Ok(m.filter(|m| source.is_none_or(|s| m.source_volume_id == *s)))
+        let page = self.page_of(
+            &fs,
+            Kind::Snapshots,
+            read_at,
+            starting_token,
+            max_entries,
+            |dir, id| {
+                let m = self
+                    .listed_snapshot(&fs, dir, id, read_at)?
+                    .and_then(skip_bad);
+                Ok(m.filter(|m| source.is_none_or(|s| m.source_volume_id == *s)))
+            },
+        )?;
+        Ok(Page {
+            entries: page.entries.into_iter().map(Arc::unwrap_or_clone).collect(),
+            next_token: page.next_token,
         })
+    }
+
+    /// The snapshot `id` as a listing sees it (see [`Pool::listed_volume`]).
+    fn listed_snapshot(
+        &self,
+        fs: &PoolFs,
+        dir: &KindDir,
+        id: &str,
+        read_at: SystemTime,
+    ) -> Result<Option<Listed<Arc<SnapshotMeta>>>> {
+        let sid = SnapshotId::try_from(id)?;
+        let read = || read_snapshot_record(fs, &sid).map(|m| m.map(Arc::new));
+        let Some(files) = fs.entry_files(dir, id, "snapshot.json", None) else {
+            self.index.snapshots().forget(id);
+            return Ok(listed(id, read()));
+        };
+        let Some(stamp) = files.record else {
+            self.index.snapshots().forget(id);
+            return Ok(None);
+        };
+        if let Some(meta) = self.index.snapshots().record(id, &stamp) {
+            return Ok(Some(Ok(meta)));
+        }
+        let read = read();
+        match &read {
+            Ok(Some(meta)) => self.index.snapshots().remember(id, stamp, meta, read_at),
+            _ => self.index.snapshots().forget(id),
+        }
+        Ok(listed(id, read))
+    }
+
+    /// The image of every volume directory (committed or not), stat'ed now, the IDs from the
+    /// index: what the pool's capacity sums. A planted entry is no volume's image: left out.
+    pub(crate) fn volume_images(&self) -> Result<Vec<ImageStat>> {
+        let read_at = SystemTime::now();
+        let fs = self.fs()?;
+        let dir = fs.open_kind(Path::new(Kind::Volumes.dir()))?;
+        let ids = self.index.volumes().ids(&fs, &dir, read_at)?;
+        let image = |id: &String| match fs.entry_image(&dir, id, "image") {
+            Some(image) => image,
+            None => VolumeId::try_from(id.as_str())
+                .ok()
+                .and_then(|id| fs.stat_image(&layout::volume_image(&id)).ok().flatten()),
+        };
+        Ok(ids.iter().filter_map(image).collect())
     }
 
     /// A volume's committed metadata, `None` when there is none; read without its lock (the
@@ -158,6 +325,37 @@ impl Pool {
     /// A snapshot's committed metadata, `None` when there is none.
     pub(crate) fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<Option<SnapshotMeta>> {
         read_snapshot_record(&self.fs()?, id)
+    }
+}
+
+/// A committed volume as a listing found it.
+struct Found {
+    meta: Arc<VolumeMeta>,
+    /// Its image as stat'ed with the record, when the entry is plainly loopvol's; `None`: not
+    /// looked at (the condition asks the checked path).
+    image: Option<Option<ImageStat>>,
+}
+
+/// The two kinds of entry a listing pages through.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Volumes,
+    Snapshots,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Volumes => "volumes",
+            Kind::Snapshots => "snapshots",
+        }
+    }
+}
+
+fn map_page<A, B>(page: Page<Listed<A>>, f: impl Fn(A) -> B) -> Page<Listed<B>> {
+    Page {
+        entries: page.entries.into_iter().map(|e| e.map(&f)).collect(),
+        next_token: page.next_token,
     }
 }
 
@@ -228,32 +426,4 @@ fn read_record<T: DeserializeOwned, I: PartialEq + Display>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paging_is_stable_and_tokens_are_checked() {
-        let ids: Vec<String> = (0..7).map(|i| format!("v{i}")).collect();
-        let load = |id: &str| Ok(Some(id.to_owned()));
-        let p1 = Pool::page(ids.clone(), None, 3, load).unwrap();
-        assert_eq!(p1.entries, ["v0", "v1", "v2"]);
-        let t = p1.next_token.unwrap();
-        let p2 = Pool::page(ids.clone(), Some(&t), 3, load).unwrap();
-        assert_eq!(p2.entries, ["v3", "v4", "v5"]);
-        // v3 deleted between pages: the next page still starts after v5.
-        let mut fewer = ids.clone();
-        fewer.retain(|i| i != "v3");
-        let p3 = Pool::page(fewer, p2.next_token.as_deref(), 3, load).unwrap();
-        assert_eq!(p3.entries, ["v6"]);
-        assert_eq!(p3.next_token, None);
-        let all = Pool::page(ids.clone(), None, 0, load).unwrap();
-        assert_eq!(all.entries.len(), 7);
-        assert!(all.next_token.is_none());
-        let exact = Pool::page(ids.clone(), None, 7, load).unwrap();
-        assert!(exact.next_token.is_none());
-        for bad in ["garbage", "after:../x", "after:"] {
-            let err = Pool::page(ids.clone(), Some(bad), 3, load).unwrap_err();
-            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
-        }
-    }
-}
+mod tests;

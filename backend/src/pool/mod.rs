@@ -15,6 +15,7 @@
 
 mod capacity;
 pub(crate) mod fsops;
+mod index;
 mod listing;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use crate::meta;
 use fsops::PoolFs;
 
 pub use capacity::Capacity;
-pub use listing::{BadEntry, Listed, Page};
+pub use listing::{BadEntry, Listed, ListedVolume, Page};
 
 /// How a front end runs the pool.
 #[derive(Debug, Clone)]
@@ -72,6 +73,8 @@ pub fn default_node_name() -> Option<NodeName> {
 pub struct Pool {
     root: PathBuf,
     options: PoolOptions,
+    /// What the listings remember between calls, checked against the pool on every use.
+    index: index::Index,
 }
 
 const SUBDIRS: [&str; 6] = ["volumes", "snapshots", "locks", "staging", "trash", "nodes"];
@@ -146,7 +149,11 @@ impl Pool {
                 format!("{} (must be ≥ 1.0)", options.overcommit),
             ));
         }
-        let pool = Pool { root, options };
+        let pool = Pool {
+            root,
+            options,
+            index: index::Index::default(),
+        };
         let fs = pool.fs()?;
         for sub in SUBDIRS {
             fs.ensure_dir(Path::new(sub))
@@ -169,7 +176,11 @@ impl Pool {
             return Err(pool_err("no pool directory configured".into()));
         }
         let root = fsops::canonical_root(path).map_err(pool_err)?;
-        let pool = Pool { root, options };
+        let pool = Pool {
+            root,
+            options,
+            index: index::Index::default(),
+        };
         let fs = pool.fs()?;
         let mut missing = Vec::new();
         for sub in ["volumes", "snapshots", "locks"] {
