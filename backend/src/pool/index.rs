@@ -18,7 +18,6 @@
 //! the process: a new one starts empty and fills it from the pool. Memory: an ID and a record per
 //! entry (a few hundred bytes; about 5 MiB for 10 000 volumes).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -38,8 +37,8 @@ pub(crate) struct Index {
 impl std::fmt::Debug for Index {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Index")
-            .field("volumes", &lock(&self.volumes).records.len())
-            .field("snapshots", &lock(&self.snapshots).records.len())
+            .field("volumes", &lock(&self.volumes).ids.len())
+            .field("snapshots", &lock(&self.snapshots).ids.len())
             .finish()
     }
 }
@@ -62,23 +61,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The IDs and records of one kind of entry.
 pub(crate) struct Entries<M> {
-    ids: Option<Ids>,
-    records: HashMap<String, Record<M>>,
+    /// The directory's stamp when `ids` was read, if it was settled then (else the next call
+    /// reads the IDs again).
+    stamp: Option<Stamp>,
+    /// The valid IDs last read, sorted.
+    ids: Arc<[String]>,
+    /// The record remembered for each ID of `ids`, at the same position.
+    records: Vec<Option<Record<M>>>,
 }
 
 impl<M> Default for Entries<M> {
     fn default() -> Self {
         Entries {
-            ids: None,
-            records: HashMap::new(),
+            stamp: None,
+            ids: Arc::from([]),
+            records: Vec::new(),
         }
     }
-}
-
-/// The valid IDs in a directory, sorted, as of a settled stamp of the directory.
-struct Ids {
-    stamp: Stamp,
-    sorted: Arc<[String]>,
 }
 
 /// A record as read when its stamp was settled.
@@ -96,8 +95,8 @@ impl<M> Entries<M> {
         dir: &KindDir,
         read_at: SystemTime,
     ) -> Result<Arc<[String]>> {
-        if let Some(ids) = self.ids.as_ref().filter(|ids| ids.stamp == dir.stamp) {
-            return Ok(Arc::clone(&ids.sorted));
+        if self.stamp == Some(dir.stamp) {
+            return Ok(Arc::clone(&self.ids));
         }
         let mut names: Vec<String> = fs
             .kind_names(dir)?
@@ -105,76 +104,156 @@ impl<M> Entries<M> {
             .filter(|id| validate::check_id("id", id).is_ok())
             .collect();
         names.sort_unstable();
-        let sorted: Arc<[String]> = names.into();
-        // Records of entries gone from the directory are dropped with the old list.
-        self.records
-            .retain(|id, _| sorted.binary_search(id).is_ok());
-        self.ids = dir.stamp.settled(read_at).then(|| Ids {
-            stamp: dir.stamp,
-            sorted: Arc::clone(&sorted),
-        });
-        Ok(sorted)
+        // Records move to their IDs' new positions; those of entries gone are dropped.
+        let mut old = std::mem::take(&mut self.records)
+            .into_iter()
+            .zip(self.ids.iter());
+        let mut next = old.next();
+        let mut records = Vec::with_capacity(names.len());
+        for id in &names {
+            while next
+                .as_ref()
+                .is_some_and(|(_, old_id)| old_id.as_str() < id.as_str())
+            {
+                next = old.next();
+            }
+            records.push(match next.take() {
+                Some((record, old_id)) if old_id == id => {
+                    next = old.next();
+                    record
+                }
+                other => {
+                    next = other;
+                    None
+                }
+            });
+        }
+        self.ids = names.into();
+        self.records = records;
+        self.stamp = dir.stamp.settled(read_at).then_some(dir.stamp);
+        Ok(Arc::clone(&self.ids))
     }
 
-    /// The record of `id` remembered with exactly this stamp.
-    pub fn record(&self, id: &str, stamp: &Stamp) -> Option<Arc<M>> {
-        self.records
-            .get(id)
+    /// Where `id` is in the current IDs: at `hint` (its position in the list the caller got
+    /// from [`Entries::ids`]) unless another call read the IDs again meanwhile.
+    fn slot(&self, id: &str, hint: usize) -> Option<usize> {
+        if self.ids.get(hint).is_some_and(|at| at == id) {
+            return Some(hint);
+        }
+        self.ids.binary_search_by(|at| at.as_str().cmp(id)).ok()
+    }
+
+    /// The record of `id` (at `hint`) remembered with exactly this stamp.
+    pub fn record(&self, id: &str, hint: usize, stamp: &Stamp) -> Option<Arc<M>> {
+        let slot = self.slot(id, hint)?;
+        self.records[slot]
+            .as_ref()
             .filter(|r| r.stamp == *stamp)
             .map(|r| Arc::clone(&r.meta))
     }
 
-    /// Remembers the record of `id`, read after its stamp was taken (at `read_at` or later):
-    /// only when the stamp was settled then; otherwise anything remembered is dropped, and the
-    /// next listing reads it again.
-    pub fn remember(&mut self, id: &str, stamp: Stamp, meta: &Arc<M>, read_at: SystemTime) {
-        if stamp.settled(read_at) {
-            let meta = Arc::clone(meta);
-            match self.records.get_mut(id) {
-                Some(r) => *r = Record { stamp, meta },
-                None => {
-                    self.records.insert(id.to_owned(), Record { stamp, meta });
-                }
-            }
-        } else {
-            self.forget(id);
+    /// Remembers the record of `id` (at `hint`), read after its stamp was taken (at `read_at`
+    /// or later): only when the stamp was settled then; otherwise anything remembered is
+    /// dropped, and the next listing reads it again.
+    pub fn remember(
+        &mut self,
+        id: &str,
+        hint: usize,
+        stamp: Stamp,
+        meta: &Arc<M>,
+        read_at: SystemTime,
+    ) {
+        if let Some(slot) = self.slot(id, hint) {
+            self.records[slot] = stamp.settled(read_at).then(|| Record {
+                stamp,
+                meta: Arc::clone(meta),
+            });
         }
     }
 
     /// Drops what is remembered of `id` (it vanished, or is not plainly a record any more).
-    pub fn forget(&mut self, id: &str) {
-        self.records.remove(id);
+    pub fn forget(&mut self, id: &str, hint: usize) {
+        if let Some(slot) = self.slot(id, hint) {
+            self.records[slot] = None;
+        }
     }
 
     #[cfg(test)]
     pub fn remembered(&self) -> usize {
-        self.records.len()
+        self.records.iter().flatten().count()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn with_ids(ids: &[&str]) -> Entries<String> {
+        let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        Entries {
+            stamp: None,
+            records: ids.iter().map(|_| None).collect(),
+            ids: ids.into(),
+        }
+    }
 
     #[test]
     fn only_settled_records_are_remembered() {
-        use std::time::Duration;
-        let mut e: Entries<String> = Entries::default();
+        let mut e = with_ids(&["a", "b"]);
         let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
         let v1 = Arc::new("v1".to_owned());
         let stamp = Stamp::changed_at(7, 100, 0);
         // Read within the racy window of its change: not remembered.
-        e.remember("a", stamp, &v1, at(101));
-        assert!(e.record("a", &stamp).is_none());
-        e.remember("a", stamp, &v1, at(200));
-        assert_eq!(e.record("a", &stamp).as_deref(), Some(&"v1".to_owned()));
+        e.remember("a", 0, stamp, &v1, at(101));
+        assert!(e.record("a", 0, &stamp).is_none());
+        e.remember("a", 0, stamp, &v1, at(200));
+        assert_eq!(e.record("a", 0, &stamp).as_deref(), Some(&"v1".to_owned()));
+        // A wrong hint still finds it; an ID not in the list has nothing.
+        assert!(e.record("a", 1, &stamp).is_some() && e.record("c", 0, &stamp).is_none());
         // Another stamp (a new inode, a later change) is not this record.
-        assert!(e.record("a", &Stamp::changed_at(8, 100, 0)).is_none());
-        assert!(e.record("a", &Stamp::changed_at(7, 100, 1)).is_none());
+        assert!(e.record("a", 0, &Stamp::changed_at(8, 100, 0)).is_none());
+        assert!(e.record("a", 0, &Stamp::changed_at(7, 100, 1)).is_none());
         // A racy read of a changed record drops the old one.
         let changed = Stamp::changed_at(7, 300, 0);
-        e.remember("a", changed, &v1, at(300));
-        assert!(e.record("a", &stamp).is_none() && e.record("a", &changed).is_none());
+        e.remember("a", 0, changed, &v1, at(300));
+        assert!(e.record("a", 0, &stamp).is_none() && e.record("a", 0, &changed).is_none());
         assert_eq!(e.remembered(), 0);
+    }
+
+    #[test]
+    fn records_follow_their_ids_when_the_ids_are_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("volumes")).unwrap();
+        let fs = PoolFs::open(dir.path()).unwrap();
+        let make = |names: &[&str]| {
+            for n in names {
+                std::fs::create_dir(dir.path().join("volumes").join(n)).unwrap();
+            }
+        };
+        make(&["b", "d", "f"]);
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let mut e: Entries<String> = Entries::default();
+        let kind = fs.open_kind(Path::new("volumes")).unwrap();
+        assert_eq!(&*e.ids(&fs, &kind, later).unwrap(), ["b", "d", "f"]);
+        let stamp = Stamp::changed_at(1, 1, 0);
+        for (i, id) in ["b", "d", "f"].iter().enumerate() {
+            e.remember(id, i, stamp, &Arc::new(id.to_string()), later);
+        }
+        make(&["a", "c", "e"]);
+        std::fs::remove_dir(dir.path().join("volumes/d")).unwrap();
+        // Not re-read while the directory's stamp is the one remembered.
+        assert_eq!(e.ids(&fs, &kind, later).unwrap().len(), 3);
+        let kind = fs.open_kind(Path::new("volumes")).unwrap();
+        let ids = e.ids(&fs, &kind, later).unwrap();
+        assert_eq!(&*ids, ["a", "b", "c", "e", "f"]);
+        let kept: Vec<Option<String>> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| e.record(id, i, &stamp).map(|m| m.to_string()))
+            .collect();
+        assert_eq!(kept, [None, Some("b".into()), None, None, Some("f".into())]);
+        assert_eq!(e.remembered(), 2);
     }
 }

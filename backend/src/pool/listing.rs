@@ -49,34 +49,35 @@ pub struct ListedVolume {
 
 impl Pool {
     /// Pages through the IDs of `kind` (`volumes`, `snapshots`) as the index has them, loading
-    /// each entry with `load` (given the kind's directory, opened for this listing).
-    fn page_of<T>(
+    /// each entry with `load` (given the kind's directory, opened for this listing, the ID and
+    /// its position in the index's list).
+    fn page_of<T: Send>(
         &self,
         fs: &PoolFs,
         kind: Kind,
         read_at: SystemTime,
         starting_token: Option<&str>,
         max_entries: usize,
-        load: impl FnMut(&KindDir, &str) -> Result<Option<T>>,
+        load: impl Fn(&KindDir, usize, &str) -> Result<Option<T>> + Sync,
     ) -> Result<Page<T>> {
         let dir = fs.open_kind(Path::new(kind.dir()))?;
         let ids = match kind {
             Kind::Volumes => self.index.volumes().ids(fs, &dir, read_at)?,
             Kind::Snapshots => self.index.snapshots().ids(fs, &dir, read_at)?,
         };
-        let mut load = load;
-        Self::page(&ids, starting_token, max_entries, |id| load(&dir, id))
+        Self::page(&ids, starting_token, max_entries, |i, id| load(&dir, i, id))
     }
 
-    /// Pages through sorted `ids`, loading each entry with `load` (entries deleted meanwhile, or
-    /// not committed yet, are skipped). The token names the last ID returned, so a page starts
-    /// where the last one ended whatever was created or deleted meanwhile (see
-    /// [`Pool::list_volume_entries`] for what paging guarantees).
-    fn page<T>(
+    /// Pages through sorted `ids`, loading each entry with `load` (given its position and ID;
+    /// entries deleted meanwhile, or not committed yet, are skipped). The token names the last
+    /// ID returned, so a page starts where the last one ended whatever was created or deleted
+    /// meanwhile (see [`Pool::list_volume_entries`] for what paging guarantees). A page that
+    /// takes every ID left is loaded by several threads (its cost is stats, in the kernel).
+    fn page<T: Send>(
         ids: &[String],
         starting_token: Option<&str>,
         max_entries: usize,
-        mut load: impl FnMut(&str) -> Result<Option<T>>,
+        load: impl Fn(usize, &str) -> Result<Option<T>> + Sync,
     ) -> Result<Page<T>> {
         let start = match starting_token.filter(|t| !t.is_empty()) {
             None => 0,
@@ -93,19 +94,21 @@ impl Pool {
                 ids.partition_point(|id| id.as_str() <= after)
             }
         };
-        let max = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries
-        };
+        let rest = ids.len() - start;
+        if max_entries == 0 || max_entries >= rest {
+            return Ok(Page {
+                entries: load_all(ids, start, &load)?,
+                next_token: None,
+            });
+        }
         let mut entries = Vec::new();
         let mut last = None;
-        let mut iter = ids[start..].iter();
-        for id in iter.by_ref() {
-            if let Some(entry) = load(id)? {
+        let mut iter = ids.iter().enumerate().skip(start);
+        for (i, id) in iter.by_ref() {
+            if let Some(entry) = load(i, id)? {
                 entries.push(entry);
                 last = Some(id);
-                if entries.len() == max {
+                if entries.len() == max_entries {
                     break;
                 }
             }
@@ -129,28 +132,28 @@ impl Pool {
         &self,
         fs: &PoolFs,
         dir: &KindDir,
-        id: &str,
+        (pos, id): (usize, &str),
         read_at: SystemTime,
     ) -> Result<Option<Listed<Found>>> {
         let vid = VolumeId::try_from(id)?; // the index keeps only valid IDs
         let Some(files) = fs.entry_files(dir, id, "volume.json", Some("image")) else {
             // Not plainly an entry of ours: the checked path says what it is.
-            self.index.volumes().forget(id);
+            self.index.volumes().forget(id, pos);
             let read = read_volume_record(fs, &vid).map(|m| m.map(Arc::new));
             return Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image: None })));
         };
         let Some(stamp) = files.record else {
-            self.index.volumes().forget(id);
+            self.index.volumes().forget(id, pos);
             return Ok(None);
         };
         let image = Some(files.image);
-        if let Some(meta) = self.index.volumes().record(id, &stamp) {
+        if let Some(meta) = self.index.volumes().record(id, pos, &stamp) {
             return Ok(Some(Ok(Found { meta, image })));
         }
         let read = read_volume_record(fs, &vid).map(|m| m.map(Arc::new));
         match &read {
-            Ok(Some(meta)) => self.index.volumes().remember(id, stamp, meta, read_at),
-            _ => self.index.volumes().forget(id),
+            Ok(Some(meta)) => self.index.volumes().remember(id, pos, stamp, meta, read_at),
+            _ => self.index.volumes().forget(id, pos),
         }
         Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image })))
     }
@@ -236,7 +239,7 @@ impl Pool {
             read_at,
             starting_token,
             max_entries,
-            |dir, id| self.listed_volume(&fs, dir, id, read_at),
+            |dir, pos, id| self.listed_volume(&fs, dir, (pos, id), read_at),
         )
     }
 
@@ -258,9 +261,9 @@ impl Pool {
             read_at,
             starting_token,
             max_entries,
-            |dir, id| {
+            |dir, pos, id| {
                 let m = self
-                    .listed_snapshot(&fs, dir, id, read_at)?
+                    .listed_snapshot(&fs, dir, (pos, id), read_at)?
                     .and_then(skip_bad);
                 Ok(m.filter(|m| source.is_none_or(|s| m.source_volume_id == *s)))
             },
@@ -276,26 +279,29 @@ impl Pool {
         &self,
         fs: &PoolFs,
         dir: &KindDir,
-        id: &str,
+        (pos, id): (usize, &str),
         read_at: SystemTime,
     ) -> Result<Option<Listed<Arc<SnapshotMeta>>>> {
         let sid = SnapshotId::try_from(id)?;
         let read = || read_snapshot_record(fs, &sid).map(|m| m.map(Arc::new));
         let Some(files) = fs.entry_files(dir, id, "snapshot.json", None) else {
-            self.index.snapshots().forget(id);
+            self.index.snapshots().forget(id, pos);
             return Ok(listed(id, read()));
         };
         let Some(stamp) = files.record else {
-            self.index.snapshots().forget(id);
+            self.index.snapshots().forget(id, pos);
             return Ok(None);
         };
-        if let Some(meta) = self.index.snapshots().record(id, &stamp) {
+        if let Some(meta) = self.index.snapshots().record(id, pos, &stamp) {
             return Ok(Some(Ok(meta)));
         }
         let read = read();
         match &read {
-            Ok(Some(meta)) => self.index.snapshots().remember(id, stamp, meta, read_at),
-            _ => self.index.snapshots().forget(id),
+            Ok(Some(meta)) => self
+                .index
+                .snapshots()
+                .remember(id, pos, stamp, meta, read_at),
+            _ => self.index.snapshots().forget(id, pos),
         }
         Ok(listed(id, read))
     }
@@ -307,13 +313,15 @@ impl Pool {
         let fs = self.fs()?;
         let dir = fs.open_kind(Path::new(Kind::Volumes.dir()))?;
         let ids = self.index.volumes().ids(&fs, &dir, read_at)?;
-        let image = |id: &String| match fs.entry_image(&dir, id, "image") {
-            Some(image) => image,
-            None => VolumeId::try_from(id.as_str())
-                .ok()
-                .and_then(|id| fs.stat_image(&layout::volume_image(&id)).ok().flatten()),
+        let image = |_: usize, id: &str| {
+            Ok(match fs.entry_image(&dir, id, "image") {
+                Some(image) => image,
+                None => VolumeId::try_from(id)
+                    .ok()
+                    .and_then(|id| fs.stat_image(&layout::volume_image(&id)).ok().flatten()),
+            })
         };
-        Ok(ids.iter().filter_map(image).collect())
+        load_all(&ids, 0, &image)
     }
 
     /// A volume's committed metadata, `None` when there is none; read without its lock (the
@@ -327,6 +335,46 @@ impl Pool {
         read_snapshot_record(&self.fs()?, id)
     }
 }
+
+/// Loads every entry of `ids` from `start`, in order, skipping those `load` finds nothing for:
+/// on several threads when there are many (each takes a contiguous run of IDs).
+fn load_all<T: Send>(
+    ids: &[String],
+    start: usize,
+    load: &(impl Fn(usize, &str) -> Result<Option<T>> + Sync),
+) -> Result<Vec<T>> {
+    let run = |from: usize, to: usize| -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(to - from);
+        for (i, id) in ids.iter().enumerate().take(to).skip(from) {
+            out.extend(load(i, id)?);
+        }
+        Ok(out)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let rest = ids.len() - start;
+    if threads < 2 || rest < PARALLEL_FROM {
+        return run(start, ids.len());
+    }
+    let chunk = rest.div_ceil(threads);
+    let parts: Vec<Result<Vec<T>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (start..ids.len())
+            .step_by(chunk)
+            .map(|from| s.spawn(move || run(from, (from + chunk).min(ids.len()))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut entries = Vec::with_capacity(rest);
+    for part in parts {
+        entries.extend(part?);
+    }
+    Ok(entries)
+}
+
+/// How many entries a listing loads before it spreads them over threads.
+const PARALLEL_FROM: usize = 1024;
 
 /// A committed volume as a listing found it.
 struct Found {

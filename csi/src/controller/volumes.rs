@@ -184,31 +184,38 @@ impl Controller {
             entries: page
                 .entries
                 .into_iter()
-                .map(|entry| match entry {
-                    Ok(v) => pb::list_volumes_response::Entry {
-                        volume: Some(self.volume_pb(&v.meta)),
-                        status: Some(pb::list_volumes_response::VolumeStatus {
-                            published_node_ids: self.published_nodes(&v.meta),
-                            volume_condition: Some(convert::condition(v.condition)),
-                        }),
-                    },
-                    Err(bad) => pb::list_volumes_response::Entry {
-                        volume: Some(pb::Volume {
-                            volume_id: bad.id,
-                            ..Default::default()
-                        }),
-                        status: Some(pb::list_volumes_response::VolumeStatus {
-                            published_node_ids: Vec::new(),
-                            volume_condition: Some(pb::VolumeCondition {
-                                abnormal: true,
-                                message: bad.reason,
-                            }),
-                        }),
-                    },
-                })
+                .map(|entry| self.list_entry(entry))
                 .collect(),
             next_token: page.next_token.unwrap_or_default(),
         })
+    }
+
+    fn list_entry(
+        &self,
+        entry: loopvol::Listed<loopvol::ListedVolume>,
+    ) -> pb::list_volumes_response::Entry {
+        match entry {
+            Ok(v) => pb::list_volumes_response::Entry {
+                volume: Some(self.volume_pb(&v.meta)),
+                status: Some(pb::list_volumes_response::VolumeStatus {
+                    published_node_ids: self.published_nodes(&v.meta),
+                    volume_condition: Some(convert::condition(v.condition)),
+                }),
+            },
+            Err(bad) => pb::list_volumes_response::Entry {
+                volume: Some(pb::Volume {
+                    volume_id: bad.id,
+                    ..Default::default()
+                }),
+                status: Some(pb::list_volumes_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: Some(pb::VolumeCondition {
+                        abnormal: true,
+                        message: bad.reason,
+                    }),
+                }),
+            },
+        }
     }
 
     pub(super) async fn get_volume(

@@ -3,7 +3,7 @@ use super::*;
 #[test]
 fn paging_is_stable_and_tokens_are_checked() {
     let ids: Vec<String> = (0..7).map(|i| format!("v{i}")).collect();
-    let load = |id: &str| Ok(Some(id.to_owned()));
+    let load = |_: usize, id: &str| Ok(Some(id.to_owned()));
     let p1 = Pool::page(&ids, None, 3, load).unwrap();
     assert_eq!(p1.entries, ["v0", "v1", "v2"]);
     let t = p1.next_token.unwrap();
@@ -24,6 +24,37 @@ fn paging_is_stable_and_tokens_are_checked() {
         let err = Pool::page(&ids, Some(bad), 3, load).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
     }
+}
+
+#[test]
+fn a_whole_listing_loaded_on_threads_keeps_its_order() {
+    let ids: Vec<String> = (0..3000).map(|i| format!("v{i:05}")).collect();
+    // Every third entry is not committed (skipped); positions are the IDs' own.
+    let load = |i: usize, id: &str| {
+        assert_eq!(ids[i], id);
+        Ok((!i.is_multiple_of(3)).then(|| id.to_owned()))
+    };
+    let all = Pool::page(&ids, None, 0, load).unwrap();
+    let want: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !i.is_multiple_of(3))
+        .map(|(_, id)| id.clone())
+        .collect();
+    assert_eq!(all.entries, want);
+    assert!(all.next_token.is_none());
+    // From a token, and with a maximum that covers the rest: the same.
+    let rest = Pool::page(&ids, Some("after:v00999"), 5000, load).unwrap();
+    assert_eq!(rest.entries, want[666..]);
+    // An error anywhere fails the listing.
+    let failing = |i: usize, id: &str| {
+        if i == 2500 {
+            Err(Error::invalid("entry", "broken"))
+        } else {
+            Ok(Some(id.to_owned()))
+        }
+    };
+    assert!(Pool::page(&ids, None, 0, failing).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
