@@ -13,9 +13,11 @@
 //! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes;
 //! - [`admin`]: the admin CLI `loopvol` run on a test's pool; [`openmetrics`]: a strict parser
 //!   of what `/metrics` and `loopvol metrics` write, and a scrape of `/metrics`;
-//! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight.
+//! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight;
+//! - [`bench`]: the benchmarks' statistics (interleaved pairs, median ratio and spread).
 
 pub mod admin;
+pub mod bench;
 pub mod binaries;
 pub mod csi;
 pub mod data;
