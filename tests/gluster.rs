@@ -147,6 +147,7 @@ impl<'s> GlusterPool<'s> {
                 dir,
                 log,
                 child: None,
+                paused: false,
             };
             client.spawn(&pool.volume);
             pool.clients.push(client);
@@ -200,6 +201,21 @@ impl<'s> GlusterPool<'s> {
         pid
     }
 
+    /// SIGSTOPs `node`'s FUSE client: every call on its mount hangs (a hung mount) until
+    /// [`resume_client`](Self::resume_client), or the drop, which resumes it first.
+    pub fn pause_client(&mut self, node: Node) {
+        let client = &mut self.clients[node.index()];
+        client.signal(Signal::SIGSTOP);
+        client.paused = true;
+    }
+
+    /// SIGCONTs `node`'s FUSE client after [`pause_client`](Self::pause_client).
+    pub fn resume_client(&mut self, node: Node) {
+        let client = &mut self.clients[node.index()];
+        client.signal(Signal::SIGCONT);
+        client.paused = false;
+    }
+
     /// Unmounts `node`'s mount (lazily when busy, e.g. after its client was killed with files
     /// open) and mounts the volume there again with a new client.
     pub fn remount(&mut self, node: Node) {
@@ -217,6 +233,49 @@ impl<'s> GlusterPool<'s> {
             .unwrap_or_else(|e| panic!("gluster volume set {} {key} {value}: {e}", self.volume));
     }
 
+    /// The types of the translators `node`'s client runs now (`performance/quick-read`...), as
+    /// it shows them under `<mount>/.meta/graphs/active/*/type`. Empty while it switches graphs.
+    pub fn translators(&self, node: Node) -> Vec<String> {
+        let graph = self.mount_point(node).join(".meta/graphs/active");
+        std::fs::read_dir(graph)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("type")).ok())
+                    .map(|t| t.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits (bounded) until `node`'s client runs a graph with translators and none of
+    /// `types`, and answers through it: a `volume set` reaches mounted clients a moment later,
+    /// and a client that just switched graphs answers ENOENT for a moment even for a directory
+    /// it has just made (seen: the pool's `trash/`), so a file is made, found and removed.
+    pub fn wait_for_graph_without(&self, node: Node, types: &[&str]) {
+        poll(
+            &format!("node {}'s client graph without {types:?}", node.name()),
+            MOUNT_READY,
+            || {
+                let now = self.translators(node);
+                (!now.is_empty() && !now.iter().any(|t| types.contains(&t.as_str()))).then_some(())
+            },
+        );
+        let probe = self
+            .mount_point(node)
+            .join(format!(".graph-probe-{}", node.name()));
+        poll(
+            &format!("node {}'s client answering on its new graph", node.name()),
+            MOUNT_READY,
+            || {
+                let answered = std::fs::write(&probe, b"x").is_ok()
+                    && std::fs::metadata(&probe).is_ok()
+                    && std::fs::remove_file(&probe).is_ok();
+                answered.then_some(())
+            },
+        );
+    }
+
     /// `node`'s FUSE client log (for failure messages).
     pub fn client_log(&self, node: Node) -> String {
         std::fs::read_to_string(&self.clients[node.index()].log).unwrap_or_default()
@@ -225,6 +284,13 @@ impl<'s> GlusterPool<'s> {
 
 impl Drop for GlusterPool<'_> {
     fn drop(&mut self) {
+        // A paused client would hang every cleanup step below.
+        for client in &mut self.clients {
+            if client.paused {
+                client.signal(Signal::SIGCONT);
+                client.paused = false;
+            }
+        }
         // Loop devices on the pool's images and the mounts of their filesystems keep the FUSE
         // mounts busy: everything the test left under its scratch dir goes first.
         self.scratch.cleanup_kernel_state();
@@ -251,9 +317,17 @@ struct Client {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// SIGSTOPped by the test.
+    paused: bool,
 }
 
 impl Client {
+    fn signal(&self, sig: Signal) {
+        let child = self.child.as_ref().expect("the client is running");
+        let pid = Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in i32"));
+        kill(pid, sig).unwrap_or_else(|e| panic!("{sig} the glusterfs client: {e}"));
+    }
+
     fn spawn(&mut self, volume: &str) {
         assert!(self.child.is_none(), "{} is mounted", self.dir.display());
         // What `mount -t glusterfs` runs, kept in the foreground so the test owns the process.

@@ -18,6 +18,18 @@ pub fn loops_backing(image: &Path) -> Vec<LoopDevice> {
         .unwrap_or_else(|e| panic!("loop devices of {}: {e}", image.display()))
 }
 
+/// Attaches the file `image` to a free loop device (a test's own pool filesystem).
+pub fn attach(image: &Path) -> LoopDevice {
+    loopvol::testing::loopdev::attach(image, false)
+        .unwrap_or_else(|e| panic!("attach {}: {e}", image.display()))
+}
+
+/// Mounts the block device `device` (a filesystem of type `fs_type`) at `target`.
+pub fn mount_device(device: &Path, target: &Path, fs_type: &str) {
+    loopvol::testing::mount::mount_fs(device, target, fs_type, nix::mount::MsFlags::empty(), "")
+        .unwrap_or_else(|e| panic!("mount {} at {}: {e}", device.display(), target.display()))
+}
+
 /// Detaches `dev` (already detached counts as done).
 pub fn detach(dev: &LoopDevice) -> Result<(), String> {
     loopvol::testing::loopdev::detach(dev).map_err(|e| e.to_string())

@@ -14,6 +14,8 @@
 //! - [`admin`]: the admin CLI `loopvol` run on a test's pool; [`openmetrics`]: a strict parser
 //!   of what `/metrics` and `loopvol metrics` write, and a scrape of `/metrics`;
 //! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight;
+//! - [`small_fs`]: a small filesystem of the test's own, to fill; [`workload`]: writes and
+//!   syncs, and what it synced checked afterwards (fencing);
 //! - [`bench`]: the benchmarks' statistics (interleaved pairs, median ratio and spread).
 
 pub mod admin;
@@ -29,6 +31,8 @@ pub mod kernel;
 pub mod openmetrics;
 pub mod poll;
 pub mod scratch;
+pub mod small_fs;
+pub mod workload;
 
 pub use binaries::{binary, run};
 pub use csi::CsiServer;

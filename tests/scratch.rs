@@ -47,6 +47,31 @@ impl Scratch {
         self.root().join(rel)
     }
 
+    /// A pool directory on a filesystem of its own: a `mib` MiB image of `fs` (`ext4`, or `xfs`
+    /// with reflinks: at least 300 MiB) under the scratch dir, on a loop device, mounted at
+    /// `<scratch>/<fs>-pool-<mib>`. For tests of space: its free space is small and known, and
+    /// filling it touches nothing else. Unmounted and detached with everything else on drop.
+    /// ext4 is made without blocks reserved for root, so root sees all of its free space.
+    pub fn small_pool(&self, fs: &str, mib: u64) -> PathBuf {
+        let image = self.path(&format!("{fs}-pool-{mib}.img"));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(mib << 20))
+            .unwrap_or_else(|e| panic!("{}: {e}", image.display()));
+        let dev = kernel::attach(&image);
+        let mut mkfs = std::process::Command::new(format!("mkfs.{fs}"));
+        match fs {
+            "ext4" => mkfs.args(["-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=1"]),
+            "xfs" => mkfs.args(["-q", "-f", "-K", "-m", "reflink=1"]),
+            other => panic!("small_pool: no {other}"),
+        };
+        let (code, _, err) = crate::run(mkfs.arg(dev.path()));
+        assert_eq!(code, 0, "mkfs.{fs}: {err}");
+        let dir = self.path(&format!("{fs}-pool-{mib}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        kernel::mount_device(&dev.path(), &dir, fs);
+        dir
+    }
+
     /// The image file of volume `id` in the pool (the layout both front ends share).
     pub fn image(&self, id: &str) -> PathBuf {
         self.pool().join("volumes").join(id).join("image")

@@ -8,6 +8,7 @@
 //! loopvol check                 exit 0 clean, 1 findings, 2 error
 //! loopvol gc [--yes]            dry run without --yes
 //! loopvol metrics [--textfile PATH]
+//! loopvol fence NODE [--force]  a shared pool: declare NODE down (its volumes may move)
 //! ```
 //!
 //! One file per subcommand under `commands/`.
@@ -64,6 +65,9 @@ enum Command {
     Gc(commands::gc::Args),
     /// The pool and volume gauges loopvol-csi exports, for node-exporter's textfile collector.
     Metrics(commands::metrics::Args),
+    /// A shared pool: declare NODE down for good (its kernel writes no more), so its
+    /// read-write volumes may move to other nodes. Refused while its lease still moves.
+    Fence(commands::fence::Args),
 }
 
 /// How a command ended: the exit code it asks for.
@@ -82,6 +86,7 @@ fn run(args: Args) -> Result<Outcome, String> {
         Command::Check(a) => commands::check::run(&ctx, &a),
         Command::Gc(a) => commands::gc::run(&ctx, &a),
         Command::Metrics(a) => commands::metrics::run(&ctx, &a),
+        Command::Fence(a) => commands::fence::run(&ctx, &a),
     }
 }
 
@@ -116,6 +121,12 @@ mod tests {
             Command::Gc(commands::gc::Args { yes: true })
         ));
         assert!(Args::try_parse_from(["loopvol", "inspect"]).is_err());
+        let a = Args::try_parse_from(["loopvol", "fence", "node-a", "--force"]).unwrap();
+        assert!(matches!(
+            a.command,
+            Command::Fence(commands::fence::Args { ref node, force: true }) if node == "node-a"
+        ));
+        assert!(Args::try_parse_from(["loopvol", "fence"]).is_err());
         assert!(Args::try_parse_from(["loopvol"]).is_err());
     }
 }

@@ -183,6 +183,7 @@ fn check_reports_and_gc_removes_exactly_the_safe_set() {
         (p("volumes/Bad Name!"), "unknown-entry"),
         (p("volumes/pvc-link"), "unknown-entry"),
     ];
+    let interrupted = ("abnormal-volume".to_owned(), "pvc-committing".to_owned());
     file(&p("volumes/pvc-clone-cut/image.tmp"), 64 * MIB, 4096);
     file(&p("trash/pvc-full.1.2/image"), 64 * MIB, 8192);
     file(&p("volumes/pvc-attached/image.tmp"), 64 * MIB, 0);
@@ -192,6 +193,16 @@ fn check_reports_and_gc_removes_exactly_the_safe_set() {
     std::fs::write(p("volumes/pvc-corrupt/volume.json"), b"{not json").unwrap();
     std::fs::create_dir_all(p("volumes/Bad Name!")).unwrap();
     std::os::unix::fs::symlink("/etc", p("volumes/pvc-link")).unwrap();
+
+    // A create interrupted after its metadata, before its image moved into place: abnormal
+    // (no image yet), but its `image.tmp` is the volume's image, which the create's repeat
+    // moves: never a temp file gc removes.
+    let committing = create(&pool, "pvc-committing", 64 * MIB);
+    std::fs::rename(
+        p("volumes/pvc-committing/image"),
+        p("volumes/pvc-committing/image.tmp"),
+    )
+    .unwrap();
 
     // check: every plant, its kind, exit 1.
     let (code, found) = a.findings();
@@ -203,6 +214,7 @@ fn check_reports_and_gc_removes_exactly_the_safe_set() {
         .collect();
     // The attached orphan's loop device is one nothing holds.
     want.push(("unheld-device".into(), dev.path().display().to_string()));
+    want.push(interrupted.clone());
     want.sort();
     assert_eq!(found, want);
     let report = a.json(&["check"], 1);
@@ -289,10 +301,15 @@ fn check_reports_and_gc_removes_exactly_the_safe_set() {
         "pvc-kept",
         "the committed volume beside the temp file is intact"
     );
+    assert!(
+        p("volumes/pvc-committing/image.tmp").exists(),
+        "gc removed an image"
+    );
     // What is left is what gc must not touch; a second gc has nothing to do.
     let (code, left) = a.findings();
     assert_eq!(code, 1);
-    assert_eq!(left.len(), kept_back.len() + 1, "{left:?}");
+    // The kept-back ones, the unheld device and the interrupted commit.
+    assert_eq!(left.len(), kept_back.len() + 2, "{left:?}");
     let again = a.run(&["gc", "--yes"]);
     assert_eq!(
         (again.code, again.stdout.contains("nothing to remove")),
@@ -300,6 +317,11 @@ fn check_reports_and_gc_removes_exactly_the_safe_set() {
         "{again:?}"
     );
     assert_eq!(listing(&root), after);
+    assert_eq!(create(&pool, "pvc-committing", 64 * MIB), committing);
+    assert!(
+        p("volumes/pvc-committing/image").exists(),
+        "the repeat finished the commit"
+    );
 
     // A busy entry is left, and gc says so (exit 1): a create in progress holds its lock.
     file(&p("volumes/pvc-busy/image.tmp"), MIB, 0);

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::os::fd::AsFd;
 
 use nix::errno::Errno;
-use nix::unistd::{lseek, Whence};
 
 use crate::error::{Context, Result};
+use crate::extents;
 use crate::observe::{self, CopyKind};
 use crate::sys;
 
@@ -28,72 +28,79 @@ impl CopyMethod {
     }
 }
 
-/// Copies the image open as `input` into `output` (a new, empty file opened for writing) and
-/// fsyncs it. `what` names the copy in messages ("volume a to snapshot b"); `kind` says why it
-/// is made (for the metrics).
-pub(crate) fn copy_image(
-    input: &File,
-    output: &File,
-    kind: CopyKind,
-    what: &str,
-) -> Result<CopyMethod> {
+/// Makes `output` (a new, empty file open for writing) share every block of `input`: instant,
+/// and no space taken now. `Ok(false)` when the pool's filesystem cannot (then [`copy_data`]).
+/// `what` names the copy in messages ("volume a to snapshot b"); `kind` says why it is made
+/// (for the metrics).
+pub(crate) fn reflink(input: &File, output: &File, kind: CopyKind, what: &str) -> Result<bool> {
     let start = std::time::Instant::now();
-    let (method, bytes) = match sys::ficlone(output.as_fd(), input.as_fd()) {
-        // The data now shared: what a copy would have moved.
-        Ok(()) => (
-            CopyMethod::Reflink,
-            input
+    match sys::ficlone(output.as_fd(), input.as_fd()) {
+        Ok(()) => {
+            // The data now shared: what a copy would have moved.
+            let shared = input
                 .metadata()
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
-                .unwrap_or(0),
-        ),
-        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => {
-            let copied = sparse_copy(input, output).context(|| format!("copy {what}"))?;
-            (CopyMethod::Sparse, copied)
+                .unwrap_or(0);
+            observe::copy(kind, CopyMethod::Reflink, shared, start.elapsed());
+            Ok(true)
         }
-        Err(e) => return Err(e).context(|| format!("reflink {what}")),
-    };
-    output.sync_all().context(|| format!("fsync copy {what}"))?;
-    observe::copy(kind, method, bytes, start.elapsed());
-    Ok(method)
+        Err(Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY) => Ok(false),
+        Err(e) => Err(e).context(|| format!("reflink {what}")),
+    }
 }
 
-/// Walks the data extents with SEEK_DATA/SEEK_HOLE and copies each with copy_file_range (which
-/// the kernel may itself accelerate); the destination gets the same length and the same holes.
-/// Returns the bytes copied.
-fn sparse_copy(input: &File, output: &File) -> std::io::Result<u64> {
-    let len = input.metadata()?.len();
-    output.set_len(len)?;
-    let mut copied: u64 = 0;
-    let mut pos: i64 = 0;
-    while u64::try_from(pos).is_ok_and(|p| p < len) {
-        let data = match lseek(input.as_fd(), pos, Whence::SeekData) {
-            Ok(off) => off,
-            Err(Errno::ENXIO) => break, // only a hole remains
-            Err(e) => return Err(e.into()),
-        };
-        let hole = lseek(input.as_fd(), data, Whence::SeekHole)?;
-        let mut off_in = data;
-        let mut off_out = data;
-        let mut remaining = usize::try_from(hole - data)
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+/// Allocates in `output` every range where `input` holds data (fallocate, nothing written):
+/// the space a [`copy_data`] of it will take is taken now, so it can be admitted and held
+/// before the data moves. Returns the bytes allocated.
+pub(crate) fn preallocate(input: &File, output: &File, what: &str) -> Result<u64> {
+    let mut total = 0u64;
+    for range in extents::data_ranges(input).context(|| format!("map {what}"))? {
+        let (start, end) = range.context(|| format!("map {what}"))?;
+        crate::volume::fallocate(output, start, end - start)?;
+        total = total.saturating_add(end - start);
+    }
+    Ok(total)
+}
+
+/// Copies the data extents of `input` into `output` with copy_file_range (which the kernel may
+/// itself accelerate); `output` becomes at least as long as `input`, with the same holes.
+pub(crate) fn copy_data(input: &File, output: &File, kind: CopyKind, what: &str) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut copied = 0u64;
+    let ctx = || format!("copy {what}");
+    let len = input.metadata().context(ctx)?.len();
+    // Never shorter: a caller may have sized (and so reserved) the output beyond the input.
+    if output.metadata().context(ctx)?.len() < len {
+        output.set_len(len).context(ctx)?;
+    }
+    for range in extents::data_ranges(input).context(ctx)? {
+        let (start, end) = range.context(ctx)?;
+        let (mut off_in, mut off_out) = (as_offset(start)?, as_offset(start)?);
+        let mut remaining = end - start;
         while remaining > 0 {
+            let chunk = usize::try_from(remaining.min(1 << 30)).unwrap_or(1 << 30);
             let n = nix::fcntl::copy_file_range(
                 input.as_fd(),
                 Some(&mut off_in),
                 output.as_fd(),
                 Some(&mut off_out),
-                remaining.min(1 << 30),
-            )?;
+                chunk,
+            )
+            .context(ctx)?;
             if n == 0 {
                 break; // the source shrank under us; the length is already set
             }
-            remaining -= n;
-            copied = copied.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+            let n = u64::try_from(n).unwrap_or(u64::MAX);
+            remaining = remaining.saturating_sub(n);
+            copied = copied.saturating_add(n);
         }
-        pos = hole;
     }
-    Ok(copied)
+    observe::copy(kind, CopyMethod::Sparse, copied, start.elapsed());
+    Ok(())
+}
+
+fn as_offset(n: u64) -> Result<i64> {
+    i64::try_from(n).map_err(|_| crate::Error::OutOfRange(format!("offset {n} is too large")))
 }
 
 #[cfg(test)]
@@ -117,14 +124,13 @@ mod tests {
             .create_new(true)
             .open(&dest)
             .unwrap();
-        let method = copy_image(
+        copy_data(
             &File::open(&src).unwrap(),
             &output,
             CopyKind::Clone,
             "src to dest",
         )
         .unwrap();
-        let _ = method; // reflink or sparse: whatever the temp dir's filesystem offers
         let a = std::fs::read(&src).unwrap();
         let b = std::fs::read(&dest).unwrap();
         assert_eq!(a, b);

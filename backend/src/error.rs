@@ -46,6 +46,10 @@ pub enum Error {
     #[error("not enough space: {0}")]
     NoSpace(String),
 
+    /// A limit other than space (a node's attach limit).
+    #[error("{0}")]
+    Limit(String),
+
     #[error("pool {path}: {reason}")]
     Pool { path: PathBuf, reason: String },
 
@@ -97,13 +101,18 @@ impl Error {
             }
             Error::Stale { .. } => ErrorKind::Busy,
             Error::OutOfRange(_) => ErrorKind::OutOfRange,
-            Error::NoSpace(_) => ErrorKind::ResourceExhausted,
+            Error::NoSpace(_) | Error::Limit(_) => ErrorKind::ResourceExhausted,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 ErrorKind::ResourceExhausted
             }
             Error::Sys { source, .. } if *source == nix::Error::ENOSPC => {
                 ErrorKind::ResourceExhausted
             }
+            // A size the pool's filesystem cannot hold in one file (ext4: 16 TiB).
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+                ErrorKind::OutOfRange
+            }
+            Error::Sys { source, .. } if *source == nix::Error::EFBIG => ErrorKind::OutOfRange,
             Error::Io { .. }
             | Error::Sys { .. }
             | Error::Command { .. }
@@ -180,6 +189,11 @@ mod tests {
             source: std::io::Error::from_raw_os_error(libc::EIO),
         };
         assert_eq!(e.kind(), ErrorKind::Internal);
+        let e = Error::Io {
+            context: "size".into(),
+            source: std::io::Error::from_raw_os_error(libc::EFBIG),
+        };
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
     }
 
     #[test]

@@ -291,6 +291,31 @@ pub(crate) fn usage(path: &Path) -> Result<Usage> {
     })
 }
 
+/// Shuts down the filesystem mounted at `mount_point` (a fence): committing its log first with
+/// `flush_log` (`sys::FS_SHUTDOWN_LOGFLUSH`), else at once (`sys::FS_SHUTDOWN_NOLOGFLUSH`).
+/// `Ok(false)` when the filesystem has no shutdown (btrfs); already shut down counts as done.
+pub(crate) fn shutdown(mount_point: &Path, flush_log: bool) -> Result<bool> {
+    use std::os::fd::AsFd;
+    let dir = match File::open(mount_point) {
+        Ok(dir) => dir,
+        // xfs answers EIO once it is shut down.
+        Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(true),
+        Err(e) => return Err(e).context(|| format!("open {}", mount_point.display())),
+    };
+    let flags = if flush_log {
+        crate::sys::FS_SHUTDOWN_LOGFLUSH
+    } else {
+        crate::sys::FS_SHUTDOWN_NOLOGFLUSH
+    };
+    match crate::sys::fs_shutdown(dir.as_fd(), flags) {
+        Ok(()) | Err(nix::errno::Errno::EIO) => Ok(true),
+        Err(nix::errno::Errno::ENOTTY | nix::errno::Errno::EOPNOTSUPP) => Ok(false),
+        Err(e) => {
+            Err(e).context(|| format!("shut down the filesystem at {}", mount_point.display()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

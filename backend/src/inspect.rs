@@ -456,6 +456,10 @@ impl Pool {
                 files.add(&fs, &dir.join(f));
             }
             match self.read_volume_meta(&id) {
+                // Metadata and no image: a create interrupted between committing its metadata
+                // and moving its image into place; `image.tmp` *is* the volume's image, and the
+                // create's repeat moves it (never a temp file to remove).
+                Ok(Some(meta)) if !entry.files.iter().any(|f| f == "image") => metas.push(meta),
                 Ok(Some(meta)) => {
                     temp_findings(&fs, &dir, &entry, Some(&id), &mut findings, |n| {
                         Fix::VolumeTemp(id.clone(), n)
@@ -953,10 +957,37 @@ fn abnormal_finding(id: &VolumeId, node: &NodeName, c: &Condition) -> Finding {
              then stop its pods, unstage and fsck it"
                 .to_owned(),
         ),
+        Some(
+            AbnormalReason::ImageDeletedInUse
+            | AbnormalReason::ImageReplacedInUse
+            | AbnormalReason::FilesystemAborted
+            | AbnormalReason::DeviceUnreadable,
+        ) => (
+            FindingKind::AbnormalVolume,
+            "the message says what to do: copy the data from the loop device it names before \
+             unstaging, or unstage and check the filesystem"
+                .to_owned(),
+        ),
+        Some(AbnormalReason::ImageTruncated) => (
+            FindingKind::AbnormalVolume,
+            "part of the data is gone from the pool: restore the image from a backup or a \
+             snapshot, or delete the volume"
+                .to_owned(),
+        ),
         Some(AbnormalReason::UntrustedEntry) => (
             FindingKind::AbnormalVolume,
             "something was planted where its image belongs: look at it (`ls -l`), move it away, \
              and restore the image"
+                .to_owned(),
+        ),
+        Some(AbnormalReason::Fenced) => (
+            FindingKind::AbnormalVolume,
+            "this node fenced it (another node may have it now): unpublish and unstage it here"
+                .to_owned(),
+        ),
+        Some(AbnormalReason::PoolNotAnswering) => (
+            FindingKind::AbnormalVolume,
+            "the pool does not answer: repair its mount (the cluster filesystem's client)"
                 .to_owned(),
         ),
         Some(AbnormalReason::MetadataCorrupt) | None => {

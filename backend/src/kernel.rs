@@ -47,6 +47,43 @@ impl KernelView {
             .collect()
     }
 
+    /// Loop devices still bound to a former image at `path`, deleted or replaced while attached
+    /// (sysfs names it `<path> (deleted)`). They still hold that image's data.
+    pub fn stale_devices_of(&self, path: &Path) -> Vec<LoopDevice> {
+        let deleted = deleted_name(path);
+        self.loops
+            .iter()
+            .filter(|d| d.backing_file == deleted)
+            .cloned()
+            .collect()
+    }
+
+    /// Every loop device of the volume whose image belongs at `path` (`image`: the file there
+    /// now, if any): bound to that image, or to a former one deleted or replaced while attached.
+    pub fn volume_devices(&self, path: &Path, image: Option<&Image>) -> Vec<LoopDevice> {
+        let mut all = self.devices_of(image);
+        for stale in self.stale_devices_of(path) {
+            if !all.iter().any(|d| d.number == stale.number) {
+                all.push(stale);
+            }
+        }
+        all
+    }
+
+    /// `dev` as a message names it: its node, and where it is mounted if anywhere
+    /// ("/dev/loop3, mounted at /a, /b").
+    pub fn describe(&self, dev: &LoopDevice) -> String {
+        let users: Vec<String> = self
+            .users(std::slice::from_ref(dev), &[])
+            .iter()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
+        match users.as_slice() {
+            [] => dev.path().display().to_string(),
+            _ => format!("{}, mounted at {}", dev.path().display(), users.join(", ")),
+        }
+    }
+
     /// Every bound loop device.
     pub fn loops(&self) -> &[LoopDevice] {
         &self.loops
@@ -83,6 +120,35 @@ impl KernelView {
         let number: u32 = by_number.or_else(by_source).or_else(by_bind)?;
         self.loops.iter().find(|d| d.number == number)
     }
+}
+
+/// This machine's kernel boot ID (`/proc/sys/kernel/random/boot_id`): it changes with every
+/// boot, so a staging hold stamped with an older one belongs to a kernel that no longer runs.
+pub(crate) fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
+/// How sysfs names the backing file of a loop device whose file at `path` was unlinked.
+fn deleted_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(" (deleted)");
+    PathBuf::from(name)
+}
+
+/// The path a loop device's backing file had, with sysfs' ` (deleted)` mark removed: a device
+/// bound to a since deleted file is still recognised as bound to the image that was there.
+pub(crate) fn former_path(backing: &Path) -> &Path {
+    backing
+        .to_str()
+        .and_then(|s| s.strip_suffix(" (deleted)"))
+        .map_or(backing, Path::new)
 }
 
 /// A filesystem mounted from `dev` (or a bind of one). btrfs reports an anonymous device number

@@ -25,6 +25,7 @@
 mod cmd;
 mod copy;
 pub mod error;
+mod extents;
 mod freeze;
 mod fs;
 mod host;
@@ -90,13 +91,18 @@ pub use error::{Error, ErrorKind, Result};
 pub use fs::{InodeUsage, Usage};
 pub use ids::{GroupSnapshotId, NodeName, SnapshotId, VolumeId};
 pub use lock::LockWait;
-pub use meta::{AccessMode, Allocation, Hold, SnapshotMeta, VolumeMeta, VolumeSource};
+pub use meta::{
+    AccessMode, Allocation, Fenced, FencedBy, Hold, SnapshotMeta, VolumeMeta, VolumeSource,
+};
+pub use pool::watchdog::HUNG_AFTER as POOL_DEADLINE;
 pub use pool::{
-    default_node_name, BadEntry, Capacity, Listed, ListedVolume, NodePath, Page, Pool, PoolOptions,
+    default_node_name, BadEntry, Capacity, LeaseSettings, LeaseState, LeaseTerms, Listed,
+    ListedVolume, NodeInfo, NodePath, NodeRecord, Page, Pool, PoolOptions,
 };
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
 pub use validate::FsType;
 pub use volume::{
-    AbnormalReason, Access, Condition, CreateVolume, Expanded, Publish, Staged, Volume,
+    AbnormalReason, Access, Condition, CreateVolume, Expanded, FenceCheck, FenceReport, NodeGuard,
+    Publish, Staged, Volume,
 };

@@ -34,6 +34,9 @@ pub struct LoopDevice {
     /// The path the image had when it was bound (sysfs' `loop/backing_file`).
     pub backing_file: PathBuf,
     pub read_only: bool,
+    /// Fenced: its window onto the image was moved past the end ([`cut_off`]), so every I/O
+    /// fails. loopvol never sets an offset otherwise.
+    pub cut_off: bool,
     /// The identity of the backing file, asked of the device (one ioctl) the first time it is
     /// needed: a different path to the same file (a bind mount of the pool) is still that file.
     backing_id: OnceCell<Option<FileId>>,
@@ -45,6 +48,7 @@ impl LoopDevice {
             number,
             backing_file,
             read_only,
+            cut_off: false,
             backing_id: OnceCell::new(),
         }
     }
@@ -100,11 +104,14 @@ pub(crate) fn list() -> Result<Vec<LoopDevice>> {
         };
         let read_only =
             std::fs::read_to_string(entry.path().join("ro")).is_ok_and(|s| s.trim() == "1");
-        devices.push(LoopDevice::new(
+        let mut dev = LoopDevice::new(
             number,
             PathBuf::from(backing.trim_end_matches('\n')),
             read_only,
-        ));
+        );
+        dev.cut_off = std::fs::read_to_string(entry.path().join("loop/offset"))
+            .is_ok_and(|s| s.trim() != "0");
+        devices.push(dev);
     }
     devices.sort_by_key(|d| d.number);
     Ok(devices)
@@ -123,6 +130,9 @@ pub(crate) fn attach(backing: &File, image: &Path, read_only: bool) -> Result<Lo
     if read_only {
         flags |= sys::LO_FLAGS_READ_ONLY;
     }
+    // The device takes the size the kernel has for the image: on a shared pool, fetch it afresh
+    // (another node may have grown it a moment ago).
+    sys::refresh_size(backing.as_fd()).context(|| format!("stat {}", image.display()))?;
     // Another process may take the free device between GET_FREE and CONFIGURE: then CONFIGURE says
     // EBUSY and we ask again. The bound keeps a broken kernel from spinning us forever.
     for _ in 0..64 {
@@ -165,11 +175,44 @@ pub(crate) fn attach(backing: &File, image: &Path, read_only: bool) -> Result<Lo
     )))
 }
 
-/// Re-reads the image size into the loop device after the image grew.
-pub(crate) fn refresh_capacity(dev: &LoopDevice) -> Result<()> {
+/// Re-reads the image size into the loop device after the image grew. `image`, the image open
+/// (any mode), has its size fetched afresh first (see `sys::refresh_size`).
+pub(crate) fn refresh_capacity(dev: &LoopDevice, image: &File) -> Result<()> {
+    sys::refresh_size(image.as_fd()).context(|| format!("stat {}", dev.backing_file.display()))?;
     let file = File::open(dev.path()).context(|| format!("open {}", dev.path().display()))?;
     sys::loop_set_capacity(file.as_fd())
         .context(|| format!("refresh capacity of {}", dev.path().display()))
+}
+
+/// Where [`cut_off`] moves a device's window: past the end of any image (the kernel takes
+/// offsets up to `i64::MAX`), aligned for direct I/O.
+const CUT_OFF_OFFSET: u64 = 1 << 62;
+
+/// Fences a loop device at the block layer: its window onto the image moves past the end, so
+/// its size becomes 0 and every read and write fails (EIO, ENOSPC) without reaching the image,
+/// whatever is mounted on it or holds it open (a btrfs, a raw block user). The kernel waits for
+/// the I/O in flight first: once this returns, nothing more of this device reaches the image.
+/// Undone only by detaching (the device is this node's no more). Idempotent.
+pub(crate) fn cut_off(dev: &LoopDevice) -> Result<()> {
+    let path = dev.path();
+    let file = File::open(&path).context(|| format!("open {}", path.display()))?;
+    // The status asks the backing file for its attributes, which a dead cluster client refuses
+    // (ENOTCONN). The new status needs none of it: the kernel takes the offset, the size limit
+    // and the few flags a status may change (autoclear, partition scan: none of ours).
+    let mut info = match sys::loop_get_status64(file.as_fd()) {
+        Ok(info) if info.lo_offset == CUT_OFF_OFFSET => return Ok(()),
+        Ok(info) => info,
+        Err(e) => {
+            tracing::debug!(device = %path.display(), error = %e, "no status; cutting off from scratch");
+            sys::LoopInfo64 {
+                lo_flags: sys::LO_FLAGS_DIRECT_IO,
+                ..sys::LoopInfo64::default()
+            }
+        }
+    };
+    info.lo_offset = CUT_OFF_OFFSET;
+    sys::loop_set_status64(file.as_fd(), &info)
+        .context(|| format!("cut {} off its image", path.display()))
 }
 
 /// Detaches a loop device; already detached counts as done.

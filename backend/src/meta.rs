@@ -102,6 +102,58 @@ pub struct Hold {
     /// The PV the claim was made for: FlexVolume's `detach` names only the PV.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pv_name: Option<String>,
+    /// A staging hold: the kernel boot of the node that staged it. A node whose record names
+    /// another boot since has rebooted, and its old kernel writes nothing any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<String>,
+    /// A staging hold whose node cut its writes off (see `volume::fence`): it no longer keeps
+    /// the volume from another node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced: Option<Fenced>,
+}
+
+impl Hold {
+    /// A hold of `node` in `mode`, for nothing else.
+    pub fn new(node: NodeName, mode: AccessMode) -> Hold {
+        Hold {
+            node,
+            mode,
+            pv_name: None,
+            boot: None,
+            fenced: None,
+        }
+    }
+}
+
+/// Who cut a node's writes to a volume off, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fenced {
+    pub by: FencedBy,
+    /// For the operator: what made the node (or the controller) fence it.
+    pub reason: String,
+    pub at_unix: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FencedBy {
+    /// The node itself, after shutting the filesystem down and cutting the loop device off.
+    Node,
+    /// The controller, at the lease's expiry, when the cluster allows hand-over then
+    /// (`--handover-on-lease-expiry`): it relies on the node having fenced itself in time.
+    LeaseExpiry,
+    /// An operator who declared the node down (`loopvol fence NODE`).
+    Operator,
+}
+
+impl FencedBy {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FencedBy::Node => "by the node itself",
+            FencedBy::LeaseExpiry => "by the controller at the lease's expiry",
+            FencedBy::Operator => "by an operator who declared the node down",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +184,15 @@ pub struct VolumeMeta {
     /// must be formatted again, not mistaken for user data (or refused as such).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formatting: Option<FsType>,
+    /// Nothing but zeros since it was created blank (no source): loopvol has not formatted it and
+    /// no workload had its raw device. With the image's extent map, a witness that formatting it
+    /// loses nothing. `false` for volumes made before it was recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blank: bool,
+    /// Staged or published as a raw block device at least once: whatever it holds carries no
+    /// filesystem signature, so loopvol never formats it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw_block: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@ use nix::mount::MsFlags;
 
 use crate::fs::Content;
 use crate::ids::VolumeId;
+use crate::meta::VolumeSource;
 use crate::validate::{FsType, FLAG_OPTIONS};
 
 /// Flags every loopvol mount gets unless the caller's options say otherwise: a volume must not
@@ -29,6 +30,17 @@ pub(crate) struct FormatInputs<'a> {
     pub recorded: Option<FsType>,
     /// The stage is read-only (a read-only loop device: nothing can be written).
     pub read_only: bool,
+    /// Bytes of data in the image (`SEEK_DATA`: written ranges, not holes or never-written
+    /// allocations); `None` when the map cannot tell (it could not be read, or the pool's
+    /// filesystem reports every byte as data, as one without `SEEK_DATA` support does).
+    pub data_bytes: Option<u64>,
+    /// The metadata records the volume as blank since its creation (`VolumeMeta::blank`): the
+    /// witness when the data map cannot tell.
+    pub recorded_blank: bool,
+    /// The metadata records that the volume was used as a raw block device.
+    pub raw_block: bool,
+    /// What the volume was copied from, if anything.
+    pub source: Option<&'a VolumeSource>,
 }
 
 /// What to do with a volume's device before mounting it.
@@ -45,17 +57,37 @@ pub(crate) enum FormatPlan {
     Refuse(String),
 }
 
-/// Decides what a stage does with the device of volume `id`. Formats only a blank device or the
-/// leftovers of our own interrupted format; anything else that is not a filesystem we mount is
-/// refused, and a filesystem of another type than asked is never reformatted.
+/// Decides what a stage does with the device of volume `id`. Formats only a device on which
+/// `blkid` finds nothing *and* whose image provably holds no data (its data map shows none, or,
+/// where the map cannot tell, the metadata records it blank since its creation), or the
+/// leftovers of our own interrupted format. A volume ever used
+/// as a raw block device is never formatted, nor one copied from a source whose data has no
+/// filesystem. Anything else that is not a filesystem we mount is refused, and a filesystem of
+/// another type than asked is never reformatted.
 pub(crate) fn format_plan(id: &VolumeId, i: &FormatInputs<'_>) -> FormatPlan {
     let blank = *i.content == Content::Blank;
+    if i.raw_block && !matches!(i.content, Content::Filesystem(_)) {
+        return FormatPlan::Refuse(format!(
+            "volume {id} was used as a raw block device and blkid finds no filesystem on it; \
+             loopvol never formats such a volume, since whatever it holds would be lost. Use it \
+             as a block volume, or copy its data off and create a new volume for a filesystem"
+        ));
+    }
     if i.read_only && (blank || i.in_progress.is_some()) {
         return FormatPlan::Refuse(format!(
             "volume {id} holds no filesystem yet and is staged read-only, so it cannot be formatted"
         ));
     }
     if blank {
+        // Data the map shows is data, whatever the record says (it may have been written
+        // outside loopvol); whatever our own interrupted mkfs wrote is no one's.
+        let empty = match i.data_bytes {
+            Some(bytes) => bytes == 0,
+            None => i.recorded_blank,
+        } || i.in_progress.is_some();
+        if !empty {
+            return FormatPlan::Refuse(refuse_unsigned_data(id, i));
+        }
         let fs = i
             .requested
             .or(i.in_progress)
@@ -84,6 +116,32 @@ pub(crate) fn format_plan(id: &VolumeId, i: &FormatInputs<'_>) -> FormatPlan {
         Content::Other(what) => FormatPlan::Refuse(format!(
             "volume {id} holds {what}, not a filesystem; refusing to format it"
         )),
+    }
+}
+
+/// Why a device without a signature, whose image holds data, is not formatted.
+fn refuse_unsigned_data(id: &VolumeId, i: &FormatInputs<'_>) -> String {
+    let data = match i.data_bytes {
+        Some(n) => format!("{n} bytes of data"),
+        None => "data, as far as its data map can tell,".to_owned(),
+    };
+    match i.source {
+        Some(source) => {
+            let from = match source {
+                VolumeSource::Snapshot(s) => format!("snapshot {s}"),
+                VolumeSource::Volume(v) => format!("volume {v}"),
+            };
+            format!(
+                "volume {id} was created from {from} and holds {data} but no filesystem blkid \
+                 recognises (a copy of a raw block volume?); refusing to format it. Use it as a \
+                 block volume, or create a new volume for a filesystem"
+            )
+        }
+        None => format!(
+            "volume {id} holds {data} but no filesystem blkid recognises (a damaged filesystem, \
+             or data written outside loopvol); refusing to format it. Copy its image off for \
+             recovery, or delete the volume"
+        ),
     }
 }
 
@@ -208,12 +266,32 @@ mod tests {
         Content::Filesystem(name.into())
     }
 
+    /// Every case whose plan is not the expected one (a `Refuse` matches when its text
+    /// contains the expected one's).
+    fn wrong_plans<'a>(
+        cases: impl IntoIterator<Item = (FormatInputs<'a>, &'a FormatPlan)>,
+    ) -> Vec<String> {
+        let id = VolumeId::try_from("v").unwrap();
+        cases
+            .into_iter()
+            .filter_map(|(inputs, want)| {
+                let got = format_plan(&id, &inputs);
+                let ok = match (&got, want) {
+                    (FormatPlan::Refuse(text), FormatPlan::Refuse(needle)) => {
+                        text.contains(needle.as_str())
+                    }
+                    (got, want) => got == want,
+                };
+                (!ok).then(|| format!("{inputs:?}: got {got:?}, want {want:?}"))
+            })
+            .collect()
+    }
+
     /// Every input combination that matters, with the plan it must give.
     #[test]
     fn format_plans() {
         use FormatPlan::*;
         use FsType::*;
-        let id = VolumeId::try_from("v").unwrap();
         let gpt = Content::Other("partition table gpt".into());
         // (content, in progress, requested, recorded, read-only) → plan ("" = Refuse, with the
         // text it must contain)
@@ -351,24 +429,181 @@ mod tests {
                 refuse("refusing to format"),
             ),
         ];
-        let mut wrong = Vec::new();
-        for (content, in_progress, requested, recorded, read_only, want) in &table {
-            let inputs = FormatInputs {
-                content,
-                in_progress: *in_progress,
-                requested: *requested,
-                recorded: *recorded,
-                read_only: *read_only,
-            };
-            let got = format_plan(&id, &inputs);
-            let ok = match (&got, want) {
-                (Refuse(text), Refuse(needle)) => text.contains(needle.as_str()),
-                (got, want) => got == want,
-            };
-            if !ok {
-                wrong.push(format!("{inputs:?}: got {got:?}, want {want:?}"));
-            }
-        }
+        let cases = table.iter().map(
+            |(content, in_progress, requested, recorded, read_only, want)| {
+                let inputs = FormatInputs {
+                    content,
+                    in_progress: *in_progress,
+                    requested: *requested,
+                    recorded: *recorded,
+                    read_only: *read_only,
+                    // Provably empty: the witnesses have their own table below.
+                    data_bytes: Some(0),
+                    recorded_blank: false,
+                    raw_block: false,
+                    source: None,
+                };
+                (inputs, want)
+            },
+        );
+        let wrong = wrong_plans(cases);
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// blkid is not the only witness: a device without a signature is formatted only when its
+    /// image holds no data (or is recorded blank, or our own format was interrupted), and never
+    /// after a raw block use.
+    #[test]
+    fn formatting_needs_a_witness_of_no_data() {
+        use FormatPlan::*;
+        use FsType::*;
+        let snap = VolumeSource::Snapshot(crate::SnapshotId::try_from("s1").unwrap());
+        let vol = VolumeSource::Volume(VolumeId::try_from("v0").unwrap());
+        let refuse = |needle: &'static str| Refuse(needle.to_owned());
+        // (content, data bytes, recorded blank, raw block, source, in progress) → plan
+        type Row<'a> = (
+            Content,
+            Option<u64>,
+            bool,
+            bool,
+            Option<&'a VolumeSource>,
+            Option<FsType>,
+            FormatPlan,
+        );
+        let table: Vec<Row> = vec![
+            // No data extent, or recorded blank where the map cannot tell: nothing to lose.
+            (
+                Content::Blank,
+                Some(0),
+                false,
+                false,
+                None,
+                None,
+                Format(Ext4),
+            ),
+            (Content::Blank, None, true, false, None, None, Format(Ext4)),
+            // Data the map shows is someone's, whatever the record says.
+            (
+                Content::Blank,
+                Some(5),
+                true,
+                false,
+                None,
+                None,
+                refuse("holds 5 bytes of data"),
+            ),
+            (
+                Content::Blank,
+                Some(0),
+                false,
+                false,
+                Some(&snap),
+                None,
+                Format(Ext4),
+            ),
+            // Data without a signature: refused, saying where it came from.
+            (
+                Content::Blank,
+                Some(4096),
+                false,
+                false,
+                None,
+                None,
+                refuse("holds 4096 bytes of data but no filesystem"),
+            ),
+            (
+                Content::Blank,
+                None,
+                false,
+                false,
+                None,
+                None,
+                refuse("as far as its data map can tell"),
+            ),
+            (
+                Content::Blank,
+                Some(1 << 20),
+                false,
+                false,
+                Some(&snap),
+                None,
+                refuse("created from snapshot s1"),
+            ),
+            (
+                Content::Blank,
+                Some(1 << 20),
+                false,
+                false,
+                Some(&vol),
+                None,
+                refuse("created from volume v0"),
+            ),
+            // Our own interrupted format wrote what is there.
+            (
+                Content::Blank,
+                Some(8192),
+                false,
+                false,
+                None,
+                Some(Xfs),
+                Format(Xfs),
+            ),
+            // A raw block device's content is never formatted, whatever else says so.
+            (
+                Content::Blank,
+                Some(0),
+                true,
+                true,
+                None,
+                None,
+                refuse("was used as a raw block device"),
+            ),
+            (
+                Content::Blank,
+                Some(0),
+                false,
+                true,
+                None,
+                Some(Ext4),
+                refuse("never formats such a volume"),
+            ),
+            (
+                Content::Other("partition table dos".into()),
+                Some(1),
+                false,
+                true,
+                None,
+                None,
+                refuse("raw block device"),
+            ),
+            // A filesystem the workload made on its block device is used, not formatted.
+            (
+                fsys("ext4"),
+                Some(1 << 20),
+                false,
+                true,
+                None,
+                None,
+                Use(Ext4),
+            ),
+        ];
+        let cases = table.iter().map(
+            |(content, data_bytes, recorded_blank, raw_block, source, in_progress, want)| {
+                let inputs = FormatInputs {
+                    content,
+                    in_progress: *in_progress,
+                    requested: None,
+                    recorded: None,
+                    read_only: false,
+                    data_bytes: *data_bytes,
+                    recorded_blank: *recorded_blank,
+                    raw_block: *raw_block,
+                    source: *source,
+                };
+                (inputs, want)
+            },
+        );
+        let wrong = wrong_plans(cases);
         assert!(wrong.is_empty(), "{wrong:#?}");
     }
 

@@ -65,7 +65,12 @@ impl SizeRequest {
             default
         };
         want = want.max(min);
-        let too_big = || Error::OutOfRange(format!("{want} bytes is too large"));
+        let too_big = || {
+            Error::OutOfRange(format!(
+                "{want} bytes is more than a volume can have (at most {} bytes)",
+                MAX_SIZE / BLOCK * BLOCK
+            ))
+        };
         let mut size = round_up(want).ok_or_else(too_big)?;
         if size > MAX_SIZE {
             return Err(too_big());
@@ -175,6 +180,24 @@ mod tests {
         assert!(!r.admits(21) && !r.admits(9));
         assert!(SizeRequest::at_least(10).admits(1 << 40));
         assert!(SizeRequest::default().admits(0));
+    }
+
+    /// A size no volume can have is refused naming it and the largest one, whether it was asked
+    /// for or comes from a source (a snapshot recorded at 2^63 bytes).
+    #[test]
+    fn too_large_names_the_size_and_the_limit() {
+        let max = (MAX_SIZE / BLOCK * BLOCK).to_string();
+        for (req, source) in [
+            (SizeRequest::default(), Some(1u64 << 63)),
+            (SizeRequest::at_least(1 << 63), None),
+            (SizeRequest::at_least(u64::MAX), None),
+        ] {
+            let err = for_create(req, source, None).unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(err.kind(), ErrorKind::OutOfRange, "{msg}");
+            let asked = source.unwrap_or(req.required).to_string();
+            assert!(msg.contains(&asked) && msg.contains(&max), "{msg}");
+        }
     }
 
     /// FlexVolume's `size` and CSI's range follow the same rules: (request, source size, fs)

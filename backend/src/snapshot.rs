@@ -8,12 +8,13 @@ use std::collections::BTreeSet;
 
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::extents;
 use crate::freeze;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::kernel::KernelView;
 use crate::meta::{self, SnapshotMeta};
 use crate::observe::CopyKind;
-use crate::pool::{layout, Pool};
+use crate::pool::{fsops::PoolFs, layout, Charge, Pool};
 use crate::volume::Volume;
 use crate::ErrorKind;
 
@@ -196,19 +197,6 @@ impl Pool {
             .map(|m| self.volume(&m.source))
             .collect::<Result<_>>()?;
         let fs = self.fs()?;
-        // Without reflinks a copy takes the source's allocated bytes.
-        let mut needed: u64 = 0;
-        for m in &todo {
-            if let Some(st) = fs.stat_image(&layout::volume_image(&m.source))? {
-                needed = needed.saturating_add(st.allocated);
-            }
-        }
-        let free = self.capacity()?.free_bytes;
-        if needed > free {
-            return Err(Error::NoSpace(format!(
-                "snapshot needs up to {needed} bytes; the pool has {free} free"
-            )));
-        }
         for m in &todo {
             let dir = layout::snapshot_dir(&m.id);
             if fs.exists(&dir)? {
@@ -216,20 +204,13 @@ impl Pool {
             }
             fs.ensure_dir(&dir)?;
         }
-        {
-            let view = KernelView::read()?;
-            let frozen_sources: Vec<(&VolumeId, _)> = sources
-                .iter()
-                .map(|v| Ok((v.id(), view.devices_of(v.image()?.as_ref()))))
-                .collect::<Result<_>>()?;
-            let _frozen = freeze::freeze(&view, &frozen_sources)?;
+        if let Err(e) = self.copy_members(&fs, &todo, &sources) {
             for m in &todo {
-                let input = fs.open_image(&layout::volume_image(&m.source), true)?;
-                let output = fs.create_image(&layout::snapshot_image_tmp(&m.id))?;
-                let what = format!("volume {} to snapshot {}", m.source, m.id);
-                let method = copy::copy_image(&input, &output, CopyKind::Snapshot, &what)?;
-                tracing::info!(snapshot = %m.id, volume = %m.source, ?method, "copied image");
+                if let Err(undo) = self.remove_dir_atomically(&layout::snapshot_dir(&m.id)) {
+                    tracing::warn!(snapshot = %m.id, error = %undo, "could not remove a failed snapshot");
+                }
             }
+            return Err(e);
         }
         let mut made = sources.iter();
         for (m, slot) in members.iter().zip(done.iter_mut()) {
@@ -258,6 +239,60 @@ impl Pool {
             *slot = Some(meta);
         }
         Ok(done.into_iter().flatten().collect())
+    }
+
+    /// Copies each member's source into its `image.tmp`, all under one freeze. Each copy is
+    /// admitted against what the pool can still promise and made visible before the admission
+    /// lock goes: a reflink shares what its source owned alone (the source then owes a copy of
+    /// those blocks for its next write over them: charged to the source's allocation); a data
+    /// copy takes its space now (charged as space taken, preallocated under the lock and
+    /// filled after it).
+    fn copy_members(&self, fs: &PoolFs, todo: &[&Member], sources: &[Volume<'_>]) -> Result<()> {
+        let view = KernelView::read()?;
+        let frozen_sources: Vec<(&VolumeId, _)> = sources
+            .iter()
+            .map(|v| Ok((v.id(), view.devices_of(v.image()?.as_ref()))))
+            .collect::<Result<_>>()?;
+        let _frozen = freeze::freeze(&view, &frozen_sources)?;
+        let shared_blocks = fs.may_share_blocks();
+        let mut to_copy = Vec::new();
+        {
+            let mut admission = self.admission()?;
+            for (m, source) in todo.iter().zip(sources) {
+                let image = layout::volume_image(&m.source);
+                let input = fs.open_image(&image, true)?;
+                let output = fs.create_image(&layout::snapshot_image_tmp(&m.id))?;
+                let what = format!("snapshot {} of volume {}", m.id, m.source);
+                // Measured before the reflink: what the source owns alone becomes shared.
+                let own = fs.image_space(&image, shared_blocks)?.map_or(0, |s| s.own);
+                if copy::reflink(&input, &output, CopyKind::Snapshot, &what)? {
+                    admission.admit(Charge::new(source.meta().allocation, own), &what)?;
+                    tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Reflink, "copied image");
+                } else {
+                    let data = extents::data_bytes(&input).map_err(|e| Error::Io {
+                        context: format!("map the data of {}", fs.path(&image).display()),
+                        source: e,
+                    })?;
+                    admission.admit(Charge::now(data), &what)?;
+                    copy::preallocate(&input, &output, &what)?;
+                    to_copy.push((m, input, output, what));
+                }
+            }
+        }
+        for (m, input, output, what) in &to_copy {
+            copy::copy_data(input, output, CopyKind::Snapshot, what)?;
+            tracing::info!(snapshot = %m.id, volume = %m.source, method = ?copy::CopyMethod::Sparse, "copied image");
+        }
+        for m in todo {
+            let tmp = layout::snapshot_image_tmp(&m.id);
+            fs.open_image(&tmp, false)?
+                .sync_all()
+                .map_err(|e| Error::Io {
+                    context: format!("fsync {}", fs.path(&tmp).display()),
+                    source: e,
+                })?;
+        }
+        Ok(())
     }
 
     /// Deletes a snapshot; unknown IDs succeed. Volumes restored from it are independent copies,

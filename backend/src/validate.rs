@@ -376,6 +376,25 @@ pub fn check_path(what: &'static str, path: &Path, prefixes: &[PathBuf]) -> Resu
     Ok(())
 }
 
+/// A group ID for a volume's root (a pod's fsGroup, CSI's `volume_mount_group`): decimal digits
+/// only (no sign, no spaces), below 4294967295, which is `(gid_t)-1`: chown(2) reads it as
+/// "leave the group as it is", so it would be accepted and do nothing.
+pub fn parse_group_id(what: &'static str, s: &str) -> Result<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::invalid(
+            what,
+            format!("{s:?} is not a group ID (decimal digits only)"),
+        ));
+    }
+    match s.parse::<u32>() {
+        Ok(gid) if gid != u32::MAX => Ok(gid),
+        _ => Err(Error::invalid(
+            what,
+            format!("{s} is not a group ID (at most {})", u32::MAX - 1),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,5 +539,24 @@ mod tests {
         assert!(check_path("target path", Path::new("/tmp/x"), &kubelet).is_err());
         assert!(check_path("target path", Path::new("/var/lib/kubelet"), &kubelet).is_err());
         assert!(check_path("target path", Path::new("/var/lib/kubeletx/a"), &kubelet).is_err());
+    }
+
+    #[test]
+    fn group_ids() {
+        let rows = [
+            ("0", Some(0)),
+            ("2000", Some(2000)),
+            ("4294967294", Some(u32::MAX - 1)),
+            ("4294967295", None),
+            ("4294967296", None),
+            ("+5", None),
+            ("-5", None),
+            (" 5", None),
+            ("5 ", None),
+            ("", None),
+            ("0x10", None),
+            ("٣", None),
+        ];
+        crate::table::check(rows, |s| parse_group_id("group", s).ok());
     }
 }

@@ -16,6 +16,20 @@
 //!    Then, over the socket (medians of 20 calls with their spread): a full ListVolumes, one page
 //!    of 100 (from every part of the listing), GetCapacity, ListSnapshots full and by page, and
 //!    the server's RSS (peak and now).
+//!
+//! ```text
+//! target/release/examples/csi-bench gluster [PAIRS] [HELD]
+//! ```
+//!
+//! On a GlusterFS volume of its own (the test harness's: glusterd on loopback, the volume with the
+//! options a shared pool needs), a `--shared-pool` server:
+//!
+//! 1. PAIRS (default 30) interleaved pairs of one shared-pool lifecycle (CreateVolume,
+//!    ControllerPublish, NodeStage, NodePublish, NodeUnpublish, NodeUnstage, ControllerUnpublish,
+//!    DeleteVolume) and the bare tools doing the same steps on the same mount: each side's median,
+//!    the median ratio and its spread;
+//! 2. the lease renewal cost of a node holding HELD (default 100) staged volumes: lease writes per
+//!    second, and the node plugin's CPU per renewal round and per second at the default interval.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,6 +59,13 @@ impl Drop for Server {
 }
 
 fn start_server(dir: &Path) -> Server {
+    let pool = dir.join("pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    start_server_with(dir, &[format!("--pool={}", pool.display())])
+}
+
+/// The server on `<dir>/csi.sock` with `args` (the pool among them).
+fn start_server_with(dir: &Path, args: &[String]) -> Server {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/examples/csi-bench → target/<profile>/loopvol-csi
     let bin = exe.parent().unwrap().parent().unwrap().join("loopvol-csi");
@@ -53,11 +74,10 @@ fn start_server(dir: &Path) -> Server {
         "build it first: cargo build --release --bins --examples"
     );
     let socket = dir.join("csi.sock");
-    let pool = dir.join("pool");
-    std::fs::create_dir_all(&pool).unwrap();
+    let _ = std::fs::remove_file(&socket);
     let child = Command::new(bin)
         .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!("--pool={}", pool.display()))
+        .args(args)
         .arg("--node-id=bench")
         // 1 GiB thin volumes; only a few exist at once, and they stay nearly empty.
         .arg("--overcommit=64")
@@ -78,6 +98,19 @@ async fn channel(socket: &Path) -> Channel {
     loopvol_proto::connect_unix(socket).await.unwrap()
 }
 
+/// CreateVolume of an ext4 volume `name` of `bytes`.
+fn create_request(name: impl Into<String>, bytes: i64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap()],
+        ..Default::default()
+    }
+}
+
 fn cap() -> pb::VolumeCapability {
     pb::VolumeCapability {
         access_type: Some(AccessType::Mount(MountVolume {
@@ -96,6 +129,19 @@ const RPCS: [&str; 6] = [
     "NodePublishVolume",
     "NodeUnpublishVolume",
     "NodeUnstageVolume",
+    "DeleteVolume",
+];
+
+/// A shared pool's lifecycle: the node-local one's, with the controller's claim around the
+/// node's calls.
+const SHARED_RPCS: [&str; 8] = [
+    "CreateVolume",
+    "ControllerPublishVolume",
+    "NodeStageVolume",
+    "NodePublishVolume",
+    "NodeUnpublishVolume",
+    "NodeUnstageVolume",
+    "ControllerUnpublishVolume",
     "DeleteVolume",
 ];
 
@@ -122,8 +168,21 @@ where
 
 /// One full lifecycle; returns each RPC's latency in RPCS order.
 async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
+    let t = timed_lifecycle(ch, dir, name, None).await;
+    [t[0], t[2], t[3], t[4], t[5], t[7]]
+}
+
+/// One full lifecycle, claimed for `node` on a shared pool (`None`: node-local); returns each
+/// RPC's latency in SHARED_RPCS order (zero for the claim's when there is none). A call that
+/// answers ABORTED is retried, as a CO does, and its retries count in its time.
+async fn timed_lifecycle(
+    ch: &Channel,
+    dir: &Path,
+    name: &str,
+    node: Option<&str>,
+) -> [Duration; 8] {
     let ctl = ControllerClient::new(ch.clone());
-    let node = NodeClient::new(ch.clone());
+    let nd = NodeClient::new(ch.clone());
     let staging = dir.join("kubelet/staging").join(name).display().to_string();
     let target = dir
         .join("kubelet/pods")
@@ -131,20 +190,12 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         .join("mount")
         .display()
         .to_string();
-    let mut t = [Duration::ZERO; 6];
+    let mut t = [Duration::ZERO; 8];
 
     let s = Instant::now();
     let id = retried("CreateVolume", || {
         let mut c = ctl.clone();
-        let request = pb::CreateVolumeRequest {
-            name: name.into(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: GIB as i64,
-                limit_bytes: 0,
-            }),
-            volume_capabilities: vec![cap()],
-            ..Default::default()
-        };
+        let request = create_request(name, GIB as i64);
         async move { c.create_volume(request).await }
     })
     .await
@@ -152,9 +203,24 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
     .unwrap()
     .volume_id;
     t[0] = s.elapsed();
+    if let Some(node) = node {
+        let s = Instant::now();
+        retried("ControllerPublishVolume", || {
+            let mut c = ctl.clone();
+            let request = pb::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node.into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            };
+            async move { c.controller_publish_volume(request).await }
+        })
+        .await;
+        t[1] = s.elapsed();
+    }
     let s = Instant::now();
     retried("NodeStageVolume", || {
-        let mut c = node.clone();
+        let mut c = nd.clone();
         let request = pb::NodeStageVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: staging.clone(),
@@ -164,10 +230,10 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         async move { c.node_stage_volume(request).await }
     })
     .await;
-    t[1] = s.elapsed();
+    t[2] = s.elapsed();
     let s = Instant::now();
     retried("NodePublishVolume", || {
-        let mut c = node.clone();
+        let mut c = nd.clone();
         let request = pb::NodePublishVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: staging.clone(),
@@ -178,10 +244,10 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         async move { c.node_publish_volume(request).await }
     })
     .await;
-    t[2] = s.elapsed();
+    t[3] = s.elapsed();
     let s = Instant::now();
     retried("NodeUnpublishVolume", || {
-        let mut c = node.clone();
+        let mut c = nd.clone();
         let request = pb::NodeUnpublishVolumeRequest {
             volume_id: id.clone(),
             target_path: target.clone(),
@@ -189,10 +255,10 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         async move { c.node_unpublish_volume(request).await }
     })
     .await;
-    t[3] = s.elapsed();
+    t[4] = s.elapsed();
     let s = Instant::now();
     retried("NodeUnstageVolume", || {
-        let mut c = node.clone();
+        let mut c = nd.clone();
         let request = pb::NodeUnstageVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: staging.clone(),
@@ -200,7 +266,21 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         async move { c.node_unstage_volume(request).await }
     })
     .await;
-    t[4] = s.elapsed();
+    t[5] = s.elapsed();
+    if let Some(node) = node {
+        let s = Instant::now();
+        retried("ControllerUnpublishVolume", || {
+            let mut c = ctl.clone();
+            let request = pb::ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node.into(),
+                ..Default::default()
+            };
+            async move { c.controller_unpublish_volume(request).await }
+        })
+        .await;
+        t[6] = s.elapsed();
+    }
     let s = Instant::now();
     retried("DeleteVolume", || {
         let mut c = ctl.clone();
@@ -211,7 +291,7 @@ async fn lifecycle(ch: &Channel, dir: &Path, name: &str) -> [Duration; 6] {
         async move { c.delete_volume(request).await }
     })
     .await;
-    t[5] = s.elapsed();
+    t[7] = s.elapsed();
     t
 }
 
@@ -244,10 +324,15 @@ fn sh(program: &str, args: &[&str]) -> String {
 
 /// The same steps with the bare tools (what a shell script would do).
 fn bare_lifecycle(dir: &Path, i: usize) -> Duration {
+    bare_lifecycle_in(dir, dir, i)
+}
+
+/// [`bare_lifecycle`] with the image in `images` and the mount points in `mounts`.
+fn bare_lifecycle_in(images: &Path, mounts: &Path, i: usize) -> Duration {
     let start = Instant::now();
-    let image = dir.join(format!("bare-{i}.img"));
-    let staging = dir.join(format!("bare-{i}-staging"));
-    let target = dir.join(format!("bare-{i}-target"));
+    let image = images.join(format!("bare-{i}.img"));
+    let staging = mounts.join(format!("bare-{i}-staging"));
+    let target = mounts.join(format!("bare-{i}-target"));
     let (img, st, tg) = (
         image.display().to_string(),
         staging.display().to_string(),
@@ -292,6 +377,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx]
+}
+
+/// Each RPC's p50 and p99, one line each.
+fn rpc_table(rpcs: &[&str], per_rpc: &mut [Vec<Duration>]) {
+    println!("  {:<26} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
+    for (name, times) in rpcs.iter().zip(per_rpc.iter_mut()) {
+        times.sort();
+        println!(
+            "  {:<26} {:>9} {:>9}",
+            name,
+            ms(percentile(times, 0.5)),
+            ms(percentile(times, 0.99))
+        );
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -412,6 +511,12 @@ async fn main() {
         "the benchmark needs root (loop devices, mounts)"
     );
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("gluster") {
+        let pairs = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(30);
+        let held = args.get(3).map(|s| s.parse().unwrap()).unwrap_or(100);
+        gluster::run(pairs, held).await;
+        return;
+    }
     let volumes: usize = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(200);
     let listed: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(10_000);
     let pairs = bench::pairs_from_env();
@@ -517,16 +622,7 @@ async fn lifecycle_section(
             ms(percentile(&lc, 0.99)),
             cpu_after - cpu_before
         );
-        println!("  {:<20} {:>9} {:>9}", "rpc", "p50 ms", "p99 ms");
-        for (k, name) in RPCS.iter().enumerate() {
-            per_rpc[k].sort();
-            println!(
-                "  {:<20} {:>9} {:>9}",
-                name,
-                ms(percentile(&per_rpc[k], 0.5)),
-                ms(percentile(&per_rpc[k], 0.99))
-            );
-        }
+        rpc_table(&RPCS, &mut per_rpc);
     }
     println!();
     bench::print_table(&[Row::new(
@@ -712,4 +808,135 @@ fn tempdir(base: &Path) -> PathBuf {
     let dir = base.join(format!("loopvol-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.canonicalize().unwrap()
+}
+
+/// The GlusterFS rows (see the module's documentation).
+mod gluster {
+    use super::*;
+    use loopvol_e2e::gluster::{GlusterPool, Node, COHERENT};
+    use loopvol_e2e::Scratch;
+
+    fn lease_counter(pool: &Path) -> u64 {
+        std::fs::read_to_string(pool.join("leases/bench"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn run(pairs: usize, held: usize) {
+        let scratch = Scratch::new();
+        let gp = GlusterPool::start_with(&scratch, COHERENT);
+        let pool = gp.pool(Node::A);
+        let dir = scratch.path("bench");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bare_dir = gp.mount_point(Node::A).join("bare");
+        std::fs::create_dir_all(&bare_dir).unwrap();
+        let shared = |extra: &[&str]| {
+            let mut a = vec![
+                format!("--pool={}", pool.display()),
+                "--shared-pool".to_owned(),
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+
+        // 1. Interleaved pairs, the order alternating.
+        let server = start_server_with(&dir, &shared(&[]));
+        let ch = channel(&server.socket).await;
+        timed_lifecycle(&ch, &dir, "warmup", Some("bench")).await;
+        bare_lifecycle_in(&bare_dir, &dir, 0);
+        let mut pairs_of = Pairs::default();
+        let mut per_rpc: Vec<Vec<Duration>> = vec![Vec::new(); 8];
+        for i in 0..pairs {
+            let bare_first = (i % 2 == 1).then(|| bare_lifecycle_in(&bare_dir, &dir, i));
+            let t = timed_lifecycle(&ch, &dir, &format!("pair-{i}"), Some("bench")).await;
+            for (k, d) in t.iter().enumerate() {
+                per_rpc[k].push(*d);
+            }
+            let bare = bare_first.unwrap_or_else(|| bare_lifecycle_in(&bare_dir, &dir, i));
+            pairs_of.push(ms_f(t.iter().sum::<Duration>()), ms_f(bare));
+        }
+        println!("GlusterFS pool (one brick on loopback, the volume with {COHERENT:?}):");
+        bench::print_table(&[Row::new(
+            "one shared-pool lifecycle",
+            &pairs_of,
+            |v| format!("{v:.1} ms"),
+            "bare tools on the same mount",
+            Target::AtMost(1.1),
+        )]);
+        rpc_table(&SHARED_RPCS, &mut per_rpc);
+        drop(ch);
+        drop(server);
+
+        // 2. The lease keeper of a node holding `held` staged volumes, renewing every 0.25 s (to
+        // count many rounds in a short window), scaled to the default interval.
+        let interval = 0.25;
+        let server = start_server_with(
+            &dir,
+            &shared(&["--lease-interval=0.25", "--lease-timeout=30"]),
+        );
+        let ch = channel(&server.socket).await;
+        let mut ctl = ControllerClient::new(ch.clone());
+        let mut nd = NodeClient::new(ch.clone());
+        for i in 0..held {
+            let id = ctl
+                .create_volume(create_request(format!("held-{i}"), 64 << 20))
+                .await
+                .expect("CreateVolume")
+                .into_inner()
+                .volume
+                .unwrap()
+                .volume_id;
+            ctl.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "bench".into(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("ControllerPublishVolume");
+            nd.node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id,
+                staging_target_path: dir.join(format!("held/{i}")).display().to_string(),
+                volume_capability: Some(cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("NodeStageVolume");
+        }
+        let window = Duration::from_secs(10);
+        // The node's FUSE client does the renewals' and reads' work too.
+        let client = gp.client_pid(Node::A).expect("node-a's client");
+        let (_, client_before) = proc_usage(client);
+        let (_, cpu_before) = proc_usage(server.child.id());
+        // Read through the node's own mount (the other mount's page cache would serve a stale
+        // copy of a file rewritten in place).
+        let counter_before = lease_counter(&pool);
+        tokio::time::sleep(window).await;
+        let (_, cpu_after) = proc_usage(server.child.id());
+        let (_, client_after) = proc_usage(client);
+        let rounds = lease_counter(&pool).saturating_sub(counter_before).max(1);
+        let per_round = |cpu: f64| cpu / rounds as f64;
+        let (server_cpu, client_cpu) = (
+            per_round(cpu_after - cpu_before),
+            per_round(client_after - client_before),
+        );
+        println!(
+            "lease keeper with {held} staged volumes: {rounds} rounds in {:.0} s at {interval} s; per round (one lease write + fsync, {held} metadata reads) {:.2} ms CPU in the plugin + {:.2} ms in the FUSE client; at the default 2 s interval: 0.5 lease writes/s, {:.0} metadata reads/s, {:.3} % of a CPU",
+            window.as_secs_f64(),
+            server_cpu * 1000.0,
+            client_cpu * 1000.0,
+            held as f64 / 2.0,
+            (server_cpu + client_cpu) / 2.0 * 100.0
+        );
+        for i in 0..held {
+            let _ = nd
+                .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+                    volume_id: format!("held-{i}"),
+                    staging_target_path: dir.join(format!("held/{i}")).display().to_string(),
+                })
+                .await;
+        }
+        drop(server);
+    }
 }

@@ -109,12 +109,10 @@ pub fn parse(cap: &VolumeCapability, shared: bool) -> Result<Capability, CapErro
             let group = if m.volume_mount_group.is_empty() {
                 None
             } else {
-                Some(m.volume_mount_group.parse::<u32>().map_err(|_| {
-                    CapError::Malformed(format!(
-                        "volume_mount_group {:?} is not a numeric group ID",
-                        m.volume_mount_group
-                    ))
-                })?)
+                Some(
+                    loopvol::validate::parse_group_id("volume_mount_group", &m.volume_mount_group)
+                        .map_err(|e| CapError::Malformed(e.to_string()))?,
+                )
             };
             (
                 Access::Mount {
@@ -228,5 +226,15 @@ mod tests {
             m.volume_mount_group = "2000".into();
         }
         assert_eq!(parse(&c, false).unwrap().mount_group, Some(2000));
+        // (gid_t)-1 means "leave the group" to chown, and a sign is not a group ID.
+        for bad in ["4294967295", "+5", "-1", " 7"] {
+            if let Some(AccessType::Mount(m)) = &mut c.access_type {
+                m.volume_mount_group = bad.into();
+            }
+            assert!(
+                matches!(parse(&c, false), Err(CapError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -62,10 +62,21 @@ impl Identity {
         })
     }
 
+    /// Ready when the pool answers: never waits on a pool known not to answer, nor longer than
+    /// the pool's deadline on one that hangs.
     async fn check_ready(&self, _r: pb::ProbeRequest) -> Result<pb::ProbeResponse, Status> {
-        self.driver
-            .run(Rpc::Probe, Vec::new(), |pool| Ok(pool.probe()?))
+        let answered = self
+            .driver
+            .run_bounded(Rpc::Probe, |pool| Ok(pool.ready()?))
             .await?;
+        if answered.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "pool {}: the pool is not answering: the readiness check did not return within \
+                 {:.0} s",
+                self.driver.pool.root().display(),
+                loopvol::POOL_DEADLINE.as_secs_f64()
+            )));
+        }
         Ok(pb::ProbeResponse { ready: Some(true) })
     }
 }

@@ -85,6 +85,29 @@ struct Args {
     /// 0.0.0.0:9810; port 0 picks a free one (logged). Unset: no metrics server.
     #[arg(long, value_name = "IP:PORT")]
     metrics_address: Option<std::net::SocketAddr>,
+
+    /// Shared pool: how often a node plugin renews its lease in the pool, in seconds.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    lease_interval: f64,
+
+    /// Shared pool: after how many seconds without a renewal a node's lease expires. A node
+    /// plugin fences its volumes after half of it; the controller waits the whole of it (and
+    /// the longer of its own and the node's). At least 4 lease intervals.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    lease_timeout: f64,
+
+    /// Shared pool: let the controller move a read-write volume to another node once its node's
+    /// lease expired, trusting that the node fenced itself in time. Off (the default), only the
+    /// node's unstage, its recorded fence, or an operator's `loopvol fence NODE` hands it over:
+    /// a paused node plugin cannot fence.
+    #[arg(long)]
+    handover_on_lease_expiry: bool,
+}
+
+/// A number of seconds from a flag.
+fn seconds(flag: &str, value: f64) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(value)
+        .map_err(|_| format!("--{flag} {value}: not a number of seconds"))
 }
 
 /// Settings the services need, checked at startup.
@@ -148,6 +171,11 @@ fn run(args: Args) -> Result<(), String> {
             ));
         }
     }
+    let lease = loopvol::LeaseSettings {
+        interval: seconds("lease-interval", args.lease_interval)?,
+        timeout: seconds("lease-timeout", args.lease_timeout)?,
+        handover_on_expiry: args.handover_on_lease_expiry,
+    };
     let options = loopvol::PoolOptions {
         node: node_id.clone(),
         shared: args.shared_pool,
@@ -155,11 +183,37 @@ fn run(args: Args) -> Result<(), String> {
         // A busy volume answers ABORTED at once; the CO retries with backoff.
         lock_wait: loopvol::LockWait::Try,
         path_prefixes: args.path_prefixes,
+        lease,
     };
-    let pool = loopvol::Pool::open(&args.pool, options).map_err(|e| e.to_string())?;
-    if matches!(args.mode, Mode::Node | Mode::Both) {
-        // The controller of a shared pool publishes only to nodes that registered.
-        pool.register_node().map_err(|e| e.to_string())?;
+    let pool =
+        std::sync::Arc::new(loopvol::Pool::open(&args.pool, options).map_err(|e| e.to_string())?);
+    let serves_node = matches!(args.mode, Mode::Node | Mode::Both);
+    if serves_node {
+        // The controller of a shared pool publishes only to nodes that registered, and reads
+        // their attach limit and lease terms there. Rewritten only when it changes; a failure
+        // (a full pool) must not keep the node plugin from serving what is staged.
+        let info = loopvol::NodeInfo {
+            max_volumes: u64::try_from(args.max_volumes_per_node).ok(),
+            lease: args.shared_pool.then_some(lease),
+        };
+        if let Err(e) = pool.register_node_with(&info) {
+            tracing::warn!(error = %e, "could not record this node in the pool; serving anyway");
+        }
+    }
+    if args.shared_pool {
+        let started = if serves_node {
+            loopvol::NodeGuard::new(std::sync::Arc::clone(&pool)).start()
+        } else {
+            Ok(())
+        }
+        .and_then(|()| {
+            if matches!(args.mode, Mode::Controller | Mode::Both) {
+                pool.start_lease_watch()
+            } else {
+                Ok(())
+            }
+        });
+        started.map_err(|e| format!("cannot start the lease threads: {e}"))?;
     }
     let config = Config {
         driver_name: args.driver_name,

@@ -48,8 +48,10 @@ impl Node {
         self.driver
             .run(RPC, vec![inflight::volume(&id)], move |pool| {
                 let staging = pool.node_path("staging path", staging)?;
+                // A failed stage undoes what it did: the CO takes it for "not staged" and never
+                // unstages it.
                 let mut volume = pool.volume(&id)?;
-                Ok(volume.stage(&staging, &cap.access, cap.mode)?)
+                Ok(volume.stage_or_release(&staging, &cap.access, cap.mode)?)
             })
             .await?;
         Ok(pb::NodeStageVolumeResponse {})
@@ -141,14 +143,33 @@ impl Node {
         require("volume_path", &r.volume_path)?;
         let id = VolumeId::try_from(r.volume_id).or_status(RPC)?;
         let path = PathBuf::from(r.volume_path);
-        // A read: no in-flight key, no lock (a poll never waits behind a stage).
-        let (usage, condition) = self
+        // A read: no in-flight key, no lock (a poll never waits behind a stage), and a bound:
+        // on a pool that hangs, the kernel's view alone answers, with the reason.
+        let (work_id, work_path) = (id.clone(), path.clone());
+        let stats = self
             .driver
-            .run(RPC, Vec::new(), move |pool| {
-                let meta = pool.get_volume(&id)?;
-                Ok(pool.volume_stats(&meta, &path)?)
+            .run_bounded(RPC, move |pool| {
+                Ok(pool.volume_stats_checked(&work_id, &work_path)?)
             })
             .await?;
+        let (usage, condition) = match stats {
+            Some(stats) => stats,
+            None => {
+                let reason = format!(
+                    "the pool is not answering: reading volume {id} did not return within {:.0} s ({})",
+                    loopvol::POOL_DEADLINE.as_secs_f64(),
+                    self.driver.pool.root().display()
+                );
+                self.driver
+                    .run_bounded(RPC, move |pool| {
+                        Ok(pool.volume_stats_offline(&id, &path, reason)?)
+                    })
+                    .await?
+                    .ok_or_else(|| {
+                        Status::unavailable("the kernel's view of the volume did not answer either")
+                    })?
+            }
+        };
         let mut out = vec![pb::VolumeUsage {
             available: clamp(usage.available_bytes),
             total: clamp(usage.total_bytes),

@@ -73,6 +73,24 @@ impl Driver {
         })
     }
 
+    /// [`Driver::run`] for a read of the pool that must answer within
+    /// [`loopvol::POOL_DEADLINE`] even when the pool hangs: `Ok(None)` when the work did not
+    /// return by then (it goes on in the background; the pool then counts as not answering).
+    pub async fn run_bounded<T: Send + 'static>(
+        &self,
+        rpc: Rpc,
+        work: impl FnOnce(&Pool) -> Result<T, Fail> + Send + 'static,
+    ) -> Result<Option<T>, Status> {
+        match tokio::time::timeout(loopvol::POOL_DEADLINE, self.run(rpc, Vec::new(), work)).await {
+            Ok(done) => done.map(Some),
+            Err(_) => {
+                self.pool
+                    .note_hung(&rpc.to_string(), loopvol::POOL_DEADLINE);
+                Ok(None)
+            }
+        }
+    }
+
     /// This node's topology segment, or none on a shared pool (every node reaches it).
     pub fn topology(&self) -> Option<Topology> {
         (!self.config.shared).then(|| Topology {
@@ -195,7 +213,7 @@ impl Signals {
 /// lets calls in flight finish, and removes the socket.
 pub async fn serve(
     config: Config,
-    pool: Pool,
+    pool: Arc<Pool>,
     socket: PathBuf,
     metrics_address: Option<SocketAddr>,
 ) -> Result<(), String> {
@@ -213,7 +231,7 @@ pub async fn serve(
         .map_err(|e| format!("socket {}: {e}", socket.display()))?;
     let driver = Arc::new(Driver {
         config: config.clone(),
-        pool: Arc::new(pool),
+        pool,
         inflight: InFlight::default(),
     });
     if let Some(l) = metrics_listener {

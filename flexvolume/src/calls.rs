@@ -295,6 +295,11 @@ impl Driver<'_> {
         check_handle(handle, &req.id)?;
         let pool = self.pool()?;
         let device = pool.volume(&req.id)?.attach(req.options.read_only)?;
+        // The node's record carries its boot: once this node boots again, the controller knows
+        // its old holds are stale. Rewritten only when it changes; never fatal.
+        if let Err(e) = pool.register_node() {
+            tracing::warn!(error = %e, "could not record this node in the pool");
+        }
         tracing::info!(volume = %req.id, device = %device.display(), "attached");
         Ok(Reply::success().device(device.display().to_string()))
     }

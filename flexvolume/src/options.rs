@@ -173,12 +173,9 @@ impl Options {
         else {
             return Ok(None);
         };
-        value.parse().map(Some).map_err(|_| {
-            Error::invalid(format!(
-                "option {key:?} must be a group ID (a number up to {}), not {value:?}",
-                u32::MAX
-            ))
-        })
+        loopvol::validate::parse_group_id("group ID", value)
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("option {key:?}: {e}")))
     }
 
     /// The PV (or inline volume) name kubelet gives; FlexVolume's `detach` names only this.

@@ -14,9 +14,11 @@ use std::process::Child;
 
 use loopvol_e2e::flex::{check_protocol, kubelet_options, kubelet_pod_options, Flex};
 use loopvol_e2e::freeze::Frozen;
+use loopvol_e2e::gluster::{self, GlusterPool, Node};
 use loopvol_e2e::kernel;
 use loopvol_e2e::{
-    fs_size, fs_tools, loops_under, mounts_under, require_root, write_synced, Scratch,
+    cleanup_under, fs_size, fs_tools, loops_under, mounts_under, require_root, write_synced,
+    Scratch,
 };
 use serde_json::{json, Value};
 
@@ -124,7 +126,9 @@ fn state(s: &Scratch) -> State {
     }
     let mut files = BTreeMap::new();
     walk(&s.root(), &mut files);
-    files.retain(|p, _| !p.ends_with("flexvolume.log"));
+    // A GlusterFS pool is seen through its mounts; its brick is the server's business.
+    let brick = s.path("gluster/brick");
+    files.retain(|p, _| !p.ends_with("flexvolume.log") && !p.starts_with(&brick));
     State {
         files,
         mounts: mounts_under(&s.root()),
@@ -803,9 +807,46 @@ fn attach_mode_two_nodes_share_a_pool() {
         return;
     }
     let s = Scratch::new();
-    let cm = Flex::new(EXE, &s, "controller", true);
-    let node_a = Flex::new(EXE, &s, "node-a", true);
-    let node_b = Flex::new(EXE, &s, "node-b", true);
+    let pool = s.pool();
+    attach_mode_scenario(&s, [&pool, &pool, &pool], &[]);
+}
+
+/// The same on GlusterFS (with the options a shared pool needs, see `gluster::COHERENT`): the
+/// controller-manager and node-a on mount A, node-b on mount B.
+#[test]
+fn attach_mode_on_glusterfs() {
+    if !gate("xfs") || !gluster::require_gluster() {
+        return;
+    }
+    let s = Scratch::new();
+    let gp = GlusterPool::start_with(&s, gluster::COHERENT);
+    let (a, b) = (gp.pool(Node::A), gp.pool(Node::B));
+    let own = [Node::A, Node::B].map(|n| gp.mount_point(n).to_path_buf());
+    attach_mode_scenario(&s, [&a, &a, &b], &own);
+}
+
+/// Fails naming them when mounts (but the pool's own, `own`) or loop devices are left under the
+/// scratch dir.
+#[track_caller]
+fn assert_clean_but(s: &Scratch, own: &[PathBuf], when: &str) {
+    let mut mounts = mounts_under(&s.root());
+    mounts.retain(|m| !own.contains(m));
+    let loops = loops_under(&s.root());
+    assert!(
+        mounts.is_empty() && loops.is_empty(),
+        "{when}: left mounted {mounts:?}, left attached {loops:?}"
+    );
+}
+
+/// The controller-manager, node-a and node-b with the pool at `pools` (in that order); `own`:
+/// the mounts the pool itself is on.
+fn attach_mode_scenario(s: &Scratch, pools: [&Path; 3], own: &[PathBuf]) {
+    let flex = |name: &str, pool: &Path| {
+        Flex::new(EXE, s, name, true).with_env("LOOPVOL_POOL", &pool.display().to_string())
+    };
+    let cm = flex("controller", pools[0]);
+    let node_a = flex("node-a", pools[1]);
+    let node_b = flex("node-b", pools[2]);
     let opts = kubelet_attach_options(
         "pv-shared",
         "xfs",
@@ -835,13 +876,13 @@ fn attach_mode_two_nodes_share_a_pool() {
     cm.ok(&["attach", &opts, "node-a"]);
     assert_eq!(cm.ok(&["isattached", &opts, "node-a"])["attached"], true);
     assert_eq!(cm.ok(&["isattached", &opts, "node-b"])["attached"], false);
-    let before = state(&s);
+    let before = state(s);
     let m = cm.fail(&["attach", &opts, "node-b"]);
     assert!(
         m.contains("read-write on node node-a") && m.contains("node-b"),
         "{m}"
     );
-    assert_eq!(state(&s), before);
+    assert_eq!(state(s), before);
 
     // kubelet on node-a.
     let device = node_a.ok(&["waitforattach", "loopvol:vol-shared", &opts])["device"]
@@ -860,15 +901,15 @@ fn attach_mode_two_nodes_share_a_pool() {
     let (dmp_a, pod_a) = (dmp("node-a"), pod("node-a"));
     node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
     node_a.ok(&["mountdevice", &dmp_a.display().to_string(), &device, &opts]);
-    assert_eq!(mount_count(&s, &dmp_a), 1);
+    assert_eq!(mount_count(s, &dmp_a), 1);
     node_a.ok(&["mount", &mkdir(&pod_a), &pod_opts]);
     node_a.ok(&["mount", &pod_a.display().to_string(), &pod_opts]);
-    assert_eq!(mount_count(&s, &pod_a), 1);
+    assert_eq!(mount_count(s, &pod_a), 1);
     assert_eq!(std::fs::metadata(&pod_a).unwrap().gid(), 2000);
     write_synced(&pod_a.join("written-on-a"), b"node a was here");
 
     // node-b cannot use it read-write meanwhile, and its failed attempt changes nothing.
-    let before = state(&s);
+    let before = state(s);
     let m = node_b.fail(&["waitforattach", "loopvol:vol-shared", &opts]);
     assert!(
         m.contains("read-write on node node-a") && m.contains("released there"),
@@ -881,7 +922,7 @@ fn attach_mode_two_nodes_share_a_pool() {
         &opts,
     ]);
     assert!(m.contains("node node-a"), "{m}");
-    assert_eq!(state(&s), before);
+    assert_eq!(state(s), before);
     // A handle naming another volume is refused.
     assert!(node_a
         .fail(&["waitforattach", "loopvol:other", &opts])
@@ -891,13 +932,13 @@ fn attach_mode_two_nodes_share_a_pool() {
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     assert_eq!(
-        mount_count(&s, &dmp_a),
+        mount_count(s, &dmp_a),
         1,
         "unmount leaves the device mount to unmountdevice"
     );
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
-    s.assert_clean("left behind");
+    assert_clean_but(s, own, "left behind");
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-never-attached", "node-a"]);
@@ -936,7 +977,10 @@ fn attach_mode_two_nodes_share_a_pool() {
 
     // node-b reboots: its mounts and loop device vanish. kubelet's cleanup calls succeed and
     // release node-b's hold, so node-a can take the volume back.
-    s.cleanup_kernel_state();
+    cleanup_under(&s.path("node-b"));
+    for dev in kernel::loops_backing(&pools[2].join("volumes/vol-shared/image")) {
+        kernel::detach(&dev).unwrap();
+    }
     node_b.ok(&["unmount", &pod_b.display().to_string()]);
     node_b.ok(&["unmountdevice", &dmp_b.display().to_string()]);
     cm.ok(&["detach", "pv-shared", "node-b"]);
@@ -954,7 +998,7 @@ fn attach_mode_two_nodes_share_a_pool() {
     node_a.ok(&["unmount", &pod_a.display().to_string()]);
     node_a.ok(&["unmountdevice", &dmp_a.display().to_string()]);
     cm.ok(&["detach", "pv-shared", "node-a"]);
-    s.assert_clean("left behind");
+    assert_clean_but(s, own, "left behind");
 
     // Read-only claims may be shared by both nodes.
     let ro = kubelet_attach_options("pv-shared", "xfs", "ro", json!({"volumeID": "vol-shared"}));
@@ -963,7 +1007,7 @@ fn attach_mode_two_nodes_share_a_pool() {
     assert_eq!(cm.ok(&["isattached", &ro, "node-b"])["attached"], true);
     cm.ok(&["detach", "pv-shared", "node-a"]);
     cm.ok(&["detach", "pv-shared", "node-b"]);
-    assert_no_secrets_logged(&s);
+    assert_no_secrets_logged(s);
 }
 
 /// A call stuck in the kernel (here a chown on a frozen filesystem) still answers Failure once
@@ -1121,10 +1165,13 @@ fn a_non_utf8_argument_is_refused_without_echoing_it() {
 }
 
 /// After a node reboots kubelet does NOT call `unmountdevice` (its device mount path is no longer
-/// a mount point: kubelet only removes the dir); the controller's `detach` alone must release the
-/// node's hold so another node can take the volume read-write.
+/// a mount point: kubelet only removes the dir). The controller's `detach` releases the claim but
+/// not the node's staging hold: a detach is also what a force-detach of a node that stopped
+/// answering looks like, while its kernel may still write. Another node gets the volume once the
+/// node is known to have rebooted since it staged: its hold names the boot it staged in, and its
+/// record (rewritten by its next `waitforattach`) the boot it runs now.
 #[test]
-fn detach_alone_releases_a_rebooted_node() {
+fn a_detached_node_hands_over_once_it_rebooted() {
     if !gate("ext4") {
         return;
     }
@@ -1142,8 +1189,22 @@ fn detach_alone_releases_a_rebooted_node() {
         .unwrap()
         .to_owned();
     node_b.ok(&["mountdevice", &dmp("node-b"), &dev, &opts]);
-    s.cleanup_kernel_state(); // node-b reboots; kubelet skips unmountdevice
+    // A force-detach: node-b may still be writing.
     cm.ok(&["detach", "pv-rb", "node-b"]);
+    let m = cm.fail(&["attach", &opts, "node-a"]);
+    assert!(
+        m.contains("still staged read-write on node node-b")
+            && m.contains("keeps no lease")
+            && m.contains("loopvol fence node-b"),
+        "{m}"
+    );
+    // node-b reboots (kubelet skips unmountdevice); it had staged in the boot before this one.
+    s.cleanup_kernel_state();
+    let meta = s.pool().join("volumes/pv-rb/volume.json");
+    let mut json: Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    assert_eq!(json["staged"][0]["node"], "node-b", "{json}");
+    json["staged"][0]["boot"] = "the-boot-before".into();
+    std::fs::write(&meta, serde_json::to_vec(&json).unwrap()).unwrap();
     cm.ok(&["attach", &opts, "node-a"]);
     let dev = node_a.ok(&["waitforattach", "loopvol:pv-rb", &opts])["device"]
         .as_str()

@@ -195,8 +195,11 @@ mod tests {
             &Census {
                 capacity: Capacity {
                     free_bytes: 100,
+                    reserve_bytes: 16,
+                    thick_unbacked_bytes: 0,
                     thin_unallocated_bytes: 30,
                     available_bytes: 120,
+                    available_thick_bytes: 54,
                 },
                 filesystem: FilesystemUsage {
                     size_bytes: 1000,

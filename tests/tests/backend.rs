@@ -1329,9 +1329,20 @@ fn shared_pool_keeps_a_writer_on_one_node() {
     release_claim(&a, &id, "node-a").unwrap();
     release_claim(&b, &id, "node-b").unwrap();
 
-    // Staging holds: a read-write stage on node-a keeps node-b out until it is released.
+    // A shared pool stages only what the controller claimed for the node.
     let sa = s.path("a/staging");
     let sb = s.path("b/staging");
+    let err = stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert!(
+        err.to_string().contains("not published to node node-a"),
+        "{err}"
+    );
+    assert!(!sa.exists(), "the refused stage made its path");
+
+    // Staging holds: node-a's read-write stage keeps node-b out until node-a unstages, even
+    // once the controller released node-a's claim (a force-detach proves nothing).
+    claim(&a, &id, "node-a", AccessMode::SingleNodeWriter, None).unwrap();
     stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap();
     let err = stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
@@ -1341,33 +1352,67 @@ fn shared_pool_keeps_a_writer_on_one_node() {
     );
     let err = stage(&b, &id, &sb, &mount_access(FsType::Ext4), true).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    release_claim(&a, &id, "node-a").unwrap();
+    let err = claim(&b, &id, "node-b", AccessMode::SingleNodeWriter, None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("still staged read-write on node node-a")
+            && msg.contains("loopvol fence node-a"),
+        "{msg}"
+    );
     unstage(&a, &id, &sa).unwrap();
+    claim(&b, &id, "node-b", AccessMode::SingleNodeWriter, None).unwrap();
     stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap();
     unstage(&b, &id, &sb).unwrap();
+    release_claim(&b, &id, "node-b").unwrap();
 
     // A claim alone (published to node-a, not yet staged there) keeps node-b out too.
     claim(&a, &id, "node-a", AccessMode::SingleNodeWriter, None).unwrap();
     let err = stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap_err();
     assert!(
         err.to_string()
-            .contains("published read-write on node node-a"),
+            .contains("not published to node node-b (it is published to node node-a read-write)"),
         "{err}"
     );
     release_claim(&a, &id, "node-a").unwrap();
 
-    // node-a dies with the volume staged (its hold stays in the metadata); the controller's
-    // release (CSI ControllerUnpublish after the node is declared dead) frees it for node-b.
+    // A read-only claim makes a read-only stage, whatever the stage asks.
+    claim(&a, &id, "node-a", AccessMode::ReadOnly, None).unwrap();
+    stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap();
+    let table = mount::mounts().unwrap();
+    assert!(
+        mount::mount_at(&table, &sa).is_some_and(|m| m.read_only()),
+        "a read-only claim staged read-write"
+    );
+    unstage(&a, &id, &sa).unwrap();
+    release_claim(&a, &id, "node-a").unwrap();
+
+    // node-a dies with the volume staged (its hold stays in the metadata): the controller's
+    // release is not enough; an operator's fence (the node is down) frees it for node-b.
     claim(&a, &id, "node-a", AccessMode::SingleNodeWriter, None).unwrap();
     stage(&a, &id, &sa, &mount_access(FsType::Ext4), false).unwrap();
-    assert!(stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).is_err());
     release_claim(&b, &id, "node-a").unwrap();
+    assert!(claim(&b, &id, "node-b", AccessMode::SingleNodeWriter, None).is_err());
+    let report = b
+        .fence_node(&node("node-a"), loopvol::FenceCheck::Force)
+        .unwrap();
+    assert_eq!(report.released, [vid(&id).unwrap()]);
     claim(&b, &id, "node-b", AccessMode::SingleNodeWriter, None).unwrap();
     // On one test machine node-a's mount and loop device are still here; a dead node's are not.
     s.cleanup_kernel_state();
     stage(&b, &id, &sb, &mount_access(FsType::Ext4), false).unwrap();
     unstage(&b, &id, &sb).unwrap();
     release_claim(&b, &id, "node-b").unwrap();
-    assert!(get_volume(&a, &id).unwrap().staged.is_empty());
+    let left = get_volume(&a, &id).unwrap().staged;
+    assert!(
+        left.len() == 1
+            && left[0].node == node("node-a")
+            && left[0].fenced.as_ref().map(|f| f.by) == Some(loopvol::FencedBy::Operator),
+        "node-a's hold, fenced by the operator: {left:?}"
+    );
+    // A node declared down keeps no volume from being deleted.
+    delete_volume(&a, &id).unwrap();
 
     // Node-local pools refuse other nodes outright.
     let local = open(&s);
@@ -1385,30 +1430,8 @@ fn snapshots_reflink_on_a_reflink_pool() {
         return;
     }
     let s = Scratch::new();
-    // The pool's own filesystem: xfs (reflink=1 is mkfs.xfs's default) on a loop device.
-    let backing = s.path("xfs-pool.img");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
-    let dev = loopdev::attach(&backing, false).unwrap();
-    let (code, _, err) = loopvol_e2e::run(
-        Command::new("mkfs.xfs")
-            .args(["-q", "-m", "reflink=1"])
-            .arg(dev.path()),
-    );
-    assert_eq!(code, 0, "{err}");
-    let pool_dir = s.path("xfs-pool");
-    std::fs::create_dir(&pool_dir).unwrap();
-    mount::mount_fs(
-        &dev.path(),
-        &pool_dir,
-        "xfs",
-        nix::mount::MsFlags::empty(),
-        "",
-    )
-    .unwrap();
-
+    // The pool's own filesystem: xfs with reflinks, on a loop device.
+    let pool_dir = s.small_pool("xfs", 1024);
     let pool = Pool::open(&pool_dir, options("node-a")).unwrap();
     let id = create(&pool, "big", Some(FsType::Ext4));
     let staging = s.path("staging");
@@ -1450,9 +1473,6 @@ fn snapshots_reflink_on_a_reflink_pool() {
         "restored content differs"
     );
     unstage(&pool, &restored.id, &staging).unwrap();
-    drop(pool);
-    mount::unmount(&pool_dir).unwrap();
-    loopdev::detach(&dev).unwrap();
 }
 
 /// Many volumes attached at once from many threads: the free-device race is retried, every
@@ -1801,9 +1821,9 @@ fn group_snapshots_are_deleted_whole() {
 }
 
 /// Unpublishing from every node (CSI ControllerUnpublish without a node) is one call on the
-/// volume's handle: every claim goes, with the staging holds of those nodes.
+/// volume's handle: every claim goes (staging holds stay until their nodes unstage).
 #[test]
-fn release_all_drops_every_claim_and_its_holds() {
+fn release_all_drops_every_claim() {
     let s = Scratch::new();
     let mut o = options("node-a");
     o.shared = true;

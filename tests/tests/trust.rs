@@ -815,8 +815,13 @@ fn metadata_replaced_through_another_mount_is_read_despite_estale() {
     }
     let s = Scratch::new();
     let gp = GlusterPool::start(&s);
-    let a = shared_pool(&gp.pool(Node::A), "node-a");
-    let b = std::sync::Arc::new(shared_pool(&gp.pool(Node::B), "node-b"));
+    // Opened as node-local pools: loopvol refuses a shared pool on GlusterFS's default options
+    // (see `pool::coherence`), and the metadata read is the same either way.
+    let local = |dir: &Path, node: &str| {
+        Pool::open(dir, PoolOptions::new(NodeName::try_from(node).unwrap())).unwrap()
+    };
+    let a = local(&gp.pool(Node::A), "node-a");
+    let b = std::sync::Arc::new(local(&gp.pool(Node::B), "node-b"));
     let id = create_small(&a, "v");
     let node_a = NodeName::try_from("node-a").unwrap();
     let meta_b = gp.pool(Node::B).join(format!("volumes/{id}/volume.json"));
@@ -855,7 +860,7 @@ fn a_lock_held_on_a_dead_mount_is_released_without_a_panic() {
         return;
     }
     let s = Scratch::new();
-    let mut gp = GlusterPool::start(&s);
+    let mut gp = GlusterPool::start_with(&s, loopvol_e2e::gluster::COHERENT);
     let a = shared_pool(&gp.pool(Node::A), "node-a");
     let b = shared_pool(&gp.pool(Node::B), "node-b");
     let id = create_small(&a, "v");

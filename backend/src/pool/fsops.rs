@@ -94,6 +94,14 @@ pub(crate) struct ImageStat {
     pub id: FileId,
 }
 
+/// An image's length and how many of its allocated bytes are its own: not shared with another
+/// file (a reflinked snapshot or clone), so a write over them needs no new space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ImageSpace {
+    pub len: u64,
+    pub own: u64,
+}
+
 /// The pool root, opened: every entry is reached relative to it (see the module documentation).
 /// Paths given to its methods are relative to the root and made of plain components (the
 /// layout's, built from typed IDs).
@@ -285,13 +293,30 @@ impl PoolFs {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "create directory")),
         }
-        self.open_checked(
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY,
-            Mode::empty(),
-            Kind::Dir,
-        )
-        .map(drop)
+        let open = || {
+            self.open_checked(
+                rel,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+                Kind::Dir,
+            )
+            .map(drop)
+        };
+        // On a cluster filesystem, a directory that mkdir just made or found (EEXIST: another
+        // node made it) can still be ENOENT to the next lookup through this node's client for a
+        // moment (seen on GlusterFS when the servers of a new shared pool start at once): look
+        // again, bounded (about 2 s).
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..12 {
+            match open() {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(STALE_MAX_PAUSE);
+                }
+                done => return done,
+            }
+        }
+        open()
     }
 
     /// Whether the directory `rel` is there and writable (a readiness probe).
@@ -546,6 +571,42 @@ impl PoolFs {
         rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync"))
     }
 
+    /// Reads the small file `rel` (at most `max` bytes) as the pool's filesystem has it now, not
+    /// as this node's page cache does; `Ok(None)` when it does not exist. For a file another node
+    /// rewrites in place (a lease): its size and inode never change, and a GlusterFS client
+    /// keeps serving the pages it cached (measured: the first value read, for ever) unless they
+    /// are dropped first.
+    pub fn read_uncached(&self, rel: &Path, max: usize) -> Result<Option<Vec<u8>>> {
+        let fd = match self.open_checked(rel, OFlags::RDONLY, Mode::empty(), Kind::File) {
+            Ok(fd) => fd,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        rfs::fadvise(&fd, 0, None, rfs::Advice::DontNeed)
+            .map_err(|e| self.fail(rel, e.into(), "drop the cached pages of"))?;
+        let mut bytes = Vec::with_capacity(max);
+        File::from(fd)
+            .take(u64::try_from(max).unwrap_or(u64::MAX))
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.fail(rel, e, "read"))?;
+        Ok(Some(bytes))
+    }
+
+    /// Opens (creating it if needed) a node's lease file `rel`, for rewriting in place.
+    pub fn open_lease(&self, rel: &Path) -> Result<File> {
+        let fd = self.open_checked(
+            rel,
+            OFlags::RDWR | OFlags::CREATE,
+            Mode::from_raw_mode(0o644),
+            Kind::File,
+        )?;
+        let st = rfs::fstat(&fd).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        check_links(self, rel, &st)?;
+        Ok(File::from(fd))
+    }
+
     /// Opens (creating it `O_EXCL` if needed) the lock file `rel`, for writing (NFS needs that
     /// for an exclusive lock); nothing is ever written to it.
     pub fn open_lock(&self, rel: &Path) -> Result<File> {
@@ -659,11 +720,47 @@ impl PoolFs {
         remove_entry(dir.as_fd(), name, 0).map_err(|e| self.fail(rel, e, "remove"))
     }
 
-    /// Space available to us on the pool's filesystem, in bytes.
-    pub fn free_bytes(&self) -> Result<u64> {
+    /// The [`ImageSpace`] of the image `rel`; `None` when it does not exist, an error naming a
+    /// planted entry (as [`PoolFs::stat_image`]). With `shared_blocks` false (the pool's
+    /// filesystem cannot share blocks, [`PoolFs::may_share_blocks`]) its allocated blocks are all
+    /// its own and no extent map is read.
+    pub fn image_space(&self, rel: &Path, shared_blocks: bool) -> Result<Option<ImageSpace>> {
+        let Some(st) = self.stat_image(rel)? else {
+            return Ok(None);
+        };
+        let allocated = st.allocated.min(st.len);
+        let own = if shared_blocks && allocated > 0 {
+            let file = self.open_image(rel, true)?;
+            crate::extents::own_bytes(&file, st.len)
+                .map_err(|e| self.fail(rel, e, "map the extents of"))?
+                .unwrap_or(allocated)
+        } else {
+            allocated
+        };
+        Ok(Some(ImageSpace { len: st.len, own }))
+    }
+
+    /// Whether the pool's filesystem may share blocks between files (reflinks) that an extent
+    /// map can show: xfs, btrfs and anything unknown are asked extent by extent; ext4 and tmpfs
+    /// never share, FUSE (GlusterFS) cannot reflink, NFS cannot map extents.
+    pub fn may_share_blocks(&self) -> bool {
+        const NEVER: [i64; 4] = [
+            0xEF53,      // ext2/3/4
+            0x0102_1994, // tmpfs
+            0x6573_5546, // FUSE
+            0x6969,      // NFS
+        ];
+        !fs_type_is_one_of(&self.fd, &NEVER)
+    }
+
+    /// The size of the pool's filesystem and the space available to us on it, in bytes.
+    pub fn size_and_free(&self) -> Result<(u64, u64)> {
         let st =
             rfs::fstatvfs(&self.fd).map_err(|e| self.fail(Path::new(""), e.into(), "statvfs"))?;
-        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+        Ok((
+            st.f_blocks.saturating_mul(st.f_frsize),
+            st.f_bavail.saturating_mul(st.f_frsize),
+        ))
     }
 }
 
@@ -699,12 +796,17 @@ fn exchanges_safely(dir: &OwnedFd) -> bool {
         0x9123_683E, // btrfs
         0x0102_1994, // tmpfs
     ];
+    fs_type_is_one_of(dir, &LOCAL)
+}
+
+/// Whether the filesystem holding `fd` has one of the magic numbers `types` (`statfs(2)`).
+fn fs_type_is_one_of(fd: &OwnedFd, types: &[i64]) -> bool {
     #[allow(
         clippy::useless_conversion,
         reason = "f_type is i32 on 32-bit targets, i64 on 64-bit ones"
     )]
-    let is_local = |st: rfs::StatFs| LOCAL.contains(&i64::from(st.f_type));
-    rfs::fstatfs(dir).is_ok_and(is_local)
+    let is_one = |st: rfs::StatFs| types.contains(&i64::from(st.f_type));
+    rfs::fstatfs(fd).is_ok_and(is_one)
 }
 
 fn spare_name(name: &OsStr) -> OsString {
@@ -875,7 +977,7 @@ impl PoolFs {
 mod stamp;
 #[cfg(test)]
 pub(crate) use stamp::RACY;
-pub(crate) use stamp::{KindDir, Stamp};
+pub(crate) use stamp::{EntryDir, KindDir, Stamp};
 
 #[cfg(test)]
 mod tests;

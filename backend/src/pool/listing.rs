@@ -16,7 +16,7 @@ use crate::meta::{SnapshotMeta, VolumeMeta};
 use crate::validate;
 use crate::volume::Condition;
 
-use super::fsops::{ImageStat, KindDir, PoolFs};
+use super::fsops::{EntryDir, ImageStat, KindDir, PoolFs, Stamp};
 use super::{layout, Pool};
 
 /// One page of a listing.
@@ -147,15 +147,32 @@ impl Pool {
             return Ok(None);
         };
         let image = Some(files.image);
-        if let Some(meta) = self.index.volumes().record(id, pos, &stamp) {
-            return Ok(Some(Ok(Found { meta, image })));
-        }
-        let read = read_volume_record(fs, &vid).map(|m| m.map(Arc::new));
-        match &read {
-            Ok(Some(meta)) => self.index.volumes().remember(id, pos, stamp, meta, read_at),
-            _ => self.index.volumes().forget(id, pos),
-        }
+        let read = self.volume_record(fs, (pos, &vid), stamp, read_at);
         Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image })))
+    }
+
+    /// Volume `id`'s record (at `pos` in the index's IDs) whose stamp is `stamp`: the one the
+    /// index remembers with that stamp, else read now (and remembered when settled). `None` when
+    /// it vanished meanwhile.
+    fn volume_record(
+        &self,
+        fs: &PoolFs,
+        (pos, id): (usize, &VolumeId),
+        stamp: Stamp,
+        read_at: SystemTime,
+    ) -> Result<Option<Arc<VolumeMeta>>> {
+        if let Some(meta) = self.index.volumes().record(id.as_str(), pos, &stamp) {
+            return Ok(Some(meta));
+        }
+        let read = read_volume_record(fs, id).map(|m| m.map(Arc::new));
+        match &read {
+            Ok(Some(meta)) => self
+                .index
+                .volumes()
+                .remember(id.as_str(), pos, stamp, meta, read_at),
+            _ => self.index.volumes().forget(id.as_str(), pos),
+        }
+        read
     }
 
     /// Volumes in ID order, a volume whose record cannot be used as a [`BadEntry`] (one bad entry
@@ -306,22 +323,29 @@ impl Pool {
         Ok(listed(id, read))
     }
 
-    /// The image of every volume directory (committed or not), stat'ed now, the IDs from the
-    /// index: what the pool's capacity sums. A planted entry is no volume's image: left out.
-    pub(crate) fn volume_images(&self) -> Result<Vec<ImageStat>> {
+    /// The volume directories as the index has them, for a pass over every volume (capacity):
+    /// the IDs without reading the directory unless it changed.
+    pub(crate) fn volume_dirs(&self, fs: &PoolFs) -> Result<VolumeDirs> {
         let read_at = SystemTime::now();
-        let fs = self.fs()?;
         let dir = fs.open_kind(Path::new(Kind::Volumes.dir()))?;
-        let ids = self.index.volumes().ids(&fs, &dir, read_at)?;
-        let image = |_: usize, id: &str| {
-            Ok(match fs.entry_image(&dir, id, "image") {
-                Some(image) => image,
-                None => VolumeId::try_from(id)
-                    .ok()
-                    .and_then(|id| fs.stat_image(&layout::volume_image(&id)).ok().flatten()),
-            })
-        };
-        load_all(&ids, 0, &image)
+        let ids = self.index.volumes().ids(fs, &dir, read_at)?;
+        Ok(VolumeDirs { dir, ids, read_at })
+    }
+
+    /// The record of the volume at `pos` in `dirs`, whose directory is open as `entry`: the one
+    /// the index remembers when its stamp is unchanged, else read now. `None` when it has none,
+    /// or it is not plainly a record (the checked path is the caller's).
+    pub(crate) fn indexed_volume(
+        &self,
+        fs: &PoolFs,
+        dirs: &VolumeDirs,
+        entry: &EntryDir,
+        (pos, id): (usize, &VolumeId),
+    ) -> Option<Arc<VolumeMeta>> {
+        let stamp = entry.record("volume.json")??;
+        self.volume_record(fs, (pos, id), stamp, dirs.read_at)
+            .ok()
+            .flatten()
     }
 
     /// A volume's committed metadata, `None` when there is none; read without its lock (the
@@ -375,6 +399,13 @@ fn load_all<T: Send>(
 
 /// How many entries a listing loads before it spreads them over threads.
 const PARALLEL_FROM: usize = 1024;
+
+/// The volume directories of one pass over the pool (see [`Pool::volume_dirs`]).
+pub(crate) struct VolumeDirs {
+    pub dir: KindDir,
+    pub ids: Arc<[String]>,
+    read_at: SystemTime,
+}
 
 /// A committed volume as a listing found it.
 struct Found {

@@ -10,13 +10,17 @@
 //! <pool>/staging/<node>/<id>     default staging mounts (FlexVolume node mode)
 //! <pool>/trash/                  deletions in progress (rename, then remove)
 //! <pool>/nodes/<node>            nodes that serve the pool (registered by their node plugin)
+//! <pool>/leases/<node>           their leases (see `nodes`)
 //! ```
 //! Every file-system access to these entries goes through [`fsops`].
 
 mod capacity;
+mod coherence;
 pub(crate) mod fsops;
 mod index;
 mod listing;
+pub(crate) mod nodes;
+pub(crate) mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,11 +30,12 @@ use crate::host;
 pub use crate::host::NodePath;
 use crate::ids::{NodeName, SnapshotId, VolumeId};
 use crate::lock::{self, LockGuard, LockWait};
-use crate::meta;
 use fsops::PoolFs;
 
 pub use capacity::Capacity;
+pub(crate) use capacity::Charge;
 pub use listing::{BadEntry, Listed, ListedVolume, Page};
+pub use nodes::{LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodeRecord};
 
 /// How a front end runs the pool.
 #[derive(Debug, Clone)]
@@ -46,6 +51,8 @@ pub struct PoolOptions {
     pub lock_wait: LockWait,
     /// When not empty, staging and target paths must lie under one of these.
     pub path_prefixes: Vec<PathBuf>,
+    /// The node leases of a shared pool (see `pool::nodes`).
+    pub lease: LeaseSettings,
 }
 
 impl PoolOptions {
@@ -56,6 +63,7 @@ impl PoolOptions {
             overcommit: 1.0,
             lock_wait: LockWait::Bounded(Duration::from_secs(60)),
             path_prefixes: Vec::new(),
+            lease: LeaseSettings::default(),
         }
     }
 }
@@ -73,11 +81,23 @@ pub fn default_node_name() -> Option<NodeName> {
 pub struct Pool {
     root: PathBuf,
     options: PoolOptions,
+    /// Whether the pool answers, as the background work and the requests saw it.
+    pub(crate) health: watchdog::PoolHealth,
+    /// The other nodes' leases, when this process watches them (a controller).
+    pub(crate) leases: nodes::LeaseWatch,
     /// What the listings remember between calls, checked against the pool on every use.
     index: index::Index,
 }
 
-const SUBDIRS: [&str; 6] = ["volumes", "snapshots", "locks", "staging", "trash", "nodes"];
+const SUBDIRS: [&str; 7] = [
+    "volumes",
+    "snapshots",
+    "locks",
+    "staging",
+    "trash",
+    "nodes",
+    "leases",
+];
 
 /// Where each entry is, relative to the pool root: what the pool-access layer ([`fsops`]) takes.
 /// Every path is built from fixed names and typed IDs (one plain component each).
@@ -121,6 +141,13 @@ pub(crate) mod layout {
     pub fn node_record(node: &NodeName) -> PathBuf {
         Path::new("nodes").join(node.path_component())
     }
+    pub fn lease(node: &NodeName) -> PathBuf {
+        Path::new("leases").join(node.path_component())
+    }
+    /// The lock of a node's claims (its attach limit is counted under it).
+    pub fn node_lock(node: &NodeName) -> PathBuf {
+        Path::new("locks").join(format!("n-{}.lock", node.path_component()))
+    }
     /// Where this node stages volumes for a front end without staging paths of its own.
     pub fn staging_dir(node: &NodeName) -> PathBuf {
         Path::new("staging").join(node.path_component())
@@ -149,11 +176,11 @@ impl Pool {
                 format!("{} (must be ≥ 1.0)", options.overcommit),
             ));
         }
-        let pool = Pool {
-            root,
-            options,
-            index: index::Index::default(),
-        };
+        if options.shared {
+            options.lease.check()?;
+            coherence::check_shared(&root).map_err(pool_err)?;
+        }
+        let pool = Pool::new(root, options);
         let fs = pool.fs()?;
         for sub in SUBDIRS {
             fs.ensure_dir(Path::new(sub))
@@ -176,11 +203,10 @@ impl Pool {
             return Err(pool_err("no pool directory configured".into()));
         }
         let root = fsops::canonical_root(path).map_err(pool_err)?;
-        let pool = Pool {
-            root,
-            options,
-            index: index::Index::default(),
-        };
+        if options.shared {
+            coherence::check_shared(&root).map_err(pool_err)?;
+        }
+        let pool = Pool::new(root, options);
         let fs = pool.fs()?;
         let mut missing = Vec::new();
         for sub in ["volumes", "snapshots", "locks"] {
@@ -199,6 +225,16 @@ impl Pool {
             )));
         }
         Ok(pool)
+    }
+
+    fn new(root: PathBuf, options: PoolOptions) -> Pool {
+        Pool {
+            root,
+            options,
+            health: Default::default(),
+            leases: Default::default(),
+            index: index::Index::default(),
+        }
     }
 
     /// The pool root, opened afresh (so a pool remounted under us is seen): every access to an
@@ -234,33 +270,6 @@ impl Pool {
             pool: &self.root,
         };
         NodePath::resolve(what, &path.into(), &rules)
-    }
-
-    /// Records that this node serves the pool; a node plugin calls it when it starts. On a shared
-    /// pool the controller publishes only to registered nodes, so a typo or a node that never ran
-    /// the plugin is `NotFound` instead of a claim nobody will ever use. Idempotent.
-    pub fn register_node(&self) -> Result<()> {
-        #[derive(serde::Serialize)]
-        struct NodeRecord<'a> {
-            node: &'a NodeName,
-            registered_unix: u64,
-        }
-        self.fs()?.write_json(
-            &layout::node_record(&self.options.node),
-            &NodeRecord {
-                node: &self.options.node,
-                registered_unix: meta::now_unix(),
-            },
-        )
-    }
-
-    /// `NotFound` unless `node` has registered with [`Pool::register_node`].
-    pub fn check_node_registered(&self, node: &NodeName) -> Result<()> {
-        if self.fs()?.exists(&layout::node_record(node))? {
-            Ok(())
-        } else {
-            Err(Error::not_found("node", node.as_str()))
-        }
     }
 
     /// A cheap readiness check (CSI Probe): the pool's layout is still in place and writable.
@@ -314,6 +323,28 @@ impl Pool {
             &layout::volume_dir(id),
             &format!("volume {id}"),
             self.options.lock_wait,
+        )
+    }
+
+    /// The lock of volume `id`, waiting as `wait` says rather than as the pool does.
+    pub(crate) fn lock_volume_waiting(&self, id: &VolumeId, wait: LockWait) -> Result<LockGuard> {
+        lock::lock(
+            &self.fs()?,
+            &layout::volume_lock(id),
+            &layout::volume_dir(id),
+            &format!("volume {id}"),
+            wait,
+        )
+    }
+
+    /// The lock of `node`'s claims (its attach limit is checked under it).
+    pub(crate) fn lock_node(&self, node: &NodeName, wait: LockWait) -> Result<LockGuard> {
+        lock::lock(
+            &self.fs()?,
+            &layout::node_lock(node),
+            &layout::node_record(node),
+            &format!("the claims of node {node}"),
+            wait,
         )
     }
 

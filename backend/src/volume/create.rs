@@ -4,12 +4,13 @@
 
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::extents;
 use crate::freeze;
 use crate::ids::VolumeId;
 use crate::kernel::KernelView;
 use crate::meta::{self, Allocation, VolumeMeta, VolumeSource};
 use crate::observe::CopyKind;
-use crate::pool::{layout, Pool};
+use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::FsType;
 
@@ -35,12 +36,15 @@ impl Pool {
     ///
     /// Idempotent by name: same name and a compatible request (its size range admits the
     /// existing size; same fs type, allocation and source where asked) → the same volume; same
-    /// name otherwise → `AlreadyExists`. Safe when interrupted: metadata is written last, so a
-    /// half-made volume is made again from scratch.
+    /// name otherwise → `AlreadyExists`. Safe when interrupted: the image is made and synced
+    /// first (`image.tmp`), then the metadata is written, then the image moves into place. A
+    /// volume interrupted before its metadata is made again from scratch; after it, a repeat
+    /// finishes the move.
     pub fn create_volume(&self, req: &CreateVolume) -> Result<VolumeMeta> {
         let id = VolumeId::for_name(&req.name)?;
         let _guard = self.lock_volume(&id)?;
         if let Some(existing) = self.read_volume_meta(&id)? {
+            self.finish_create(&id)?;
             return check_compatible(existing, req);
         }
         self.create_locked(&id, req)
@@ -52,7 +56,10 @@ impl Pool {
         let id = VolumeId::for_name(&req.name)?;
         let guard = self.lock_volume(&id)?;
         let meta = match self.read_volume_meta(&id)? {
-            Some(existing) => existing,
+            Some(existing) => {
+                self.finish_create(&id)?;
+                existing
+            }
             None => self.create_locked(&id, req)?,
         };
         Ok(Volume {
@@ -60,6 +67,68 @@ impl Pool {
             meta,
             _guard: guard,
         })
+    }
+
+    /// Finishes a create interrupted after its metadata was committed: the image, complete and
+    /// durable before the metadata was written, only has to be moved into place.
+    fn finish_create(&self, id: &VolumeId) -> Result<()> {
+        let fs = self.fs()?;
+        let (image, tmp) = (layout::volume_image(id), layout::volume_image_tmp(id));
+        if fs.exists(&image)? || !fs.rename(&tmp, &image)? {
+            return Ok(());
+        }
+        fs.sync_dir(&layout::volume_dir(id))?;
+        tracing::info!(volume = %id, "finished an interrupted create");
+        Ok(())
+    }
+
+    /// Discards what an interrupted create left of volume `id` (a directory without metadata),
+    /// unless the kernel or the image says it is a volume that lost its metadata: a loop device
+    /// bound to its image (now or before the image was deleted), or data in its image. Those are
+    /// refused (`FailedPrecondition`) saying what to do: without its metadata nothing else tells
+    /// that the data is wanted. The caller holds the volume's lock.
+    pub(crate) fn discard_leftovers(&self, id: &VolumeId) -> Result<()> {
+        let fs = self.fs()?;
+        let (dir, image) = (layout::volume_dir(id), layout::volume_image(id));
+        let current = match self.image_of(id) {
+            Ok(current) => current,
+            // A planted entry is nobody's image; the kernel is still asked about the path.
+            Err(e @ Error::Untrusted { .. }) => {
+                tracing::warn!(volume = %id, error = %e, "not an image");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let view = KernelView::read()?;
+        if let Some(dev) = view
+            .volume_devices(&self.volume_image(id), current.as_ref())
+            .first()
+        {
+            return Err(Error::precondition(format!(
+                "volume {id} has no volume.json, but its image is in use on this node: attached \
+                 as {}. loopvol will not discard a volume in use; unmount and detach it \
+                 (umount; losetup -d {}), then copy its data off or write its volume.json back",
+                view.describe(dev),
+                dev.path().display(),
+            )));
+        }
+        if current.is_some() {
+            let file = fs.open_image(&image, true)?;
+            let data = extents::data_bytes(&file).map_err(|e| {
+                io_error(e, format!("map the data of {}", fs.path(&image).display()))
+            })?;
+            if data > 0 {
+                return Err(Error::precondition(format!(
+                    "volume {id} has no volume.json, but its image {} holds {data} bytes of \
+                     data; loopvol will not discard it. If the data is wanted, copy it off (cp \
+                     --sparse=always) or write the volume's volume.json back; if not, remove {} \
+                     and retry",
+                    fs.path(&image).display(),
+                    fs.path(&dir).display()
+                )));
+            }
+        }
+        self.remove_dir_atomically(&dir)
     }
 
     /// Creates volume `id` for `req`; the caller holds its lock and found no metadata.
@@ -114,78 +183,18 @@ impl Pool {
             )));
         }
         let allocation = req.allocation.unwrap_or_default();
-        // Thin or thick, the volume is promised its whole size.
-        self.ensure_room(size, &format!("volume {id}"))?;
 
-        let fs = self.fs()?;
-        // The source's image is opened (and checked) before anything is made.
-        let input = source
-            .as_ref()
-            .map(|src| fs.open_image(&src.image, true))
-            .transpose()?;
         let dir = layout::volume_dir(id);
-        // Leftovers of an interrupted create (no metadata was committed) are discarded.
-        if fs.exists(&dir)? {
-            self.remove_dir_atomically(&dir)?;
+        if self.fs()?.exists(&dir)? {
+            self.discard_leftovers(id)?;
         }
-        fs.ensure_dir(&dir)?;
-        let made = self.fill_new_volume(&fs, id, req, size, fs_type, allocation, source, input);
-        if made.is_err() {
-            // A create that fails undoes what it made: the caller may never retry.
-            if let Err(e) = self.remove_dir_atomically(&dir) {
-                tracing::warn!(volume = %id, error = %e, "could not remove a failed create");
+        if let Err(e) = self.make_image(id, size, allocation, source.as_ref()) {
+            // Nothing was committed; a create that fails undoes what it made (the caller may
+            // never retry), and the next attempt starts from scratch.
+            if let Err(undo) = self.remove_dir_atomically(&dir) {
+                tracing::warn!(volume = %id, error = %undo, "could not remove a failed create");
             }
-        }
-        made
-    }
-
-    /// Makes the image of new volume `id` in its (new, empty) directory and commits its metadata.
-    #[allow(clippy::too_many_arguments)]
-    fn fill_new_volume(
-        &self,
-        fs: &crate::pool::fsops::PoolFs,
-        id: &VolumeId,
-        req: &CreateVolume,
-        size: u64,
-        fs_type: Option<FsType>,
-        allocation: Allocation,
-        source: Option<Source<'_>>,
-        input: Option<std::fs::File>,
-    ) -> Result<VolumeMeta> {
-        let tmp = layout::volume_image_tmp(id);
-        let tmp_shown = fs.path(&tmp);
-        let file = fs.create_image(&tmp)?;
-        if let (Some(src), Some(input)) = (&source, input) {
-            // A mounted source volume is frozen while it is copied, so the copy holds a
-            // consistent filesystem.
-            let _frozen = match &src.volume {
-                Some(v) => {
-                    let view = KernelView::read()?;
-                    let devices = view.devices_of(v.image()?.as_ref());
-                    Some(freeze::freeze(&view, &[(v.id(), devices)])?)
-                }
-                None => None,
-            };
-            let kind = match src.volume {
-                Some(_) => CopyKind::Clone,
-                None => CopyKind::Restore,
-            };
-            let method =
-                copy::copy_image(&input, &file, kind, &format!("the source of volume {id}"))?;
-            tracing::info!(volume = %id, ?method, "copied source image");
-        }
-        file.set_len(size)
-            .map_err(|e| io_error(e, format!("size {}", tmp_shown.display())))?;
-        if allocation == Allocation::Thick {
-            fallocate(&file, 0, size)?;
-        }
-        file.sync_all()
-            .map_err(|e| io_error(e, format!("fsync {}", tmp_shown.display())))?;
-        if !fs.rename(&tmp, &layout::volume_image(id))? {
-            return Err(Error::precondition(format!(
-                "{} vanished before it was committed",
-                tmp_shown.display()
-            )));
+            return Err(e);
         }
 
         let meta = VolumeMeta {
@@ -201,10 +210,104 @@ impl Pool {
             claims: Vec::new(),
             staged: Vec::new(),
             formatting: None,
+            blank: source.is_none(),
+            raw_block: false,
         };
-        fs.write_json(&layout::volume_meta(id), &meta)?;
+        // The metadata before the image moves into place: a directory with an image and no
+        // metadata is then never an interrupted create, only a volume that lost its metadata
+        // (which is never discarded), and a repeat finishes an interrupted commit.
+        self.fs()?.write_json(&layout::volume_meta(id), &meta)?;
+        self.finish_create(id)?;
         tracing::info!(volume = %id, size, allocation = allocation.as_str(), "created volume");
         Ok(meta)
+    }
+
+    /// Makes the image of new volume `id` (`image.tmp` in its directory, which it creates):
+    /// admitted against what the pool can still promise (its size, and what a volume it is
+    /// reflinked from then shares), sized or reflinked under the admission lock, then the data
+    /// copied and the blocks allocated without it.
+    fn make_image(
+        &self,
+        id: &VolumeId,
+        size: u64,
+        allocation: Allocation,
+        source: Option<&Source<'_>>,
+    ) -> Result<()> {
+        let what = format!("volume {id}");
+        let kind = match source.map(|s| s.volume.is_some()) {
+            Some(true) => CopyKind::Clone,
+            _ => CopyKind::Restore,
+        };
+        let fs = self.fs()?;
+        let tmp = layout::volume_image_tmp(id);
+        let tmp_shown = fs.path(&tmp);
+        // The source's image is opened (and checked) before anything is made.
+        let input = source.map(|s| fs.open_image(&s.image, true)).transpose()?;
+        // A mounted source volume is frozen while it is copied, so the copy holds a consistent
+        // filesystem. Frozen before the admission lock: freezing flushes.
+        let _frozen = match source.and_then(|s| s.volume.as_ref()) {
+            Some(v) => {
+                let view = KernelView::read()?;
+                let devices = view.devices_of(v.image()?.as_ref());
+                Some(freeze::freeze(&view, &[(v.id(), devices)])?)
+            }
+            None => None,
+        };
+        let file;
+        let mut copy_from = None;
+        {
+            // The promises are read before the volume's directory takes its block: a request of
+            // exactly what GetCapacity reported is admitted.
+            let mut admission = self.admission()?;
+            let mut charge = Charge::new(allocation, size);
+            if source.is_none() {
+                // Refused before anything is made.
+                admission.admit(charge, &what)?;
+            }
+            fs.ensure_dir(&layout::volume_dir(id))?;
+            file = fs.create_image(&tmp)?;
+            if let (Some(src), Some(input)) = (source, input.as_ref()) {
+                // What a source volume owns alone now, it shares with the copy after a reflink:
+                // a write over it then needs new space, which the pool keeps for it.
+                let source_own = match &src.volume {
+                    Some(_) => fs
+                        .image_space(&src.image, fs.may_share_blocks())?
+                        .map_or(0, |s| s.own),
+                    None => 0,
+                };
+                if copy::reflink(input, &file, kind, &format!("the source of {what}"))? {
+                    if let Some(v) = &src.volume {
+                        charge = charge.plus(Charge::new(v.meta.allocation, source_own));
+                    }
+                    tracing::info!(volume = %id, method = ?copy::CopyMethod::Reflink, "copied source image");
+                } else {
+                    copy_from = Some(input);
+                }
+                admission.admit(charge, &what)?;
+            }
+            // Its full length is what the next admission sees as this volume's promise.
+            file.set_len(size).map_err(|e| {
+                let why = if e.raw_os_error() == Some(libc::EFBIG) {
+                    format!(
+                        "{size} bytes is more than the pool's filesystem holds in one file; \
+                         size {}",
+                        tmp_shown.display()
+                    )
+                } else {
+                    format!("size {}", tmp_shown.display())
+                };
+                io_error(e, why)
+            })?;
+        }
+        if let Some(input) = copy_from {
+            copy::copy_data(input, &file, kind, &format!("the source of {what}"))?;
+            tracing::info!(volume = %id, method = ?copy::CopyMethod::Sparse, "copied source image");
+        }
+        if allocation == Allocation::Thick {
+            fallocate(&file, 0, size)?;
+        }
+        file.sync_all()
+            .map_err(|e| io_error(e, format!("fsync {}", tmp_shown.display())))
     }
 }
 
@@ -275,6 +378,8 @@ mod tests {
             claims: vec![],
             staged: vec![],
             formatting: None,
+            blank: false,
+            raw_block: false,
         }
     }
 

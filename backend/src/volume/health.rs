@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::fs::{self, Usage};
-use crate::host::{self, PathKind};
+use crate::host;
 use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
 use crate::loopdev;
 use crate::meta::VolumeMeta;
@@ -48,10 +48,24 @@ pub enum AbnormalReason {
     /// Something planted where its image belongs (a symbolic link, a FIFO, a file with other
     /// links): the pool-access layer refuses to use it.
     UntrustedEntry,
+    /// The image was deleted while staged: its data lives on only in the loop device.
+    ImageDeletedInUse,
+    /// The image was replaced by another file while staged: the loop device holds the data.
+    ImageReplacedInUse,
+    /// The image is shorter than the volume: reads beyond its end fail.
+    ImageTruncated,
+    /// ext4 aborted its journal after an I/O error (`emergency_ro`).
+    FilesystemAborted,
+    /// The volume's loop device cannot be read.
+    DeviceUnreadable,
+    /// This node fenced it (a shared pool: see `volume::fence`): its writes here fail.
+    Fenced,
+    /// The pool does not answer (a shared pool's client died, I/O errors, a hung mount).
+    PoolNotAnswering,
 }
 
 impl AbnormalReason {
-    pub const ALL: [AbnormalReason; 7] = [
+    pub const ALL: [AbnormalReason; 14] = [
         AbnormalReason::ImageMissing,
         AbnormalReason::DeviceGone,
         AbnormalReason::FilesystemErrors,
@@ -59,6 +73,13 @@ impl AbnormalReason {
         AbnormalReason::FilesystemShutdown,
         AbnormalReason::MetadataCorrupt,
         AbnormalReason::UntrustedEntry,
+        AbnormalReason::ImageDeletedInUse,
+        AbnormalReason::ImageReplacedInUse,
+        AbnormalReason::ImageTruncated,
+        AbnormalReason::FilesystemAborted,
+        AbnormalReason::DeviceUnreadable,
+        AbnormalReason::Fenced,
+        AbnormalReason::PoolNotAnswering,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +91,13 @@ impl AbnormalReason {
             AbnormalReason::FilesystemShutdown => "fs_shutdown",
             AbnormalReason::MetadataCorrupt => "metadata_corrupt",
             AbnormalReason::UntrustedEntry => "untrusted_entry",
+            AbnormalReason::ImageDeletedInUse => "image_deleted_in_use",
+            AbnormalReason::ImageReplacedInUse => "image_replaced_in_use",
+            AbnormalReason::ImageTruncated => "image_truncated",
+            AbnormalReason::FilesystemAborted => "fs_aborted",
+            AbnormalReason::DeviceUnreadable => "device_unreadable",
+            AbnormalReason::Fenced => "fenced",
+            AbnormalReason::PoolNotAnswering => "pool_not_answering",
         }
     }
 }
@@ -131,7 +159,7 @@ impl Volume<'_> {
                 "volume {id} is not attached on this node"
             )));
         };
-        loopdev::refresh_capacity(dev)?;
+        self.refresh_capacity(dev)?;
         let device = dev.path();
         let device_size = loopdev::device_size(&device)?;
         let mounted = match path {
@@ -191,7 +219,8 @@ impl Pool {
 
     /// Usage of volume `m` at `path` (a mounted filesystem: bytes and inodes; a published block
     /// device: bytes) and its condition, from one look at the kernel. `NotFound` when the volume
-    /// is not at `path`.
+    /// is not at `path`. A filesystem that cannot answer (shut down, I/O errors) reports its
+    /// device's size with nothing available, and the condition says why.
     pub fn volume_stats(&self, m: &VolumeMeta, path: &Path) -> Result<(Usage, Condition)> {
         let view = KernelView::read()?;
         let usage = self.usage_in(&view, m, path)?;
@@ -210,42 +239,53 @@ impl Pool {
         if validate::check_path("volume path", path, &[]).is_err() {
             return Err(not_here());
         }
-        // Where it really is (its parents' links resolved), as mountinfo names it.
-        let Some((resolved, kind)) = host::resolve_for_reading(path) else {
+        // Where it really is (its parents' links resolved), as mountinfo names it. Whose mount
+        // is there comes from mountinfo alone: a path on a shut-down filesystem cannot even be
+        // stat'ed, and the volume's image may be gone (its device, bound to the deleted file, is
+        // still the volume's).
+        let Some((resolved, _)) = host::resolve_for_reading(path) else {
             return Err(not_here());
         };
-        let devices = view.devices_of(self.image_of(&m.id).ok().flatten().as_ref());
-        let at = view.mount_at(&resolved);
         let path = resolved.as_path();
-        match kind {
-            PathKind::Missing => Err(not_here()),
-            PathKind::FileOrDevice => {
-                // A published block volume is a bind of its device node onto the file; any
-                // other file is not this volume.
-                let at = at.ok_or_else(not_here)?;
-                let dev = devices
-                    .iter()
-                    .find(|d| is_device_bind_of(at, d))
-                    .ok_or_else(not_here)?;
-                let total = loopdev::device_size(&dev.path())?;
-                Ok(Usage {
-                    total_bytes: total,
-                    available_bytes: 0,
-                    used_bytes: total,
-                    inodes: None,
-                })
+        let image = match self.image_of(&m.id) {
+            Ok(image) => image,
+            Err(e @ Error::Untrusted { .. }) => {
+                tracing::warn!(volume = %m.id, error = %e, "image is not usable");
+                None
             }
-            PathKind::Directory => {
-                if !at.is_some_and(|m| devices.iter().any(|d| is_fs_mount_of(m, d))) {
-                    return Err(not_here());
-                }
-                fs::usage(path)
+            Err(e) => return Err(e),
+        };
+        let devices = view.volume_devices(&self.volume_image(&m.id), image.as_ref());
+        let at = view.mount_at(path).ok_or_else(not_here)?;
+        let device_usage = |dev: &crate::loopdev::LoopDevice| -> Result<Usage> {
+            let total = loopdev::device_size(&dev.path())?;
+            Ok(Usage {
+                total_bytes: total,
+                available_bytes: 0,
+                used_bytes: total,
+                inodes: None,
+            })
+        };
+        // A published block volume is a bind of its device node onto a file.
+        if let Some(dev) = devices.iter().find(|d| is_device_bind_of(at, d)) {
+            return device_usage(dev);
+        }
+        let dev = devices
+            .iter()
+            .find(|d| is_fs_mount_of(at, d))
+            .ok_or_else(not_here)?;
+        match fs::usage(path) {
+            Ok(usage) => Ok(usage),
+            Err(e) => {
+                tracing::warn!(volume = %m.id, path = %path.display(), error = %e, "the volume's filesystem does not answer");
+                device_usage(dev)
             }
         }
     }
 
-    /// Whether volume `m` is healthy on this node: its image exists, and an attached filesystem
-    /// has recorded no errors and was not turned read-only or shut down by the kernel.
+    /// Whether volume `m` is healthy on this node: its image exists at its full size, and an
+    /// attached filesystem has recorded no errors and was not turned read-only or shut down by
+    /// the kernel. Each abnormal condition says what an operator can do.
     pub fn volume_condition(&self, m: &VolumeMeta) -> Result<Condition> {
         self.condition_in(None, m)
     }
@@ -280,72 +320,136 @@ impl Pool {
         m: &VolumeMeta,
         image: Result<Option<ImageStat>>,
     ) -> Result<Condition> {
-        let image = image.map(|st| {
-            st.map(|st| Image {
-                path: self.volume_image(&m.id),
-                id: st.id,
-            })
-        });
-        let image = match image {
-            Ok(image) => image,
+        use AbnormalReason as R;
+        // Shared pools: a pool that stops answering (see `fence`).
+        if let Some(c) = self.unreachable_condition() {
+            return Ok(c);
+        }
+        let path = self.volume_image(&m.id);
+        let stat = match image {
+            Ok(stat) => stat,
             // A planted entry where the image belongs: that is the volume's condition.
             Err(e @ Error::Untrusted { .. }) => {
-                return Ok(Condition::abnormal(
-                    AbnormalReason::UntrustedEntry,
-                    e.to_string(),
-                ))
+                return Ok(Condition::abnormal(R::UntrustedEntry, e.to_string()))
             }
             Err(e) => return Err(e),
         };
-        let Some(image) = image else {
-            return Ok(Condition::abnormal(
-                AbnormalReason::ImageMissing,
-                format!("image {} is missing", self.volume_image(&m.id).display()),
-            ));
-        };
-        if !m.staged.iter().any(|h| h.node == *self.node()) {
-            return Ok(Condition::ok());
-        }
+        let staged_here = m.staged.iter().any(|h| h.node == *self.node());
         let read;
-        let view = match view {
-            Some(v) => v,
-            None => {
+        let view = match (view, staged_here) {
+            (_, false) => None,
+            (Some(v), true) => Some(v),
+            (None, true) => {
                 read = KernelView::read()?;
-                &read
+                Some(&read)
             }
         };
+        if let Some(dev) = view.and_then(|v| v.stale_devices_of(&path).into_iter().next()) {
+            let (reason, how, now) = match stat {
+                Some(_) => (
+                    R::ImageReplacedInUse,
+                    "replaced by another file",
+                    format!(" (the file now at {} is not what it wrote)", path.display()),
+                ),
+                None => (R::ImageDeletedInUse, "deleted", String::new()),
+            };
+            let dev = dev.path();
+            return Ok(Condition::abnormal(
+                reason,
+                format!(
+                    "the image of volume {} was {how} while in use{now}; the volume's data is \
+                     still readable from {} until it is unstaged on this node: copy it now (dd \
+                     if={} of=<file> bs=4M conv=sparse), then unstage it",
+                    m.id,
+                    dev.display(),
+                    dev.display()
+                ),
+            ));
+        }
+        let Some(stat) = stat else {
+            // A create interrupted between its metadata and moving its image into place.
+            let tmp = layout::volume_image_tmp(&m.id);
+            let message = if self.fs()?.exists(&tmp).unwrap_or(false) {
+                format!(
+                    "image {} is missing: its create was interrupted before {} moved into place; \
+                     a repeat of the create finishes it",
+                    path.display(),
+                    self.fs()?.path(&tmp).display()
+                )
+            } else {
+                format!("image {} is missing", path.display())
+            };
+            return Ok(Condition::abnormal(R::ImageMissing, message));
+        };
+        if stat.len < m.size_bytes {
+            return Ok(Condition::abnormal(
+                R::ImageTruncated,
+                format!(
+                    "image {} is {} bytes, less than the volume's {}: it was truncated, and reads \
+                     beyond its end fail; restore the volume from a snapshot or a backup",
+                    path.display(),
+                    stat.len,
+                    m.size_bytes
+                ),
+            ));
+        }
+        let Some(view) = view else {
+            return Ok(Condition::ok());
+        };
+        let image = Image { path, id: stat.id };
         let devices = view.devices_of(Some(&image));
         let Some(dev) = devices.first() else {
             return Ok(Condition::abnormal(
-                AbnormalReason::DeviceGone,
+                R::DeviceGone,
                 "staged on this node but its loop device is gone (node restarted?)",
             ));
         };
-        if fs::superblock(&dev.path())?.is_some_and(|sb| sb.has_errors) {
-            return Ok(Condition::abnormal(
-                AbnormalReason::FilesystemErrors,
-                "the filesystem has recorded errors; run fsck",
-            ));
+        // Shared pools: fenced on this node (see `fence`).
+        if let Some(c) = self.fence_condition(m, dev) {
+            return Ok(c);
         }
-        // The kernel's own verdicts on a mounted filesystem: turned read-only after errors
-        // (ext4 errors=remount-ro, btrfs), or shut down (xfs answers EIO).
+        // The kernel's own verdicts on a mounted filesystem: aborted after errors (ext4's
+        // emergency_ro), turned read-only after errors (errors=remount-ro, btrfs), or shut
+        // down (xfs, ext4: every access answers EIO).
         for mnt in view.fs_mounts(dev) {
+            let mp = mnt.mount_point.display();
+            if mnt.super_options.iter().any(|o| o == "emergency_ro") {
+                return Ok(Condition::abnormal(
+                    R::FilesystemAborted,
+                    format!(
+                        "the filesystem at {mp} aborted after an I/O error and is read-only \
+                         (emergency_ro); unstage the volume, check it (e2fsck -f), stage it again"
+                    ),
+                ));
+            }
             if mnt.super_read_only() && !dev.read_only {
                 return Ok(Condition::abnormal(
-                    AbnormalReason::FilesystemReadOnly,
-                    format!(
-                        "the filesystem at {} went read-only after errors",
-                        mnt.mount_point.display()
-                    ),
+                    R::FilesystemReadOnly,
+                    format!("the filesystem at {mp} went read-only after errors"),
                 ));
             }
             if host::answers_eio(&mnt.mount_point) {
                 return Ok(Condition::abnormal(
-                    AbnormalReason::FilesystemShutdown,
+                    R::FilesystemShutdown,
                     format!(
-                        "the filesystem at {} has shut down (I/O errors)",
-                        mnt.mount_point.display()
+                        "the filesystem at {mp} has shut down (I/O errors); unstage the volume \
+                         and check it before staging it again"
                     ),
+                ));
+            }
+        }
+        match fs::superblock(&dev.path()) {
+            Ok(Some(sb)) if sb.has_errors => {
+                return Ok(Condition::abnormal(
+                    R::FilesystemErrors,
+                    "the filesystem has recorded errors; run fsck",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Ok(Condition::abnormal(
+                    R::DeviceUnreadable,
+                    format!("reading {} fails: {e}", dev.path().display()),
                 ));
             }
         }

@@ -7,9 +7,14 @@
 //! - `create`: get-or-create by name;
 //! - `stage`: attach, format when blank, mount, and the reverse (node side);
 //! - `publish`: binds into workloads' paths, and which volume a path holds;
-//! - `health`: filesystem growth on the node, usage and condition.
+//! - `health`: filesystem growth on the node, usage and condition;
+//! - `handover`: who may have a volume of a shared pool (claims against holds, the attach limit,
+//!   the operator's fence);
+//! - `fence`: a node cutting its own writes to a volume off, and the node's lease keeper.
 
 mod create;
+mod fence;
+mod handover;
 mod health;
 mod publish;
 mod stage;
@@ -20,14 +25,15 @@ use std::path::PathBuf;
 use crate::error::{Context, Error, Result};
 use crate::ids::{NodeName, VolumeId};
 use crate::kernel::{Image, KernelView};
-use crate::lock::LockGuard;
-use crate::loopdev;
-use crate::loopdev::FileId;
-use crate::meta::{AccessMode, Allocation, Hold, VolumeMeta};
-use crate::pool::{layout, Pool};
+use crate::lock::{LockGuard, LockWait};
+use crate::loopdev::{self, FileId, LoopDevice};
+use crate::meta::{AccessMode, Allocation, FencedBy, Hold, VolumeMeta};
+use crate::pool::{layout, Charge, Pool};
 use crate::size::{self, SizeRequest};
 
 pub use create::CreateVolume;
+pub use fence::NodeGuard;
+pub use handover::{FenceCheck, FenceReport};
 pub use health::{AbnormalReason, Condition};
 pub use publish::Publish;
 pub use stage::{Access, Staged};
@@ -60,10 +66,19 @@ impl Pool {
     /// [`Pool::volume`], with `None` for a volume that does not exist.
     pub fn find_volume(&self, id: &VolumeId) -> Result<Option<Volume<'_>>> {
         // Looked for before the lock, so an unknown ID leaves nothing behind; read again under it.
+        self.lock_volume_with(id, self.options().lock_wait)
+    }
+
+    /// [`Pool::find_volume`], waiting for the lock as `wait` says.
+    pub(crate) fn lock_volume_with(
+        &self,
+        id: &VolumeId,
+        wait: LockWait,
+    ) -> Result<Option<Volume<'_>>> {
         if !self.fs()?.exists(&layout::volume_meta(id))? {
             return Ok(None);
         }
-        let guard = self.lock_volume(id)?;
+        let guard = self.lock_volume_waiting(id, wait)?;
         Ok(self.read_volume_meta(id)?.map(|meta| Volume {
             pool: self,
             meta,
@@ -79,8 +94,9 @@ impl Pool {
     }
 
     /// Deletes a volume. Unknown IDs succeed (deletion is idempotent), and the leftovers of an
-    /// interrupted create (a directory without metadata) are removed. A volume in use is refused:
-    /// see [`Volume::delete`].
+    /// interrupted create (a directory without metadata, its image unattached and holding no
+    /// data) are removed. A volume in use is refused: see [`Volume::delete`]; so is a directory
+    /// without metadata whose image is attached or holds data.
     pub fn delete_volume(&self, id: &VolumeId) -> Result<()> {
         let dir = layout::volume_dir(id);
         if !self.fs()?.exists(&dir)? {
@@ -94,7 +110,9 @@ impl Pool {
                 _guard: guard,
             }
             .delete(),
-            None => self.remove_dir_atomically(&dir),
+            // An interrupted create, or a volume that lost its metadata: the kernel and the
+            // image decide (see `discard_leftovers`).
+            None => self.discard_leftovers(id),
         }
     }
 
@@ -168,18 +186,40 @@ impl<'p> Volume<'p> {
         }
     }
 
+    /// Every loop device of this volume on this node: bound to its image, or to a former image
+    /// deleted or replaced while attached (which still holds the volume's data).
+    pub(crate) fn devices(&self, view: &KernelView) -> Result<Vec<LoopDevice>> {
+        Ok(view.volume_devices(&self.image_path(), self.image_or_path()?.as_ref()))
+    }
+
     /// Deletes the volume. Refused (`FailedPrecondition`) while its data is in use: attached on
-    /// this node, staged on any node, or claimed by a node.
+    /// this node (the kernel says so, whatever the metadata says), staged on another node, or
+    /// claimed by a node. This node's own staging hold does not count when nothing of the
+    /// volume is attached here: it is stale (an unstage that could not record its end, a
+    /// reboot), and the delete is what frees the space of a full pool.
     pub fn delete(self) -> Result<()> {
         let id = &self.meta.id;
         let view = KernelView::read()?;
-        if let Some(dev) = view.devices_of(self.image_or_path()?.as_ref()).first() {
+        if let Some(dev) = self.devices(&view)?.first() {
             return Err(Error::precondition(format!(
-                "volume {id} is in use: attached as {} on this node; unstage it first",
-                dev.path().display()
+                "volume {id} is in use on this node: attached as {}; unstage it first",
+                view.describe(dev)
             )));
         }
-        if let Some(h) = self.meta.staged.first() {
+        // This node's own hold goes with it (nothing is attached here: checked above); a node
+        // an operator declared down unstages nothing any more.
+        let here = self.pool.node();
+        let declared_down = |h: &&Hold| {
+            h.fenced
+                .as_ref()
+                .is_some_and(|f| f.by == FencedBy::Operator)
+        };
+        if let Some(h) = self
+            .meta
+            .staged
+            .iter()
+            .find(|h| h.node != *here && !declared_down(h))
+        {
             return Err(Error::precondition(format!(
                 "volume {id} is staged on node {}; unstage it first",
                 h.node
@@ -191,9 +231,23 @@ impl<'p> Volume<'p> {
                 h.node
             )));
         }
+        if self.meta.staged.iter().any(|h| h.node == *here) {
+            tracing::info!(volume = %id, node = %here, "nothing attached here: this node's staging hold is stale");
+        }
         self.pool.remove_dir_atomically(&layout::volume_dir(id))?;
         tracing::info!(volume = %id, "deleted volume");
         Ok(())
+    }
+
+    /// Makes the loop device `dev` of this volume take its image's size now: the size fetched
+    /// afresh from the pool's filesystem (a cluster client may cache a size another node changed),
+    /// then `LOOP_SET_CAPACITY`.
+    fn refresh_capacity(&self, dev: &loopdev::LoopDevice) -> Result<()> {
+        let image = self
+            .pool
+            .fs()?
+            .open_image(&layout::volume_image(&self.meta.id), true)?;
+        loopdev::refresh_capacity(dev, &image)
     }
 
     /// Grows the image to what `size` resolves to (never shrinks: a smaller size leaves it as it
@@ -207,7 +261,7 @@ impl<'p> Volume<'p> {
         self.grow_image(target)?;
         let view = KernelView::read()?;
         for dev in view.devices_of(self.image()?.as_ref()) {
-            loopdev::refresh_capacity(&dev)?;
+            self.refresh_capacity(&dev)?;
         }
         Ok(Expanded {
             size_bytes: self.meta.size_bytes,
@@ -216,8 +270,9 @@ impl<'p> Volume<'p> {
     }
 
     /// Grows the image file to `new_size` (and the recorded size with it); smaller or equal: no
-    /// change. The image grows before the metadata: after a crash the image is at least as large
-    /// as recorded, and a repeat finishes the job.
+    /// change. The growth is admitted against what the pool can still promise, and the image
+    /// grows before the metadata: after a crash the image is at least as large as recorded, and
+    /// a repeat finishes the job.
     fn grow_image(&mut self, new_size: u64) -> Result<()> {
         let id = self.meta.id.clone();
         let file = self
@@ -228,18 +283,20 @@ impl<'p> Volume<'p> {
             .metadata()
             .context(|| format!("stat image of {id}"))?
             .len();
-        if new_size > self.meta.size_bytes {
-            self.pool.ensure_room(
-                new_size - self.meta.size_bytes,
+        if new_size > current_len {
+            let mut admission = self.pool.admission()?;
+            admission.admit(
+                Charge::new(self.meta.allocation, new_size - current_len),
                 &format!("growing volume {id}"),
             )?;
-        }
-        if new_size > current_len {
+            // Longer is what the next admission sees as this volume's promise.
             file.set_len(new_size)
                 .context(|| format!("grow image of {id}"))?;
-            if self.meta.allocation == Allocation::Thick {
-                fallocate(&file, current_len, new_size - current_len)?;
-            }
+        }
+        if self.meta.allocation == Allocation::Thick {
+            allocate_all(&file, &id)?;
+        }
+        if new_size > current_len {
             file.sync_all().context(|| format!("fsync image of {id}"))?;
         }
         if new_size > self.meta.size_bytes {
@@ -251,46 +308,56 @@ impl<'p> Volume<'p> {
     }
 
     /// Changes how the image is allocated. Thin → thick allocates every block now (so the volume
-    /// can no longer run out of pool space); thick → thin only changes the accounting (space
-    /// already allocated stays allocated until the filesystem discards it).
+    /// never needs new space for a write, except where it shares blocks with a snapshot or a
+    /// clone, which the pool keeps reserved); thick → thin only changes the accounting (space
+    /// already allocated stays allocated until the filesystem discards it). Admitted against
+    /// what the pool can still promise: a thick volume is never overcommitted. A repeat after a
+    /// failed allocation finishes it.
     pub fn set_allocation(&mut self, allocation: Allocation) -> Result<()> {
         let id = self.meta.id.clone();
-        if self.meta.allocation == allocation {
-            return Ok(());
+        let fs = self.pool.fs()?;
+        let image = layout::volume_image(&id);
+        let missing = || {
+            Error::precondition(format!(
+                "the image of volume {id} is missing: {}",
+                fs.path(&image).display()
+            ))
+        };
+        if self.meta.allocation != allocation {
+            let mut admission = self.pool.admission()?;
+            let need = fs
+                .image_space(&image, fs.may_share_blocks())?
+                .map(|s| s.len.saturating_sub(s.own))
+                .ok_or_else(missing)?;
+            admission.admit(
+                Charge::moving(need, self.meta.allocation, allocation),
+                &format!("making volume {id} {}", allocation.as_str()),
+            )?;
+            // Admission reads the class from the metadata: saved before the lock goes.
+            let before = self.meta.allocation;
+            self.meta.allocation = allocation;
+            if let Err(e) = self.save() {
+                self.meta.allocation = before;
+                return Err(e);
+            }
+            drop(admission);
+            tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         }
         if allocation == Allocation::Thick {
-            let fs = self.pool.fs()?;
-            let image = layout::volume_image(&id);
-            let allocated = fs
-                .stat_image(&image)?
-                .ok_or_else(|| {
-                    Error::precondition(format!(
-                        "the image of volume {id} is missing: {}",
-                        fs.path(&image).display()
-                    ))
-                })?
-                .allocated;
-            let missing = self.meta.size_bytes.saturating_sub(allocated);
-            let free = self.pool.capacity()?.free_bytes;
-            if missing > free {
-                return Err(Error::NoSpace(format!(
-                    "allocating volume {id} needs {missing} more bytes; the pool has {free} free"
-                )));
+            if fs.stat_image(&image)?.is_none() {
+                return Err(missing());
             }
             let file = fs.open_image(&image, false)?;
-            // FALLOC_FL_KEEP_SIZE not needed: we allocate exactly the current length.
-            fallocate(&file, 0, self.meta.size_bytes)?;
-            file.sync_all().context(|| format!("fsync image of {id}"))?;
+            allocate_all(&file, &id)?;
         }
-        self.meta.allocation = allocation;
-        self.save()?;
-        tracing::info!(volume = %id, allocation = allocation.as_str(), "changed allocation");
         Ok(())
     }
 
     /// Claims the volume for `node` (CSI ControllerPublish, FlexVolume attach). Idempotent; a
     /// claim by another node that cannot share with `mode` is refused (`FailedPrecondition`), and
-    /// a different mode on the same node is `AlreadyExists`.
+    /// so is another node's staging hold until that node provably stopped writing (see
+    /// `handover`); a different mode on the same node is `AlreadyExists`; a claim beyond the
+    /// node's attach limit is `ResourceExhausted`.
     pub fn claim(
         &mut self,
         node: &NodeName,
@@ -317,36 +384,35 @@ impl<'p> Volume<'p> {
             });
         }
         check_sharing(id, &self.meta.claims, node, mode, "published")?;
+        self.check_staged_elsewhere(node, mode)?;
+        let _limit = self.check_attach_limit(node)?;
         self.meta.claims.push(Hold {
-            node: node.clone(),
-            mode,
             pv_name: pv_name.map(str::to_owned),
+            ..Hold::new(node.clone(), mode)
         });
         self.save()?;
         tracing::info!(volume = %self.meta.id, %node, ?mode, "claimed");
         Ok(())
     }
 
-    /// Releases `node`'s claim, and with it that node's staging hold. The controller's release is
-    /// authoritative: Kubernetes detaches from a node once it no longer uses the volume or is
-    /// declared dead, and a dead node's stale hold must not lock the volume out of every other
-    /// node. No claim: nothing to do.
+    /// Releases `node`'s claim. Its staging hold stays until the node unstages or fences the
+    /// volume: Kubernetes also detaches (force-detach) a node that stopped answering while its
+    /// kernel may still write, and the next claim must wait for that (see `handover`). No
+    /// claim: nothing to do.
     pub fn release(&mut self, node: &NodeName) -> Result<()> {
         self.release_nodes(std::slice::from_ref(node))
     }
 
-    /// Releases every node's claim (CSI ControllerUnpublish without a node), with their staging
-    /// holds.
+    /// Releases every node's claim (CSI ControllerUnpublish without a node).
     pub fn release_all(&mut self) -> Result<()> {
         let nodes: Vec<NodeName> = self.meta.claims.iter().map(|h| h.node.clone()).collect();
         self.release_nodes(&nodes)
     }
 
     fn release_nodes(&mut self, nodes: &[NodeName]) -> Result<()> {
-        let before = (self.meta.claims.len(), self.meta.staged.len());
+        let before = self.meta.claims.len();
         self.meta.claims.retain(|h| !nodes.contains(&h.node));
-        self.meta.staged.retain(|h| !nodes.contains(&h.node));
-        if (self.meta.claims.len(), self.meta.staged.len()) != before {
+        if self.meta.claims.len() != before {
             self.save()?;
             for node in nodes {
                 tracing::info!(volume = %self.meta.id, %node, "released claim");
@@ -375,6 +441,19 @@ pub(crate) fn check_sharing(
         )));
     }
     Ok(())
+}
+
+/// Allocates every block of a thick volume's image that is not allocated yet (after a crash, a
+/// failed allocation, or a trim), and makes it durable. Allocated and shared blocks are left as
+/// they are: the pool keeps their copies reserved.
+fn allocate_all(file: &std::fs::File, id: &VolumeId) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file.metadata().context(|| format!("stat image of {id}"))?;
+    if md.blocks().saturating_mul(512) >= md.len() {
+        return Ok(());
+    }
+    fallocate(file, 0, md.len())?;
+    file.sync_all().context(|| format!("fsync image of {id}"))
 }
 
 pub(crate) fn fallocate(file: &std::fs::File, offset: u64, len: u64) -> Result<()> {

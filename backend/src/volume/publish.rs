@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::host;
 use crate::ids::VolumeId;
-use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, KernelView};
+use crate::kernel::{former_path, is_device_bind_of, is_fs_mount_of, uses, KernelView};
 use crate::meta::AccessMode;
 use crate::mount;
 use crate::plan;
@@ -38,11 +38,11 @@ pub struct Publish {
 
 /// The volume whose filesystem or device is mounted at `path` on this node, read back from the
 /// kernel: the mount at `path` → its loop device → the image it is bound to → the volume that
-/// owns it.
+/// owns it (also when that image was deleted or replaced since it was attached).
 pub(super) fn volume_mounted_at(pool: &Pool, view: &KernelView, path: &Path) -> Option<VolumeId> {
     let m = view.mount_at(path)?;
     let dev = view.device_of_mount(m)?;
-    pool.volume_id_of_image(&dev.backing_file)
+    pool.volume_id_of_image(former_path(&dev.backing_file))
 }
 
 impl Pool {
@@ -79,12 +79,20 @@ impl Volume<'_> {
         }
         let target: &Path = &p.target;
         let view = KernelView::read()?;
+        self.refuse_stale(&view)?;
         let devices = view.devices_of(self.image()?.as_ref());
         let Some(dev) = devices.first() else {
             return Err(Error::precondition(format!(
                 "volume {id} is not staged on this node"
             )));
         };
+        if dev.cut_off {
+            return Err(Error::precondition(format!(
+                "volume {id} was fenced on this node; unstage it and stage it again"
+            )));
+        }
+        // Staged read-only (a read-only claim makes a read-only stage): every publication too.
+        let read_only = p.read_only || dev.read_only;
         if p.exclusive {
             let mut except = vec![target];
             except.extend(p.staging.as_deref());
@@ -102,13 +110,16 @@ impl Volume<'_> {
                 Access::Block => is_device_bind_of(existing, dev),
                 Access::Mount { .. } => is_fs_mount_of(existing, dev),
             };
-            return check_existing_mount("target path", target, existing, ours, &id, p.read_only);
+            return check_existing_mount("target path", target, existing, ours, &id, read_only);
         }
 
         match &p.access {
             Access::Block => {
+                if !p.read_only {
+                    self.record_raw_block()?;
+                }
                 let mount_point = p.target.create_block_target()?;
-                let flags = plan::bind_flags(true, p.read_only, &[]);
+                let flags = plan::bind_flags(true, read_only, &[]);
                 mount::bind(&dev.path(), &dev.path(), &mount_point, flags)?;
             }
             Access::Mount { mount_options, .. } => {
@@ -136,15 +147,15 @@ impl Volume<'_> {
                         (host::open_mount_root(&at)?, at)
                     }
                 };
-                if let Some(gid) = p.fs_group.filter(|_| !p.read_only) {
+                if let Some(gid) = p.fs_group.filter(|_| !read_only) {
                     host::apply_fs_group(&source, &shown, gid)?;
                 }
                 let mount_point = p.target.mkdir_p()?;
-                let flags = plan::bind_flags(false, p.read_only, mount_options);
+                let flags = plan::bind_flags(false, read_only, mount_options);
                 mount::bind(&host::proc_fd(&source), &shown, &mount_point, flags)?;
             }
         }
-        tracing::info!(volume = %id, target = %target.display(), read_only = p.read_only, "published");
+        tracing::info!(volume = %id, target = %target.display(), read_only, "published");
         Ok(())
     }
 
@@ -153,7 +164,8 @@ impl Volume<'_> {
     pub fn unpublish(&mut self, target: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let mut view = KernelView::read()?;
-        let devices = view.devices_of(self.image_or_path()?.as_ref());
+        // Also a device bound to an image deleted or replaced since: still this volume's.
+        let devices = self.devices(&view)?;
         // Bounded: a target holds a handful of stacked mounts at most. Each unmount changes the
         // table, so each round looks again.
         for _ in 0..16 {
@@ -208,7 +220,7 @@ impl Volume<'_> {
     pub fn release_staging_if_unused(&mut self) -> Result<bool> {
         let staging = self.pool.default_staging_path(&self.meta.id)?;
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image_or_path()?.as_ref());
+        let devices = self.devices(&view)?;
         if !view.users(&devices, &[&staging]).is_empty() {
             return Ok(false);
         }

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::extents;
 use crate::fs;
 use crate::kernel::{is_fs_mount_of, KernelView};
 use crate::loopdev::{self, LoopDevice};
@@ -16,7 +17,9 @@ use crate::plan::{self, FormatInputs, FormatPlan, GrowPlan};
 use crate::pool::{layout, NodePath};
 use crate::validate::{self, FsType};
 
+use super::handover::live_holds;
 use super::{check_sharing, Volume};
+use crate::kernel::boot_id;
 
 /// How a volume is presented to a workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +99,8 @@ impl Volume<'_> {
     }
 
     /// Records this node's staging hold in `mode`, refusing when another node holds the volume
-    /// in a mode that cannot share. On a node-local pool the volume must live on this node.
+    /// in a mode that cannot share (holds their nodes fenced no longer count). On a node-local
+    /// pool the volume must live on this node.
     fn hold(&mut self, mode: AccessMode) -> Result<()> {
         let node = self.pool.node().clone();
         let id = &self.meta.id;
@@ -105,14 +109,14 @@ impl Volume<'_> {
                 "volume {id} lives in the pool of node {local}, not on node {node}"
             )));
         }
-        check_sharing(id, &self.meta.staged, &node, mode, "staged")?;
+        check_sharing(id, &live_holds(&self.meta.staged), &node, mode, "staged")?;
         // The controller's claims count too: a volume published read-write to another node is
         // that node's even before it stages it.
         check_sharing(id, &self.meta.claims, &node, mode, "published")?;
+        // Stamped with this boot: once the node boots again, the hold is known to be stale.
         let hold = Hold {
-            node: node.clone(),
-            mode,
-            pv_name: None,
+            boot: boot_id().map(str::to_owned),
+            ..Hold::new(node.clone(), mode)
         };
         match self.meta.staged.iter_mut().find(|h| h.node == node) {
             Some(h) if *h == hold => return Ok(()),
@@ -133,13 +137,15 @@ impl Volume<'_> {
     }
 
     /// Records this node's hold in `mode` and returns the volume's loop device, attaching the
-    /// image if needed (read-only for `ReadOnly`). Every refusal (image missing, another node's
-    /// hold, the device in use in the other mode) comes before anything is written, so a refused
-    /// call leaves neither a hold nor a device behind. The hold is written before the attach: a
-    /// crash in between leaves a hold and no device, never a device no hold accounts for.
+    /// image if needed (read-only for `ReadOnly`). Every refusal (image missing or deleted while
+    /// attached, another node's hold, the device in use in the other mode) comes before anything
+    /// is written, so a refused call leaves neither a hold nor a device behind. The hold is
+    /// written before the attach: a crash in between leaves a hold and no device, never a device
+    /// no hold accounts for.
     fn hold_and_attach(&mut self, view: &KernelView, mode: AccessMode) -> Result<LoopDevice> {
         let id = self.meta.id.clone();
         let read_only = mode == AccessMode::ReadOnly;
+        self.refuse_stale(view)?;
         let Some(image) = self.image()? else {
             return Err(Error::precondition(format!(
                 "the image of volume {id} is missing: {}",
@@ -149,11 +155,20 @@ impl Volume<'_> {
         let mut reusable = None;
         let mut stale = Vec::new();
         for dev in view.devices_of(Some(&image)) {
-            if dev.read_only == read_only {
+            if dev.read_only == read_only && !dev.cut_off {
                 reusable = Some(dev);
                 continue;
             }
-            if !view.users(std::slice::from_ref(&dev), &[]).is_empty() {
+            let users = view.users(std::slice::from_ref(&dev), &[]);
+            if let Some(user) = users.first().filter(|_| dev.cut_off) {
+                return Err(Error::precondition(format!(
+                    "volume {id} was fenced on this node ({} is cut off from its image) and is \
+                     still mounted at {}; unstage it first",
+                    dev.path().display(),
+                    user.mount_point.display()
+                )));
+            }
+            if !users.is_empty() {
                 let how = |ro: bool| AccessMode::single_node(ro).describe();
                 return Err(Error::precondition(format!(
                     "volume {id} is in use {} as {}; it cannot also be used {}",
@@ -165,7 +180,8 @@ impl Volume<'_> {
             stale.push(dev);
         }
         self.hold(mode)?;
-        // Left attached in the other mode by an earlier, finished use: reattach.
+        // Left attached in the other mode by an earlier, finished use (or fenced and no longer
+        // used): reattach.
         for dev in &stale {
             loopdev::detach(dev)?;
         }
@@ -182,24 +198,64 @@ impl Volume<'_> {
         }
     }
 
+    /// Refuses to use the volume while a loop device on this node is still bound to a former
+    /// image of it (deleted or replaced while attached): that device holds the data a workload
+    /// wrote, and a new stage would attach whatever file is there now.
+    pub(super) fn refuse_stale(&self, view: &KernelView) -> Result<()> {
+        let Some(dev) = view.stale_devices_of(&self.image_path()).into_iter().next() else {
+            return Ok(());
+        };
+        Err(Error::precondition(format!(
+            "the image of volume {} was deleted or replaced while attached as {} on this node; \
+             its data is readable from {} until the volume is unstaged here (copy it first: dd \
+             if={} of=<file> bs=4M conv=sparse); unstage it before using the volume again",
+            self.meta.id,
+            dev.path().display(),
+            dev.path().display(),
+            dev.path().display(),
+        )))
+    }
+
     /// Attaches the volume as a loop device on this node and returns it (FlexVolume
     /// `waitforattach`; the first step of stage). Idempotent.
     pub fn attach(&mut self, read_only: bool) -> Result<PathBuf> {
+        let mode = self.stage_mode(AccessMode::single_node(read_only))?;
         let view = KernelView::read()?;
-        Ok(self
-            .hold_and_attach(&view, AccessMode::single_node(read_only))?
-            .path())
+        Ok(self.hold_and_attach(&view, mode)?.path())
+    }
+
+    /// Records that the volume is used as a raw block device: from now on its content is the
+    /// workload's, with no signature loopvol could check, so it is never formatted.
+    pub(super) fn record_raw_block(&mut self) -> Result<()> {
+        if self.meta.raw_block && !self.meta.blank && self.meta.formatting.is_none() {
+            return Ok(());
+        }
+        self.meta.raw_block = true;
+        self.meta.blank = false;
+        self.meta.formatting = None;
+        self.save()
     }
 
     /// Stages the volume at `staging`: attach, format when blank, mount (for `Access::Block`,
     /// attach only). Idempotent: a repeat with the same arguments finds the work done; a
     /// different volume or mode already at the path is `AlreadyExists`. Never formats a device
-    /// that holds anything ([`plan::format_plan`]).
+    /// that may hold data ([`plan::format_plan`]). A failure leaves what it did; front ends use
+    /// [`Volume::stage_or_release`].
     pub fn stage(
         &mut self,
         staging: &NodePath,
         access: &Access,
         mode: AccessMode,
+    ) -> Result<Staged> {
+        self.stage_steps(staging, access, mode, &mut StageSteps::default())
+    }
+
+    fn stage_steps(
+        &mut self,
+        staging: &NodePath,
+        access: &Access,
+        mode: AccessMode,
+        done: &mut StageSteps,
     ) -> Result<Staged> {
         let id = self.meta.id.clone();
         if let Access::Mount { mount_options, .. } = access {
@@ -211,8 +267,10 @@ impl Volume<'_> {
                 ));
             }
         }
+        let mode = self.stage_mode(mode)?;
         let read_only = mode == AccessMode::ReadOnly;
         let view = KernelView::read()?;
+        self.refuse_stale(&view)?;
         let existing = view.mount_at(staging);
         // Something else at the staging path (another volume, or this one in the other mode):
         // refuse before recording a hold or attaching, so the refusal leaves nothing behind.
@@ -224,6 +282,11 @@ impl Volume<'_> {
             check_existing_mount("staging path", staging, existing, ours, &id, read_only)?;
         }
         let dev = self.hold_and_attach(&view, mode)?;
+        // Recorded once the device is there and before it is handed out (a refused stage
+        // records nothing).
+        if *access == Access::Block && !read_only {
+            self.record_raw_block()?;
+        }
         let Access::Mount {
             fs_type,
             mount_options,
@@ -257,6 +320,12 @@ impl Volume<'_> {
 
         let device = dev.path();
         let content = fs::probe(&device)?;
+        // The image's extent map is the second witness, asked only when blkid finds nothing.
+        let data_bytes = if content == fs::Content::Blank {
+            self.image_data_bytes()
+        } else {
+            None
+        };
         let decision = plan::format_plan(
             &id,
             &FormatInputs {
@@ -265,6 +334,10 @@ impl Volume<'_> {
                 requested: *fs_type,
                 recorded: self.meta.fs_type,
                 read_only,
+                data_bytes,
+                recorded_blank: self.meta.blank,
+                raw_block: self.meta.raw_block,
+                source: self.meta.source.as_ref(),
             },
         );
         let (fs, formatted) = match decision {
@@ -292,9 +365,15 @@ impl Volume<'_> {
             fs::grow_ext4_offline(&device)?;
         }
         let mount_point = staging.mkdir_p()?;
-        let how = plan::staging_mount(fs, read_only, mount_options);
-        mount::mount_fs(&device, &mount_point, fs.as_str(), how.flags, &how.data)?;
+        let try_mount = |options: &[String]| {
+            let how = plan::staging_mount(fs, read_only, options);
+            mount::mount_fs(&device, &mount_point, fs.as_str(), how.flags, &how.data)
+        };
+        if let Err(e) = try_mount(mount_options) {
+            return Err(self.explain_mount_failure(e, fs, mount_options, &try_mount, staging));
+        }
         drop(mount_point);
+        done.mounted = true;
         if grow == GrowPlan::OnlineAfterMount {
             fs::grow_online(fs, &device, staging)?;
         }
@@ -302,33 +381,107 @@ impl Volume<'_> {
         Ok(Staged { device, formatted })
     }
 
-    /// [`Volume::stage`], and when it fails, releases what nothing uses: the loop device and this
-    /// node's hold, unless a volume is mounted at `staging` (FlexVolume `mountdevice`: kubelet
-    /// never calls `unmountdevice` for a path that did not mount, so a device left attached would
-    /// outlive the pod).
+    /// The bytes of data in the volume's image; `None` when its data map cannot tell: it could
+    /// not be read, or the whole image is one data range, which is also what a filesystem
+    /// without `SEEK_DATA` support answers (then the metadata's record decides).
+    fn image_data_bytes(&self) -> Option<u64> {
+        let file = self
+            .pool
+            .fs()
+            .and_then(|fs| fs.open_image(&layout::volume_image(&self.meta.id), true))
+            .ok()?;
+        let len = file.metadata().ok()?.len();
+        match extents::data_bytes(&file) {
+            Ok(n) if n == len && len > 0 => None,
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(volume = %self.meta.id, error = %e, "cannot map the image's data");
+                None
+            }
+        }
+    }
+
+    /// mount(2) answers EINVAL both for an option the filesystem does not take and for a device
+    /// it cannot mount. When the caller gave options, finds out which: mounts without them (and
+    /// unmounts again), then with each alone. A caller's option at fault is `InvalidArgument`
+    /// naming its key (never its value); anything else is the original error.
+    fn explain_mount_failure(
+        &self,
+        err: Error,
+        fs: FsType,
+        options: &[String],
+        try_mount: &dyn Fn(&[String]) -> Result<()>,
+        staging: &Path,
+    ) -> Error {
+        let einval = matches!(&err, Error::Sys { source, .. } if *source == nix::Error::EINVAL);
+        if !einval || options.is_empty() {
+            return err;
+        }
+        let mounts = |opts: &[String]| match try_mount(opts) {
+            Ok(()) => mount::unmount(staging).map(|()| true),
+            Err(_) => Ok(false),
+        };
+        if !matches!(mounts(&[]), Ok(true)) {
+            return err;
+        }
+        for option in options {
+            if matches!(mounts(std::slice::from_ref(option)), Ok(false)) {
+                let key = option.split('=').next().unwrap_or(option);
+                return Error::invalid(
+                    "mount options",
+                    format!(
+                        "{fs} does not accept mount option {key:?} (mount(2) says EINVAL); \
+                         volume {} is not staged",
+                        self.meta.id
+                    ),
+                );
+            }
+        }
+        err
+    }
+
+    /// [`Volume::stage`], and when it fails, undoes it: unmounts what it mounted, then detaches
+    /// the loop device and drops this node's hold unless something else uses the device.
+    /// Kubernetes takes a failed stage for "not staged" and never unstages it, so a leftover
+    /// device or hold would outlive the pod and block the volume's deletion. Both front ends
+    /// stage through this.
     pub fn stage_or_release(
         &mut self,
         staging: &NodePath,
         access: &Access,
         mode: AccessMode,
     ) -> Result<Staged> {
-        let err = match self.stage(staging, access, mode) {
+        let mut done = StageSteps::default();
+        let err = match self.stage_steps(staging, access, mode, &mut done) {
             Ok(staged) => return Ok(staged),
             Err(e) => e,
         };
-        let id = self.meta.id.clone();
-        let volume_there = KernelView::read()
-            .map(|view| super::publish::volume_mounted_at(self.pool, &view, staging).is_some())
-            .unwrap_or(true);
-        if !volume_there {
-            match self.detach() {
-                Ok(()) => tracing::info!(volume = %id, "stage failed; detached the loop device"),
-                Err(undo) => {
-                    tracing::info!(volume = %id, error = %undo, "stage failed; loop device left attached")
-                }
-            }
+        if let Err(undo) = self.undo_stage(staging, &done) {
+            tracing::warn!(volume = %self.meta.id, error = %undo, "stage failed; could not undo all of it");
         }
         Err(err)
+    }
+
+    /// Unmounts what the failed stage mounted, then releases the volume's loop device and this
+    /// node's hold when no mount uses the device (FlexVolume's `waitforattach` attached it for
+    /// this very stage; kubelet calls `unmountdevice` only for a path that mounted).
+    fn undo_stage(&mut self, staging: &NodePath, done: &StageSteps) -> Result<()> {
+        let id = self.meta.id.clone();
+        if done.mounted {
+            mount::unmount(staging)?;
+            staging.remove_dir_if_empty();
+        }
+        let view = KernelView::read()?;
+        let devices = self.devices(&view)?;
+        if !view.users(&devices, &[]).is_empty() {
+            return Ok(()); // another stage or publication of the volume uses it
+        }
+        for dev in &devices {
+            loopdev::detach(dev)?;
+            tracing::info!(volume = %id, device = %dev.path().display(), "stage failed; detached the loop device");
+        }
+        self.drop_hold()?;
+        Ok(())
     }
 
     /// Formats `device` with `fs` under a record in the metadata: written before mkfs and cleared
@@ -340,6 +493,7 @@ impl Volume<'_> {
         mkfs: fn(&Path, FsType) -> Result<()>,
     ) -> Result<()> {
         self.meta.formatting = Some(fs);
+        self.meta.blank = false;
         self.save()?;
         mkfs(device, fs)?;
         self.meta.formatting = None;
@@ -348,11 +502,15 @@ impl Volume<'_> {
     }
 
     /// Unstages the volume from `staging`: unmounts it and detaches the loop device when nothing
-    /// else uses it, then drops this node's hold. Not staged: nothing to do.
+    /// else uses it, then drops this node's hold. Not staged: nothing to do. The kernel comes
+    /// first and the metadata last; once nothing of the volume is mounted or attached here, the
+    /// unstage has happened, and a hold that cannot be dropped (a full pool) is left as a warning:
+    /// a stale hold of this node blocks neither a delete nor this node's next stage. Also when
+    /// the image was deleted or replaced while staged (its device is still recognised).
     pub fn unstage(&mut self, staging: &NodePath) -> Result<()> {
         let id = self.meta.id.clone();
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image_or_path()?.as_ref());
+        let devices = self.devices(&view)?;
         let mut unmounted = false;
         if let Some(existing) = view.mount_at(staging) {
             if !devices.iter().any(|d| is_fs_mount_of(existing, d)) {
@@ -372,9 +530,17 @@ impl Volume<'_> {
         // The unmount changed the table (and a stacked mount may remain): look again.
         let after = if unmounted { KernelView::read()? } else { view };
         self.detach_unused(&after, &devices)?;
-        self.drop_hold()?;
+        self.drop_hold_or_warn();
         tracing::info!(volume = %id, staging = %staging.display(), "unstaged");
         Ok(())
+    }
+
+    /// Drops this node's hold once the kernel has nothing of the volume here; a failure to
+    /// record it is logged, not returned (see [`Volume::unstage`]).
+    fn drop_hold_or_warn(&mut self) {
+        if let Err(e) = self.drop_hold() {
+            tracing::warn!(volume = %self.meta.id, error = %e, "nothing of the volume is left on this node, but its hold could not be dropped from the metadata; it is stale and blocks nothing here");
+        }
     }
 
     /// Detaches each of `devices` once no mount uses any of them; a device still in use stays,
@@ -391,8 +557,16 @@ impl Volume<'_> {
     /// `unmountdevice` after the unmount; CSI block unstage) and drops this node's hold.
     pub fn detach(&mut self) -> Result<()> {
         let view = KernelView::read()?;
-        let devices = view.devices_of(self.image_or_path()?.as_ref());
+        let devices = self.devices(&view)?;
         self.detach_unused(&view, &devices)?;
-        self.drop_hold()
+        self.drop_hold_or_warn();
+        Ok(())
     }
+}
+
+/// What one stage did that its undo must take back beyond the device and the hold.
+#[derive(Debug, Default)]
+struct StageSteps {
+    /// The call mounted the staging path (a later step failed: an online grow).
+    mounted: bool,
 }

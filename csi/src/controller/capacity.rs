@@ -41,15 +41,13 @@ impl Controller {
             .driver
             .run(Rpc::GetCapacity, Vec::new(), |pool| Ok(pool.capacity()?))
             .await?;
-        let available = convert::clamp(cap.available_bytes);
+        // What admission would let a volume of these parameters take: the same numbers.
+        let bytes = cap.available(params.allocation.unwrap_or_default());
+        let available = convert::clamp(bytes);
         let min = loopvol::min_size(params.fs_type);
         Ok(pb::GetCapacityResponse {
             available_capacity: available,
-            maximum_volume_size: Some(if cap.available_bytes < min {
-                0
-            } else {
-                available
-            }),
+            maximum_volume_size: Some(if bytes < min { 0 } else { available }),
             minimum_volume_size: None,
         })
     }

@@ -547,6 +547,15 @@ async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
         .await
         .volume_id;
     let v = kubelet(&scratch).pod_volume("p", &id);
+    if shared {
+        // A shared pool stages only what the controller published to the node.
+        ok(
+            c.ctl
+                .controller_publish_volume(controller_publish_req(&id, NODE, cap.clone(), false))
+                .await,
+            "ControllerPublishVolume",
+        );
+    }
     c.stage_and_publish(&v, &cap).await;
     let (staging, target) = (&v.staging, &v.target);
     std::fs::write(target.join("keep"), b"kept").unwrap();
@@ -634,6 +643,14 @@ async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
         "NodeExpandVolume at a path that does not exist",
     );
     c.unpublish_and_unstage(&v).await;
+    if shared {
+        ok(
+            c.ctl
+                .controller_unpublish_volume(controller_unpublish_req(&id, NODE))
+                .await,
+            "ControllerUnpublishVolume",
+        );
+    }
     ok(c.ctl.delete_volume(delete_req(&id)).await, "DeleteVolume");
 }
 

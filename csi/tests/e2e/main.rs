@@ -14,6 +14,10 @@
 //!   its back): kubelet's re-stage and re-publish, `loopvol check`, nothing formatted;
 //! - [`shared_pool`]: a controller and two node plugins on one pool, a volume moving between
 //!   nodes and surviving a dead one; as root;
+//! - [`partition`]: the same on GlusterFS, partitioned: a stopped plugin, a dead FUSE client, a
+//!   force-detach, a hung mount; as root;
+//! - [`safety`]: small pools of their own: parallel admission, raw data never formatted, a full
+//!   pool, a failed stage undone, the smaller refusals' codes; as root;
 //! - [`trust`]: issue 12 through the server: a symlinked kubelet root end to end, paths that
 //!   lead out of the prefix, a bad entry in a listing, lock files that go with their volumes.
 //!
@@ -21,10 +25,12 @@
 
 mod lifecycle;
 mod metrics;
+mod partition;
 mod process;
 mod protocol;
 mod reboot;
 mod recovery;
+mod safety;
 mod shared_pool;
 mod trust;
 

@@ -1851,3 +1851,36 @@ async fn shared_pool_publish_keeps_a_writer_on_one_node() {
     }
     t.check(c).await;
 }
+
+/// csi-sanity's "should fail when publishing more volumes than the node max attach limit": the
+/// node's `--max-volumes-per-node` reaches the controller through the node's record in the pool,
+/// and ControllerPublish beyond it is RESOURCE_EXHAUSTED (a repeat of a publication is not a new
+/// one; an unpublish makes room).
+#[tokio::test]
+async fn shared_pool_publish_honours_the_attach_limit() {
+    let scratch = Scratch::new();
+    let (_server, mut csi) = start(&scratch, &["--shared-pool", "--max-volumes-per-node=2"]).await;
+    let c = &mut csi;
+    let limit = ok(
+        c.node.node_get_info(pb::NodeGetInfoRequest {}).await,
+        "NodeGetInfo",
+    )
+    .max_volumes_per_node;
+    assert_eq!(limit, 2);
+    for i in 0..3 {
+        c.create(&format!("v{i}"), MIB, rwo("ext4")).await;
+    }
+    let publish = |id: &str| controller_publish_req(id, NODE, rwo("ext4"), false);
+    let mut t = CallTable::new();
+    t.case("first", publish("v0"), Code::Ok)
+        .case("second", publish("v1"), Code::Ok)
+        .case("the second again", publish("v1"), Code::Ok)
+        .case("beyond the limit", publish("v2"), Code::ResourceExhausted)
+        .case(
+            "unpublish one",
+            controller_unpublish_req("v0", NODE),
+            Code::Ok,
+        )
+        .case("now there is room", publish("v2"), Code::Ok);
+    t.check(c).await;
+}

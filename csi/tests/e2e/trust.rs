@@ -11,12 +11,14 @@ use tonic::Code;
 
 use crate::{start, MIB};
 
-/// Names in `<pool>/locks`.
+/// Names in `<pool>/locks` but the pool-wide admission lock (`space.lock`, which stays with the
+/// pool).
 fn locks(scratch: &Scratch) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(scratch.pool().join("locks"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "space.lock")
         .collect();
     names.sort();
     names

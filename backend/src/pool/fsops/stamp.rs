@@ -148,11 +148,17 @@ impl PoolFs {
             .collect())
     }
 
+    /// The entry `id` in `dir`, opened to stat its files (see [`EntryDir`]); `None` when it is
+    /// not a directory (the checked path says what it is). `id` is one plain component (a
+    /// validated ID).
+    pub fn open_entry(&self, dir: &KindDir, id: &str) -> Option<EntryDir> {
+        open_entry(dir, id).map(|fd| EntryDir { fd })
+    }
+
     /// The files `record` and (when given) `image` of the entry `id` in `dir`, from one
     /// descriptor of the entry's directory: three or four system calls, no path walked twice.
     /// `None` when the entry is anything but plain (see [`EntryFiles`]), or cannot be looked at:
-    /// the caller takes the checked path, which names what is wrong. `id` is one plain
-    /// component (a validated ID).
+    /// the caller takes the checked path, which names what is wrong.
     pub fn entry_files(
         &self,
         dir: &KindDir,
@@ -160,19 +166,35 @@ impl PoolFs {
         record: &str,
         image: Option<&str>,
     ) -> Option<EntryFiles> {
-        let entry = open_entry(dir, id)?;
-        let record = regular_file(entry.as_fd(), record)?.map(|st| Stamp::of(&st));
+        let entry = self.open_entry(dir, id)?;
+        let record = entry.record(record)?;
         let image = match image {
             None => None,
-            Some(name) => image_at(entry.as_fd(), name)?,
+            Some(name) => entry.image(name)?,
         };
         Some(EntryFiles { record, image })
     }
+}
 
-    /// The image `image` of the entry `id` in `dir` (see [`PoolFs::entry_files`]): `Some(None)`
-    /// when missing, `None` when not plainly an image of ours.
-    pub fn entry_image(&self, dir: &KindDir, id: &str, image: &str) -> Option<Option<ImageStat>> {
-        image_at(open_entry(dir, id)?.as_fd(), image)
+/// An entry directory (`volumes/<id>`), opened `O_PATH` without following a link: its files are
+/// stat'ed by name in it (`AT_SYMLINK_NOFOLLOW`, fresh attributes), one system call each.
+#[derive(Debug)]
+pub(crate) struct EntryDir {
+    fd: OwnedFd,
+}
+
+impl EntryDir {
+    /// The stamp of the record `name`: `Some(None)` when missing, `None` when it is not a regular
+    /// file (or cannot be stat'ed).
+    pub fn record(&self, name: &str) -> Option<Option<Stamp>> {
+        Some(regular_file(self.fd.as_fd(), name)?.map(|st| Stamp::of(&st)))
+    }
+
+    /// The image `name`, as [`PoolFs::stat_image`] has it when it is a regular file with one
+    /// link; `Some(None)` when missing; `None` otherwise (a file shared with another, which the
+    /// checked path refuses naming its links, or anything else).
+    pub fn image(&self, name: &str) -> Option<Option<ImageStat>> {
+        image_at(self.fd.as_fd(), name)
     }
 }
 

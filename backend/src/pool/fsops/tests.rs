@@ -26,9 +26,13 @@ fn meta() -> VolumeMeta {
             node,
             mode: AccessMode::ReadOnly,
             pv_name: Some("pv".into()),
+            boot: None,
+            fenced: None,
         }],
         staged: vec![],
         formatting: None,
+        blank: true,
+        raw_block: true,
     }
 }
 
@@ -277,11 +281,16 @@ fn nothing_else_touches_pool_paths() {
         ("pool/fsops.rs", "the layer itself"),
         ("loopdev.rs", "sysfs and /dev/loop*"),
         ("mount.rs", "/proc/self/mountinfo"),
+        ("kernel.rs", "/proc/sys/kernel/random/boot_id"),
         ("fs.rs", "block devices and /proc/self/status"),
         ("cmd.rs", "/proc and the tools' pid files"),
         ("freeze.rs", "mount points (host paths)"),
         ("host.rs", "host paths (staging, targets), resolved there"),
         ("testing.rs", "test support on arbitrary files"),
+        (
+            "pool/coherence.rs",
+            "a GlusterFS client's own .meta view of its translators, beside the pool",
+        ),
     ];
     // `std::fs::` followed by a function (the `File` type itself, fd-based, is fine).
     let fs_call = |line: &str| {
