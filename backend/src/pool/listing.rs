@@ -362,7 +362,7 @@ impl Pool {
 
 /// Loads every entry of `ids` from `start`, in order, skipping those `load` finds nothing for:
 /// on several threads when there are many (each takes a contiguous run of IDs).
-fn load_all<T: Send>(
+pub(super) fn load_all<T: Send>(
     ids: &[String],
     start: usize,
     load: &(impl Fn(usize, &str) -> Result<Option<T>> + Sync),
