@@ -744,7 +744,7 @@ fn killed_fuse_client_answers_enotconn_and_fails_writes() {
 /// nothing changed.
 #[test]
 fn listings_see_what_another_node_changed() {
-    use loopvol::{AccessMode, CreateVolume, NodeName, Pool, PoolOptions, SizeRequest, VolumeId};
+    use loopvol::{AccessMode, CreateVolume, NodeName, Pool, PoolOptions, VolumeId};
     if !gate(&[]) {
         return;
     }
@@ -758,16 +758,8 @@ fn listings_see_what_another_node_changed() {
         Pool::open(g.pool(node), options).unwrap()
     };
     let (a, b) = (open(Node::A), open(Node::B));
-    let create = |pool: &Pool, name: &str| {
-        pool.create_volume(&CreateVolume {
-            name: name.into(),
-            size: SizeRequest::at_least(MIB),
-            fs_type: None,
-            allocation: None,
-            source: None,
-        })
-        .unwrap()
-    };
+    let create =
+        |pool: &Pool, name: &str| pool.create_volume(&CreateVolume::blank(name, MIB)).unwrap();
     let listed = |pool: &Pool| -> Vec<(String, usize)> {
         pool.list_volumes(None, 0)
             .unwrap()

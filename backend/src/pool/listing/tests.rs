@@ -66,7 +66,6 @@ use std::time::Duration;
 use crate::ids::NodeName;
 use crate::pool::fsops::RACY;
 use crate::pool::PoolOptions;
-use crate::size::SizeRequest;
 use crate::snapshot::SnapshotRequest;
 use crate::volume::{AbnormalReason, CreateVolume};
 
@@ -81,14 +80,7 @@ fn open(dir: &Path) -> Pool {
 }
 
 fn create(pool: &Pool, name: &str) -> VolumeMeta {
-    pool.create_volume(&CreateVolume {
-        name: name.into(),
-        size: SizeRequest::at_least(MIB),
-        fs_type: None,
-        allocation: None,
-        source: None,
-    })
-    .unwrap()
+    pool.create_volume(&CreateVolume::blank(name, MIB)).unwrap()
 }
 
 fn delete(pool: &Pool, id: &str) {
