@@ -974,5 +974,10 @@ impl PoolFs {
     }
 }
 
+mod stamp;
+#[cfg(test)]
+pub(crate) use stamp::RACY;
+pub(crate) use stamp::{EntryDir, KindDir, Stamp};
+
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@
 mod capacity;
 mod coherence;
 pub(crate) mod fsops;
+mod index;
 mod listing;
 pub(crate) mod nodes;
 pub(crate) mod watchdog;
@@ -33,7 +34,7 @@ use fsops::PoolFs;
 
 pub use capacity::Capacity;
 pub(crate) use capacity::Charge;
-pub use listing::{BadEntry, Listed, Page};
+pub use listing::{BadEntry, Listed, ListedVolume, Page};
 pub use nodes::{LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodeRecord};
 
 /// How a front end runs the pool.
@@ -84,6 +85,8 @@ pub struct Pool {
     pub(crate) health: watchdog::PoolHealth,
     /// The other nodes' leases, when this process watches them (a controller).
     pub(crate) leases: nodes::LeaseWatch,
+    /// What the listings remember between calls, checked against the pool on every use.
+    index: index::Index,
 }
 
 const SUBDIRS: [&str; 7] = [
@@ -230,6 +233,7 @@ impl Pool {
             options,
             health: Default::default(),
             leases: Default::default(),
+            index: index::Index::default(),
         }
     }
 
