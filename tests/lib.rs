@@ -15,9 +15,11 @@
 //!   of what `/metrics` and `loopvol metrics` write, and a scrape of `/metrics`;
 //! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight;
 //! - [`small_fs`]: a small filesystem of the test's own, to fill; [`workload`]: writes and
-//!   syncs, and what it synced checked afterwards (fencing).
+//!   syncs, and what it synced checked afterwards (fencing);
+//! - [`bench`]: the benchmarks' statistics (interleaved pairs, median ratio and spread).
 
 pub mod admin;
+pub mod bench;
 pub mod binaries;
 pub mod csi;
 pub mod data;

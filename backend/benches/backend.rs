@@ -1,27 +1,48 @@
-//! Backend benchmark (not a test): loopvol against the bare tools doing the same work, in the same
-//! run, printed as ratios. Needs root, fio, mkfs.ext4 and a reflink-capable filesystem (made here
-//! on a loop device) for the reflink row.
+//! Backend benchmark (not a test): loopvol against the bare tools, or the same stack made by hand,
+//! doing the same work in the same run. Every ratio comes from interleaved pairs (see
+//! `loopvol_e2e::bench`): the median of the pairs' ratios, their spread, and the number of pairs.
+//! Needs root, fio, mkfs.ext4, mkfs.xfs (the reflink rows make an xfs pool on a loop device).
 //!
-//!     cargo bench -p loopvol --bench backend
+//!     cargo bench -p loopvol --bench backend [-- GROUP...]
 //!
-//! Rows:
-//! - provision to mounted (create + attach + format + mount) of 1 GiB and 100 GiB ext4 volumes vs
-//!   `truncate`, `losetup --direct-io=on`, `mkfs.ext4 -E nodiscard,lazy_itable_init=1`, `mount`;
-//! - fio 4 KiB random read / write IOPS and 1 MiB sequential write throughput, direct I/O, in a
-//!   mounted volume vs the same job on a file in the pool's own filesystem;
-//! - snapshot of a 10 GiB volume holding 1 GiB of data vs `cp --sparse=always`, and on an xfs pool
-//!   vs `cp --reflink=always`.
+//! Groups (all but `knobs` by default):
+//! - `provision`: create + attach + format + mount of 1 GiB and 100 GiB ext4 volumes vs
+//!   `truncate`, `losetup --direct-io=on --sector-size=4096`, `mkfs.ext4` with loopvol's options,
+//!   `mount -o nodev,nosuid`;
+//! - `fio`: 4 KiB random read / write IOPS and 1 MiB sequential write throughput, direct I/O,
+//!   iodepth 32, over 1 GiB: a filesystem volume vs the same stack made by hand (an image in the
+//!   pool, `losetup --direct-io=on --sector-size=4096`, the same mkfs and mount options), and a
+//!   raw block volume vs a file in the pool's own filesystem;
+//! - `snapshot`: a 10 GiB volume holding 1 GiB, at rest and mounted (frozen), vs
+//!   `cp --sparse=always` (and `fsfreeze`); `reflink`: the same on an xfs pool vs
+//!   `cp --reflink=always`;
+//! - `knobs` (only when named): the block layer's and the inner filesystem's settings, each
+//!   against loopvol's default on a staged volume (4 KiB random reads), and the loop device's
+//!   logical block size (512 vs loopvol's 4096) on raw devices.
+//!
+//! Environment: `BENCH_PAIRS` (pairs per row, default 7; fewer than 5 is a smoke run),
+//! `BENCH_FIO_SECONDS` (each fio run, default 5), `LOOPVOL_BENCH_DIR` (default /var/tmp; must be
+//! disk-backed: the pool's filesystem is the baseline).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use loopvol::{
     Access, AccessMode, CreateVolume, FsType, Pool, PoolOptions, SizeRequest, SnapshotRequest,
     VolumeId,
 };
+use loopvol_e2e::bench::{self, Pairs, Row, Target};
 
 const GIB: u64 = 1 << 30;
+
+/// loopvol's mkfs.ext4 options (`fs.rs`), for the stacks made by hand.
+const MKFS_EXT4: &[&str] = &[
+    "-q",
+    "-E",
+    "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+];
 
 fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
@@ -36,21 +57,12 @@ fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+fn ms(v: f64) -> String {
+    format!("{v:.1} ms")
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-struct Row {
-    what: String,
-    loopvol: String,
-    baseline: String,
-    ratio: f64,
-    target: &'static str,
+fn elapsed_ms(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
 }
 
 fn drop_caches() {
@@ -63,15 +75,20 @@ const EXT4: Access = Access::Mount {
 };
 
 fn options() -> PoolOptions {
-    PoolOptions::new("bench".parse().unwrap())
+    let mut options = PoolOptions::new("bench".parse().unwrap());
+    // A 100 GiB thin volume may exceed the free space of a small test disk: allow overcommit, as
+    // a thin-provisioning operator would.
+    options.overcommit = 8.0;
+    options
 }
 
-fn stage(pool: &Pool, id: &VolumeId, staging: &Path) {
+fn stage(pool: &Pool, id: &VolumeId, staging: &Path, access: &Access) -> PathBuf {
     let staging = pool.node_path("staging path", staging).unwrap();
     pool.volume(id)
         .unwrap()
-        .stage(&staging, &EXT4, AccessMode::SingleNodeWriter)
-        .unwrap();
+        .stage(&staging, access, AccessMode::SingleNodeWriter)
+        .unwrap()
+        .device
 }
 
 fn unstage(pool: &Pool, id: &VolumeId, staging: &Path) {
@@ -79,80 +96,119 @@ fn unstage(pool: &Pool, id: &VolumeId, staging: &Path) {
     pool.volume(id).unwrap().unstage(&staging).unwrap();
 }
 
-/// Creates a thin ext4 volume and stages it at `staging`: what provisioning to mounted means.
-fn create_and_stage(pool: &Pool, name: &str, size: u64, staging: &Path) -> VolumeId {
-    let m = pool
-        .create_volume(&CreateVolume {
-            name: name.into(),
-            size: SizeRequest::at_least(size),
-            fs_type: Some(FsType::Ext4),
-            allocation: None,
-            source: None,
-        })
-        .unwrap();
-    stage(pool, &m.id, staging);
-    m.id
+fn create(pool: &Pool, name: &str, size: u64, fs_type: Option<FsType>) -> VolumeId {
+    pool.create_volume(&CreateVolume {
+        name: name.into(),
+        size: SizeRequest::at_least(size),
+        fs_type,
+        allocation: None,
+        source: None,
+    })
+    .unwrap()
+    .id
 }
 
-/// Median time of create + stage for an ext4 volume of `size`.
-fn provision_loopvol(pool: &Pool, scratch: &Path, size: u64, runs: usize) -> Duration {
-    let mut times = Vec::new();
-    for i in 0..runs {
-        let name = format!("bench-{size}-{i}");
-        let staging = scratch.join(format!("stage-{i}"));
-        let t = Instant::now();
-        let id = create_and_stage(pool, &name, size, &staging);
-        times.push(t.elapsed());
-        unstage(pool, &id, &staging);
-        pool.delete_volume(&id).unwrap();
-    }
-    median(times)
+/// A unique suffix for the names of one run.
+fn next() -> usize {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The same work with the bare tools.
-fn provision_bare(dir: &Path, size: u64, runs: usize) -> Duration {
-    let mut times = Vec::new();
-    for i in 0..runs {
-        let image = dir.join(format!("bare-{i}.img"));
-        let mnt = dir.join(format!("bare-mnt-{i}"));
-        let t = Instant::now();
-        sh(
-            "truncate",
-            &["-s", &size.to_string(), image.to_str().unwrap()],
-        );
+/// One create + stage of an ext4 volume of `size` (what provisioning to mounted means), in ms;
+/// undone afterwards, untimed.
+fn provision_loopvol(pool: &Pool, scratch: &Path, size: u64) -> f64 {
+    let i = next();
+    let staging = scratch.join(format!("stage-{i}"));
+    let t = Instant::now();
+    let id = create(pool, &format!("bench-{i}"), size, Some(FsType::Ext4));
+    stage(pool, &id, &staging, &EXT4);
+    let took = elapsed_ms(t);
+    unstage(pool, &id, &staging);
+    pool.delete_volume(&id).unwrap();
+    took
+}
+
+/// The same work with the bare tools, in ms.
+fn provision_bare(dir: &Path, size: u64) -> f64 {
+    let i = next();
+    let image = dir.join(format!("bare-{i}.img"));
+    let mnt = dir.join(format!("bare-mnt-{i}"));
+    let t = Instant::now();
+    let stack = HandStack::make(&image, size, &mnt);
+    let took = elapsed_ms(t);
+    drop(stack);
+    took
+}
+
+/// An ext4 filesystem on a loop device over an image, made by hand as loopvol makes one: the
+/// image sparse in the pool, `losetup --direct-io=on --sector-size=4096`, loopvol's mkfs options,
+/// mounted `nodev,nosuid`. Undone when dropped.
+struct HandStack {
+    image: PathBuf,
+    dev: String,
+    mnt: PathBuf,
+}
+
+impl HandStack {
+    fn make(image: &Path, size: u64, mnt: &Path) -> HandStack {
+        let img = image.to_str().unwrap();
+        sh("truncate", &["-s", &size.to_string(), img]);
         let dev = sh(
             "losetup",
-            &["--direct-io=on", "--show", "-f", image.to_str().unwrap()],
+            &["--direct-io=on", "--sector-size=4096", "--show", "-f", img],
         )
         .trim()
         .to_owned();
+        sh("mkfs.ext4", &[MKFS_EXT4, &[dev.as_str()]].concat());
+        std::fs::create_dir_all(mnt).unwrap();
         sh(
-            "mkfs.ext4",
-            &["-q", "-E", "nodiscard,lazy_itable_init=1", &dev],
+            "mount",
+            &["-o", "nodev,nosuid", &dev, mnt.to_str().unwrap()],
         );
-        std::fs::create_dir_all(&mnt).unwrap();
-        sh("mount", &[&dev, mnt.to_str().unwrap()]);
-        times.push(t.elapsed());
-        sh("umount", &[mnt.to_str().unwrap()]);
-        sh("losetup", &["-d", &dev]);
-        std::fs::remove_file(&image).unwrap();
+        HandStack {
+            image: image.to_owned(),
+            dev,
+            mnt: mnt.to_owned(),
+        }
     }
-    median(times)
 }
 
-fn fio(file: &Path, rw: &str, bs: &str, size: &str) -> f64 {
+impl Drop for HandStack {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+        let _ = std::fs::remove_file(&self.image);
+        let _ = std::fs::remove_dir(&self.mnt);
+    }
+}
+
+/// A loop device's direct-I/O flag as the kernel reports it.
+fn dio(dev: &Path) -> String {
+    let name = dev.file_name().unwrap().to_string_lossy();
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn fio_seconds() -> String {
+    std::env::var("BENCH_FIO_SECONDS").unwrap_or_else(|_| "5".into())
+}
+
+/// One fio job on `target` (a file or a device): IOPS for 4 KiB blocks, MiB/s otherwise.
+fn fio(target: &Path, rw: &str, bs: &str) -> f64 {
     let out = sh(
         "fio",
         &[
             "--name=bench",
-            &format!("--filename={}", file.display()),
+            &format!("--filename={}", target.display()),
             &format!("--rw={rw}"),
             &format!("--bs={bs}"),
-            &format!("--size={size}"),
+            "--size=1G",
             "--direct=1",
             "--ioengine=libaio",
             "--iodepth=32",
-            "--runtime=5",
+            &format!("--runtime={}", fio_seconds()),
             "--time_based",
             "--output-format=json",
         ],
@@ -167,7 +223,205 @@ fn fio(file: &Path, rw: &str, bs: &str, size: &str) -> f64 {
     if bs == "4k" {
         side["iops"].as_f64().unwrap()
     } else {
-        side["bw_bytes"].as_f64().unwrap() / (1 << 20) as f64
+        side["bw_bytes"].as_f64().unwrap() / f64::from(1 << 20)
+    }
+}
+
+/// Writes the first GiB of `target` once, so every job reads and overwrites allocated data
+/// (a hole reads without any I/O).
+fn lay_out(target: &Path) {
+    sh(
+        "fio",
+        &[
+            "--name=layout",
+            &format!("--filename={}", target.display()),
+            "--rw=write",
+            "--bs=1M",
+            "--size=1G",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=8",
+        ],
+    );
+}
+
+const FIO_JOBS: [(&str, &str, &str, &str); 3] = [
+    ("4 KiB random read", "randread", "4k", "IOPS"),
+    ("4 KiB random write", "randwrite", "4k", "IOPS"),
+    ("1 MiB sequential write", "write", "1M", "MiB/s"),
+];
+
+/// The fio rows: a filesystem volume vs the stack made by hand, a raw block volume vs a file in
+/// the pool's filesystem.
+fn fio_rows(pool: &Pool, pool_dir: &Path, scratch: &Path, pairs: usize, rows: &mut Vec<Row>) {
+    let fs_staging = scratch.join("fio-fs");
+    let fs_id = create(pool, "fio-fs", 4 * GIB, Some(FsType::Ext4));
+    let fs_dev = stage(pool, &fs_id, &fs_staging, &EXT4);
+    let block_staging = scratch.join("fio-block");
+    let block_id = create(pool, "fio-block", 4 * GIB, None);
+    let block_dev = stage(pool, &block_id, &block_staging, &Access::Block);
+    let hand = HandStack::make(&pool_dir.join("hand.img"), 4 * GIB, &scratch.join("hand"));
+    let (ours_file, hand_file) = (fs_staging.join("fio.dat"), hand.mnt.join("fio.dat"));
+    let pool_file = pool_dir.join("fio-baseline.dat");
+    for target in [&ours_file, &hand_file, &block_dev, &pool_file] {
+        lay_out(target);
+    }
+    println!(
+        "direct I/O (/sys/block/loopN/loop/dio): filesystem volume {}, block volume {}, by hand {}",
+        dio(&fs_dev),
+        dio(&block_dev),
+        dio(Path::new(&hand.dev))
+    );
+    for (what, rw, bs, unit) in FIO_JOBS {
+        let show = |v: f64| format!("{v:.0} {unit}");
+        let p = Pairs::run(
+            pairs,
+            || fio(&ours_file, rw, bs),
+            || fio(&hand_file, rw, bs),
+        );
+        rows.push(Row::new(
+            format!("fio {what}, filesystem volume"),
+            &p,
+            show,
+            "same stack by hand",
+            Target::AtLeast(0.97),
+        ));
+        let p = Pairs::run(
+            pairs,
+            || fio(&block_dev, rw, bs),
+            || fio(&pool_file, rw, bs),
+        );
+        rows.push(Row::new(
+            format!("fio {what}, raw block volume"),
+            &p,
+            show,
+            "file in pool fs",
+            Target::AtLeast(0.95),
+        ));
+    }
+    drop(hand);
+    let _ = std::fs::remove_file(&pool_file);
+    unstage(pool, &fs_id, &fs_staging);
+    unstage(pool, &block_id, &block_staging);
+    pool.delete_volume(&fs_id).unwrap();
+    pool.delete_volume(&block_id).unwrap();
+}
+
+/// The `knobs` group: each setting against loopvol's default, 4 KiB random reads on a staged
+/// ext4 volume (the setting applied before its run, the default restored before the other's).
+fn knob_rows(pool: &Pool, pool_dir: &Path, scratch: &Path, pairs: usize, rows: &mut Vec<Row>) {
+    let staging = scratch.join("knobs");
+    let id = create(pool, "knobs", 4 * GIB, Some(FsType::Ext4));
+    let dev = stage(pool, &id, &staging, &EXT4);
+    let file = staging.join("fio.dat");
+    lay_out(&file);
+    let queue = |attr: &str| {
+        let name = dev.file_name().unwrap().to_string_lossy().into_owned();
+        PathBuf::from(format!("/sys/block/{name}/queue/{attr}"))
+    };
+    let read = |p: &Path| {
+        let s = std::fs::read_to_string(p).unwrap();
+        // The scheduler file brackets the one in use: "[none] mq-deadline kyber".
+        s.split_whitespace()
+            .find(|w| w.starts_with('['))
+            .map(|w| w.trim_matches(['[', ']']).to_owned())
+            .unwrap_or_else(|| s.trim().to_owned())
+    };
+    let mnt = staging.to_str().unwrap().to_owned();
+    let remount = |opt: &str| {
+        sh("mount", &["-o", &format!("remount,{opt}"), &mnt]);
+    };
+    let sysfs: [(&str, &str); 6] = [
+        ("iostats", "0"),
+        ("nomerges", "2"),
+        ("rq_affinity", "2"),
+        ("scheduler", "mq-deadline"),
+        ("nr_requests", "32"),
+        ("add_random", "1"),
+    ];
+    let show = |v: f64| format!("{v:.0} IOPS");
+    for (attr, value) in sysfs {
+        let path = queue(attr);
+        let default = read(&path);
+        let set = |v: &str| std::fs::write(&path, v).unwrap();
+        let p = Pairs::run(
+            pairs,
+            || {
+                set(value);
+                fio(&file, "randread", "4k")
+            },
+            || {
+                set(&default);
+                fio(&file, "randread", "4k")
+            },
+        );
+        set(&default);
+        rows.push(Row::new(
+            format!("knob: queue/{attr} = {value}"),
+            &p,
+            show,
+            &format!("loopvol's {default}"),
+            Target::AtLeast(1.02),
+        ));
+    }
+    let p = Pairs::run(
+        pairs,
+        || {
+            remount("noatime");
+            fio(&file, "randread", "4k")
+        },
+        || {
+            remount("relatime");
+            fio(&file, "randread", "4k")
+        },
+    );
+    remount("relatime");
+    rows.push(Row::new(
+        "knob: inner ext4 mounted noatime",
+        &p,
+        show,
+        "loopvol's relatime",
+        Target::AtLeast(1.02),
+    ));
+    unstage(pool, &id, &staging);
+    pool.delete_volume(&id).unwrap();
+
+    // Logical block size: raw devices over two images in the pool, made by hand.
+    let attach = |name: &str, sector: &str| {
+        let image = pool_dir.join(name);
+        sh("truncate", &["-s", "2G", image.to_str().unwrap()]);
+        let dev = sh(
+            "losetup",
+            &[
+                "--direct-io=on",
+                &format!("--sector-size={sector}"),
+                "--show",
+                "-f",
+                image.to_str().unwrap(),
+            ],
+        )
+        .trim()
+        .to_owned();
+        lay_out(Path::new(&dev));
+        (image, dev)
+    };
+    let (img512, dev512) = attach("lbs512.img", "512");
+    let (img4k, dev4k) = attach("lbs4096.img", "4096");
+    let p = Pairs::run(
+        pairs,
+        || fio(Path::new(&dev512), "randread", "4k"),
+        || fio(Path::new(&dev4k), "randread", "4k"),
+    );
+    rows.push(Row::new(
+        "knob: logical block size 512 (raw device)",
+        &p,
+        show,
+        "loopvol's 4096",
+        Target::AtLeast(1.02),
+    ));
+    for (image, dev) in [(img512, dev512), (img4k, dev4k)] {
+        sh("losetup", &["-d", &dev]);
+        std::fs::remove_file(image).unwrap();
     }
 }
 
@@ -188,161 +442,79 @@ fn write_gib(dir: &Path) {
 
 /// Snapshot rows: the volume at rest (vs plain `cp`) and mounted (frozen for consistency, vs
 /// `fsfreeze -f; cp; fsfreeze -u`, the bare tools doing the same consistent copy).
-fn snapshot_rows(pool_dir: &Path, scratch: &Path, label: &str, cp_flag: &str, rows: &mut Vec<Row>) {
-    let mut options = options();
-    options.overcommit = 8.0;
-    let pool = Pool::open(pool_dir, options).unwrap();
+fn snapshot_rows(
+    pool_dir: &Path,
+    scratch: &Path,
+    label: &str,
+    cp_flag: &str,
+    pairs: usize,
+    rows: &mut Vec<Row>,
+) {
+    let pool = Pool::open(pool_dir, options()).unwrap();
     let staging = scratch.join(format!("snap-stage-{label}"));
-    let id = create_and_stage(&pool, "snap-src", 10 * GIB, &staging);
+    let id = create(&pool, "snap-src", 10 * GIB, Some(FsType::Ext4));
+    stage(&pool, &id, &staging, &EXT4);
     write_gib(&staging);
     let image = pool.volume_image(&id);
+    let st = staging.to_str().unwrap();
     for mounted in [false, true] {
         if !mounted {
             unstage(&pool, &id, &staging);
         } else {
-            stage(&pool, &id, &staging);
+            stage(&pool, &id, &staging, &EXT4);
         }
-        let mut ours = Vec::new();
-        let mut bare = Vec::new();
-        for i in 0..3 {
+        let ours = || {
             drop_caches();
             let t = Instant::now();
             let snap = pool
                 .create_snapshot(&SnapshotRequest {
-                    name: format!("s{i}"),
+                    name: format!("s{}", next()),
                     source: id.clone(),
                 })
                 .unwrap();
-            ours.push(t.elapsed());
+            let took = elapsed_ms(t);
             pool.delete_snapshot(&snap.id).unwrap();
+            took
+        };
+        let bare = || {
             drop_caches();
-            let copy = pool_dir.join(format!("cp-{i}.img"));
+            let copy = pool_dir.join(format!("cp-{}.img", next()));
             let t = Instant::now();
             if mounted {
-                sh("fsfreeze", &["-f", staging.to_str().unwrap()]);
+                sh("fsfreeze", &["-f", st]);
             }
             sh(
                 "cp",
                 &[cp_flag, image.to_str().unwrap(), copy.to_str().unwrap()],
             );
             if mounted {
-                sh("fsfreeze", &["-u", staging.to_str().unwrap()]);
+                sh("fsfreeze", &["-u", st]);
             }
             sh("sync", &["-f", copy.to_str().unwrap()]);
-            bare.push(t.elapsed());
+            let took = elapsed_ms(t);
             std::fs::remove_file(&copy).unwrap();
-        }
-        let (o, b) = (median(ours), median(bare));
+            took
+        };
+        let p = Pairs::run(pairs, ours, bare);
         let (state, base) = if mounted {
             ("mounted, frozen", "fsfreeze + cp")
         } else {
             ("at rest", "cp")
         };
-        rows.push(Row {
-            what: format!("snapshot 10 GiB vol, 1 GiB data, {state} ({label})"),
-            loopvol: format!("{:.1} ms", ms(o)),
-            baseline: format!("{:.1} ms ({base} {cp_flag})", ms(b)),
-            ratio: o.as_secs_f64() / b.as_secs_f64(),
-            target: "≤ 1.1",
-        });
+        rows.push(Row::new(
+            format!("snapshot 10 GiB vol, 1 GiB data, {state} ({label})"),
+            &p,
+            ms,
+            &format!("{base} {cp_flag}"),
+            Target::AtMost(1.1),
+        ));
     }
     unstage(&pool, &id, &staging);
     pool.delete_volume(&id).unwrap();
 }
 
-fn main() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("the backend benchmark needs root (loop devices, mounts)");
-        std::process::exit(2);
-    }
-    let base = std::env::var_os("LOOPVOL_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
-    let scratch = tempfile::Builder::new()
-        .prefix("loopvol-bench-")
-        .tempdir_in(base)
-        .unwrap();
-    let scratch_path = scratch.path().canonicalize().unwrap();
-    let pool_dir = scratch_path.join("pool");
-    std::fs::create_dir_all(&pool_dir).unwrap();
-    // A 100 GiB thin volume may exceed the free space of a small test disk: allow overcommit, as a
-    // thin-provisioning operator would.
-    let mut options = options();
-    options.overcommit = 8.0;
-    let pool = Pool::open(&pool_dir, options).unwrap();
-    let mut rows = Vec::new();
-    // `cargo bench -p loopvol --bench backend -- snapshot` runs only the groups named.
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let wanted =
-        |group: &str| filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()));
-
-    for (label, size) in [("1 GiB", GIB), ("100 GiB", 100 * GIB)]
-        .into_iter()
-        .filter(|_| wanted("provision"))
-    {
-        // Interleave to spread any drift in the machine evenly over both sides.
-        let runs = 7;
-        provision_bare(&scratch_path, size, 1); // warm-up: page cache of the tools
-        let bare = provision_bare(&scratch_path, size, runs);
-        let ours = provision_loopvol(&pool, &scratch_path, size, runs);
-        rows.push(Row {
-            what: format!("provision to mounted, ext4 {label}"),
-            loopvol: format!("{:.1} ms", ms(ours)),
-            baseline: format!("{:.1} ms (bare tools)", ms(bare)),
-            ratio: ours.as_secs_f64() / bare.as_secs_f64(),
-            target: "≤ 1.1",
-        });
-    }
-
-    if !wanted("fio") {
-    } else if Command::new("fio").arg("--version").output().is_ok() {
-        let staging = scratch_path.join("fio-stage");
-        let id = create_and_stage(&pool, "fio", 4 * GIB, &staging);
-        let inside = staging.join("fio.dat");
-        let outside = pool_dir.join("fio-baseline.dat");
-        for (what, rw, bs, unit) in [
-            ("fio 4 KiB random read", "randread", "4k", "IOPS"),
-            ("fio 4 KiB random write", "randwrite", "4k", "IOPS"),
-            ("fio 1 MiB sequential write", "write", "1M", "MiB/s"),
-        ] {
-            let ours = fio(&inside, rw, bs, "1G");
-            let bare = fio(&outside, rw, bs, "1G");
-            rows.push(Row {
-                what: what.into(),
-                loopvol: format!("{ours:.0} {unit}"),
-                baseline: format!("{bare:.0} {unit} (file in pool fs)"),
-                ratio: ours / bare,
-                target: "≥ 0.9",
-            });
-        }
-        let _ = std::fs::remove_file(&outside);
-        unstage(&pool, &id, &staging);
-        pool.delete_volume(&id).unwrap();
-    } else {
-        eprintln!("fio not installed: skipping the I/O rows (apt-get install fio)");
-    }
-
-    if wanted("snapshot") {
-        snapshot_rows(
-            &pool_dir,
-            &scratch_path,
-            "sparse copy, ext4 pool",
-            "--sparse=always",
-            &mut rows,
-        );
-    }
-    if wanted("reflink") {
-        reflink_rows(&scratch_path, &mut rows);
-    }
-
-    print_table(&pool_dir, rows);
-}
-
 /// Snapshot rows on a reflink-capable pool: xfs on a loop device.
-fn reflink_rows(scratch_path: &Path, rows: &mut Vec<Row>) {
+fn reflink_rows(scratch_path: &Path, pairs: usize, rows: &mut Vec<Row>) {
     let xfs_img = scratch_path.join("xfs-pool.img");
     std::fs::File::create(&xfs_img)
         .unwrap()
@@ -360,39 +532,94 @@ fn reflink_rows(scratch_path: &Path, rows: &mut Vec<Row>) {
         scratch_path,
         "reflink, xfs pool",
         "--reflink=always",
+        pairs,
         rows,
     );
     sh("umount", &[xfs_pool.to_str().unwrap()]);
     sh("losetup", &["-d", &dev]);
 }
 
-fn print_table(pool_dir: &Path, rows: Vec<Row>) {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
+fn main() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("the backend benchmark needs root (loop devices, mounts)");
+        std::process::exit(2);
+    }
+    let base = std::env::var_os("LOOPVOL_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let scratch = tempfile::Builder::new()
+        .prefix("loopvol-bench-")
+        .tempdir_in(base)
+        .unwrap();
+    let scratch_path = scratch.path().canonicalize().unwrap();
+    let pool_dir = scratch_path.join("pool");
+    std::fs::create_dir_all(&pool_dir).unwrap();
+    let pool = Pool::open(&pool_dir, options()).unwrap();
+    let pairs = bench::pairs_from_env();
+    let mut rows = Vec::new();
+    // `cargo bench -p loopvol --bench backend -- snapshot` runs only the groups named; `knobs`
+    // only runs when named.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |group: &str| {
+        if filters.is_empty() {
+            group != "knobs"
+        } else {
+            filters.iter().any(|f| group.contains(f.as_str()))
+        }
+    };
+    println!("machine: {}", bench::machine());
     println!(
-        "machine: {} cores, {cpu}, kernel {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        sh("uname", &["-r"]).trim()
+        "pool filesystem: {}; {pairs} interleaved pairs per row; fio runs of {} s",
+        sh("stat", &["-f", "-c", "%T", pool_dir.to_str().unwrap()]).trim(),
+        fio_seconds()
     );
-    println!(
-        "pool filesystem: {}",
-        sh("stat", &["-f", "-c", "%T", pool_dir.to_str().unwrap()]).trim()
-    );
-    println!();
-    println!("| what | loopvol | baseline | ratio | target |");
-    println!("|---|---|---|---|---|");
-    for r in rows {
-        println!(
-            "| {} | {} | {} | {:.2} | {} |",
-            r.what, r.loopvol, r.baseline, r.ratio, r.target
+
+    if wanted("provision") {
+        for (label, size) in [("1 GiB", GIB), ("100 GiB", 100 * GIB)] {
+            // Warm-up: the page cache of the tools, the first loop devices.
+            provision_bare(&scratch_path, size);
+            provision_loopvol(&pool, &scratch_path, size);
+            let p = Pairs::run(
+                pairs,
+                || provision_loopvol(&pool, &scratch_path, size),
+                || provision_bare(&scratch_path, size),
+            );
+            rows.push(Row::new(
+                format!("provision to mounted, ext4 {label}"),
+                &p,
+                ms,
+                "bare tools",
+                Target::AtMost(1.1),
+            ));
+        }
+    }
+    let has_fio = Command::new("fio").arg("--version").output().is_ok();
+    if !has_fio && (wanted("fio") || wanted("knobs")) {
+        eprintln!("fio not installed: skipping the I/O rows (apt-get install fio)");
+    }
+    if has_fio && wanted("fio") {
+        fio_rows(&pool, &pool_dir, &scratch_path, pairs, &mut rows);
+    }
+    if has_fio && wanted("knobs") {
+        knob_rows(&pool, &pool_dir, &scratch_path, pairs, &mut rows);
+    }
+    if wanted("snapshot") {
+        snapshot_rows(
+            &pool_dir,
+            &scratch_path,
+            "sparse copy, ext4 pool",
+            "--sparse=always",
+            pairs,
+            &mut rows,
         );
     }
+    if wanted("reflink") {
+        reflink_rows(&scratch_path, pairs, &mut rows);
+    }
+    println!();
+    bench::print_table(&rows);
+    println!("\nload average at the end: {}", bench::load_average());
 }

@@ -96,8 +96,8 @@ pub use meta::{
 };
 pub use pool::watchdog::HUNG_AFTER as POOL_DEADLINE;
 pub use pool::{
-    default_node_name, BadEntry, Capacity, LeaseSettings, LeaseState, LeaseTerms, Listed, NodeInfo,
-    NodePath, NodeRecord, Page, Pool, PoolOptions,
+    default_node_name, BadEntry, Capacity, LeaseSettings, LeaseState, LeaseTerms, Listed,
+    ListedVolume, NodeInfo, NodePath, NodeRecord, Page, Pool, PoolOptions,
 };
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};

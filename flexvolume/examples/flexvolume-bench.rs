@@ -1,13 +1,17 @@
-//! Benchmark (not a test) of the FlexVolume binary against its baselines, in one run:
-//! - `init` wall time vs `/bin/true` (both spawned with captured output, as kubelet runs them);
-//!   target ≤ 3×.
+//! Benchmark (not a test) of the FlexVolume binary against its baselines, in one run, in
+//! interleaved pairs (see `loopvol_e2e::bench`: the median of the pairs' ratios, its spread, the
+//! number of pairs):
+//! - `init` wall time vs `/bin/true` (both spawned with captured output, as kubelet runs them;
+//!   each side of a pair is the mean of a batch of runs); target ≤ 3×.
 //! - mount + unmount of a 1 GiB ext4 volume through the binary (two processes, as kubelet runs
-//!   them) vs the same backend calls made in-process; target ≤ 1.05×.
+//!   them) vs the same backend calls made in-process (each side the mean of a few cycles);
+//!   target ≤ 1.05×.
 //!
 //! Run as root, after a release build of the binary:
 //! `cargo build --release -p loopvol-flexvolume && cargo run --release -p loopvol-flexvolume --example flexvolume-bench`
-//! Environment: LOOPVOL_BENCH_DIR (default /var/tmp; must be disk-backed), BENCH_INIT_RUNS (300),
-//! BENCH_MOUNT_RUNS (20), BENCH_BIN (the binary to measure, e.g. the static musl build).
+//! Environment: LOOPVOL_BENCH_DIR (default /var/tmp; must be disk-backed), BENCH_PAIRS (7),
+//! BENCH_INIT_BATCH (40 runs per side of a pair), BENCH_MOUNT_BATCH (3 cycles per side),
+//! BENCH_BIN (the binary to measure, e.g. the static musl build).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use loopvol::testing::{loopdev, mount};
 use loopvol::{Access, CreateVolume, FsType, Pool, PoolOptions, Publish, SizeRequest, VolumeId};
+use loopvol_e2e::bench::{self, Pairs, Row, Target};
 
 const GIB: u64 = 1 << 30;
 
@@ -30,12 +35,17 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn mean(v: &[Duration]) -> Duration {
-    v.iter().sum::<Duration>() / v.len() as u32
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The mean of `n` runs of `f`, in ms.
+fn mean_ms(n: usize, mut f: impl FnMut() -> Duration) -> f64 {
+    (0..n).map(|_| ms_f(f())).sum::<f64>() / n as f64
 }
 
 /// Runs a command as kubelet does (output captured) and returns its wall time and stdout.
@@ -123,24 +133,29 @@ fn main() {
 
     println!("loopvol-flexvolume benchmark ({})", bin.display());
 
-    // init vs /bin/true, interleaved so drift hits both alike.
-    let runs = env_usize("BENCH_INIT_RUNS", 300);
-    let (mut init, mut truth) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        truth.push(timed(&mut Command::new("/bin/true")).0);
-        let (t, out) = flex(&["init"]);
-        assert!(out.contains("\"Success\""), "{out}");
-        init.push(t);
-    }
-    let (mi, mt) = (median(init.clone()), median(truth.clone()));
-    println!(
-        "init:      median {} (mean {}) vs /bin/true median {} (mean {}) over {runs} runs: {:.2}× (target ≤ 3×)",
-        ms(mi),
-        ms(mean(&init)),
-        ms(mt),
-        ms(mean(&truth)),
-        mi.as_secs_f64() / mt.as_secs_f64()
+    println!("machine: {}", bench::machine());
+    let pairs = bench::pairs_from_env();
+    let mut rows = Vec::new();
+    // init vs /bin/true: each side of a pair the mean of a batch.
+    let batch = env_usize("BENCH_INIT_BATCH", 40);
+    let init = Pairs::run(
+        pairs,
+        || {
+            mean_ms(batch, || {
+                let (t, out) = flex(&["init"]);
+                assert!(out.contains("\"Success\""), "{out}");
+                t
+            })
+        },
+        || mean_ms(batch, || timed(&mut Command::new("/bin/true")).0),
     );
+    rows.push(Row::new(
+        format!("`init` (mean of {batch} runs per side)"),
+        &init,
+        |v| format!("{v:.3} ms"),
+        "/bin/true",
+        Target::AtMost(3.0),
+    ));
 
     // mount + unmount of a 1 GiB ext4 volume: the binary vs the backend in-process, on the same
     // volume, interleaved. The first mount creates and formats it (not measured).
@@ -176,19 +191,22 @@ fn main() {
         fs_group: None,
         exclusive: false,
     };
-    let runs = env_usize("BENCH_MOUNT_RUNS", 20);
-    let (mut via_bin, mut via_lib) = (Vec::new(), Vec::new());
+    let batch = env_usize("BENCH_MOUNT_BATCH", 3);
     let (mut bin_mount, mut lib_mount) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
+    let (mut bin_unmount, mut lib_unmount) = (Vec::new(), Vec::new());
+    let mut via_bin = || {
         std::fs::create_dir_all(&pod).unwrap();
         let started = Instant::now();
         flex(&["mount", &pod_s, &options]);
         let mounted = started.elapsed();
         flex(&["unmount", &pod_s]);
-        via_bin.push(started.elapsed());
+        let all = started.elapsed();
         bin_mount.push(mounted);
+        bin_unmount.push(all - mounted);
         assert!(!pod.exists());
-
+        all
+    };
+    let mut via_lib = || {
         std::fs::create_dir_all(&pod).unwrap();
         let started = Instant::now();
         // What the binary's mount does: one locked handle, stage and publish.
@@ -198,31 +216,33 @@ fn main() {
             .unwrap();
         let mounted = started.elapsed();
         pool.release_target(&publish.target).unwrap();
-        via_lib.push(started.elapsed());
+        let all = started.elapsed();
         lib_mount.push(mounted);
+        lib_unmount.push(all - mounted);
         assert!(!pod.exists());
-    }
-    let unmount_part = |all: &[Duration], mount: &[Duration]| {
-        all.iter()
-            .zip(mount)
-            .map(|(a, m)| *a - *m)
-            .collect::<Vec<_>>()
+        all
     };
-    println!(
-        "  of which mount: binary {} vs backend {}; unmount: binary {} vs backend {}",
-        ms(median(bin_mount.clone())),
-        ms(median(lib_mount.clone())),
-        ms(median(unmount_part(&via_bin, &bin_mount))),
-        ms(median(unmount_part(&via_lib, &lib_mount))),
+    let cycles = Pairs::run(
+        pairs,
+        || mean_ms(batch, &mut via_bin),
+        || mean_ms(batch, &mut via_lib),
     );
-    let (mb, ml) = (median(via_bin.clone()), median(via_lib.clone()));
     println!(
-        "mount+unmount 1 GiB ext4: binary median {} (mean {}) vs backend median {} (mean {}) over {runs} runs: {:.3}× (target ≤ 1.05×)",
-        ms(mb),
-        ms(mean(&via_bin)),
-        ms(ml),
-        ms(mean(&via_lib)),
-        mb.as_secs_f64() / ml.as_secs_f64()
+        "mount+unmount, of which mount: binary {} vs backend {}; unmount: binary {} vs backend {} (medians)",
+        ms(median(bin_mount)),
+        ms(median(lib_mount)),
+        ms(median(bin_unmount)),
+        ms(median(lib_unmount)),
     );
+    rows.push(Row::new(
+        format!("mount+unmount 1 GiB ext4 (mean of {batch} per side)"),
+        &cycles,
+        |v| format!("{v:.2} ms"),
+        "the backend alone",
+        Target::AtMost(1.05),
+    ));
+    println!();
+    bench::print_table(&rows);
+    println!("\nload average at the end: {}", bench::load_average());
     pool.delete_volume(&vid).unwrap();
 }

@@ -735,3 +735,61 @@ fn killed_fuse_client_answers_enotconn_and_fails_writes() {
         "one mount at a again"
     );
 }
+
+/// The listings' index on a shared pool: a server that listed the pool (and remembers what it
+/// read) sees at once what another node changed through its own mount: a volume created, one
+/// deleted, a record replaced (a claim). Stats ask the server for fresh attributes, so neither
+/// the kernel's FUSE attribute cache nor the index hides a change. The index is given time to
+/// trust what it read first (its racy window), so the second listing is served from it where
+/// nothing changed.
+#[test]
+fn listings_see_what_another_node_changed() {
+    use loopvol::{AccessMode, CreateVolume, NodeName, Pool, PoolOptions, VolumeId};
+    if !gate(&[]) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let g = GlusterPool::start_with(&scratch, COHERENT);
+    let open = |node: Node| {
+        let name = NodeName::try_from(format!("node-{}", node.name())).unwrap();
+        let mut options = PoolOptions::new(name);
+        options.shared = true;
+        options.overcommit = 1e6;
+        Pool::open(g.pool(node), options).unwrap()
+    };
+    let (a, b) = (open(Node::A), open(Node::B));
+    let create =
+        |pool: &Pool, name: &str| pool.create_volume(&CreateVolume::blank(name, MIB)).unwrap();
+    let listed = |pool: &Pool| -> Vec<(String, usize)> {
+        pool.list_volumes(None, 0)
+            .unwrap()
+            .entries
+            .iter()
+            .map(|m| (m.id.to_string(), m.claims.len()))
+            .collect()
+    };
+    for name in ["v0", "v1", "v2"] {
+        create(&b, name);
+    }
+    let three = vec![("v0".into(), 0), ("v1".into(), 0), ("v2".into(), 0)];
+    assert_eq!(listed(&a), three);
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(listed(&a), three);
+    create(&b, "v3");
+    b.delete_volume(&VolumeId::try_from("v1").unwrap()).unwrap();
+    b.volume(&VolumeId::try_from("v2").unwrap())
+        .unwrap()
+        .claim(
+            &NodeName::try_from("node-b").unwrap(),
+            AccessMode::SingleNodeWriter,
+            None,
+        )
+        .unwrap();
+    let start = Instant::now();
+    assert_eq!(
+        listed(&a),
+        [("v0".into(), 0), ("v2".into(), 1), ("v3".into(), 0)],
+        "node a's listing right after node b's changes"
+    );
+    println!("listing through the other mount: {:?}", start.elapsed());
+}

@@ -35,6 +35,7 @@ use crate::ids::VolumeId;
 use crate::lock::{self, LockGuard, LockWait};
 use crate::meta::Allocation;
 
+use super::fsops::ImageSpace;
 use super::{layout, Pool};
 
 const MIB: u64 = 1 << 20;
@@ -252,34 +253,56 @@ impl Pool {
                 None
             }
         };
-        let (mut thick, mut thin) = (0u64, 0u64);
-        for id in fs.list_names(Path::new("volumes"))? {
-            let Ok(id) = VolumeId::try_from(id.as_str()) else {
-                continue;
+        // The IDs and records from the listings' index; each volume's files stat'ed from one
+        // descriptor of its directory, when they are plainly images (else the checked path); the
+        // volumes looked at on several threads (their cost is stats, in the kernel).
+        let volumes = self.volume_dirs(&fs)?;
+        // What volume `id` may still take: (thick, thin).
+        let need_of = |pos: usize, id: &str| -> Result<Option<(u64, u64)>> {
+            let Ok(id) = VolumeId::try_from(id) else {
+                return Ok(None);
+            };
+            let entry = fs.open_entry(&volumes.dir, id.as_str());
+            let space = |name: &str, rel: &Path| match entry.as_ref().and_then(|e| e.image(name)) {
+                Some(None) => None,
+                Some(Some(st)) if !(shared_blocks && st.allocated > 0) => Some(ImageSpace {
+                    len: st.len,
+                    own: st.allocated.min(st.len),
+                }),
+                _ => space(rel),
             };
             // An image being made counts at its full length, as thick: whatever it becomes, it
             // was admitted for that much.
-            if let Some(tmp) = space(&layout::volume_image_tmp(&id)) {
-                thick = thick.saturating_add(tmp.len.saturating_sub(tmp.own));
-            }
-            let Some(image) = space(&layout::volume_image(&id)) else {
-                continue;
+            let making = space("image.tmp", &layout::volume_image_tmp(&id))
+                .map_or(0, |tmp| tmp.len.saturating_sub(tmp.own));
+            let Some(image) = space("image", &layout::volume_image(&id)) else {
+                return Ok(Some((making, 0)));
             };
             let need = image.len.saturating_sub(image.own);
             if need == 0 || !classify {
-                thick = thick.saturating_add(need);
-                continue;
+                return Ok(Some((making.saturating_add(need), 0)));
             }
             // Unreadable metadata (or none yet: a create committing it) counts as thick.
-            let class = fs
-                .read_json::<AllocationOnly>(&layout::volume_meta(&id))
-                .ok()
-                .flatten()
-                .map_or(Allocation::Thick, |m| m.allocation);
-            match class {
-                Allocation::Thick => thick = thick.saturating_add(need),
-                Allocation::Thin => thin = thin.saturating_add(need),
-            }
+            let class = entry
+                .as_ref()
+                .and_then(|e| self.indexed_volume(&fs, &volumes, e, (pos, &id)))
+                .map(|m| m.allocation)
+                .or_else(|| {
+                    fs.read_json::<AllocationOnly>(&layout::volume_meta(&id))
+                        .ok()
+                        .flatten()
+                        .map(|m| m.allocation)
+                })
+                .unwrap_or(Allocation::Thick);
+            Ok(Some(match class {
+                Allocation::Thick => (making.saturating_add(need), 0),
+                Allocation::Thin => (making, need),
+            }))
+        };
+        let (mut thick, mut thin) = (0u64, 0u64);
+        for (k, t) in super::listing::load_all(&volumes.ids, 0, &need_of)? {
+            thick = thick.saturating_add(k);
+            thin = thin.saturating_add(t);
         }
         let promises = Promises {
             usable: free.saturating_sub(reserve),

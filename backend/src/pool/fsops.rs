@@ -1158,5 +1158,10 @@ impl PoolFs {
     }
 }
 
+mod stamp;
+#[cfg(test)]
+pub(crate) use stamp::RACY;
+pub(crate) use stamp::{EntryDir, KindDir, Stamp};
+
 #[cfg(test)]
 mod tests;

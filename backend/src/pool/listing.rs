@@ -1,16 +1,22 @@
-//! Listings of volumes and snapshots, in ID order, in pages whose tokens survive deletions.
+//! Listings of volumes and snapshots, in ID order, in pages whose tokens survive creations and
+//! deletions. The IDs and the records come through the pool's [`index`](super::index): a page
+//! costs a few stats per entry it returns, whatever the size of the pool.
 
 use std::fmt::Display;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::ids::{SnapshotId, VolumeId};
+use crate::kernel::KernelView;
 use crate::meta::{SnapshotMeta, VolumeMeta};
 use crate::validate;
+use crate::volume::Condition;
 
-use super::fsops::PoolFs;
+use super::fsops::{EntryDir, ImageStat, KindDir, PoolFs, Stamp};
 use super::{layout, Pool};
 
 /// One page of a listing.
@@ -34,28 +40,44 @@ pub struct BadEntry {
 /// One entry of a listing: the record, or why it cannot be read.
 pub type Listed<T> = std::result::Result<T, BadEntry>;
 
-impl Pool {
-    /// Sorted IDs of the entries under `kind` that have committed metadata, or something in its
-    /// place (reported by the listing as a [`BadEntry`]).
-    fn committed_ids(&self, fs: &PoolFs, kind: &str, meta_file: &str) -> Result<Vec<String>> {
-        let dir = Path::new(kind);
-        let mut ids: Vec<String> = fs
-            .list_names(dir)?
-            .into_iter()
-            .filter(|id| validate::check_id("id", id).is_ok())
-            .filter(|id| !matches!(fs.exists(&dir.join(id).join(meta_file)), Ok(false)))
-            .collect();
-        ids.sort();
-        Ok(ids)
-    }
+/// A volume of a listing, with its condition on this node.
+#[derive(Debug, Clone)]
+pub struct ListedVolume {
+    pub meta: Arc<VolumeMeta>,
+    pub condition: Condition,
+}
 
-    /// Pages through sorted `ids`, loading each entry with `load` (entries deleted meanwhile are
-    /// skipped). The token names the last ID returned, so deletions between pages lose nothing.
-    fn page<T>(
-        ids: Vec<String>,
+impl Pool {
+    /// Pages through the IDs of `kind` (`volumes`, `snapshots`) as the index has them, loading
+    /// each entry with `load` (given the kind's directory, opened for this listing, the ID and
+    /// its position in the index's list).
+    fn page_of<T: Send>(
+        &self,
+        fs: &PoolFs,
+        kind: Kind,
+        read_at: SystemTime,
         starting_token: Option<&str>,
         max_entries: usize,
-        mut load: impl FnMut(&str) -> Result<Option<T>>,
+        load: impl Fn(&KindDir, usize, &str) -> Result<Option<T>> + Sync,
+    ) -> Result<Page<T>> {
+        let dir = fs.open_kind(Path::new(kind.dir()))?;
+        let ids = match kind {
+            Kind::Volumes => self.index.volumes().ids(fs, &dir, read_at)?,
+            Kind::Snapshots => self.index.snapshots().ids(fs, &dir, read_at)?,
+        };
+        Self::page(&ids, starting_token, max_entries, |i, id| load(&dir, i, id))
+    }
+
+    /// Pages through sorted `ids`, loading each entry with `load` (given its position and ID;
+    /// entries deleted meanwhile, or not committed yet, are skipped). The token names the last
+    /// ID returned, so a page starts where the last one ended whatever was created or deleted
+    /// meanwhile (see [`Pool::list_volume_entries`] for what paging guarantees). A page that
+    /// takes every ID left is loaded by several threads (its cost is stats, in the kernel).
+    fn page<T: Send>(
+        ids: &[String],
+        starting_token: Option<&str>,
+        max_entries: usize,
+        load: impl Fn(usize, &str) -> Result<Option<T>> + Sync,
     ) -> Result<Page<T>> {
         let start = match starting_token.filter(|t| !t.is_empty()) {
             None => 0,
@@ -72,19 +94,21 @@ impl Pool {
                 ids.partition_point(|id| id.as_str() <= after)
             }
         };
-        let max = if max_entries == 0 {
-            usize::MAX
-        } else {
-            max_entries
-        };
+        let rest = ids.len() - start;
+        if max_entries == 0 || max_entries >= rest {
+            return Ok(Page {
+                entries: load_all(ids, start, &load)?,
+                next_token: None,
+            });
+        }
         let mut entries = Vec::new();
         let mut last = None;
-        let mut iter = ids[start..].iter();
-        for id in iter.by_ref() {
-            if let Some(entry) = load(id)? {
+        let mut iter = ids.iter().enumerate().skip(start);
+        for (i, id) in iter.by_ref() {
+            if let Some(entry) = load(i, id)? {
                 entries.push(entry);
-                last = Some(id.clone());
-                if entries.len() == max {
+                last = Some(id);
+                if entries.len() == max_entries {
                     break;
                 }
             }
@@ -100,21 +124,75 @@ impl Pool {
         })
     }
 
+    /// The volume `id` as a listing sees it: its record (the one the index remembers when its
+    /// stamp is unchanged, else read now), and its image as stat'ed now when the entry is
+    /// plainly loopvol's (`None`: not looked at; the condition asks the checked path). `None`
+    /// when it has no committed record.
+    fn listed_volume(
+        &self,
+        fs: &PoolFs,
+        dir: &KindDir,
+        (pos, id): (usize, &str),
+        read_at: SystemTime,
+    ) -> Result<Option<Listed<Found>>> {
+        let vid = VolumeId::try_from(id)?; // the index keeps only valid IDs
+        let Some(files) = fs.entry_files(dir, id, "volume.json", Some("image")) else {
+            // Not plainly an entry of ours: the checked path says what it is.
+            self.index.volumes().forget(id, pos);
+            let read = read_volume_record(fs, &vid).map(|m| m.map(Arc::new));
+            return Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image: None })));
+        };
+        let Some(stamp) = files.record else {
+            self.index.volumes().forget(id, pos);
+            return Ok(None);
+        };
+        let image = Some(files.image);
+        let read = self.volume_record(fs, (pos, &vid), stamp, read_at);
+        Ok(listed(id, read).map(|l| l.map(|meta| Found { meta, image })))
+    }
+
+    /// Volume `id`'s record (at `pos` in the index's IDs) whose stamp is `stamp`: the one the
+    /// index remembers with that stamp, else read now (and remembered when settled). `None` when
+    /// it vanished meanwhile.
+    fn volume_record(
+        &self,
+        fs: &PoolFs,
+        (pos, id): (usize, &VolumeId),
+        stamp: Stamp,
+        read_at: SystemTime,
+    ) -> Result<Option<Arc<VolumeMeta>>> {
+        if let Some(meta) = self.index.volumes().record(id.as_str(), pos, &stamp) {
+            return Ok(Some(meta));
+        }
+        let read = read_volume_record(fs, id).map(|m| m.map(Arc::new));
+        match &read {
+            Ok(Some(meta)) => self
+                .index
+                .volumes()
+                .remember(id.as_str(), pos, stamp, meta, read_at),
+            _ => self.index.volumes().forget(id.as_str(), pos),
+        }
+        read
+    }
+
     /// Volumes in ID order, a volume whose record cannot be used as a [`BadEntry`] (one bad entry
     /// never fails the listing). `max_entries` 0 means all. An unknown token is
     /// `InvalidArgument` (CSI maps a bad token in a list call to ABORTED).
+    ///
+    /// **Paging** (what CSI asks: "the CO SHALL NOT expect a consistent view" across pages, and
+    /// may see volumes created or deleted meanwhile, or not): a token is the last ID returned,
+    /// so pages never repeat a volume, and every volume that exists from the first page to the
+    /// last is listed exactly once, in ID order. A volume created meanwhile is listed when its ID
+    /// sorts after the page it was created behind (else by the next listing); one deleted
+    /// meanwhile is listed only if it was before it was deleted. Tokens hold no state: any
+    /// server of the pool (a new controller leader, a restarted one) continues a listing.
     pub fn list_volume_entries(
         &self,
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<Listed<VolumeMeta>>> {
-        let fs = self.fs()?;
-        let ids = self.committed_ids(&fs, "volumes", "volume.json")?;
-        Self::page(ids, starting_token, max_entries, |id| {
-            // `committed_ids` kept only valid IDs.
-            let vid = VolumeId::try_from(id)?;
-            Ok(listed(id, read_volume_record(&fs, &vid)))
-        })
+        let page = self.volume_page(starting_token, max_entries)?;
+        Ok(map_page(page, |found| Arc::unwrap_or_clone(found.meta)))
     }
 
     /// [`Pool::list_volume_entries`] without the bad entries (each is logged as a warning).
@@ -123,30 +201,151 @@ impl Pool {
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<VolumeMeta>> {
-        let fs = self.fs()?;
-        let ids = self.committed_ids(&fs, "volumes", "volume.json")?;
-        Self::page(ids, starting_token, max_entries, |id| {
-            let vid = VolumeId::try_from(id)?;
-            Ok(listed(id, read_volume_record(&fs, &vid)).and_then(skip_bad))
+        let page = self.list_volume_entries(starting_token, max_entries)?;
+        Ok(Page {
+            entries: page.entries.into_iter().filter_map(skip_bad).collect(),
+            next_token: page.next_token,
         })
+    }
+
+    /// [`Pool::list_volume_entries`] with each volume's condition on this node, from one look at
+    /// the kernel for the whole page (read only when a volume of the page is staged here).
+    pub fn list_volumes_with_conditions(
+        &self,
+        starting_token: Option<&str>,
+        max_entries: usize,
+    ) -> Result<Page<Listed<ListedVolume>>> {
+        let page = self.volume_page(starting_token, max_entries)?;
+        let staged_here = page
+            .entries
+            .iter()
+            .flatten()
+            .any(|f| f.meta.staged.iter().any(|h| h.node == *self.node()));
+        let view = staged_here.then(KernelView::read).transpose()?;
+        let fs = self.fs()?;
+        let mut entries = Vec::with_capacity(page.entries.len());
+        for entry in page.entries {
+            entries.push(match entry {
+                Err(bad) => Err(bad),
+                Ok(Found { meta, image }) => {
+                    let image = match image {
+                        Some(stat) => Ok(stat),
+                        None => fs.stat_image(&layout::volume_image(&meta.id)),
+                    };
+                    let condition = self.condition_with(view.as_ref(), &meta, image)?;
+                    Ok(ListedVolume { meta, condition })
+                }
+            });
+        }
+        Ok(Page {
+            entries,
+            next_token: page.next_token,
+        })
+    }
+
+    fn volume_page(
+        &self,
+        starting_token: Option<&str>,
+        max_entries: usize,
+    ) -> Result<Page<Listed<Found>>> {
+        let read_at = SystemTime::now();
+        let fs = self.fs()?;
+        self.page_of(
+            &fs,
+            Kind::Volumes,
+            read_at,
+            starting_token,
+            max_entries,
+            |dir, pos, id| self.listed_volume(&fs, dir, (pos, id), read_at),
+        )
     }
 
     /// Snapshots in ID order, optionally only those of `source`. CSI has no place for a broken
     /// snapshot in a listing, so a snapshot whose record cannot be used is skipped with a
-    /// warning naming the file (one bad entry never fails the listing).
+    /// warning naming the file (one bad entry never fails the listing). Paging as for volumes
+    /// ([`Pool::list_volume_entries`]).
     pub fn list_snapshots(
         &self,
         source: Option<&VolumeId>,
         starting_token: Option<&str>,
         max_entries: usize,
     ) -> Result<Page<SnapshotMeta>> {
+        let read_at = SystemTime::now();
         let fs = self.fs()?;
-        let ids = self.committed_ids(&fs, "snapshots", "snapshot.json")?;
-        Self::page(ids, starting_token, max_entries, |id| {
-            let sid = SnapshotId::try_from(id)?;
-            let m = listed(id, read_snapshot_record(&fs, &sid)).and_then(skip_bad);
-            Ok(m.filter(|m| source.is_none_or(|s| m.source_volume_id == *s)))
+        let page = self.page_of(
+            &fs,
+            Kind::Snapshots,
+            read_at,
+            starting_token,
+            max_entries,
+            |dir, pos, id| {
+                let m = self
+                    .listed_snapshot(&fs, dir, (pos, id), read_at)?
+                    .and_then(skip_bad);
+                Ok(m.filter(|m| source.is_none_or(|s| m.source_volume_id == *s)))
+            },
+        )?;
+        Ok(Page {
+            entries: page.entries.into_iter().map(Arc::unwrap_or_clone).collect(),
+            next_token: page.next_token,
         })
+    }
+
+    /// The snapshot `id` as a listing sees it (see [`Pool::listed_volume`]).
+    fn listed_snapshot(
+        &self,
+        fs: &PoolFs,
+        dir: &KindDir,
+        (pos, id): (usize, &str),
+        read_at: SystemTime,
+    ) -> Result<Option<Listed<Arc<SnapshotMeta>>>> {
+        let sid = SnapshotId::try_from(id)?;
+        let read = || read_snapshot_record(fs, &sid).map(|m| m.map(Arc::new));
+        let Some(files) = fs.entry_files(dir, id, "snapshot.json", None) else {
+            self.index.snapshots().forget(id, pos);
+            return Ok(listed(id, read()));
+        };
+        let Some(stamp) = files.record else {
+            self.index.snapshots().forget(id, pos);
+            return Ok(None);
+        };
+        if let Some(meta) = self.index.snapshots().record(id, pos, &stamp) {
+            return Ok(Some(Ok(meta)));
+        }
+        let read = read();
+        match &read {
+            Ok(Some(meta)) => self
+                .index
+                .snapshots()
+                .remember(id, pos, stamp, meta, read_at),
+            _ => self.index.snapshots().forget(id, pos),
+        }
+        Ok(listed(id, read))
+    }
+
+    /// The volume directories as the index has them, for a pass over every volume (capacity):
+    /// the IDs without reading the directory unless it changed.
+    pub(crate) fn volume_dirs(&self, fs: &PoolFs) -> Result<VolumeDirs> {
+        let read_at = SystemTime::now();
+        let dir = fs.open_kind(Path::new(Kind::Volumes.dir()))?;
+        let ids = self.index.volumes().ids(fs, &dir, read_at)?;
+        Ok(VolumeDirs { dir, ids, read_at })
+    }
+
+    /// The record of the volume at `pos` in `dirs`, whose directory is open as `entry`: the one
+    /// the index remembers when its stamp is unchanged, else read now. `None` when it has none,
+    /// or it is not plainly a record (the checked path is the caller's).
+    pub(crate) fn indexed_volume(
+        &self,
+        fs: &PoolFs,
+        dirs: &VolumeDirs,
+        entry: &EntryDir,
+        (pos, id): (usize, &VolumeId),
+    ) -> Option<Arc<VolumeMeta>> {
+        let stamp = entry.record("volume.json")??;
+        self.volume_record(fs, (pos, id), stamp, dirs.read_at)
+            .ok()
+            .flatten()
     }
 
     /// A volume's committed metadata, `None` when there is none; read without its lock (the
@@ -158,6 +357,84 @@ impl Pool {
     /// A snapshot's committed metadata, `None` when there is none.
     pub(crate) fn read_snapshot_meta(&self, id: &SnapshotId) -> Result<Option<SnapshotMeta>> {
         read_snapshot_record(&self.fs()?, id)
+    }
+}
+
+/// Loads every entry of `ids` from `start`, in order, skipping those `load` finds nothing for:
+/// on several threads when there are many (each takes a contiguous run of IDs).
+pub(super) fn load_all<T: Send>(
+    ids: &[String],
+    start: usize,
+    load: &(impl Fn(usize, &str) -> Result<Option<T>> + Sync),
+) -> Result<Vec<T>> {
+    let run = |from: usize, to: usize| -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(to - from);
+        for (i, id) in ids.iter().enumerate().take(to).skip(from) {
+            out.extend(load(i, id)?);
+        }
+        Ok(out)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let rest = ids.len() - start;
+    if threads < 2 || rest < PARALLEL_FROM {
+        return run(start, ids.len());
+    }
+    let chunk = rest.div_ceil(threads);
+    let parts: Vec<Result<Vec<T>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (start..ids.len())
+            .step_by(chunk)
+            .map(|from| s.spawn(move || run(from, (from + chunk).min(ids.len()))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut entries = Vec::with_capacity(rest);
+    for part in parts {
+        entries.extend(part?);
+    }
+    Ok(entries)
+}
+
+/// How many entries a listing loads before it spreads them over threads.
+const PARALLEL_FROM: usize = 1024;
+
+/// The volume directories of one pass over the pool (see [`Pool::volume_dirs`]).
+pub(crate) struct VolumeDirs {
+    pub dir: KindDir,
+    pub ids: Arc<[String]>,
+    read_at: SystemTime,
+}
+
+/// A committed volume as a listing found it.
+struct Found {
+    meta: Arc<VolumeMeta>,
+    /// Its image as stat'ed with the record, when the entry is plainly loopvol's; `None`: not
+    /// looked at (the condition asks the checked path).
+    image: Option<Option<ImageStat>>,
+}
+
+/// The two kinds of entry a listing pages through.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Volumes,
+    Snapshots,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Volumes => "volumes",
+            Kind::Snapshots => "snapshots",
+        }
+    }
+}
+
+fn map_page<A, B>(page: Page<Listed<A>>, f: impl Fn(A) -> B) -> Page<Listed<B>> {
+    Page {
+        entries: page.entries.into_iter().map(|e| e.map(&f)).collect(),
+        next_token: page.next_token,
     }
 }
 
@@ -228,32 +505,4 @@ fn read_record<T: DeserializeOwned, I: PartialEq + Display>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paging_is_stable_and_tokens_are_checked() {
-        let ids: Vec<String> = (0..7).map(|i| format!("v{i}")).collect();
-        let load = |id: &str| Ok(Some(id.to_owned()));
-        let p1 = Pool::page(ids.clone(), None, 3, load).unwrap();
-        assert_eq!(p1.entries, ["v0", "v1", "v2"]);
-        let t = p1.next_token.unwrap();
-        let p2 = Pool::page(ids.clone(), Some(&t), 3, load).unwrap();
-        assert_eq!(p2.entries, ["v3", "v4", "v5"]);
-        // v3 deleted between pages: the next page still starts after v5.
-        let mut fewer = ids.clone();
-        fewer.retain(|i| i != "v3");
-        let p3 = Pool::page(fewer, p2.next_token.as_deref(), 3, load).unwrap();
-        assert_eq!(p3.entries, ["v6"]);
-        assert_eq!(p3.next_token, None);
-        let all = Pool::page(ids.clone(), None, 0, load).unwrap();
-        assert_eq!(all.entries.len(), 7);
-        assert!(all.next_token.is_none());
-        let exact = Pool::page(ids.clone(), None, 7, load).unwrap();
-        assert!(exact.next_token.is_none());
-        for bad in ["garbage", "after:../x", "after:"] {
-            let err = Pool::page(ids.clone(), Some(bad), 3, load).unwrap_err();
-            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
-        }
-    }
-}
+mod tests;

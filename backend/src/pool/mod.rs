@@ -17,6 +17,7 @@
 mod capacity;
 mod coherence;
 pub(crate) mod fsops;
+mod index;
 mod listing;
 pub(crate) mod nodes;
 pub(crate) mod watchdog;
@@ -33,7 +34,7 @@ use fsops::PoolFs;
 
 pub use capacity::Capacity;
 pub(crate) use capacity::Charge;
-pub use listing::{BadEntry, Listed, Page};
+pub use listing::{BadEntry, Listed, ListedVolume, Page};
 pub use nodes::{LeaseSettings, LeaseState, LeaseTerms, NodeInfo, NodeRecord};
 
 /// How a front end runs the pool.
@@ -86,6 +87,8 @@ pub struct Pool {
     pub(crate) leases: nodes::LeaseWatch,
     /// The pool was on GlusterFS when it was opened (see `fsops::syncs_directories`).
     glusterfs: bool,
+    /// What the listings remember between calls, checked against the pool on every use.
+    index: index::Index,
 }
 
 const SUBDIRS: [&str; 7] = [
@@ -233,6 +236,7 @@ impl Pool {
             options,
             health: Default::default(),
             leases: Default::default(),
+            index: index::Index::default(),
         }
     }
 

@@ -31,6 +31,20 @@ pub struct CreateVolume {
     pub source: Option<VolumeSource>,
 }
 
+impl CreateVolume {
+    /// A new, empty volume `name` of at least `bytes`, nothing else asked (thin, its filesystem
+    /// left to the first stage).
+    pub fn blank(name: impl Into<String>, bytes: u64) -> CreateVolume {
+        CreateVolume {
+            name: name.into(),
+            size: SizeRequest::at_least(bytes),
+            fs_type: None,
+            allocation: None,
+            source: None,
+        }
+    }
+}
+
 impl Pool {
     /// Creates a volume, or returns the existing one of the same name when it is compatible.
     ///

@@ -12,6 +12,7 @@ use crate::host;
 use crate::kernel::{is_device_bind_of, is_fs_mount_of, uses, Image, KernelView};
 use crate::loopdev;
 use crate::meta::VolumeMeta;
+use crate::pool::fsops::ImageStat;
 use crate::pool::{layout, NodePath, Pool};
 use crate::size::{self, SizeRequest};
 use crate::validate::{self, FsType};
@@ -308,13 +309,24 @@ impl Pool {
     /// The condition of `m`, looking at the kernel (`view`, read here when `None` and needed)
     /// only when the volume is staged on this node.
     fn condition_in(&self, view: Option<&KernelView>, m: &VolumeMeta) -> Result<Condition> {
+        self.condition_with(view, m, self.fs()?.stat_image(&layout::volume_image(&m.id)))
+    }
+
+    /// [`Pool::condition_in`] with the image already stat'ed (`image`, as
+    /// `PoolFs::stat_image` answers): a listing stats it from the entry's directory.
+    pub(crate) fn condition_with(
+        &self,
+        view: Option<&KernelView>,
+        m: &VolumeMeta,
+        image: Result<Option<ImageStat>>,
+    ) -> Result<Condition> {
         use AbnormalReason as R;
         // Shared pools: a pool that stops answering (see `fence`).
         if let Some(c) = self.unreachable_condition() {
             return Ok(c);
         }
         let path = self.volume_image(&m.id);
-        let stat = match self.fs()?.stat_image(&layout::volume_image(&m.id)) {
+        let stat = match image {
             Ok(stat) => stat,
             // A planted entry where the image belongs: that is the volume's condition.
             Err(e @ Error::Untrusted { .. }) => {

@@ -171,52 +171,51 @@ impl Controller {
         let max = usize::try_from(r.max_entries)
             .map_err(|_| invalid("max_entries must not be negative"))?;
         let token = Some(r.starting_token).filter(|t| !t.is_empty());
-        let (page, conditions) = self
+        let page = self
             .driver
             .run(Rpc::ListVolumes, Vec::new(), move |pool| {
-                // A volume whose record cannot be read is listed, abnormal, naming the file: one
-                // bad entry never fails the listing, and the health monitor reports it.
-                let page = pool.list_volume_entries(token.as_deref(), max)?;
-                let good: Vec<loopvol::VolumeMeta> = page
-                    .entries
-                    .iter()
-                    .filter_map(|e| e.as_ref().ok().cloned())
-                    .collect();
-                // VOLUME_CONDITION is advertised, so every entry must carry one.
-                let conditions = pool.volume_conditions(&good)?;
-                Ok((page, conditions))
+                // Every entry carries its condition (VOLUME_CONDITION is advertised). A volume
+                // whose record cannot be read is listed, abnormal, naming the file: one bad entry
+                // never fails the listing, and the health monitor reports it.
+                Ok(pool.list_volumes_with_conditions(token.as_deref(), max)?)
             })
             .await?;
-        let mut conditions = conditions.into_iter();
         Ok(pb::ListVolumesResponse {
             entries: page
                 .entries
-                .iter()
-                .map(|entry| match entry {
-                    Ok(m) => pb::list_volumes_response::Entry {
-                        volume: Some(self.volume_pb(m)),
-                        status: Some(pb::list_volumes_response::VolumeStatus {
-                            published_node_ids: self.published_nodes(m),
-                            volume_condition: conditions.next().map(convert::condition),
-                        }),
-                    },
-                    Err(bad) => pb::list_volumes_response::Entry {
-                        volume: Some(pb::Volume {
-                            volume_id: bad.id.clone(),
-                            ..Default::default()
-                        }),
-                        status: Some(pb::list_volumes_response::VolumeStatus {
-                            published_node_ids: Vec::new(),
-                            volume_condition: Some(pb::VolumeCondition {
-                                abnormal: true,
-                                message: bad.reason.clone(),
-                            }),
-                        }),
-                    },
-                })
+                .into_iter()
+                .map(|entry| self.list_entry(entry))
                 .collect(),
             next_token: page.next_token.unwrap_or_default(),
         })
+    }
+
+    fn list_entry(
+        &self,
+        entry: loopvol::Listed<loopvol::ListedVolume>,
+    ) -> pb::list_volumes_response::Entry {
+        match entry {
+            Ok(v) => pb::list_volumes_response::Entry {
+                volume: Some(self.volume_pb(&v.meta)),
+                status: Some(pb::list_volumes_response::VolumeStatus {
+                    published_node_ids: self.published_nodes(&v.meta),
+                    volume_condition: Some(convert::condition(v.condition)),
+                }),
+            },
+            Err(bad) => pb::list_volumes_response::Entry {
+                volume: Some(pb::Volume {
+                    volume_id: bad.id,
+                    ..Default::default()
+                }),
+                status: Some(pb::list_volumes_response::VolumeStatus {
+                    published_node_ids: Vec::new(),
+                    volume_condition: Some(pb::VolumeCondition {
+                        abnormal: true,
+                        message: bad.reason,
+                    }),
+                }),
+            },
+        }
     }
 
     pub(super) async fn get_volume(

@@ -131,7 +131,7 @@ fn fresh_writes_replace_what_is_in_the_way() {
             name,
             &spare_name(name),
             path,
-            &rel("volumes/.volume.json.tmp"),
+            rel("volumes/.volume.json.tmp"),
             &json,
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
