@@ -23,6 +23,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::hazard::{self, Hazard};
 use crate::{require_root, Scratch};
 
 /// The programs the GlusterFS tests run, besides root.
@@ -96,6 +97,8 @@ pub struct GlusterPool<'s> {
     brick: PathBuf,
     created: bool,
     clients: Vec<Client>,
+    /// Held from the first killed client until the drop has unmounted everything.
+    dead_fuse_mount: Option<Hazard>,
     // Last field: dropped after `Drop::drop` removed the volume.
     _glusterd: GlusterdHold,
 }
@@ -125,6 +128,7 @@ impl<'s> GlusterPool<'s> {
             brick: scratch.path("gluster/brick"),
             created: false,
             clients: Vec::new(),
+            dead_fuse_mount: None,
             _glusterd: GlusterdHold::acquire(),
         };
         remove_leaked_volumes();
@@ -190,6 +194,9 @@ impl<'s> GlusterPool<'s> {
     /// ENOTCONN ("Transport endpoint is not connected"), until [`remount`](Self::remount) or drop.
     /// Returns the PID it killed.
     pub fn kill_client(&mut self, node: Node) -> u32 {
+        if self.dead_fuse_mount.is_none() {
+            self.dead_fuse_mount = Some(hazard::dead_fuse_mount());
+        }
         let client = &mut self.clients[node.index()];
         let mut child = client
             .child

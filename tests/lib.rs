@@ -10,7 +10,8 @@
 //! - [`binaries`]: the workspace's binaries, built from the current sources;
 //! - [`csi`]: the `loopvol-csi` process, a client, request builders, tables of calls;
 //! - [`flex`]: `loopvol-flexvolume` run as kubelet runs it, and kubelet's options;
-//! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes;
+//! - [`gluster`]: a GlusterFS volume mounted twice, as the shared pool of two nodes; [`hazard`]:
+//!   tests that must not overlap (mkfs.btrfs beside a dead FUSE mount);
 //! - [`admin`]: the admin CLI `loopvol` run on a test's pool; [`openmetrics`]: a strict parser
 //!   of what `/metrics` and `loopvol metrics` write, and a scrape of `/metrics`;
 //! - [`poll`], [`data`], [`freeze`]: waiting on conditions, test data, calls held in flight;
@@ -27,6 +28,7 @@ pub mod flex;
 pub mod freeze;
 pub mod gate;
 pub mod gluster;
+pub mod hazard;
 pub mod kernel;
 pub mod openmetrics;
 pub mod poll;

@@ -16,6 +16,7 @@ use std::process::Child;
 use loopvol_e2e::flex::{check_protocol, kubelet_options, kubelet_pod_options, Flex};
 use loopvol_e2e::freeze::Frozen;
 use loopvol_e2e::gluster::{self, GlusterPool, Node};
+use loopvol_e2e::hazard;
 use loopvol_e2e::kernel;
 use loopvol_e2e::{
     cleanup_under, fs_size, fs_tools, loops_under, mounts_under, require_root, write_synced,
@@ -620,6 +621,7 @@ fn unmount_after_the_staging_mount_vanished() {
     if !gate("btrfs") {
         return;
     }
+    let _btrfs = hazard::formats_btrfs();
     let s = Scratch::new();
     let flex = node_mode(&s);
     let opts = kubelet_mount_options("pv-reboot", "btrfs", "rw", json!({"size": "320Mi"}));
@@ -722,6 +724,7 @@ fn expand_online(fs: &str) {
     if !gate(fs) {
         return;
     }
+    let _btrfs = hazard::for_fs(fs);
     let s = Scratch::new();
     let flex = node_mode(&s);
     let pv = format!("pv-grow-{fs}");

@@ -15,6 +15,7 @@ use loopvol::{
     GroupSnapshot, NodeName, Pool, PoolOptions, Publish, Result, SizeRequest, SnapshotId,
     SnapshotMeta, SnapshotRequest, Staged, Usage, VolumeId, VolumeMeta, VolumeSource,
 };
+use loopvol_e2e::hazard;
 use loopvol_e2e::{fs_tools, loops_under, mounts_under, require_root, Scratch};
 
 const MIB: u64 = 1 << 20;
@@ -218,6 +219,7 @@ fn lifecycle(fs: FsType) {
     if !gate(fs) {
         return;
     }
+    let _btrfs = hazard::for_fs(fs.as_str());
     let s = Scratch::new();
     let pool = open(&s);
     let id = create(&pool, &format!("vol-{fs}"), Some(fs));
@@ -552,6 +554,7 @@ fn snapshot_and_clone(fs: FsType) {
     if !gate(fs) {
         return;
     }
+    let _btrfs = hazard::for_fs(fs.as_str());
     let s = Scratch::new();
     let pool = open(&s);
     let id = create(&pool, &format!("src-{fs}"), Some(fs));
@@ -681,6 +684,7 @@ fn expansion(fs: FsType) {
     if !gate(fs) {
         return;
     }
+    let _btrfs = hazard::for_fs(fs.as_str());
     let s = Scratch::new();
     let pool = open(&s);
     let id = create(&pool, &format!("grow-{fs}"), Some(fs));

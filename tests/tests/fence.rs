@@ -16,6 +16,7 @@ use loopvol::{
     Access, AccessMode, CreateVolume, ErrorKind, FenceCheck, FencedBy, FsType, LeaseSettings,
     NodeGuard, NodeInfo, NodeName, Pool, PoolOptions, Publish, SizeRequest, VolumeId, VolumeMeta,
 };
+use loopvol_e2e::hazard;
 use loopvol_e2e::kernel::{self, LoopDevice};
 use loopvol_e2e::small_fs::SmallFs;
 use loopvol_e2e::workload::{assert_synced_blocks, Workload};
@@ -158,6 +159,7 @@ fn fence_after_force_detach(fs: Option<FsType>) {
     if !require_root(tools) {
         return;
     }
+    let _btrfs = fs.and_then(|f| hazard::for_fs(f.as_str()));
     let s = Scratch::new();
     let a = Arc::new(open_as(&s, "node-a", LeaseSettings::default()));
     let b = open_as(&s, "node-b", LeaseSettings::default());

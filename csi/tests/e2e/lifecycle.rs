@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use loopvol_e2e::csi::*;
+use loopvol_e2e::hazard;
 use loopvol_e2e::kernel::{self, mount_at};
 use loopvol_e2e::{fs_size, fs_tools, loops_under, mounts_under, pattern, require_root, Scratch};
 use pb::volume_capability::access_mode::Mode;
@@ -537,6 +538,7 @@ async fn snapshot_restore_and_clone_preserve_contents() {
 /// mounted filesystem sees the new size. `shared`: through ControllerExpandVolume first (a
 /// shared pool), else NodeExpandVolume alone (a node-local pool grows on its node).
 async fn expand_online(fs: &str, initial: i64, grown: i64, shared: bool) {
+    let _btrfs = hazard::for_fs(fs);
     let scratch = Scratch::new();
     let extra: &[&str] = if shared { &["--shared-pool"] } else { &[] };
     let (_server, mut csi) = start(&scratch, extra).await;
