@@ -14,8 +14,9 @@
 //! 3. LISTED (default 10 000) volumes in the pool, made by the backend as CreateVolume makes them
 //!    (sparse 1 GiB images and their metadata), in parallel, timed; and LISTED / 10 snapshots.
 //!    Then, over the socket (medians of 20 calls with their spread): a full ListVolumes, one page
-//!    of 100 (from every part of the listing), GetCapacity, ListSnapshots full and by page, and
-//!    the server's RSS (peak and now).
+//!    of 100 (from every part of the listing), GetCapacity, CreateVolume with a few volumes in
+//!    the pool and with LISTED (20 calls each, one at a time: what admission costs as the pool
+//!    grows), ListSnapshots full and by page, and the server's RSS (peak and now).
 //!
 //! ```text
 //! target/release/examples/csi-bench gluster [PAIRS] [HELD]
@@ -637,6 +638,8 @@ async fn lifecycle_section(
 /// A pool of `listed` volumes and a tenth as many snapshots: ListVolumes, GetCapacity,
 /// ListSnapshots and the server's memory.
 async fn listing_section(ch: &Channel, dir: &Path, server: &Server, listed: usize) {
+    let in_pool = || std::fs::read_dir(dir.join("pool/volumes")).map_or(0, |d| d.count());
+    let (few, create_few) = (in_pool(), create_calls(ch, "few").await);
     // A pool of `listed` volumes (and a tenth as many snapshots), made by the backend as
     // CreateVolume and CreateSnapshot make them, in parallel: the server sees them appear in its
     // pool as it would another process's.
@@ -747,6 +750,7 @@ async fn listing_section(ch: &Channel, dir: &Path, server: &Server, listed: usiz
             .expect("GetCapacity");
     })
     .await;
+    let create_many = create_calls(ch, "many").await;
     assert_eq!(
         list_snapshots(0, String::new()).await.entries.len(),
         snapshots
@@ -789,6 +793,16 @@ async fn listing_section(ch: &Channel, dir: &Path, server: &Server, listed: usiz
     );
     row(format!("GetCapacity, {listed} volumes"), capacity, "cheap");
     row(
+        format!("CreateVolume, {few} volumes in the pool"),
+        create_few,
+        "",
+    );
+    row(
+        format!("CreateVolume, {listed} volumes in the pool"),
+        create_many,
+        "as with a few",
+    );
+    row(
         format!("ListSnapshots, {snapshots} snapshots, full listing"),
         snaps_full,
         "",
@@ -802,6 +816,32 @@ async fn listing_section(ch: &Channel, dir: &Path, server: &Server, listed: usiz
         "| server RSS with {listed} volumes, peak (now) | {peak:.1} MiB ({:.1} MiB) | | < 30 MiB |",
         rss()
     );
+}
+
+/// 20 CreateVolume calls over the socket, one at a time, each timed (each volume deleted after
+/// it, untimed): what admission costs with the pool as it is.
+async fn create_calls(ch: &Channel, tag: &str) -> Summary {
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let start = Instant::now();
+        let id = ctl
+            .create_volume(create_request(format!("create-{tag}-{i}"), GIB as i64))
+            .await
+            .expect("CreateVolume")
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        times.push(ms_f(start.elapsed()));
+        ctl.delete_volume(pb::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteVolume");
+    }
+    Summary::of(&times)
 }
 
 fn tempdir(base: &Path) -> PathBuf {
