@@ -46,6 +46,8 @@ use pb::volume_capability::{AccessMode, AccessType, MountVolume};
 use tonic::transport::Channel;
 
 const GIB: u64 = 1 << 30;
+/// The pool's overcommit, for the server and for the volumes the backend makes beside it.
+const OVERCOMMIT: f64 = 4096.0;
 
 struct Server {
     child: Child,
@@ -80,8 +82,9 @@ fn start_server_with(dir: &Path, args: &[String]) -> Server {
         .arg(format!("--endpoint=unix://{}", socket.display()))
         .args(args)
         .arg("--node-id=bench")
-        // 1 GiB thin volumes; only a few exist at once, and they stay nearly empty.
-        .arg("--overcommit=64")
+        // 1 GiB thin volumes that stay nearly empty: 10 000 of them (the listing rows) promise
+        // 10 TiB, more than a test disk times any usual overcommit.
+        .arg(format!("--overcommit={OVERCOMMIT}"))
         .env("LOOPVOL_LOG", dir.join("csi.log"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -644,8 +647,7 @@ async fn listing_section(ch: &Channel, dir: &Path, server: &Server, listed: usiz
     // CreateVolume and CreateSnapshot make them, in parallel: the server sees them appear in its
     // pool as it would another process's.
     let mut options = PoolOptions::new("bench".parse().unwrap());
-    // 10 000 thin 1 GiB volumes promise 10 TiB: more than a test disk times the server's 64.
-    options.overcommit = 4096.0;
+    options.overcommit = OVERCOMMIT;
     let pool = Pool::open(dir.join("pool"), options).unwrap();
     let threads = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
     let start = Instant::now();
