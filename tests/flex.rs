@@ -74,17 +74,32 @@ impl Flex {
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.command(args)
-            .spawn()
+        self.retry_busy(|| self.command(args).spawn())
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()))
+    }
+
+    /// Runs `start` again while it fails with ETXTBSY. An installed copy was just written by
+    /// this test, and a child another test forks in that moment holds the writing descriptor
+    /// until its own exec: the kernel refuses to run a file open for writing. It is brief, so a
+    /// few tries at 10 ms apart see it end.
+    fn retry_busy<T>(&self, mut start: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+        let mut tries = 0;
+        loop {
+            match start() {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Runs one call and checks the protocol; returns the reply.
     #[track_caller]
     pub fn call(&self, args: &[&str]) -> Value {
         let out = self
-            .command(args)
-            .output()
+            .retry_busy(|| self.command(args).output())
             .unwrap_or_else(|e| panic!("run {}: {e}", self.bin.display()));
         check_protocol(args, &out)
     }
