@@ -802,7 +802,7 @@ async fn listing_section(ch: &Channel, dir: &Path, server: &Server, listed: usiz
     row(
         format!("CreateVolume, {listed} volumes in the pool"),
         create_many,
-        "as with a few",
+        "",
     );
     row(
         format!("ListSnapshots, {snapshots} snapshots, full listing"),
