@@ -90,9 +90,13 @@ pub mod mount {
             .context(|| format!("mount {} at {}", source.display(), target.display()))
     }
 
-    /// Unmounts `target` (not mounted: done).
+    /// Unmounts the test's own mount at `target`, by its path (not mounted: done; EBUSY
+    /// retried a little, as the backend does).
     pub fn unmount(target: &Path) -> Result<()> {
-        crate::mount::unmount(target)
+        let flags = nix::mount::MntFlags::UMOUNT_NOFOLLOW;
+        crate::mount::retry_busy(&target.display().to_string(), || {
+            Ok(nix::mount::umount2(target, flags))
+        })
     }
 }
 
