@@ -98,6 +98,14 @@ pub mod mount {
             Ok(nix::mount::umount2(target, flags))
         })
     }
+
+    /// The backend's unmount of a host path: `expected`, a mount the test found at `at`, is
+    /// unmounted through the directory `at` was resolved to, and only if it is the mount there.
+    /// For tests of what happens when a directory of the path is replaced between the lookup
+    /// and the unmount, inside one call.
+    pub fn unmount_node_path(at: &crate::NodePath, expected: &MountEntry) -> Result<()> {
+        crate::mount::unmount(at, expected)
+    }
 }
 
 /// Filesystems.
