@@ -11,14 +11,17 @@
 //! created relative to that descriptor, one `O_NOFOLLOW` step at a time, and mounts go onto the
 //! descriptor of the final directory (`/proc/self/fd/N`), so nothing can be swapped in between
 //! the check and the mount. Every later lookup (mountinfo, unpublish, unstage, stats, expand)
-//! uses the resolved path, which is what mountinfo shows.
+//! uses the resolved path, which is what mountinfo shows; a lookup that leads to an unmount also
+//! asks the resolved directory itself which mount is on the last component ([`Spot::occupant`]),
+//! and refuses when that and mountinfo disagree. Unmounts go through the resolved parent
+//! (`/proc/self/fd/<parent>/<name>`, [`Spot::proc_path`]), never through the path's text.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, StatxFlags};
 use rustix::io::Errno;
 
 use crate::error::{Context, Error, Result};
@@ -233,6 +236,25 @@ impl NodePath {
         Ok(!matches!(self.final_type(), Ok(None)))
     }
 
+    /// The last component, reached through its parent directory opened from the resolved
+    /// anchor without following a link; `None` when a directory above it is missing.
+    pub(crate) fn spot(&self) -> Result<Option<Spot>> {
+        Ok(self.parent_dir(false)?.map(|parent| Spot {
+            parent,
+            name: self.name().to_owned(),
+            path: self.resolved.clone(),
+        }))
+    }
+
+    /// What is mounted on the last component, seen from the resolved directory (not from the
+    /// path's text, which a replaced directory makes lead elsewhere).
+    pub(crate) fn occupant(&self) -> Result<Occupant> {
+        match self.spot()? {
+            Some(spot) => spot.occupant(),
+            None => Ok(Occupant::Nothing),
+        }
+    }
+
     /// Creates the directory (and its parents, mode 0750) and opens it to mount onto.
     pub(crate) fn mkdir_p(&self) -> Result<MountPoint> {
         let parent = self.parent_dir(true)?.expect("created");
@@ -297,10 +319,12 @@ impl NodePath {
         )
         .map_err(|e| self.io(e, "open"))?;
         Ok(MountPoint {
-            parent,
-            name: self.name().to_owned(),
+            spot: Spot {
+                parent,
+                name: self.name().to_owned(),
+                path: self.resolved.clone(),
+            },
             fd,
-            path: self.resolved.clone(),
         })
     }
 
@@ -351,17 +375,112 @@ impl NodePath {
     }
 }
 
-/// A mount point opened from a [`NodePath`]: mounts go onto its descriptor.
+/// What sits on a path's last component, seen from its parent directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Occupant {
+    /// Nothing: the last component, or a directory above it, is missing.
+    Nothing,
+    /// A file or directory with nothing mounted on it.
+    Bare,
+    /// The topmost mount on it, by its ID (mountinfo's first field).
+    Mount { id: u64 },
+}
+
+/// What is on a directory entry, from the mount IDs of its parent directory and of the entry
+/// (looked up in that parent, so crossing into whatever is mounted on it): a mount of its own
+/// exactly when they differ.
+pub(crate) fn occupant_of(parent_mount: u64, entry_mount: u64) -> Occupant {
+    if entry_mount == parent_mount {
+        Occupant::Bare
+    } else {
+        Occupant::Mount { id: entry_mount }
+    }
+}
+
+/// A path's last component reached through its parent directory, opened once: what is on it,
+/// and the path umount2 reaches exactly it by.
 #[derive(Debug)]
-pub(crate) struct MountPoint {
+pub(crate) struct Spot {
     parent: OwnedFd,
     name: OsString,
-    fd: OwnedFd,
-    /// The resolved path, for messages (mountinfo shows the mount there).
+    /// The resolved path, for messages.
     pub path: PathBuf,
 }
 
+impl Spot {
+    /// `/proc/self/fd/<parent>/<name>`: the magic link is an intermediate component, followed to
+    /// exactly the opened parent directory whatever became of its path; `name` is then looked up
+    /// in it (and, with `UMOUNT_NOFOLLOW`, never followed if it is a link).
+    pub fn proc_path(&self) -> PathBuf {
+        proc_fd(&self.parent).join(&self.name)
+    }
+
+    /// What is on the entry now (see [`occupant_of`]).
+    pub fn occupant(&self) -> Result<Occupant> {
+        let entry = match rfs::openat(
+            &self.parent,
+            &self.name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(Occupant::Nothing),
+            Err(e) => {
+                return Err(Error::Io {
+                    context: format!("open {}", self.path.display()),
+                    source: e.into(),
+                })
+            }
+        };
+        let parent = self.parent.as_fd();
+        Ok(occupant_of(
+            mount_id(parent, &self.path)?,
+            mount_id(entry.as_fd(), &self.path)?,
+        ))
+    }
+}
+
+/// The ID of the mount the open file `fd` is on, as mountinfo numbers it: `statx`'s
+/// `STATX_MNT_ID`, or, when the filesystem answers no `statx` (a shut-down xfs says EIO, a dead
+/// FUSE client ENOTCONN), the `mnt_id` the kernel shows in `/proc/self/fdinfo`, which asks the
+/// filesystem nothing.
+fn mount_id(fd: BorrowedFd<'_>, shown: &Path) -> Result<u64> {
+    if let Ok(st) = rfs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID) {
+        if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
+            return Ok(st.stx_mnt_id);
+        }
+    }
+    let info = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = std::fs::read_to_string(&info).context(|| format!("read {info}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            Error::precondition(format!(
+                "{}: the kernel names no mount ID for it ({info} has no mnt_id)",
+                shown.display()
+            ))
+        })
+}
+
+/// A mount point opened from a [`NodePath`]: mounts go onto its descriptor.
+#[derive(Debug)]
+pub(crate) struct MountPoint {
+    spot: Spot,
+    fd: OwnedFd,
+}
+
 impl MountPoint {
+    /// The resolved path, for messages (mountinfo shows the mount there).
+    pub fn path(&self) -> &Path {
+        &self.spot.path
+    }
+
+    /// The name in its parent directory: what is mounted on it, and how to unmount that.
+    pub fn spot(&self) -> &Spot {
+        &self.spot
+    }
+
     /// The path mount(2) reaches this very directory or file by, whatever happens to the path's
     /// parents meanwhile.
     pub fn proc_path(&self) -> PathBuf {
@@ -369,7 +488,7 @@ impl MountPoint {
     }
 
     fn file_type(&self) -> Result<FileType> {
-        let st = rfs::fstat(&self.fd).context(|| format!("stat {}", self.path.display()))?;
+        let st = rfs::fstat(&self.fd).context(|| format!("stat {}", self.path().display()))?;
         Ok(FileType::from_raw_mode(st.st_mode))
     }
 
@@ -377,12 +496,12 @@ impl MountPoint {
     /// (the lookup crosses into it), to change the mount's flags.
     pub fn reopen(&self) -> Result<OwnedFd> {
         rfs::openat(
-            &self.parent,
-            &self.name,
+            &self.spot.parent,
+            &self.spot.name,
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .context(|| format!("open {}", self.path.display()))
+        .context(|| format!("open {}", self.path().display()))
     }
 }
 

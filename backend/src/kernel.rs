@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::host::{NodePath, Occupant};
 use crate::loopdev::{self, FileId, LoopDevice};
 use crate::mount::{self, MountEntry};
 
@@ -102,6 +103,33 @@ impl KernelView {
         mount::mount_at(&self.mounts, path)
     }
 
+    /// The topmost mount on the node path `at`, found two ways that must agree: by its resolved
+    /// path in mountinfo, and through the directory it was resolved to (the mount ID on the
+    /// last component there, [`NodePath::occupant`]). They disagree when a directory of the path
+    /// was replaced (a link to somewhere else, a directory moved away with the mount on it)
+    /// since it was resolved: then the answer is an error that names both and nothing is
+    /// touched. What comes back is what [`mount::unmount`] may unmount.
+    pub fn mount_on(&self, at: &NodePath) -> Result<Option<&MountEntry>> {
+        let by_path = self.mount_at(at);
+        let occupant = at.occupant()?;
+        agree(by_path, occupant).map_err(|()| {
+            let on_path = match by_path {
+                Some(m) => mount::describe(&self.mounts, u64::from(m.id)),
+                None => "nothing".to_string(),
+            };
+            let on_dir = match occupant {
+                Occupant::Mount { id } => mount::describe(&self.mounts, id),
+                Occupant::Bare | Occupant::Nothing => "nothing".to_string(),
+            };
+            Error::precondition(format!(
+                "{}: mountinfo shows {on_path} there, but the directory the path was resolved to \
+                 holds {on_dir}; a directory of the path was replaced since (by a symbolic link, \
+                 or moved away); leaving both alone",
+                at.display(),
+            ))
+        })
+    }
+
     /// Every mount that uses one of `devices` (see [`uses`]), except those at `except`.
     pub fn users(&self, devices: &[LoopDevice], except: &[&Path]) -> Vec<&MountEntry> {
         self.mounts
@@ -159,6 +187,19 @@ pub(crate) fn former_path(backing: &Path) -> &Path {
         .map_or(backing, Path::new)
 }
 
+/// Whether the mount mountinfo shows at a path (`by_path`) is the one on the directory the path
+/// was resolved to (`occupant`): both nothing, or the same mount.
+pub(crate) fn agree(
+    by_path: Option<&MountEntry>,
+    occupant: Occupant,
+) -> std::result::Result<Option<&MountEntry>, ()> {
+    match (by_path, occupant) {
+        (None, Occupant::Bare | Occupant::Nothing) => Ok(None),
+        (Some(m), Occupant::Mount { id }) if u64::from(m.id) == id => Ok(Some(m)),
+        _ => Err(()),
+    }
+}
+
 /// A filesystem mounted from `dev` (or a bind of one). btrfs reports an anonymous device number
 /// in mountinfo, so the source path counts as well as the number.
 pub(crate) fn is_fs_mount_of(m: &MountEntry, dev: &LoopDevice) -> bool {
@@ -199,6 +240,62 @@ mod tests {
             mounts: mount::parse_mountinfo(TABLE),
             loops: vec![dev(3), dev(4), dev(5)],
         }
+    }
+
+    #[test]
+    fn mountinfo_and_the_resolved_directory_must_agree() {
+        let v = view();
+        let here = v.mount_at(Path::new("/k/pods/a"));
+        // (what, mountinfo at the path, the resolved directory, want: `None` for a refusal,
+        // else the ID of the mount both show, if any)
+        type Row<'a> = (
+            &'a str,
+            Option<&'a MountEntry>,
+            Occupant,
+            Option<Option<u32>>,
+        );
+        let rows: [Row; 7] = [
+            ("nothing either way", None, Occupant::Bare, Some(None)),
+            ("the path is gone", None, Occupant::Nothing, Some(None)),
+            (
+                "the same mount",
+                here,
+                Occupant::Mount { id: 301 },
+                Some(Some(301)),
+            ),
+            (
+                "the directory holds another mount than the path shows",
+                here,
+                Occupant::Mount { id: 300 },
+                None,
+            ),
+            (
+                "the path shows a mount the directory does not hold",
+                here,
+                Occupant::Bare,
+                None,
+            ),
+            (
+                "the path shows a mount, the directory is gone",
+                here,
+                Occupant::Nothing,
+                None,
+            ),
+            (
+                "the directory holds a mount the path does not show (moved away)",
+                None,
+                Occupant::Mount { id: 301 },
+                None,
+            ),
+        ];
+        let wrong: Vec<String> = rows
+            .iter()
+            .filter_map(|(what, by_path, occupant, want)| {
+                let got = agree(*by_path, *occupant).ok().map(|m| m.map(|m| m.id));
+                (got != *want).then(|| format!("{what}: got {got:?}, want {want:?}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::error::{Context, Error, Result};
-use crate::host::MountPoint;
+use crate::host::{MountPoint, NodePath, Occupant, Spot};
 
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +138,7 @@ pub(crate) fn mount_fs(
         format!(
             "mount {} ({fs_type}) at {}",
             source.display(),
-            target.path.display()
+            target.path().display()
         )
     })
 }
@@ -155,51 +155,162 @@ pub(crate) fn bind(source: &Path, shown: &Path, target: &MountPoint, flags: MsFl
         MsFlags::MS_BIND,
         None::<&str>,
     )
-    .context(|| format!("bind {} onto {}", shown.display(), target.path.display()))?;
-    if !flags.is_empty() {
-        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
-        let result = target.reopen().and_then(|bound| {
-            nix::mount::mount(
-                None::<&str>,
-                &crate::host::proc_fd(&bound),
-                None::<&str>,
-                remount,
-                None::<&str>,
-            )
-            .context(|| format!("remount bind {} with {flags:?}", target.path.display()))
-        });
-        if let Err(e) = result {
-            // Never leave a writable bind where a read-only one was asked for.
-            let _ = nix::mount::umount2(
-                &target.path,
-                MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
-            );
-            return Err(e);
+    .context(|| format!("bind {} onto {}", shown.display(), target.path().display()))?;
+    if flags.is_empty() {
+        return Ok(());
+    }
+    // The bind just made is the topmost mount on the mount point: remembered by its ID, so the
+    // undo below detaches that mount and nothing else.
+    let made = match target.spot().occupant()? {
+        Occupant::Mount { id } => id,
+        other => {
+            return Err(Error::precondition(format!(
+                "{}: no mount on it right after a bind onto it ({other:?}); was it unmounted meanwhile?",
+                target.path().display()
+            )))
         }
+    };
+    let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+    let result = target.reopen().and_then(|bound| {
+        nix::mount::mount(
+            None::<&str>,
+            &crate::host::proc_fd(&bound),
+            None::<&str>,
+            remount,
+            None::<&str>,
+        )
+        .context(|| format!("remount bind {} with {flags:?}", target.path().display()))
+    });
+    if let Err(e) = result {
+        // Never leave a writable bind where a read-only one was asked for.
+        let detach = MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW;
+        if let Err(undo) = unmount_spot(target.spot(), made, detach) {
+            tracing::warn!(target = %target.path().display(), error = %undo, "could not detach the bind whose flags failed");
+        }
+        return Err(e);
     }
     Ok(())
 }
 
-/// Unmounts `target`; EINVAL (not a mount point) and ENOENT count as already done.
+/// Unmounts `expected`, the mount the caller found on `at` (through
+/// [`crate::kernel::KernelView::mount_on`], which checks that mountinfo and the resolved
+/// directory agree), through the resolved parent directory: see [`unmount_spot`]. A directory
+/// above `at` that is gone counts as nothing there.
+pub(crate) fn unmount(at: &NodePath, expected: &MountEntry) -> Result<()> {
+    let id = u64::from(expected.id);
+    match at.spot()? {
+        Some(spot) => unmount_spot(&spot, id, MntFlags::UMOUNT_NOFOLLOW),
+        None => gone_from(&at.display().to_string(), id),
+    }
+}
+
+/// Unmounts the mount that was just made on the opened mount point `at` (a trial mount).
+pub(crate) fn unmount_made(at: &MountPoint) -> Result<()> {
+    match at.spot().occupant()? {
+        Occupant::Mount { id } => unmount_spot(at.spot(), id, MntFlags::UMOUNT_NOFOLLOW),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the mount a caller means is the one on the spot: the decision [`unmount_spot`]
+/// makes before every umount2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnmountVerdict {
+    /// `expected` is the topmost mount there: unmount it.
+    Unmount,
+    /// Nothing is mounted there (or nothing is there): unmounted already, unless the mount
+    /// lives on somewhere else (its directory was moved away).
+    NotThere,
+    /// Another mount is on top there: leave everything alone.
+    Other { id: u64 },
+}
+
+pub(crate) fn unmount_verdict(expected: u64, occupant: Occupant) -> UnmountVerdict {
+    match occupant {
+        Occupant::Mount { id } if id == expected => UnmountVerdict::Unmount,
+        Occupant::Mount { id } => UnmountVerdict::Other { id },
+        Occupant::Bare | Occupant::Nothing => UnmountVerdict::NotThere,
+    }
+}
+
+/// Unmounts the mount `expected` (by its mountinfo ID) from `spot`, through
+/// `/proc/self/fd/<parent>/<name>`: the parent directory is the one the path was resolved to,
+/// whatever was renamed or swapped for a link in the path's text since, and the last component
+/// is not followed. Before every attempt the mount on the spot must be `expected`: another
+/// mount there (stacked on it, or found there because a directory was replaced) is refused and
+/// left alone. Nothing mounted there: done (EINVAL and ENOENT from umount2 too), unless
+/// `expected` is still mounted elsewhere: then the path no longer leads to it, and the error
+/// says where it is.
 ///
 /// EBUSY is retried for a short, bounded time: a process forked by any thread of ours (mkfs,
 /// blkid) holds copies of our descriptors until its exec, which can make a mount briefly busy.
-pub(crate) fn unmount(target: &Path) -> Result<()> {
+pub(crate) fn unmount_spot(spot: &Spot, expected: u64, flags: MntFlags) -> Result<()> {
+    let shown = spot.path.display().to_string();
+    retry_busy(&shown, || {
+        match unmount_verdict(expected, spot.occupant()?) {
+            UnmountVerdict::Unmount => Ok(nix::mount::umount2(&spot.proc_path(), flags)),
+            UnmountVerdict::NotThere => gone_from(&shown, expected).map(Ok),
+            UnmountVerdict::Other { id } => {
+                let table = mounts()?;
+                Err(Error::precondition(format!(
+                    "{shown}: {} is on it, not {} that was found there; was a directory of the \
+                     path replaced, or something mounted over it? leaving both alone",
+                    describe(&table, id),
+                    describe(&table, expected)
+                )))
+            }
+        }
+    })
+}
+
+/// Mount `id` as a message names it: "mount 301 (ext4 of /dev/loop3, at /k/pods/a)".
+pub(crate) fn describe(table: &[MountEntry], id: u64) -> String {
+    match table.iter().find(|m| u64::from(m.id) == id) {
+        Some(m) => format!(
+            "mount {id} ({} of {}, at {})",
+            m.fs_type,
+            m.source,
+            m.mount_point.display()
+        ),
+        None => format!("mount {id} (not in mountinfo)"),
+    }
+}
+
+/// `expected` is not on the path `shown` (any more): fine when it is gone, refused when it is
+/// still mounted somewhere else (a directory of the path was moved away with it).
+fn gone_from(shown: &str, expected: u64) -> Result<()> {
+    let table = mounts()?;
+    if !table.iter().any(|m| u64::from(m.id) == expected) {
+        return Ok(());
+    }
+    Err(Error::precondition(format!(
+        "{shown}: the mount found there, {}, is no longer where the path leads; was a \
+         directory of the path replaced? leaving it mounted",
+        describe(&table, expected)
+    )))
+}
+
+/// Runs `attempt` (one umount2) until it is not EBUSY, a bounded number of times with a growing
+/// pause; EINVAL (not a mount point) and ENOENT count as done, lasting EBUSY is
+/// FAILED_PRECONDITION.
+pub(crate) fn retry_busy(
+    shown: &str,
+    mut attempt: impl FnMut() -> Result<nix::Result<()>>,
+) -> Result<()> {
     let mut backoff = std::time::Duration::from_millis(5);
-    for attempt in 0.. {
-        match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+    for tries in 0.. {
+        match attempt()? {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => return Ok(()),
-            Err(nix::Error::EBUSY) if attempt < 8 => {
+            Err(nix::Error::EBUSY) if tries < 8 => {
                 std::thread::sleep(backoff);
                 backoff *= 2;
             }
             Err(nix::Error::EBUSY) => {
                 return Err(Error::precondition(format!(
-                    "{} is busy: a process still uses it",
-                    target.display()
+                    "{shown} is busy: a process still uses it"
                 )))
             }
-            Err(e) => return Err(e).context(|| format!("unmount {}", target.display())),
+            Err(e) => return Err(e).context(|| format!("unmount {shown}")),
         }
     }
     unreachable!("the loop returns")
@@ -234,6 +345,36 @@ bogus line
         assert_eq!(table[3].super_options, ["rw", "size=123k"]);
         assert!(mount_at(&table, Path::new("/var/lib/kubelet/plugins/x/globalmount")).is_some());
         assert!(mount_at(&table, Path::new("/nope")).is_none());
+    }
+
+    #[test]
+    fn unmounts_only_the_mount_it_was_told() {
+        use UnmountVerdict::*;
+        let rows = [
+            (
+                "the expected mount is on top",
+                Occupant::Mount { id: 300 },
+                Unmount,
+            ),
+            (
+                "another mount stacked over it, or found through a replaced directory",
+                Occupant::Mount { id: 301 },
+                Other { id: 301 },
+            ),
+            ("nothing mounted on the directory", Occupant::Bare, NotThere),
+            ("the directory is gone", Occupant::Nothing, NotThere),
+        ];
+        let wrong: Vec<String> = rows
+            .iter()
+            .filter(|(_, occupant, want)| unmount_verdict(300, *occupant) != *want)
+            .map(|(what, occupant, want)| {
+                format!(
+                    "{what}: got {:?}, want {want:?}",
+                    unmount_verdict(300, *occupant)
+                )
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     #[test]

@@ -90,9 +90,21 @@ pub mod mount {
             .context(|| format!("mount {} at {}", source.display(), target.display()))
     }
 
-    /// Unmounts `target` (not mounted: done).
+    /// Unmounts the test's own mount at `target`, by its path (not mounted: done; EBUSY
+    /// retried a little, as the backend does).
     pub fn unmount(target: &Path) -> Result<()> {
-        crate::mount::unmount(target)
+        let flags = nix::mount::MntFlags::UMOUNT_NOFOLLOW;
+        crate::mount::retry_busy(&target.display().to_string(), || {
+            Ok(nix::mount::umount2(target, flags))
+        })
+    }
+
+    /// The backend's unmount of a host path: `expected`, a mount the test found at `at`, is
+    /// unmounted through the directory `at` was resolved to, and only if it is the mount there.
+    /// For tests of what happens when a directory of the path is replaced between the lookup
+    /// and the unmount, inside one call.
+    pub fn unmount_node_path(at: &crate::NodePath, expected: &MountEntry) -> Result<()> {
+        crate::mount::unmount(at, expected)
     }
 }
 

@@ -3,7 +3,9 @@
 //! leads somewhere else, and what each call must do: refuse clearly, naming the entry, leave the
 //! decoy byte-identical, mount and attach nothing, and answer within a deadline (a hang fails the
 //! test). Plus: lock files live only as long as their volumes, metadata writes need no free
-//! space, and a symlinked kubelet root works end to end. As root, on scratch pools.
+//! space, a symlinked kubelet root works end to end, and a directory of a target or staging path
+//! replaced after it was resolved never makes an unmount reach another mount. As root, on
+//! scratch pools.
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -144,6 +146,8 @@ impl Planted {
 }
 
 type Call = Box<dyn FnOnce(&Pool) -> loopvol::Result<()> + Send>;
+/// A call on a locked volume.
+type VolumeCall = Box<dyn FnOnce(&mut loopvol::Volume) -> loopvol::Result<()> + Send>;
 
 /// Runs `call` against the planted pool within the deadline; it must fail with `kind` and a
 /// message containing each of `needles`.
@@ -703,6 +707,232 @@ fn a_symlinked_kubelet_root_works_end_to_end() {
         .unwrap();
     s.assert_clean("after unstage");
     assert!(!target.exists() && !staging.exists());
+}
+
+/// A directory of a target or staging path replaced by a symbolic link to another pod's (or
+/// volume's) directory after the path was resolved, with a mount of the same name there: no
+/// unmount ever reaches that other mount. The volume's own mount is either unmounted through the
+/// directory the path was resolved to (when the call had already found it there) or left
+/// mounted with an error naming where it is now: never left behind silently.
+#[test]
+fn a_replaced_parent_directory_never_unmounts_another_mount() {
+    if !require_root(fs_tools("ext4")) {
+        return;
+    }
+    let s = Scratch::new();
+    let kubelet = s.path("kubelet");
+    let pool = std::sync::Arc::new(open(&s, std::slice::from_ref(&kubelet)));
+    let (v, w) = (create(&pool, "v"), create(&pool, "w"));
+    let plugin = kubelet.join("plugins/d");
+    // Two pods with a volume each under the same name, `pv/mount`; kubelet makes the parent.
+    let (dir_a, dir_b) = (
+        kubelet.join("pods/a/volumes/pv"),
+        kubelet.join("pods/b/volumes/pv"),
+    );
+    // Resolved before the pod's directory exists: its anchor is above the directory replaced.
+    let early_target_v = pool.node_path("target path", dir_a.join("mount")).unwrap();
+    for d in [&dir_a, &dir_b] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let stage_and_publish = |id: &str, dir: &Path| {
+        let staging = pool
+            .node_path("staging path", plugin.join(id).join("globalmount"))
+            .unwrap();
+        let target = pool.node_path("target path", dir.join("mount")).unwrap();
+        let mut volume = pool.volume(&vid(id)).unwrap();
+        volume
+            .stage(&staging, &ext4(), AccessMode::SingleNodeWriter)
+            .unwrap();
+        volume
+            .publish(&Publish {
+                staging: Some(staging),
+                target: target.clone(),
+                access: ext4(),
+                read_only: false,
+                fs_group: None,
+                exclusive: false,
+            })
+            .unwrap();
+        target
+    };
+    let target_v = stage_and_publish(&v, &dir_a);
+    stage_and_publish(&w, &dir_b);
+    std::fs::write(dir_b.join("mount/w-file"), b"w's data").unwrap();
+    let mount_at = |p: &Path| {
+        let table = loopvol::testing::mount::mounts().unwrap();
+        loopvol::testing::mount::mount_at(&table, p).cloned()
+    };
+    let id_at = |p: &Path| mount_at(p).map(|m| m.id);
+    let is_mounted = |id: u32| {
+        loopvol::testing::mount::mounts()
+            .unwrap()
+            .iter()
+            .any(|m| m.id == id)
+    };
+    // `dir` moved aside to `<dir>.moved` (with what is mounted in it), a link to `to` in its
+    // place; and back.
+    let moved = |dir: &Path| dir.with_extension("moved");
+    let replace = |dir: &Path, to: &Path| {
+        std::fs::rename(dir, moved(dir)).unwrap();
+        symlink(to, dir).unwrap();
+    };
+    let restore = |dir: &Path| {
+        std::fs::remove_file(dir).unwrap();
+        std::fs::rename(moved(dir), dir).unwrap();
+    };
+    let (w_publication, w_staging) = (
+        id_at(&dir_b.join("mount")).unwrap(),
+        id_at(&plugin.join("w/globalmount")).unwrap(),
+    );
+    let w_intact = |when: &str| {
+        assert_eq!(
+            id_at(&dir_b.join("mount")),
+            Some(w_publication),
+            "{when}: w's publication"
+        );
+        assert_eq!(
+            id_at(&plugin.join("w/globalmount")),
+            Some(w_staging),
+            "{when}: w's staging mount"
+        );
+        assert_eq!(
+            std::fs::read(dir_b.join("mount/w-file")).unwrap(),
+            b"w's data"
+        );
+    };
+    // Runs a call on volume `v` within the deadline; it must fail FAILED_PRECONDITION naming
+    // each of `needles`.
+    let refused = |what: &str, needles: &[&str], call: VolumeCall| {
+        let (pool, id) = (std::sync::Arc::clone(&pool), vid(&v));
+        let got = within(what, move || {
+            pool.volume(&id)
+                .and_then(|mut vol| call(&mut vol))
+                .map_err(|e| (e.kind(), e.to_string()))
+        });
+        match got {
+            Err((ErrorKind::FailedPrecondition, msg))
+                if needles.iter().all(|n| msg.contains(n)) => {}
+            other => panic!("{what}: {other:?} (want FailedPrecondition naming {needles:?})"),
+        }
+    };
+    let v_publication = id_at(&target_v).unwrap();
+    let v_moved = moved(&dir_a).join("mount");
+
+    // 1. Within one call: the target was resolved before its parent was replaced by a link to
+    // pod b's directory. mountinfo shows nothing at the path, the resolved directory holds v's
+    // mount: refused, naming where v's mount is now.
+    replace(&dir_a, &dir_b);
+    let t = target_v.clone();
+    refused(
+        "unpublish through the resolved parent",
+        &["replaced", &v_moved.display().to_string()],
+        Box::new(move |vol| vol.unpublish(&t)),
+    );
+    w_intact("after unpublish through the resolved parent");
+    assert_eq!(id_at(&v_moved), Some(v_publication), "v's own mount stays");
+    // Resolved further up, the walk down meets the link itself.
+    let t = early_target_v.clone();
+    refused(
+        "unpublish from an anchor above the link",
+        &["symbolic link"],
+        Box::new(move |vol| vol.unpublish(&t)),
+    );
+    w_intact("after unpublish from an anchor above the link");
+    // The next call resolves the path afresh, through the link, to w's publication: not v's.
+    let fresh = pool.node_path("target path", dir_a.join("mount")).unwrap();
+    assert_eq!(fresh.as_path(), dir_b.join("mount"));
+    refused(
+        "unpublish of the path resolved afresh",
+        &["not volume"],
+        Box::new(move |vol| vol.unpublish(&fresh)),
+    );
+    w_intact("after unpublish of the path resolved afresh");
+    // v is not leaked silently: its unstage refuses while the moved publication lives.
+    let staging_v = pool
+        .node_path("staging path", plugin.join(&v).join("globalmount"))
+        .unwrap();
+    let st = staging_v.clone();
+    refused(
+        "unstage while the moved publication lives",
+        &["still mounted at", &v_moved.display().to_string()],
+        Box::new(move |vol| vol.unstage(&st)),
+    );
+    assert_eq!(id_at(&v_moved), Some(v_publication));
+
+    // 2. Replaced between the lookup and the unmount: the mount found at the path is v's, and
+    // the unmount reaches exactly it, in the moved directory (a path-based umount2 would
+    // have followed the link and unmounted w's publication).
+    restore(&dir_a);
+    let found = mount_at(&target_v).unwrap();
+    assert_eq!(found.id, v_publication);
+    // Something mounted over it meanwhile: that is not the mount found, and neither is touched.
+    loopvol::testing::mount::mount_fs(
+        Path::new("tmpfs"),
+        &target_v,
+        "tmpfs",
+        nix::mount::MsFlags::empty(),
+        "size=1m",
+    )
+    .unwrap();
+    let over = id_at(&target_v).unwrap();
+    let err = loopvol::testing::mount::unmount_node_path(&target_v, &found).unwrap_err();
+    assert!(
+        err.kind() == ErrorKind::FailedPrecondition && err.to_string().contains("tmpfs"),
+        "{err}"
+    );
+    assert!(is_mounted(over) && is_mounted(v_publication));
+    loopvol::testing::mount::unmount(&target_v).unwrap();
+    replace(&dir_a, &dir_b);
+    loopvol::testing::mount::unmount_node_path(&target_v, &found).unwrap();
+    w_intact("after the unmount between lookup and umount2");
+    assert!(
+        !is_mounted(v_publication),
+        "v's publication was not unmounted"
+    );
+    restore(&dir_a);
+
+    // 3. Unstage, the staging path's parent replaced by a link to w's staging directory: the
+    // resolved path refuses (v's mount is elsewhere now), the path resolved afresh refuses
+    // (w's mount is not v's).
+    let v_staging = id_at(&staging_v).unwrap();
+    let v_dir = plugin.join(&v);
+    replace(&v_dir, &plugin.join(&w));
+    let st = staging_v.clone();
+    refused(
+        "unstage through the resolved parent",
+        &[
+            "replaced",
+            &moved(&v_dir).join("globalmount").display().to_string(),
+        ],
+        Box::new(move |vol| vol.unstage(&st)),
+    );
+    let fresh = pool
+        .node_path("staging path", v_dir.join("globalmount"))
+        .unwrap();
+    refused(
+        "unstage of the path resolved afresh",
+        &["not volume"],
+        Box::new(move |vol| vol.unstage(&fresh)),
+    );
+    w_intact("after the unstages");
+    assert_eq!(id_at(&moved(&v_dir).join("globalmount")), Some(v_staging));
+    restore(&v_dir);
+
+    // Put back, everything comes undone the usual way.
+    for (id, dir) in [(&v, &dir_a), (&w, &dir_b)] {
+        let mut volume = pool.volume(&vid(id)).unwrap();
+        volume
+            .unpublish(&pool.node_path("target path", dir.join("mount")).unwrap())
+            .unwrap();
+        volume
+            .unstage(
+                &pool
+                    .node_path("staging path", plugin.join(id).join("globalmount"))
+                    .unwrap(),
+            )
+            .unwrap();
+    }
+    s.assert_clean("after unstage");
 }
 
 /// Metadata writes need no free space once the record exists: on a pool filesystem filled to

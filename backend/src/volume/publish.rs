@@ -126,7 +126,9 @@ impl Volume<'_> {
                 // The staged filesystem's root, opened: bound from its descriptor.
                 let (source, shown) = match &p.staging {
                     Some(s) => {
-                        if !view.mount_at(s).is_some_and(|sm| is_fs_mount_of(sm, dev)) {
+                        // Checked through the resolved directory too: the root opened
+                        // below is that directory's, the mount checked here.
+                        if !view.mount_on(s)?.is_some_and(|sm| is_fs_mount_of(sm, dev)) {
                             return Err(Error::precondition(format!(
                                 "volume {id} is not staged at {}; stage it first",
                                 s.display()
@@ -167,9 +169,11 @@ impl Volume<'_> {
         // Also a device bound to an image deleted or replaced since: still this volume's.
         let devices = self.devices(&view)?;
         // Bounded: a target holds a handful of stacked mounts at most. Each unmount changes the
-        // table, so each round looks again.
+        // table, so each round looks again. A directory of the path replaced since it was
+        // resolved is refused by `mount_on`; the unmount reaches the mount through the resolved
+        // parent, and only if it is still `existing`.
         for _ in 0..16 {
-            let Some(existing) = view.mount_at(target) else {
+            let Some(existing) = view.mount_on(target)? else {
                 break;
             };
             if !devices.iter().any(|d| uses(existing, d)) {
@@ -179,7 +183,7 @@ impl Volume<'_> {
                     existing.source
                 )));
             }
-            mount::unmount(target)?;
+            mount::unmount(target, existing)?;
             view.reread_mounts()?;
         }
         target.remove_target();

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::extents;
 use crate::fs;
+use crate::host::MountPoint;
 use crate::kernel::{is_fs_mount_of, KernelView};
 use crate::loopdev::{self, LoopDevice};
 use crate::meta::{AccessMode, Hold};
@@ -366,7 +367,7 @@ impl Volume<'_> {
             mount::mount_fs(&device, &mount_point, fs.as_str(), how.flags, &how.data)
         };
         if let Err(e) = try_mount(mount_options) {
-            return Err(self.explain_mount_failure(e, fs, mount_options, &try_mount, staging));
+            return Err(self.explain_mount_failure(e, fs, mount_options, &try_mount, &mount_point));
         }
         drop(mount_point);
         done.mounted = true;
@@ -488,14 +489,14 @@ impl Volume<'_> {
         fs: FsType,
         options: &[String],
         try_mount: &dyn Fn(&[String]) -> Result<()>,
-        staging: &Path,
+        staging: &MountPoint,
     ) -> Error {
         let einval = matches!(&err, Error::Sys { source, .. } if *source == nix::Error::EINVAL);
         if !einval || options.is_empty() {
             return err;
         }
         let mounts = |opts: &[String]| match try_mount(opts) {
-            Ok(()) => mount::unmount(staging).map(|()| true),
+            Ok(()) => mount::unmount_made(staging).map(|()| true),
             Err(_) => Ok(false),
         };
         if !matches!(mounts(&[]), Ok(true)) {
@@ -544,12 +545,19 @@ impl Volume<'_> {
     /// this very stage; kubelet calls `unmountdevice` only for a path that mounted).
     fn undo_stage(&mut self, staging: &NodePath, done: &StageSteps) -> Result<()> {
         let id = self.meta.id.clone();
+        let mut view = KernelView::read()?;
+        let devices = self.devices(&view)?;
         if done.mounted {
-            mount::unmount(staging)?;
+            // The mount this stage made: the volume's filesystem on the staging path.
+            if let Some(ours) = view
+                .mount_on(staging)?
+                .filter(|m| devices.iter().any(|d| is_fs_mount_of(m, d)))
+            {
+                mount::unmount(staging, ours)?;
+                view.reread_mounts()?;
+            }
             staging.remove_dir_if_empty();
         }
-        let view = KernelView::read()?;
-        let devices = self.devices(&view)?;
         if !view.users(&devices, &[]).is_empty() {
             return Ok(()); // another stage or publication of the volume uses it
         }
@@ -594,7 +602,7 @@ impl Volume<'_> {
         let mut view = KernelView::read()?;
         let devices = self.devices(&view)?;
         let mut unmounted = false;
-        if let Some(existing) = view.mount_at(staging) {
+        if let Some(existing) = view.mount_on(staging)? {
             if !devices.iter().any(|d| is_fs_mount_of(existing, d)) {
                 return Err(Error::precondition(format!(
                     "{} holds {}, not volume {id}; leaving it alone",
@@ -605,7 +613,7 @@ impl Volume<'_> {
             // Still published somewhere: refuse before unmounting anything, so the volume stays
             // staged for its publications (and for new ones).
             self.refuse_if_used(&view, &devices, &[staging])?;
-            mount::unmount(staging)?;
+            mount::unmount(staging, existing)?;
             unmounted = true;
         }
         staging.remove_dir_if_empty();
