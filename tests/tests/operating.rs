@@ -56,16 +56,7 @@ fn the_readmes_alerting_rules_name_what_the_server_exports() {
 
     // A server on a fresh pool, metrics on a free port.
     let s = Scratch::new();
-    let server = CsiServer::start(
-        binary("loopvol-csi"),
-        &s,
-        "csi",
-        &[
-            format!("--pool={}", s.pool().display()),
-            "--node-id=node-a".into(),
-            "--metrics-address=127.0.0.1:0".into(),
-        ],
-    );
+    let server = metrics_server(&s);
     let addr = server.metrics_address();
     let (status, _, body) = openmetrics::scrape(addr);
     assert_eq!(status, 200);
@@ -260,16 +251,7 @@ fn the_pool_rule_fires_when_nearly_everything_is_promised() {
         .expect("the pool rule")
         .to_owned();
     let s = Scratch::new();
-    let server = CsiServer::start(
-        binary("loopvol-csi"),
-        &s,
-        "csi",
-        &[
-            format!("--pool={}", s.pool().display()),
-            "--node-id=node-a".into(),
-            "--metrics-address=127.0.0.1:0".into(),
-        ],
-    );
+    let server = metrics_server(&s);
     let addr = server.metrics_address();
     let scrape_with = |volumes: f64| {
         let mut last = None;
@@ -357,4 +339,18 @@ fn the_evaluator_reads_promql_as_prometheus_does() {
     ] {
         assert_eq!(evaluate(expr, &m), want, "{expr}");
     }
+}
+
+/// A CSI server for node-a on the scratch pool, its metrics on a free port.
+fn metrics_server(s: &Scratch) -> CsiServer {
+    CsiServer::start(
+        binary("loopvol-csi"),
+        s,
+        "csi",
+        &[
+            format!("--pool={}", s.pool().display()),
+            "--node-id=node-a".into(),
+            "--metrics-address=127.0.0.1:0".into(),
+        ],
+    )
 }
