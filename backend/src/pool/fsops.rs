@@ -115,6 +115,55 @@ pub(crate) struct PoolFs {
     /// The pool was on a GlusterFS mount when it was opened ([`on_glusterfs`]): a directory
     /// there that is still on FUSE is not fsynced (see [`syncs_directories`]).
     glusterfs: bool,
+    /// The filesystem the pool root was on when the pool was opened ([`Home::of`]).
+    home: Option<Home>,
+}
+
+/// A filesystem, by its mount and device, with its `statfs(2)` type: what a directory on the
+/// same mount is on, known without a `statfs` (which a FUSE client sends to its server: a
+/// round trip on GlusterFS for every metadata write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Home {
+    mount: MountOf,
+    magic: i64,
+}
+
+/// The mount and device an open file is on, from the attributes the kernel holds (no round
+/// trip): the same pair means the same superblock, so the same filesystem type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MountOf {
+    dev: (u32, u32),
+    /// `None` before Linux 5.8, where the device alone says it.
+    mount_id: Option<u64>,
+}
+
+impl MountOf {
+    fn of(fd: &OwnedFd) -> Option<MountOf> {
+        let st = rfs::statx(
+            fd,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            StatxFlags::TYPE | StatxFlags::MNT_ID,
+        )
+        .ok()?;
+        Some(MountOf {
+            dev: (st.stx_dev_major, st.stx_dev_minor),
+            mount_id: StatxFlags::from_bits_retain(st.stx_mask)
+                .contains(StatxFlags::MNT_ID)
+                .then_some(st.stx_mnt_id),
+        })
+    }
+}
+
+impl Home {
+    /// The filesystem holding the directory `root`; `None` when the kernel does not say.
+    pub(crate) fn of(root: &Path) -> Option<Home> {
+        let fd = rfs::open(root, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).ok()?;
+        Some(Home {
+            mount: MountOf::of(&fd)?,
+            magic: fs_magic(&fd)?,
+        })
+    }
 }
 
 impl PoolFs {
@@ -140,7 +189,25 @@ impl PoolFs {
             fd,
             resolver,
             glusterfs: false,
+            home: None,
         })
+    }
+
+    /// This handle for a pool whose root was on `home` when it was opened: a directory still
+    /// on that mount is on that filesystem ([`PoolFs::magic_of`]).
+    pub fn at_home(mut self, home: Option<Home>) -> PoolFs {
+        self.home = home;
+        self
+    }
+
+    /// The magic number of the filesystem holding `dir`: the pool's own when `dir` is on the
+    /// mount the pool was opened on (known; a pool remounted since is another mount), else
+    /// asked with `statfs`.
+    fn magic_of(&self, dir: &OwnedFd) -> Option<i64> {
+        match self.home {
+            Some(home) if MountOf::of(dir) == Some(home.mount) => Some(home.magic),
+            _ => fs_magic(dir),
+        }
     }
 
     /// This handle for a pool found on GlusterFS ([`on_glusterfs`]) when it was opened.
@@ -494,7 +561,7 @@ impl PoolFs {
             Err(Errno::NOENT) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "stat")),
         }
-        let magic = fs_magic(&dir);
+        let magic = self.magic_of(&dir);
         if !exchanges_safely(magic) {
             return self.write_fresh(&dir, magic, name, &spare_name, rel, &spare_rel, &json);
         }
@@ -639,7 +706,7 @@ impl PoolFs {
                 Mode::empty(),
                 Kind::Dir,
             )?;
-            return self.fsync_dir(&dir, fs_magic(&dir), rel);
+            return self.fsync_dir(&dir, self.magic_of(&dir), rel);
         }
         let dir = self.open_dir(rel)?;
         rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync"))

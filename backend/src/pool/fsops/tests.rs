@@ -177,6 +177,26 @@ fn directories_are_synced_except_on_glusterfs() {
         .dirs_need_sync(Some(FUSE_MAGIC)));
 }
 
+/// A directory on the mount the pool was opened on has the pool's filesystem type without a
+/// `statfs`; on another mount (a pool remounted since, another filesystem) it is asked.
+#[test]
+fn magic_of_a_directory_is_known_on_the_pools_own_mount_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("volumes")).unwrap();
+    let mut home = Home::of(dir.path()).unwrap();
+    let real = home.magic;
+    // No filesystem has this type: seen only where the home answers instead of statfs.
+    home.magic = 0x5EED;
+    let fs = PoolFs::open(dir.path()).unwrap().at_home(Some(home));
+    let (volumes, _) = fs.parent_of(rel("volumes/v")).unwrap();
+    assert_eq!(fs.magic_of(&volumes), Some(0x5EED));
+    let proc = rfs::open("/proc", OFlags::PATH, Mode::empty()).unwrap();
+    assert_eq!(fs.magic_of(&proc), fs_magic(&proc));
+    assert_ne!(fs.magic_of(&proc), Some(0x5EED));
+    let plain = PoolFs::open(dir.path()).unwrap();
+    assert_eq!(plain.magic_of(&volumes), Some(real));
+}
+
 /// What an attacker who can write the pool plants, and what each access must do: refuse,
 /// naming the entry, without touching (or hanging on) what the entry points at.
 #[test]
