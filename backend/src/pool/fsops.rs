@@ -749,36 +749,26 @@ impl PoolFs {
         Ok(File::from(fd))
     }
 
-    /// Opens (creating it `O_EXCL` if needed) the lock file `rel`, for writing (NFS needs that
-    /// for an exclusive lock); nothing is ever written to it. The file is looked for first: a
-    /// lock file lives as long as its subject, so it is there for every call but the first, and
-    /// on a cluster filesystem each failed create is a round trip to the server.
+    /// Opens (creating it if needed) the lock file `rel`, for writing (NFS needs that for an
+    /// exclusive lock); nothing is ever written to it. One `open(O_CREAT)` without `O_EXCL`: an
+    /// existing file is opened as by a plain open (a lock file lives as long as its subject, so
+    /// it is there for every call but the first), a missing one is made in the same call (on a
+    /// cluster filesystem a failed open first, then a create, is a round trip more). A planted
+    /// entry is refused as by every open here: no link is followed (`O_NOFOLLOW`, and openat2's
+    /// resolve flags on the way), a FIFO without a reader fails (`O_NONBLOCK`), and what was
+    /// opened must be a regular file. A file removed by its last holder between this open and
+    /// the lock is seen by the caller ([`PoolFs::names_file`]).
     pub fn open_lock(&self, rel: &Path) -> Result<File> {
-        // Bounded: each retry means another process removed or made the file between our opens.
-        for _ in 0..64 {
-            let fd = match self.resolve(rel, OFlags::WRONLY, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    match self.resolve(
-                        rel,
-                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                        Mode::from_raw_mode(0o644),
-                    ) {
-                        Ok(fd) => fd,
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(self.fail(rel, e, "create lock")),
-                    }
-                }
-                Err(e) => return Err(self.fail(rel, e, "open lock")),
-            };
-            let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
-            self.check_type(rel, st.mode, Kind::File)?;
-            return Ok(File::from(fd));
-        }
-        Err(Error::Busy(format!(
-            "lock file {} (removed and re-created under us)",
-            self.path(rel).display()
-        )))
+        let fd = self
+            .resolve(
+                rel,
+                OFlags::WRONLY | OFlags::CREATE,
+                Mode::from_raw_mode(0o644),
+            )
+            .map_err(|e| self.fail(rel, e, "open lock"))?;
+        let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, st.mode, Kind::File)?;
+        Ok(File::from(fd))
     }
 
     /// Opens the lock file `rel` for writing when it exists; `Ok(None)` when it does not.

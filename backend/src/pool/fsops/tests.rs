@@ -177,6 +177,22 @@ fn directories_are_synced_except_on_glusterfs() {
         .dirs_need_sync(Some(FUSE_MAGIC)));
 }
 
+/// A lock file is made by the first open and opened, the same file, by every later one.
+#[test]
+fn open_lock_makes_a_missing_lock_file_and_opens_an_existing_one() {
+    for resolver in [Resolver::Openat2, Resolver::Walk] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("locks")).unwrap();
+        let fs = PoolFs::open_with(dir.path(), resolver).unwrap();
+        let first = fs.open_lock(rel("locks/v-v.lock")).unwrap();
+        let made = std::fs::metadata(dir.path().join("locks/v-v.lock")).unwrap();
+        assert!(made.is_file(), "{resolver:?}");
+        let again = fs.open_lock(rel("locks/v-v.lock")).unwrap();
+        assert!(fs.names_file(rel("locks/v-v.lock"), &first), "{resolver:?}");
+        assert!(fs.names_file(rel("locks/v-v.lock"), &again), "{resolver:?}");
+    }
+}
+
 /// A descriptor handed to the closer is closed (soon, off the caller's thread): the read end of
 /// a pipe sees the end once its only write end is gone.
 #[test]
