@@ -859,6 +859,39 @@ impl PoolFs {
         }
     }
 
+    /// [`PoolFs::remove_tree`] for a directory that should hold just the files `names`: they
+    /// are removed by name, then the directory, without reading it (a directory read is a
+    /// round trip or more on a cluster filesystem, for names known already). Whatever else is
+    /// there (a spare record, a leftover temporary file, an entry of another kind under one of
+    /// these names) makes it a full [`PoolFs::remove_tree`].
+    pub fn remove_dir_of(&self, rel: &Path, names: &[&str]) -> Result<()> {
+        let dir = match self.open_checked(
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+            Kind::Dir,
+        ) {
+            Ok(dir) => dir,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(())
+            }
+            // Not a directory (a planted link, ...): removed, never followed.
+            Err(_) => return self.remove_tree(rel),
+        };
+        for name in names {
+            match rfs::unlinkat(&dir, *name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(_) => return self.remove_tree(rel),
+            }
+        }
+        drop(dir);
+        let (parent, name) = self.parent_of(rel)?;
+        match rfs::unlinkat(&parent, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(_) => self.remove_tree(rel),
+        }
+    }
+
     /// Removes `rel` and, when it is a directory, everything in it, without following a symbolic
     /// link anywhere (links are removed, not followed).
     pub fn remove_tree(&self, rel: &Path) -> Result<()> {

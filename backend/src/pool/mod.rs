@@ -406,8 +406,14 @@ impl Pool {
             fs.sync_dir(parent)?;
         }
         // Gone from the pool's point of view once renamed. Another process emptying the trash
-        // may be removing the same tree; whatever is left is removed at the next open.
-        if let Err(e) = fs.remove_tree(&trash) {
+        // may be removing the same tree; whatever is left is removed at the next open. A
+        // volume's or snapshot's directory holds its image and its record.
+        let files: &[&str] = match dir.parent().and_then(Path::to_str) {
+            Some("volumes") => &["image", "volume.json"],
+            Some("snapshots") => &["image", "snapshot.json"],
+            _ => &[],
+        };
+        if let Err(e) = fs.remove_dir_of(&trash, files) {
             tracing::warn!(path = %fs.path(&trash).display(), error = %e, "left in trash");
         }
         Ok(())

@@ -193,6 +193,56 @@ fn open_lock_makes_a_missing_lock_file_and_opens_an_existing_one() {
     }
 }
 
+/// A directory is removed by the names it should hold, and whatever else it holds (or is) still
+/// goes with it: files besides those, a directory under one of the names, the directory itself a
+/// link (removed, its target left alone).
+#[test]
+fn remove_dir_of_removes_the_named_files_and_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let fs = PoolFs::open(root).unwrap();
+    let outside = root.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("image"), b"keep").unwrap();
+    type Plant<'a> = (&'a str, &'a dyn Fn(&Path));
+    let plants: [Plant; 5] = [
+        ("just the names", &|_| {}),
+        ("one name missing", &|d| {
+            std::fs::remove_file(d.join("volume.json")).unwrap()
+        }),
+        ("a spare besides", &|d| {
+            std::fs::write(d.join(".volume.json.tmp"), b" ").unwrap()
+        }),
+        ("a directory named image", &|d| {
+            std::fs::remove_file(d.join("image")).unwrap();
+            std::fs::create_dir_all(d.join("image/deeper")).unwrap();
+        }),
+        ("the directory is a link", &|d| {
+            std::fs::remove_dir_all(d).unwrap();
+            symlink(&outside, d).unwrap();
+        }),
+    ];
+    for (what, plant) in plants {
+        let d = root.join("t");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("image"), b"data").unwrap();
+        std::fs::write(d.join("volume.json"), b"{}").unwrap();
+        plant(&d);
+        fs.remove_dir_of(rel("t"), &["image", "volume.json"])
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            std::fs::symlink_metadata(&d).is_err(),
+            "{what}: left behind"
+        );
+        assert_eq!(
+            std::fs::read(outside.join("image")).unwrap(),
+            b"keep",
+            "{what}"
+        );
+    }
+    fs.remove_dir_of(rel("t"), &["image"]).unwrap();
+}
+
 /// A descriptor handed to the closer is closed (soon, off the caller's thread): the read end of
 /// a pipe sees the end once its only write end is gone.
 #[test]
