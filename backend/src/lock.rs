@@ -13,9 +13,7 @@
 //! `close` returns), so the next call on the volume, in this process or on another node, could
 //! find it held and be refused as busy. The unlock's error is ignored (on a dead FUSE client it
 //! fails with ENOTCONN; the close still drops the lock): a guard never fails (or panics, as
-//! nix's `Flock` does) in `Drop`. Once unlocked, the file is closed on a background thread
-//! (`fsops::close_later`: a close is a round trip on FUSE, which nobody waits for); when the
-//! unlock failed, the close that drops the lock is made here.
+//! nix's `Flock` does) in `Drop`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,7 +24,7 @@ use rustix::io::Errno;
 
 use crate::error::{Context, Error, Result};
 use crate::observe::{self, LockOutcome};
-use crate::pool::fsops::{close_later, PoolFs};
+use crate::pool::fsops::PoolFs;
 
 /// How a caller waits for a busy lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,14 +69,10 @@ impl Drop for LockGuard {
                 }
             }
         }
-        match flock(&file, FlockOperation::Unlock) {
-            // Released: the close (a round trip on FUSE) need not hold the caller up.
-            Ok(()) => close_later(file.into()),
-            Err(e) => {
-                tracing::debug!(error = %e, "unlock failed; the close drops the lock");
-                drop(file);
-            }
+        if let Err(e) = flock(&file, FlockOperation::Unlock) {
+            tracing::debug!(error = %e, "unlock failed; the close drops the lock");
         }
+        drop(file);
     }
 }
 

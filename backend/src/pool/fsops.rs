@@ -515,10 +515,10 @@ impl PoolFs {
         // Room for the whole record and one byte more: one read gets it all (a cluster client
         // may read straight from the server, each read a round trip), the next finds the end.
         let mut bytes = Vec::with_capacity(usize::try_from(size + 1).unwrap_or(0));
-        let mut file = File::from(fd);
-        let read = (&mut file).take(MAX_METADATA + 1).read_to_end(&mut bytes);
-        close_later(file.into());
-        read.map_err(|e| self.fail(rel, e, "read"))?;
+        File::from(fd)
+            .take(MAX_METADATA + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.fail(rel, e, "read"))?;
         if bytes.len() as u64 > MAX_METADATA {
             return Err(self.too_large(rel));
         }
@@ -651,8 +651,7 @@ impl PoolFs {
         tmp.write_all_at(json, 0)
             .and_then(|()| tmp.sync_all())
             .map_err(|e| self.fail(tmp_rel, e, "write"))?;
-        // Durable already: the rename need not wait for the close.
-        close_later(tmp.into());
+        drop(tmp);
         rfs::renameat(dir, tmp_name, dir, name)
             .map_err(|e| self.fail(rel, e.into(), "rename the new record to"))?;
         self.fsync_dir(dir, magic, rel)
@@ -954,33 +953,6 @@ impl PoolFs {
             avail.saturating_mul(frsize),
             may_share_blocks(Some(magic)),
         ))
-    }
-}
-
-/// Closes `fd` on a background thread. A FUSE client sends a FLUSH for every close of a file
-/// and waits for the answer (a round trip to a GlusterFS server), and nothing after a close in
-/// the pool waits for it: what must be durable is fsynced before, a lock is released with
-/// `LOCK_UN` before, and neither a rename nor another open of the name needs the descriptor
-/// gone. When the thread cannot take it (it could not start, or is that far behind) the
-/// descriptor is closed here.
-pub(crate) fn close_later(fd: OwnedFd) {
-    use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-    use std::sync::OnceLock;
-    static CLOSER: OnceLock<Option<SyncSender<OwnedFd>>> = OnceLock::new();
-    let closer = CLOSER.get_or_init(|| {
-        let (tx, rx) = sync_channel::<OwnedFd>(256);
-        std::thread::Builder::new()
-            .name("loopvol-close".into())
-            .spawn(move || rx.into_iter().for_each(drop))
-            .ok()
-            .map(|_| tx)
-    });
-    match closer {
-        Some(tx) => match tx.try_send(fd) {
-            Ok(()) => {}
-            Err(TrySendError::Full(fd) | TrySendError::Disconnected(fd)) => drop(fd),
-        },
-        None => drop(fd),
     }
 }
 

@@ -243,24 +243,6 @@ fn remove_dir_of_removes_the_named_files_and_anything_else() {
     fs.remove_dir_of(rel("t"), &["image"]).unwrap();
 }
 
-/// A descriptor handed to the closer is closed (soon, off the caller's thread): the read end of
-/// a pipe sees the end once its only write end is gone.
-#[test]
-fn close_later_closes() {
-    let (mut reader, writer) = std::io::pipe().unwrap();
-    close_later(OwnedFd::from(writer));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut rest = Vec::new();
-        tx.send(reader.read_to_end(&mut rest).map(|_| rest))
-            .unwrap();
-    });
-    let read = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the write end is still open");
-    assert!(read.unwrap().is_empty());
-}
-
 /// A directory on the mount the pool was opened on has the pool's filesystem type without a
 /// `statfs`; on another mount (a pool remounted since, another filesystem) it is asked.
 #[test]
