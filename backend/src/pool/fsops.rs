@@ -115,6 +115,55 @@ pub(crate) struct PoolFs {
     /// The pool was on a GlusterFS mount when it was opened ([`on_glusterfs`]): a directory
     /// there that is still on FUSE is not fsynced (see [`syncs_directories`]).
     glusterfs: bool,
+    /// The filesystem the pool root was on when the pool was opened ([`Home::of`]).
+    home: Option<Home>,
+}
+
+/// A filesystem, by its mount and device, with its `statfs(2)` type: what a directory on the
+/// same mount is on, known without a `statfs` (which a FUSE client sends to its server: a
+/// round trip on GlusterFS for every metadata write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Home {
+    mount: MountOf,
+    magic: i64,
+}
+
+/// The mount and device an open file is on, from the attributes the kernel holds (no round
+/// trip): the same pair means the same superblock, so the same filesystem type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MountOf {
+    dev: (u32, u32),
+    /// `None` before Linux 5.8, where the device alone says it.
+    mount_id: Option<u64>,
+}
+
+impl MountOf {
+    fn of(fd: &OwnedFd) -> Option<MountOf> {
+        let st = rfs::statx(
+            fd,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            StatxFlags::TYPE | StatxFlags::MNT_ID,
+        )
+        .ok()?;
+        Some(MountOf {
+            dev: (st.stx_dev_major, st.stx_dev_minor),
+            mount_id: StatxFlags::from_bits_retain(st.stx_mask)
+                .contains(StatxFlags::MNT_ID)
+                .then_some(st.stx_mnt_id),
+        })
+    }
+}
+
+impl Home {
+    /// The filesystem holding the directory `root`; `None` when the kernel does not say.
+    pub(crate) fn of(root: &Path) -> Option<Home> {
+        let fd = rfs::open(root, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).ok()?;
+        Some(Home {
+            mount: MountOf::of(&fd)?,
+            magic: fs_magic(&fd)?,
+        })
+    }
 }
 
 impl PoolFs {
@@ -140,7 +189,25 @@ impl PoolFs {
             fd,
             resolver,
             glusterfs: false,
+            home: None,
         })
+    }
+
+    /// This handle for a pool whose root was on `home` when it was opened: a directory still
+    /// on that mount is on that filesystem ([`PoolFs::magic_of`]).
+    pub fn at_home(mut self, home: Option<Home>) -> PoolFs {
+        self.home = home;
+        self
+    }
+
+    /// The magic number of the filesystem holding `dir`: the pool's own when `dir` is on the
+    /// mount the pool was opened on (known; a pool remounted since is another mount), else
+    /// asked with `statfs`.
+    fn magic_of(&self, dir: &OwnedFd) -> Option<i64> {
+        match self.home {
+            Some(home) if MountOf::of(dir) == Some(home.mount) => Some(home.magic),
+            _ => fs_magic(dir),
+        }
     }
 
     /// This handle for a pool found on GlusterFS ([`on_glusterfs`]) when it was opened.
@@ -494,7 +561,7 @@ impl PoolFs {
             Err(Errno::NOENT) => {}
             Err(e) => return Err(self.fail(rel, e.into(), "stat")),
         }
-        let magic = fs_magic(&dir);
+        let magic = self.magic_of(&dir);
         if !exchanges_safely(magic) {
             return self.write_fresh(&dir, magic, name, &spare_name, rel, &spare_rel, &json);
         }
@@ -639,7 +706,7 @@ impl PoolFs {
                 Mode::empty(),
                 Kind::Dir,
             )?;
-            return self.fsync_dir(&dir, fs_magic(&dir), rel);
+            return self.fsync_dir(&dir, self.magic_of(&dir), rel);
         }
         let dir = self.open_dir(rel)?;
         rfs::fsync(&dir).map_err(|e| self.fail(rel, e.into(), "fsync"))
@@ -681,36 +748,26 @@ impl PoolFs {
         Ok(File::from(fd))
     }
 
-    /// Opens (creating it `O_EXCL` if needed) the lock file `rel`, for writing (NFS needs that
-    /// for an exclusive lock); nothing is ever written to it. The file is looked for first: a
-    /// lock file lives as long as its subject, so it is there for every call but the first, and
-    /// on a cluster filesystem each failed create is a round trip to the server.
+    /// Opens (creating it if needed) the lock file `rel`, for writing (NFS needs that for an
+    /// exclusive lock); nothing is ever written to it. One `open(O_CREAT)` without `O_EXCL`: an
+    /// existing file is opened as by a plain open (a lock file lives as long as its subject, so
+    /// it is there for every call but the first), a missing one is made in the same call (on a
+    /// cluster filesystem a failed open first, then a create, is a round trip more). A planted
+    /// entry is refused as by every open here: no link is followed (`O_NOFOLLOW`, and openat2's
+    /// resolve flags on the way), a FIFO without a reader fails (`O_NONBLOCK`), and what was
+    /// opened must be a regular file. A file removed by its last holder between this open and
+    /// the lock is seen by the caller ([`PoolFs::names_file`]).
     pub fn open_lock(&self, rel: &Path) -> Result<File> {
-        // Bounded: each retry means another process removed or made the file between our opens.
-        for _ in 0..64 {
-            let fd = match self.resolve(rel, OFlags::WRONLY, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    match self.resolve(
-                        rel,
-                        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-                        Mode::from_raw_mode(0o644),
-                    ) {
-                        Ok(fd) => fd,
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                        Err(e) => return Err(self.fail(rel, e, "create lock")),
-                    }
-                }
-                Err(e) => return Err(self.fail(rel, e, "open lock")),
-            };
-            let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
-            self.check_type(rel, st.mode, Kind::File)?;
-            return Ok(File::from(fd));
-        }
-        Err(Error::Busy(format!(
-            "lock file {} (removed and re-created under us)",
-            self.path(rel).display()
-        )))
+        let fd = self
+            .resolve(
+                rel,
+                OFlags::WRONLY | OFlags::CREATE,
+                Mode::from_raw_mode(0o644),
+            )
+            .map_err(|e| self.fail(rel, e, "open lock"))?;
+        let st = cached_stat(&fd, None).map_err(|e| self.fail(rel, e.into(), "stat"))?;
+        self.check_type(rel, st.mode, Kind::File)?;
+        Ok(File::from(fd))
     }
 
     /// Opens the lock file `rel` for writing when it exists; `Ok(None)` when it does not.
@@ -798,6 +855,39 @@ impl PoolFs {
             Ok(()) => Ok(true),
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(self.fail(from, e.into(), "rename")),
+        }
+    }
+
+    /// [`PoolFs::remove_tree`] for a directory that should hold just the files `names`: they
+    /// are removed by name, then the directory, without reading it (a directory read is a
+    /// round trip or more on a cluster filesystem, for names known already). Whatever else is
+    /// there (a spare record, a leftover temporary file, an entry of another kind under one of
+    /// these names) makes it a full [`PoolFs::remove_tree`].
+    pub fn remove_dir_of(&self, rel: &Path, names: &[&str]) -> Result<()> {
+        let dir = match self.open_checked(
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+            Kind::Dir,
+        ) {
+            Ok(dir) => dir,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(())
+            }
+            // Not a directory (a planted link, ...): removed, never followed.
+            Err(_) => return self.remove_tree(rel),
+        };
+        for name in names {
+            match rfs::unlinkat(&dir, *name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(_) => return self.remove_tree(rel),
+            }
+        }
+        drop(dir);
+        let (parent, name) = self.parent_of(rel)?;
+        match rfs::unlinkat(&parent, name, AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(_) => self.remove_tree(rel),
         }
     }
 

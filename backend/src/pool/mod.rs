@@ -87,6 +87,8 @@ pub struct Pool {
     pub(crate) leases: nodes::LeaseWatch,
     /// The pool was on GlusterFS when it was opened (see `fsops::syncs_directories`).
     glusterfs: bool,
+    /// The filesystem the root was on when the pool was opened (see `fsops::Home`).
+    home: Option<fsops::Home>,
     /// What the listings remember between calls, checked against the pool on every use.
     index: index::Index,
 }
@@ -232,6 +234,7 @@ impl Pool {
     fn new(root: PathBuf, options: PoolOptions) -> Pool {
         Pool {
             glusterfs: fsops::on_glusterfs(&root),
+            home: fsops::Home::of(&root),
             root,
             options,
             health: Default::default(),
@@ -244,7 +247,7 @@ impl Pool {
     /// entry goes through it.
     pub(crate) fn fs(&self) -> Result<PoolFs> {
         PoolFs::open(&self.root)
-            .map(|fs| fs.on_glusterfs(self.glusterfs))
+            .map(|fs| fs.on_glusterfs(self.glusterfs).at_home(self.home))
             .map_err(|e| Error::Pool {
                 path: self.root.clone(),
                 reason: format!("cannot open it: {e}"),
@@ -403,8 +406,14 @@ impl Pool {
             fs.sync_dir(parent)?;
         }
         // Gone from the pool's point of view once renamed. Another process emptying the trash
-        // may be removing the same tree; whatever is left is removed at the next open.
-        if let Err(e) = fs.remove_tree(&trash) {
+        // may be removing the same tree; whatever is left is removed at the next open. A
+        // volume's or snapshot's directory holds its image and its record.
+        let files: &[&str] = match dir.parent().and_then(Path::to_str) {
+            Some("volumes") => &["image", "volume.json"],
+            Some("snapshots") => &["image", "snapshot.json"],
+            _ => &[],
+        };
+        if let Err(e) = fs.remove_dir_of(&trash, files) {
             tracing::warn!(path = %fs.path(&trash).display(), error = %e, "left in trash");
         }
         Ok(())

@@ -177,6 +177,92 @@ fn directories_are_synced_except_on_glusterfs() {
         .dirs_need_sync(Some(FUSE_MAGIC)));
 }
 
+/// A lock file is made by the first open and opened, the same file, by every later one.
+#[test]
+fn open_lock_makes_a_missing_lock_file_and_opens_an_existing_one() {
+    for resolver in [Resolver::Openat2, Resolver::Walk] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("locks")).unwrap();
+        let fs = PoolFs::open_with(dir.path(), resolver).unwrap();
+        let first = fs.open_lock(rel("locks/v-v.lock")).unwrap();
+        let made = std::fs::metadata(dir.path().join("locks/v-v.lock")).unwrap();
+        assert!(made.is_file(), "{resolver:?}");
+        let again = fs.open_lock(rel("locks/v-v.lock")).unwrap();
+        assert!(fs.names_file(rel("locks/v-v.lock"), &first), "{resolver:?}");
+        assert!(fs.names_file(rel("locks/v-v.lock"), &again), "{resolver:?}");
+    }
+}
+
+/// A directory is removed by the names it should hold, and whatever else it holds (or is) still
+/// goes with it: files besides those, a directory under one of the names, the directory itself a
+/// link (removed, its target left alone).
+#[test]
+fn remove_dir_of_removes_the_named_files_and_anything_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let fs = PoolFs::open(root).unwrap();
+    let outside = root.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("image"), b"keep").unwrap();
+    type Plant<'a> = (&'a str, &'a dyn Fn(&Path));
+    let plants: [Plant; 5] = [
+        ("just the names", &|_| {}),
+        ("one name missing", &|d| {
+            std::fs::remove_file(d.join("volume.json")).unwrap()
+        }),
+        ("a spare besides", &|d| {
+            std::fs::write(d.join(".volume.json.tmp"), b" ").unwrap()
+        }),
+        ("a directory named image", &|d| {
+            std::fs::remove_file(d.join("image")).unwrap();
+            std::fs::create_dir_all(d.join("image/deeper")).unwrap();
+        }),
+        ("the directory is a link", &|d| {
+            std::fs::remove_dir_all(d).unwrap();
+            symlink(&outside, d).unwrap();
+        }),
+    ];
+    for (what, plant) in plants {
+        let d = root.join("t");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("image"), b"data").unwrap();
+        std::fs::write(d.join("volume.json"), b"{}").unwrap();
+        plant(&d);
+        fs.remove_dir_of(rel("t"), &["image", "volume.json"])
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            std::fs::symlink_metadata(&d).is_err(),
+            "{what}: left behind"
+        );
+        assert_eq!(
+            std::fs::read(outside.join("image")).unwrap(),
+            b"keep",
+            "{what}"
+        );
+    }
+    fs.remove_dir_of(rel("t"), &["image"]).unwrap();
+}
+
+/// A directory on the mount the pool was opened on has the pool's filesystem type without a
+/// `statfs`; on another mount (a pool remounted since, another filesystem) it is asked.
+#[test]
+fn magic_of_a_directory_is_known_on_the_pools_own_mount_only() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("volumes")).unwrap();
+    let mut home = Home::of(dir.path()).unwrap();
+    let real = home.magic;
+    // No filesystem has this type: seen only where the home answers instead of statfs.
+    home.magic = 0x5EED;
+    let fs = PoolFs::open(dir.path()).unwrap().at_home(Some(home));
+    let (volumes, _) = fs.parent_of(rel("volumes/v")).unwrap();
+    assert_eq!(fs.magic_of(&volumes), Some(0x5EED));
+    let proc = rfs::open("/proc", OFlags::PATH, Mode::empty()).unwrap();
+    assert_eq!(fs.magic_of(&proc), fs_magic(&proc));
+    assert_ne!(fs.magic_of(&proc), Some(0x5EED));
+    let plain = PoolFs::open(dir.path()).unwrap();
+    assert_eq!(plain.magic_of(&volumes), Some(real));
+}
+
 /// What an attacker who can write the pool plants, and what each access must do: refuse,
 /// naming the entry, without touching (or hanging on) what the entry points at.
 #[test]
