@@ -438,18 +438,23 @@ impl NodeGuard {
         })
     }
 
-    /// Starts the worker and the watch (see [`NodeGuard`]); they run until [`NodeGuard::stop`]
-    /// (a server: as long as the process).
+    /// Runs a first round, then starts the worker and the watch (see [`NodeGuard`]); they run
+    /// until [`NodeGuard::stop`] (a server: as long as the process). The first round comes
+    /// before the caller serves anything: a node plugin answers its first call with its lease
+    /// renewed in the pool, and the volumes it left attached before a restart judged (fenced
+    /// when their claims went meanwhile) before a call can use them.
     pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
         let settings = self.pool.options().lease;
+        self.tick();
         let worker = Arc::clone(self);
         std::thread::Builder::new()
             .name("loopvol-lease".into())
-            .spawn(move || {
-                while !worker.stopped.load(Ordering::Relaxed) {
-                    worker.tick();
-                    std::thread::sleep(settings.interval);
+            .spawn(move || loop {
+                std::thread::sleep(settings.interval);
+                if worker.stopped.load(Ordering::Relaxed) {
+                    break;
                 }
+                worker.tick();
             })?;
         let watch = Arc::clone(self);
         let period = settings.interval.min(settings.fence_after() / 4);
