@@ -174,11 +174,34 @@ pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Loop devices whose images are under `root`.
+/// Loop devices whose images are under `root`, once the detaches in progress have ended.
+///
+/// A detach (LOOP_CLR_FD) of a device another process has open only marks it autoclear, and the
+/// kernel unbinds it at that process's close: mkfs.btrfs and blkid open every loop device to look
+/// for their signatures, so a test's detach can finish a moment after it returned when another
+/// test formats btrfs. loopvol never sets autoclear itself, so such a device is one being
+/// detached: waited for (bounded), then reported like any other if it is still there.
 pub fn loops_under(root: &Path) -> Vec<PathBuf> {
-    kernel::loop_devices()
-        .iter()
-        .filter(|d| backs_under(d, root))
-        .map(|d| d.path())
-        .collect()
+    let under = || -> Vec<PathBuf> {
+        kernel::loop_devices()
+            .iter()
+            .filter(|d| backs_under(d, root))
+            .map(|d| d.path())
+            .collect()
+    };
+    let detaching = |devices: &[PathBuf]| {
+        devices.iter().any(|d| {
+            let name = d.file_name().unwrap_or_default().to_string_lossy();
+            std::fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"))
+                .is_ok_and(|v| v.trim() == "1")
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let devices = under();
+        if !detaching(&devices) || std::time::Instant::now() > deadline {
+            return devices;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
