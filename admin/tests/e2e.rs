@@ -9,9 +9,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use loopvol::{
-    Access, AccessMode, CreateVolume, FsType, Pool, Publish, SizeRequest, SnapshotRequest, VolumeId,
-};
+use loopvol::{Access, AccessMode, CreateVolume, FsType, Pool, Publish, SnapshotRequest, VolumeId};
 use loopvol_e2e::admin::Admin;
 use loopvol_e2e::{kernel, openmetrics, pattern, require_root, write_synced, Scratch};
 
@@ -53,15 +51,9 @@ fn listing(root: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 fn create(pool: &Pool, name: &str, size: u64) -> VolumeId {
-    pool.create_volume(&CreateVolume {
-        name: name.into(),
-        size: SizeRequest::at_least(size),
-        fs_type: None,
-        allocation: None,
-        source: None,
-    })
-    .unwrap()
-    .id
+    pool.create_volume(&CreateVolume::blank(name, size))
+        .unwrap()
+        .id
 }
 
 fn ext4() -> Access {

@@ -950,13 +950,7 @@ fn crash_between_steps_then_repeat() {
         .iter()
         .all(|v| v.id.as_str() != "half-made"));
     let m = pool
-        .create_volume(&CreateVolume {
-            name: "half-made".into(),
-            size: SizeRequest::at_least(SIZE),
-            fs_type: None,
-            allocation: None,
-            source: None,
-        })
+        .create_volume(&CreateVolume::blank("half-made", SIZE))
         .unwrap();
     assert_eq!(std::fs::metadata(image(&pool, &m.id)).unwrap().len(), SIZE);
     assert!(!vol_dir.join("image.tmp").exists());
@@ -1034,23 +1028,11 @@ fn bad_input_is_refused_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::OutOfRange);
     let err = pool
-        .create_volume(&CreateVolume {
-            name: "huge".into(),
-            size: SizeRequest::at_least(1 << 60),
-            fs_type: None,
-            allocation: None,
-            source: None,
-        })
+        .create_volume(&CreateVolume::blank("huge", 1 << 60))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
     let err = pool
-        .create_volume(&CreateVolume {
-            name: "good".into(),
-            size: SizeRequest::at_least(SIZE * 2),
-            fs_type: None,
-            allocation: None,
-            source: None,
-        })
+        .create_volume(&CreateVolume::blank("good", SIZE * 2))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
     for opt in ["bind", "device=/dev/sda", "x;y", "remount"] {

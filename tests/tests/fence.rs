@@ -484,15 +484,9 @@ fn attach_limit_is_enforced() {
     .unwrap();
     let ids: Vec<VolumeId> = (0..3)
         .map(|i| {
-            a.create_volume(&CreateVolume {
-                name: format!("v{i}"),
-                size: SizeRequest::at_least(MIB),
-                fs_type: None,
-                allocation: None,
-                source: None,
-            })
-            .unwrap()
-            .id
+            a.create_volume(&CreateVolume::blank(format!("v{i}"), MIB))
+                .unwrap()
+                .id
         })
         .collect();
     let rw = AccessMode::SingleNodeWriter;

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use loopvol::{CreateVolume, NodeName, Pool, PoolOptions, SizeRequest};
+use loopvol::{CreateVolume, NodeName, Pool, PoolOptions};
 use loopvol_e2e::openmetrics::{self, Exposition};
 use loopvol_e2e::{binary, poll_until, CsiServer, Scratch};
 use serde::Deserialize;
@@ -282,13 +282,10 @@ fn the_pool_rule_fires_when_nearly_everything_is_promised() {
         let made = (0..5)
             .find_map(|_| {
                 let can = pool.capacity().unwrap().available_bytes;
-                pool.create_volume(&CreateVolume {
-                    name: format!("nearly-all-{round}"),
-                    size: SizeRequest::at_least(can / 100 * 97),
-                    fs_type: None,
-                    allocation: None,
-                    source: None,
-                })
+                pool.create_volume(&CreateVolume::blank(
+                    format!("nearly-all-{round}"),
+                    can / 100 * 97,
+                ))
                 .ok()
             })
             .expect("a volume of 97 % of what the pool can promise");

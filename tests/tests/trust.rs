@@ -33,16 +33,10 @@ fn vid(id: &str) -> VolumeId {
 }
 
 fn create(pool: &Pool, name: &str) -> String {
-    pool.create_volume(&CreateVolume {
-        name: name.into(),
-        size: SizeRequest::at_least(64 * MIB),
-        fs_type: None,
-        allocation: None,
-        source: None,
-    })
-    .unwrap()
-    .id
-    .to_string()
+    pool.create_volume(&CreateVolume::blank(name, 64 * MIB))
+        .unwrap()
+        .id
+        .to_string()
 }
 
 fn ext4() -> Access {
@@ -175,14 +169,8 @@ fn refused(p: &Planted, what: &str, kind: ErrorKind, needles: &[&str], call: Cal
 /// CreateVolume of a new volume named "fresh".
 fn create_fresh() -> Call {
     Box::new(|pool: &Pool| {
-        pool.create_volume(&CreateVolume {
-            name: "fresh".into(),
-            size: SizeRequest::at_least(MIB),
-            fs_type: None,
-            allocation: None,
-            source: None,
-        })
-        .map(drop)
+        pool.create_volume(&CreateVolume::blank("fresh", MIB))
+            .map(drop)
     })
 }
 
@@ -633,13 +621,7 @@ fn create_delete_cycles_leave_no_entry_behind() {
         pool.delete_volume(&vid("never-was")).unwrap();
         assert!(pool.volume(&vid("never-was")).is_err());
         let err = pool
-            .create_volume(&CreateVolume {
-                name: format!("huge-{round}"),
-                size: SizeRequest::at_least(1 << 60),
-                fs_type: None,
-                allocation: None,
-                source: None,
-            })
+            .create_volume(&CreateVolume::blank(format!("huge-{round}"), 1 << 60))
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ResourceExhausted);
         assert_eq!(entries(&s.pool()), before, "round {round}");
@@ -1014,16 +996,10 @@ fn metadata_writes_succeed_on_a_full_pool() {
 }
 
 fn create_small(pool: &Pool, name: &str) -> String {
-    pool.create_volume(&CreateVolume {
-        name: name.into(),
-        size: SizeRequest::at_least(MIB),
-        fs_type: None,
-        allocation: None,
-        source: None,
-    })
-    .unwrap()
-    .id
-    .to_string()
+    pool.create_volume(&CreateVolume::blank(name, MIB))
+        .unwrap()
+        .id
+        .to_string()
 }
 
 fn shared_pool(dir: &Path, node: &str) -> Pool {
