@@ -161,7 +161,16 @@ pub(crate) fn bind(source: &Path, shown: &Path, target: &MountPoint, flags: MsFl
     }
     // The bind just made is the topmost mount on the mount point: remembered by its ID, so the
     // undo below detaches that mount and nothing else.
-    let made = match target.spot().occupant()? {
+    let occupant = target.spot().occupant().inspect_err(|_| {
+        // Not identified, so not undone by ID: never leave a writable bind where a read-only
+        // one was asked for, so the topmost mount on the directory we opened goes, which is the
+        // bind this call just made.
+        // The /proc/self/fd link is followed to that directory (no UMOUNT_NOFOLLOW here).
+        if let Err(undo) = nix::mount::umount2(&target.proc_path(), MntFlags::MNT_DETACH) {
+            tracing::warn!(target = %target.path().display(), error = %undo, "could not detach a bind it could not identify");
+        }
+    })?;
+    let made = match occupant {
         Occupant::Mount { id } => id,
         other => {
             return Err(Error::precondition(format!(
