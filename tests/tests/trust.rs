@@ -1113,3 +1113,54 @@ fn a_released_lock_is_free_at_once_through_either_mount() {
     }
     assert!(busy.is_empty(), "{} of 400: {busy:#?}", busy.len());
 }
+
+/// A lock file this node keeps open after a release (the next lock reuses it) can be removed
+/// and made again through another mount: the volume deleted and created again under the same
+/// name by another node. The kept file then names nothing; locking through it must not count:
+/// the lock is taken on the file the path names now, so it still excludes the other node.
+#[test]
+fn a_kept_lock_file_replaced_through_another_mount_still_excludes() {
+    use loopvol_e2e::gluster::{require_gluster, GlusterPool, Node, COHERENT};
+    if !require_gluster() {
+        return;
+    }
+    let s = Scratch::new();
+    let gp = GlusterPool::start_with(&s, COHERENT);
+    let at_once = |dir: &Path, node: &str| {
+        let mut options = PoolOptions::new(NodeName::try_from(node).unwrap());
+        options.shared = true;
+        options.lock_wait = LockWait::Try;
+        Pool::open(dir, options).unwrap()
+    };
+    let a = at_once(&gp.pool(Node::A), "node-a");
+    let b = at_once(&gp.pool(Node::B), "node-b");
+    let id = vid(&create_small(&a, "v"));
+    let lock_file = |dir: &Path| std::fs::metadata(dir.join(format!("locks/v-{id}.lock")));
+    let first = std::os::unix::fs::MetadataExt::ino(&lock_file(&gp.pool(Node::A)).unwrap());
+    // Kept by node a after its release.
+    drop(a.volume(&id).unwrap());
+    loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
+        b.get_volume(&id).is_ok()
+    });
+    b.delete_volume(&id).unwrap();
+    assert!(
+        lock_file(&gp.pool(Node::B)).is_err(),
+        "the delete removed the lock file"
+    );
+    assert_eq!(create_small(&b, "v"), id.to_string());
+    let second = std::os::unix::fs::MetadataExt::ino(&lock_file(&gp.pool(Node::B)).unwrap());
+    assert_ne!(first, second, "a new lock file");
+    let held_by_b = b.volume(&id).unwrap();
+    let err = a
+        .volume(&id)
+        .map(drop)
+        .expect_err("node a locked the volume while node b held it");
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    drop(held_by_b);
+    drop(a.volume(&id).unwrap());
+    // And node b's kept file excludes node a's new one, both ways.
+    let held_by_a = a.volume(&id).unwrap();
+    let err = b.volume(&id).map(drop).expect_err("both held the volume");
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    drop(held_by_a);
+}

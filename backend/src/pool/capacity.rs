@@ -319,6 +319,7 @@ impl Pool {
         // Its subject is the volumes directory, which is always there: the file stays.
         let guard = lock::lock(
             &self.fs()?,
+            &self.open_locks,
             Path::new("locks/space.lock"),
             Path::new("volumes"),
             "the pool's space admission",

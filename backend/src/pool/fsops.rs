@@ -782,14 +782,33 @@ impl PoolFs {
         Ok(Some(File::from(fd)))
     }
 
-    /// Whether `rel` is still the file `file` is open on (same device and inode).
+    /// Whether `rel` is still the file `file` is open on (same device and inode), and that file
+    /// still has a name. The link count is asked of the server (`AT_STATX_FORCE_SYNC`): a FUSE or
+    /// NFS client resolves `rel` through the name it cached, which for up to its entry timeout
+    /// can still lead to a file another node has removed since (measured on GlusterFS: removed
+    /// and made again through one mount, the other resolved the old file by path while a fresh
+    /// open found the new one). For files that are made and removed but never renamed (lock
+    /// files), a named file that `rel` resolves to is the one at `rel`.
     pub fn names_file(&self, rel: &Path, file: &File) -> bool {
-        let Ok(mine) = rfs::fstat(file) else {
-            return false;
+        let mine = match rfs::statx(
+            file,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_FORCE_SYNC,
+            StatxFlags::INO | StatxFlags::NLINK,
+        ) {
+            Ok(st) if st.stx_nlink == 0 => return false,
+            Ok(st) => (rfs::makedev(st.stx_dev_major, st.stx_dev_minor), st.stx_ino),
+            // Before Linux 4.11 (or a seccomp profile without statx): the stat there is.
+            Err(Errno::NOSYS) => match rfs::fstat(file) {
+                Ok(st) if st.st_nlink == 0 => return false,
+                Ok(st) => (st.st_dev, st.st_ino),
+                Err(_) => return false,
+            },
+            Err(_) => return false,
         };
         self.resolve(rel, OFlags::PATH, Mode::empty())
             .and_then(|fd| rfs::fstat(&fd).map_err(Into::into))
-            .is_ok_and(|st| st.st_dev == mine.st_dev && st.st_ino == mine.st_ino)
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == mine)
     }
 
     /// Removes the file `rel` (not a directory); missing counts as done.

@@ -23,6 +23,7 @@ pub(crate) mod nodes;
 pub(crate) mod watchdog;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -91,6 +92,8 @@ pub struct Pool {
     home: Option<fsops::Home>,
     /// What the listings remember between calls, checked against the pool on every use.
     index: index::Index,
+    /// Lock files released by this pool's calls, kept open for the next ones.
+    pub(crate) open_locks: Arc<lock::OpenLocks>,
 }
 
 const SUBDIRS: [&str; 7] = [
@@ -240,6 +243,7 @@ impl Pool {
             health: Default::default(),
             leases: Default::default(),
             index: index::Index::default(),
+            open_locks: Default::default(),
         }
     }
 
@@ -327,6 +331,7 @@ impl Pool {
     pub(crate) fn lock_volume(&self, id: &VolumeId) -> Result<LockGuard> {
         lock::lock(
             &self.fs()?,
+            &self.open_locks,
             &layout::volume_lock(id),
             &layout::volume_dir(id),
             &format!("volume {id}"),
@@ -343,6 +348,7 @@ impl Pool {
     ) -> Result<Option<LockGuard>> {
         lock::lock_existing(
             &self.fs()?,
+            &self.open_locks,
             &layout::volume_lock(id),
             &layout::volume_dir(id),
             &format!("volume {id}"),
@@ -354,6 +360,7 @@ impl Pool {
     pub(crate) fn lock_volume_waiting(&self, id: &VolumeId, wait: LockWait) -> Result<LockGuard> {
         lock::lock(
             &self.fs()?,
+            &self.open_locks,
             &layout::volume_lock(id),
             &layout::volume_dir(id),
             &format!("volume {id}"),
@@ -365,6 +372,7 @@ impl Pool {
     pub(crate) fn lock_node(&self, node: &NodeName, wait: LockWait) -> Result<LockGuard> {
         lock::lock(
             &self.fs()?,
+            &self.open_locks,
             &layout::node_lock(node),
             &layout::node_record(node),
             &format!("the claims of node {node}"),
@@ -375,6 +383,7 @@ impl Pool {
     pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<LockGuard> {
         lock::lock(
             &self.fs()?,
+            &self.open_locks,
             &layout::snapshot_lock(id),
             &layout::snapshot_dir(id),
             &format!("snapshot {id}"),

@@ -58,11 +58,12 @@ impl Pool {
     pub fn create_volume(&self, req: &CreateVolume) -> Result<VolumeMeta> {
         let id = VolumeId::for_name(&req.name)?;
         let _guard = self.lock_volume(&id)?;
-        if let Some(existing) = self.read_volume_meta(&id)? {
+        let found = self.whats_named(&id)?;
+        if let Found::Volume(existing) = found {
             self.finish_create(&id)?;
             return check_compatible(existing, req);
         }
-        self.create_locked(&id, req)
+        self.create_locked(&id, req, found)
     }
 
     /// The volume named `req.name`, as it is when it exists (whatever `req` says), else created
@@ -70,17 +71,30 @@ impl Pool {
     pub fn open_or_create_volume(&self, req: &CreateVolume) -> Result<Volume<'_>> {
         let id = VolumeId::for_name(&req.name)?;
         let guard = self.lock_volume(&id)?;
-        let meta = match self.read_volume_meta(&id)? {
-            Some(existing) => {
+        let meta = match self.whats_named(&id)? {
+            Found::Volume(existing) => {
                 self.finish_create(&id)?;
                 existing
             }
-            None => self.create_locked(&id, req)?,
+            found => self.create_locked(&id, req, found)?,
         };
         Ok(Volume {
             pool: self,
             meta,
             _guard: guard,
+        })
+    }
+
+    /// What is there under volume `id`'s name, by the volume's directory first: a name that was
+    /// never used (the usual create) is one lookup, and on a cluster filesystem every lookup of
+    /// a missing name is a round trip to the server (nothing caches an absence).
+    fn whats_named(&self, id: &VolumeId) -> Result<Found> {
+        if !self.fs()?.exists(&layout::volume_dir(id))? {
+            return Ok(Found::Nothing);
+        }
+        Ok(match self.read_volume_meta(id)? {
+            Some(meta) => Found::Volume(meta),
+            None => Found::Leftovers,
         })
     }
 
@@ -147,7 +161,7 @@ impl Pool {
     }
 
     /// Creates volume `id` for `req`; the caller holds its lock and found no metadata.
-    fn create_locked(&self, id: &VolumeId, req: &CreateVolume) -> Result<VolumeMeta> {
+    fn create_locked(&self, id: &VolumeId, req: &CreateVolume, found: Found) -> Result<VolumeMeta> {
         // Source first: its size is the default and the floor, and a missing source is
         // NOT_FOUND before anything is written. Its lock is held until the copy is done.
         let source = match &req.source {
@@ -200,7 +214,7 @@ impl Pool {
         let allocation = req.allocation.unwrap_or_default();
 
         let dir = layout::volume_dir(id);
-        if self.fs()?.exists(&dir)? {
+        if let Found::Leftovers = found {
             self.discard_leftovers(id)?;
         }
         if let Err(e) = self.make_image(id, size, allocation, source.as_ref()) {
@@ -236,7 +250,9 @@ impl Pool {
             fs.sync_dir(&dir)?;
         }
         fs.write_json(&layout::volume_meta(id), &meta)?;
-        self.finish_create(id)?;
+        if source.is_some() {
+            self.finish_create(id)?;
+        }
         tracing::info!(volume = %id, size, allocation = allocation.as_str(), "created volume");
         Ok(meta)
     }
@@ -339,6 +355,15 @@ impl Pool {
 }
 
 /// The source of a copy, locked until the copy is committed.
+/// What a create finds under the volume's name before it makes anything.
+enum Found {
+    /// No directory: the name was never used, or its volume was deleted.
+    Nothing,
+    /// A directory without committed metadata: what an interrupted create left.
+    Leftovers,
+    Volume(VolumeMeta),
+}
+
 struct Source<'p> {
     /// Relative to the pool root.
     image: std::path::PathBuf,
