@@ -87,6 +87,13 @@ impl OpenLocks {
         Some(files.swap_remove(at).file)
     }
 
+    /// Closes the files kept longer than [`OpenLocks::IDLE`]; the pool's background rounds call
+    /// it, so a server with no calls holds nothing for long either.
+    pub(crate) fn close_idle(&self) {
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.retain(|k| k.since.elapsed() < Self::IDLE);
+    }
+
     fn keep(&self, lock: PathBuf, file: File) {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         files.retain(|k| k.since.elapsed() < Self::IDLE);

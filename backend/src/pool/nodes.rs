@@ -232,6 +232,7 @@ impl LeaseWriter {
     /// Writes the next counter value and syncs it (through a cluster client, unsynced data may
     /// sit in the client's cache, unseen by the other nodes). Returns the value written.
     pub fn renew(&mut self, pool: &Pool) -> Result<u64> {
+        pool.open_locks.close_idle();
         let fs = pool.fs()?;
         let file = fs.open_lease(&self.rel)?;
         if self.counter == 0 {
@@ -386,6 +387,7 @@ impl Pool {
     /// One round of the controller's lease watch: reads every node's lease counter. The watch
     /// starts with the first round.
     pub fn watch_leases(&self) -> Result<()> {
+        self.open_locks.close_idle();
         let now = Instant::now();
         self.health.watch("reading the node leases", || {
             self.leases.start(now);
