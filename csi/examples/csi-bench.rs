@@ -865,6 +865,98 @@ mod gluster {
             .unwrap_or(0)
     }
 
+    /// The pool work no shared-pool lifecycle that keeps DESIGN.md's contract can skip, done with
+    /// bare system calls on the pool's mount: every one of the eight calls holds the volume's
+    /// lock (here a lock file kept open, as the server keeps it), the seven after CreateVolume
+    /// read the volume's record, and six write it durably (a new file, fsync, rename over):
+    /// CreateVolume; ControllerPublish (the claim); NodeStage twice (the hold with the format
+    /// intent before mkfs, the finished format after it, before the device is handed out);
+    /// NodeUnstage (the hold); ControllerUnpublish (the claim). Left out, so the sum is a lower
+    /// bound: everything the bare tools do too (the image, its removal) and the rest of a
+    /// create and a delete (the volume's directory, the space admission, the trash).
+    struct ClaimsMinimum {
+        dir: PathBuf,
+        lock: Option<std::fs::File>,
+    }
+
+    impl ClaimsMinimum {
+        const WHAT: &str = "8 lock cycles, 7 record reads, 6 durable record writes";
+
+        fn new(dir: &Path) -> ClaimsMinimum {
+            std::fs::create_dir_all(dir).unwrap();
+            let lock = std::fs::File::create(dir.join("v.lock")).unwrap();
+            let min = ClaimsMinimum {
+                dir: dir.to_owned(),
+                lock: Some(lock),
+            };
+            min.write();
+            min
+        }
+
+        fn lock_cycle(&mut self) {
+            use nix::fcntl::{Flock, FlockArg};
+            let file = self.lock.take().unwrap();
+            let held = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .unwrap_or_else(|(_, e)| panic!("lock: {e}"));
+            self.lock = Some(held.unlock().unwrap_or_else(|(_, e)| panic!("unlock: {e}")));
+        }
+
+        fn read(&self) {
+            let record = std::fs::read(self.dir.join("volume.json")).unwrap();
+            assert!(!record.is_empty());
+        }
+
+        fn write(&self) {
+            use std::io::Write;
+            let tmp = self.dir.join(".volume.json.tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .unwrap();
+            f.write_all(&[b' '; 400]).unwrap();
+            f.sync_all().unwrap();
+            drop(f);
+            std::fs::rename(&tmp, self.dir.join("volume.json")).unwrap();
+        }
+
+        /// One lifecycle's worth, in the calls' order; the time it took.
+        fn run(&mut self) -> Duration {
+            let start = Instant::now();
+            // Per call: (reads its record, writes it).
+            let calls = [
+                (false, true), // CreateVolume
+                (true, true),  // ControllerPublishVolume
+                (true, true),  // NodeStageVolume: the hold and the intent ...
+                (true, false), // NodePublishVolume
+                (true, false), // NodeUnpublishVolume
+                (true, true),  // NodeUnstageVolume
+                (true, true),  // ControllerUnpublishVolume
+                (true, false), // DeleteVolume
+            ];
+            for (k, (reads, writes)) in calls.into_iter().enumerate() {
+                self.lock_cycle();
+                if reads {
+                    self.read();
+                }
+                if writes {
+                    self.write();
+                }
+                if k == 2 {
+                    // ... and the format, recorded after mkfs.
+                    self.write();
+                }
+            }
+            start.elapsed()
+        }
+    }
+
+    impl Drop for ClaimsMinimum {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     pub async fn run(pairs: usize, held: usize) {
         let scratch = Scratch::new();
         let gp = GlusterPool::start_with(&scratch, COHERENT);
@@ -887,7 +979,11 @@ mod gluster {
         let ch = channel(&server.socket).await;
         timed_lifecycle(&ch, &dir, "warmup", Some("bench")).await;
         bare_lifecycle_in(&bare_dir, &dir, 0);
+        let minimum_dir = gp.mount_point(Node::A).join("minimum");
+        let mut minimum = ClaimsMinimum::new(&minimum_dir);
         let mut pairs_of = Pairs::default();
+        // The bare tools plus the claims' minimum, against the bare tools alone (same pairs).
+        let mut floor_of = Pairs::default();
         let mut per_rpc: Vec<Vec<Duration>> = vec![Vec::new(); 8];
         for i in 0..pairs {
             let bare_first = (i % 2 == 1).then(|| bare_lifecycle_in(&bare_dir, &dir, i));
@@ -896,7 +992,9 @@ mod gluster {
                 per_rpc[k].push(*d);
             }
             let bare = bare_first.unwrap_or_else(|| bare_lifecycle_in(&bare_dir, &dir, i));
+            let claims = minimum.run();
             pairs_of.push(ms_f(t.iter().sum::<Duration>()), ms_f(bare));
+            floor_of.push(ms_f(bare + claims), ms_f(bare));
         }
         println!("GlusterFS pool (one brick on loopback, the volume with {COHERENT:?}):");
         bench::print_table(&[Row::new(
@@ -906,7 +1004,27 @@ mod gluster {
             "bare tools on the same mount",
             Target::AtMost(1.1),
         )]);
+        let claims_ms: Vec<f64> = floor_of
+            .ours
+            .iter()
+            .zip(&floor_of.base)
+            .map(|(f, b)| f - b)
+            .collect();
+        let over_floor: Vec<f64> = pairs_of
+            .ours
+            .iter()
+            .zip(&floor_of.ours)
+            .map(|(o, f)| o / f)
+            .collect();
+        println!(
+            "the claims' minimum ({}), bare system calls on the same mount: {:.1} ms a lifecycle; the bare tools plus it (a driver made of the tools and claims): {} × the bare tools; loopvol: {} × that",
+            ClaimsMinimum::WHAT,
+            Summary::of(&claims_ms).median,
+            floor_of.ratio(),
+            Summary::of(&over_floor),
+        );
         rpc_table(&SHARED_RPCS, &mut per_rpc);
+        drop(minimum);
         drop(ch);
         drop(server);
 
