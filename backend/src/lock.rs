@@ -300,6 +300,19 @@ mod tests {
         rustix::fs::fstat(file).unwrap().st_ino
     }
 
+    /// Whether a new open of `dir/v.lock` finds it locked (as another process would).
+    fn locked_for_others(dir: &Path) -> bool {
+        let other = File::options()
+            .write(true)
+            .open(dir.join("v.lock"))
+            .unwrap();
+        match flock(&other, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => false,
+            Err(Errno::WOULDBLOCK) => true,
+            Err(e) => panic!("flock: {e}"),
+        }
+    }
+
     /// A released lock file is locked again without an open, and still excludes: a second lock
     /// in the same process while the kept file is in use opens its own and finds it busy.
     #[test]
@@ -316,19 +329,12 @@ mod tests {
         assert_eq!(inode(again.file.as_ref().unwrap()), ino);
         let err = lock_reusing(dir.path(), &reuse, "v", LockWait::Try).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Busy);
-        // And across processes' view: an unrelated open of the file finds it locked.
-        let other = File::options()
-            .write(true)
-            .open(dir.path().join("v.lock"))
-            .unwrap();
-        assert_eq!(
-            flock(&other, FlockOperation::NonBlockingLockExclusive),
-            Err(Errno::WOULDBLOCK)
-        );
+        // And for another process: another open of the file finds it locked.
+        assert!(locked_for_others(dir.path()));
         drop(again);
         assert_eq!(reuse.len(), 1);
         // Released: the kept file holds no lock.
-        flock(&other, FlockOperation::NonBlockingLockExclusive).unwrap();
+        assert!(!locked_for_others(dir.path()));
     }
 
     /// A kept file whose path now names another file (removed and made again by someone else)
@@ -349,14 +355,8 @@ mod tests {
             std::os::unix::fs::MetadataExt::ino(&fresh)
         );
         // Another holder of the path's file is excluded.
-        let other = File::options()
-            .write(true)
-            .open(dir.path().join("v.lock"))
-            .unwrap();
-        assert_eq!(
-            flock(&other, FlockOperation::NonBlockingLockExclusive),
-            Err(Errno::WOULDBLOCK)
-        );
+        assert!(locked_for_others(dir.path()));
+        drop(guard);
     }
 
     /// The lock file of a subject that is gone is removed and closed, never kept.

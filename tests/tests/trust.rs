@@ -1010,6 +1010,14 @@ fn shared_pool(dir: &Path, node: &str) -> Pool {
     pool
 }
 
+/// A shared pool whose locks never wait (as CSI's): a busy lock is an error at once.
+fn shared_pool_at_once(dir: &Path, node: &str) -> Pool {
+    let mut options = PoolOptions::new(NodeName::try_from(node).unwrap());
+    options.shared = true;
+    options.lock_wait = LockWait::Try;
+    Pool::open(dir, options).unwrap()
+}
+
 /// GlusterFS with its DEFAULT options: a `volume.json` replaced through mount A, read through
 /// mount B while B still holds the old file open (another reader on that node), answers ESTALE
 /// until B's caches expire. The read re-opens by path, bounded, and never fails.
@@ -1091,14 +1099,8 @@ fn a_released_lock_is_free_at_once_through_either_mount() {
     }
     let s = Scratch::new();
     let gp = GlusterPool::start_with(&s, COHERENT);
-    let at_once = |dir: &Path, node: &str| {
-        let mut options = PoolOptions::new(NodeName::try_from(node).unwrap());
-        options.shared = true;
-        options.lock_wait = LockWait::Try;
-        Pool::open(dir, options).unwrap()
-    };
-    let a = at_once(&gp.pool(Node::A), "node-a");
-    let b = at_once(&gp.pool(Node::B), "node-b");
+    let a = shared_pool_at_once(&gp.pool(Node::A), "node-a");
+    let b = shared_pool_at_once(&gp.pool(Node::B), "node-b");
     let id = vid(&create_small(&a, "v"));
     loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
         b.get_volume(&id).is_ok()
@@ -1126,14 +1128,8 @@ fn a_kept_lock_file_replaced_through_another_mount_still_excludes() {
     }
     let s = Scratch::new();
     let gp = GlusterPool::start_with(&s, COHERENT);
-    let at_once = |dir: &Path, node: &str| {
-        let mut options = PoolOptions::new(NodeName::try_from(node).unwrap());
-        options.shared = true;
-        options.lock_wait = LockWait::Try;
-        Pool::open(dir, options).unwrap()
-    };
-    let a = at_once(&gp.pool(Node::A), "node-a");
-    let b = at_once(&gp.pool(Node::B), "node-b");
+    let a = shared_pool_at_once(&gp.pool(Node::A), "node-a");
+    let b = shared_pool_at_once(&gp.pool(Node::B), "node-b");
     let id = vid(&create_small(&a, "v"));
     let lock_file = |dir: &Path| std::fs::metadata(dir.join(format!("locks/v-{id}.lock")));
     let first = std::os::unix::fs::MetadataExt::ino(&lock_file(&gp.pool(Node::A)).unwrap());
