@@ -129,14 +129,14 @@ impl Drop for LockGuard {
         let Some(file) = self.file.take() else {
             return;
         };
-        let mut kept = true;
+        let mut reusable = true;
         if let Some(c) = &self.cleanup {
             // Any doubt (the pool does not answer, a planted entry) keeps the file: a lock file
             // too many is harmless, a lock file removed under a live subject is not.
             match PoolFs::open(&c.root) {
                 Ok(fs) => match fs.exists(&c.subject) {
                     Ok(false) if fs.names_file(&c.lock, &file) => {
-                        kept = false;
+                        reusable = false;
                         match fs.unlink(&c.lock) {
                             Ok(()) => {
                                 tracing::debug!(lock = %fs.path(&c.lock).display(), "removed the lock file of a subject that is gone")
@@ -146,17 +146,17 @@ impl Drop for LockGuard {
                     }
                     Ok(true) => {}
                     // The subject is gone (its file is someone else's to remove) or unknown.
-                    _ => kept = false,
+                    _ => reusable = false,
                 },
-                Err(_) => kept = false,
+                Err(_) => reusable = false,
             }
         }
         if let Err(e) = flock(&file, FlockOperation::Unlock) {
             tracing::debug!(error = %e, "unlock failed; the close drops the lock");
-            kept = false;
+            reusable = false;
         }
         match &self.cleanup {
-            Some(c) if kept => self.reuse.keep(c.lock.clone(), file),
+            Some(c) if reusable => self.reuse.keep(c.lock.clone(), file),
             _ => drop(file),
         }
     }
@@ -165,6 +165,7 @@ impl Drop for LockGuard {
 /// Locks the lock file `lock` of the pool open as `fs` exclusively, for the subject named `what`
 /// whose entry is `subject` (both relative to the pool root). The lock file is created when
 /// missing and removed, on release, when `subject` is gone.
+///
 /// `reuse`: the pool's released lock files, taken from and given back to.
 pub(crate) fn lock(
     fs: &PoolFs,
