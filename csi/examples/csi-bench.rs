@@ -19,7 +19,7 @@
 //!    grows), ListSnapshots full and by page, and the server's RSS (peak and now).
 //!
 //! ```text
-//! target/release/examples/csi-bench gluster [PAIRS] [HELD]
+//! target/release/examples/csi-bench gluster [PAIRS] [HELD] [LISTED]
 //! ```
 //!
 //! On a GlusterFS volume of its own (the test harness's: glusterd on loopback, the volume with the
@@ -30,7 +30,9 @@
 //!    DeleteVolume) and the bare tools doing the same steps on the same mount: each side's median,
 //!    the median ratio and its spread;
 //! 2. the lease renewal cost of a node holding HELD (default 100) staged volumes: lease writes per
-//!    second, and the node plugin's CPU per renewal round and per second at the default interval.
+//!    second, and the node plugin's CPU per renewal round and per second at the default interval;
+//! 3. with LISTED (default 500) volumes in the pool (the held ones and more, made by the
+//!    backend): CreateVolume (its admission reads every volume) and a full ListVolumes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -518,7 +520,8 @@ async fn main() {
     if args.get(1).map(String::as_str) == Some("gluster") {
         let pairs = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(30);
         let held = args.get(3).map(|s| s.parse().unwrap()).unwrap_or(100);
-        gluster::run(pairs, held).await;
+        let listed = args.get(4).map(|s| s.parse().unwrap()).unwrap_or(500);
+        gluster::run(pairs, held, listed).await;
         return;
     }
     let volumes: usize = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(200);
@@ -957,7 +960,7 @@ mod gluster {
         }
     }
 
-    pub async fn run(pairs: usize, held: usize) {
+    pub async fn run(pairs: usize, held: usize, listed: usize) {
         let scratch = Scratch::new();
         let gp = GlusterPool::start_with(&scratch, COHERENT);
         let pool = gp.pool(Node::A);
@@ -1097,6 +1100,50 @@ mod gluster {
                 })
                 .await;
         }
+
+        // 3. A pool of `listed` volumes: CreateVolume's admission and a full listing read every
+        // volume's image attributes (and records) from the server.
+        let mut options = PoolOptions::new("bench".parse().unwrap());
+        options.shared = true;
+        options.overcommit = OVERCOMMIT;
+        let backend = Pool::open(&pool, options).unwrap();
+        let start = Instant::now();
+        in_parallel(listed.saturating_sub(held), 8, |i| {
+            backend
+                .create_volume(&CreateVolume::blank(format!("many-{i:05}"), GIB))
+                .expect("create");
+        });
+        let in_pool = count_volumes(&ch).await;
+        println!(
+            "\nsetup: {in_pool} volumes in the pool ({:.1} s, 8 threads through the backend)",
+            start.elapsed().as_secs_f64()
+        );
+        let create = create_calls(&ch, "many").await;
+        let full = timed_calls(20, |_| async {
+            assert_eq!(count_volumes(&ch).await, in_pool);
+        })
+        .await;
+        println!("| what | median (min–max) | calls |");
+        println!("|---|---|---|");
+        println!(
+            "| CreateVolume, {in_pool} volumes in the pool | {create} ms | {} |",
+            create.n
+        );
+        println!(
+            "| ListVolumes, {in_pool} volumes, full listing | {full} ms | {} |",
+            full.n
+        );
         drop(server);
+    }
+
+    /// How many volumes a full ListVolumes over the socket returns.
+    async fn count_volumes(ch: &Channel) -> usize {
+        ControllerClient::new(ch.clone())
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries
+            .len()
     }
 }

@@ -300,7 +300,8 @@ impl Pool {
             }))
         };
         let (mut thick, mut thin) = (0u64, 0u64);
-        for (k, t) in super::listing::load_all(&volumes.ids, 0, &need_of)? {
+        let fan = super::listing::Fanout::for_pool(&fs);
+        for (k, t) in super::listing::load_all(&volumes.ids, 0, fan, &need_of)? {
             thick = thick.saturating_add(k);
             thin = thin.saturating_add(t);
         }

@@ -210,6 +210,12 @@ impl PoolFs {
         }
     }
 
+    /// Whether the pool was on a local filesystem ([`is_local_fs`]) when it was opened; not
+    /// known counts as not.
+    pub fn is_local(&self) -> bool {
+        self.home.is_some_and(|home| is_local_fs(Some(home.magic)))
+    }
+
     /// This handle for a pool found on GlusterFS ([`on_glusterfs`]) when it was opened.
     pub fn on_glusterfs(mut self, glusterfs: bool) -> PoolFs {
         self.glusterfs = glusterfs;
@@ -1001,6 +1007,12 @@ fn check_links(fs: &PoolFs, rel: &Path, st: &rfs::Stat) -> Result<()> {
 /// `RENAME_EXCHANGE`: on a filesystem this kernel alone mounts (its cache of names is the
 /// truth) that has the exchange. Elsewhere (FUSE, NFS, CephFS) [`PoolFs::write_fresh`].
 fn exchanges_safely(magic: Option<i64>) -> bool {
+    is_local_fs(magic)
+}
+
+/// Whether the filesystem with the magic number `magic` is one this kernel keeps on its own
+/// block device (ext4, xfs, btrfs) or in memory: its metadata answers without a network.
+fn is_local_fs(magic: Option<i64>) -> bool {
     const LOCAL: [i64; 4] = [
         0xEF53,      // ext2/3/4
         0x5846_5342, // xfs

@@ -1,27 +1,32 @@
 use super::*;
 
+const ONE: Fanout = Fanout {
+    threads: 1,
+    from: 1,
+};
+
 #[test]
 fn paging_is_stable_and_tokens_are_checked() {
     let ids: Vec<String> = (0..7).map(|i| format!("v{i}")).collect();
     let load = |_: usize, id: &str| Ok(Some(id.to_owned()));
-    let p1 = Pool::page(&ids, None, 3, load).unwrap();
+    let p1 = Pool::page(&ids, None, 3, ONE, load).unwrap();
     assert_eq!(p1.entries, ["v0", "v1", "v2"]);
     let t = p1.next_token.unwrap();
-    let p2 = Pool::page(&ids, Some(&t), 3, load).unwrap();
+    let p2 = Pool::page(&ids, Some(&t), 3, ONE, load).unwrap();
     assert_eq!(p2.entries, ["v3", "v4", "v5"]);
     // v3 deleted between pages: the next page still starts after v5.
     let mut fewer = ids.clone();
     fewer.retain(|i| i != "v3");
-    let p3 = Pool::page(&fewer, p2.next_token.as_deref(), 3, load).unwrap();
+    let p3 = Pool::page(&fewer, p2.next_token.as_deref(), 3, ONE, load).unwrap();
     assert_eq!(p3.entries, ["v6"]);
     assert_eq!(p3.next_token, None);
-    let all = Pool::page(&ids, None, 0, load).unwrap();
+    let all = Pool::page(&ids, None, 0, ONE, load).unwrap();
     assert_eq!(all.entries.len(), 7);
     assert!(all.next_token.is_none());
-    let exact = Pool::page(&ids, None, 7, load).unwrap();
+    let exact = Pool::page(&ids, None, 7, ONE, load).unwrap();
     assert!(exact.next_token.is_none());
     for bad in ["garbage", "after:../x", "after:"] {
-        let err = Pool::page(&ids, Some(bad), 3, load).unwrap_err();
+        let err = Pool::page(&ids, Some(bad), 3, ONE, load).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
     }
 }
@@ -34,27 +39,45 @@ fn a_whole_listing_loaded_on_threads_keeps_its_order() {
         assert_eq!(ids[i], id);
         Ok((!i.is_multiple_of(3)).then(|| id.to_owned()))
     };
-    let all = Pool::page(&ids, None, 0, load).unwrap();
     let want: Vec<String> = ids
         .iter()
         .enumerate()
         .filter(|(i, _)| !i.is_multiple_of(3))
         .map(|(_, id)| id.clone())
         .collect();
-    assert_eq!(all.entries, want);
-    assert!(all.next_token.is_none());
-    // From a token, and with a maximum that covers the rest: the same.
-    let rest = Pool::page(&ids, Some("after:v00999"), 5000, load).unwrap();
-    assert_eq!(rest.entries, want[666..]);
-    // An error anywhere fails the listing.
-    let failing = |i: usize, id: &str| {
-        if i == 2500 {
-            Err(Error::invalid("entry", "broken"))
-        } else {
-            Ok(Some(id.to_owned()))
-        }
-    };
-    assert!(Pool::page(&ids, None, 0, failing).is_err());
+    // One thread, a local pool's fan-out, a cluster filesystem's, and uneven runs.
+    let fans = [
+        ONE,
+        Fanout {
+            threads: 4,
+            from: 1024,
+        },
+        Fanout {
+            threads: 16,
+            from: 32,
+        },
+        Fanout {
+            threads: 7,
+            from: 1,
+        },
+    ];
+    for fan in fans {
+        let all = Pool::page(&ids, None, 0, fan, load).unwrap();
+        assert_eq!(all.entries, want, "{fan:?}");
+        assert!(all.next_token.is_none());
+        // From a token, and with a maximum that covers the rest: the same.
+        let rest = Pool::page(&ids, Some("after:v00999"), 5000, fan, load).unwrap();
+        assert_eq!(rest.entries, want[666..], "{fan:?}");
+        // An error anywhere fails the listing.
+        let failing = |i: usize, id: &str| {
+            if i == 2500 {
+                Err(Error::invalid("entry", "broken"))
+            } else {
+                Ok(Some(id.to_owned()))
+            }
+        };
+        assert!(Pool::page(&ids, None, 0, fan, failing).is_err(), "{fan:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,4 +375,24 @@ fn at_scale() {
     let cap = a.capacity().unwrap();
     println!("capacity: {:?}", t.elapsed());
     assert_eq!(cap.thin_unallocated_bytes, (n as u64 + 2 - 2) * MIB);
+}
+
+/// A pool on a local filesystem spreads only long passes over a few threads; one that does not
+/// say what it is on (a handle opened without the pool's record of its mount) counts as a
+/// cluster filesystem, whose entries cost round trips.
+#[test]
+fn passes_fan_out_by_the_pools_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = open(dir.path());
+    let local = Fanout::for_pool(&pool.fs().unwrap());
+    assert_eq!(local.from, 1024);
+    assert!(local.threads <= 4);
+    let unknown = Fanout::for_pool(&PoolFs::open(dir.path()).unwrap());
+    assert_eq!(
+        unknown,
+        Fanout {
+            threads: 16,
+            from: 32
+        }
+    );
 }
