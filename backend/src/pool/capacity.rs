@@ -271,11 +271,21 @@ impl Pool {
                 }),
                 _ => space(rel),
             };
-            // An image being made counts at its full length, as thick: whatever it becomes, it
-            // was admitted for that much.
-            let making = space("image.tmp", &layout::volume_image_tmp(&id))
-                .map_or(0, |tmp| tmp.len.saturating_sub(tmp.own));
-            let Some(image) = space("image", &layout::volume_image(&id)) else {
+            // An image being made (a copy, as `image.tmp`, renamed to `image` once committed)
+            // counts at its full length, as thick: whatever it becomes, it was admitted for that
+            // much. A volume with an image is making none, so `image.tmp` is looked up only when
+            // `image` is missing (on a cluster filesystem a lookup of a missing name is a round
+            // trip to the server, one per volume and pass); when neither is there, `image` is
+            // looked at again: the commit's rename may have come between the two lookups.
+            let image_rel = layout::volume_image(&id);
+            let (making, image) = match space("image", &image_rel) {
+                Some(image) => (0, Some(image)),
+                None => match space("image.tmp", &layout::volume_image_tmp(&id)) {
+                    Some(tmp) => (tmp.len.saturating_sub(tmp.own), None),
+                    None => (0, space("image", &image_rel)),
+                },
+            };
+            let Some(image) = image else {
                 return Ok(Some((making, 0)));
             };
             let need = image.len.saturating_sub(image.own);
@@ -518,5 +528,42 @@ mod tests {
         assert_eq!(reserve(300 * MIB), RESERVE_MIN);
         assert_eq!(reserve(100 * GIB), GIB.min(RESERVE_MAX));
         assert_eq!(reserve(10 * GIB), 10 * GIB / 100);
+    }
+}
+
+/// The promises counted from a pool on disk: an image being made counts, as thick, while the
+/// volume has no image; once it has one, a stray `image.tmp` beside it promises nothing.
+#[cfg(test)]
+mod on_disk {
+    use crate::ids::NodeName;
+    use crate::pool::{Pool, PoolOptions};
+    use crate::volume::CreateVolume;
+
+    const MIB: u64 = 1 << 20;
+
+    fn sparse(path: &std::path::Path, len: u64) {
+        std::fs::File::create(path).unwrap().set_len(len).unwrap();
+    }
+
+    #[test]
+    fn an_image_being_made_counts_until_the_volume_has_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = PoolOptions::new(NodeName::try_from("node-a").unwrap());
+        options.overcommit = 1e6; // thin volumes on whatever the test's disk has free
+        let pool = Pool::open(dir.path(), options).unwrap();
+        pool.create_volume(&CreateVolume::blank("a", MIB)).unwrap();
+        let before = pool.capacity().unwrap().thick_unbacked_bytes;
+        // A copy in progress: `image.tmp`, no image, no record yet.
+        let making = dir.path().join("volumes/making");
+        std::fs::create_dir(&making).unwrap();
+        sparse(&making.join("image.tmp"), 64 * MIB);
+        let cap = pool.capacity().unwrap().thick_unbacked_bytes;
+        assert_eq!(cap, before + 64 * MIB);
+        // Moved into place (no record yet: counted as thick), it counts once, as the image.
+        std::fs::rename(making.join("image.tmp"), making.join("image")).unwrap();
+        assert_eq!(cap, pool.capacity().unwrap().thick_unbacked_bytes);
+        // A volume with an image makes none: a stray `image.tmp` beside it is nobody's promise.
+        sparse(&dir.path().join("volumes/a/image.tmp"), 64 * MIB);
+        assert_eq!(cap, pool.capacity().unwrap().thick_unbacked_bytes);
     }
 }
