@@ -135,7 +135,7 @@ impl Drop for LockGuard {
             // too many is harmless, a lock file removed under a live subject is not.
             match PoolFs::open(&c.root) {
                 Ok(fs) => match fs.exists(&c.subject) {
-                    Ok(false) if fs.names_file(&c.lock, &file) => {
+                    Ok(false) if fs.names_held_file(&c.lock, &file) => {
                         reusable = false;
                         match fs.unlink(&c.lock) {
                             Ok(()) => {

@@ -812,9 +812,20 @@ impl PoolFs {
             },
             Err(_) => return false,
         };
+        self.resolves_to(rel, mine)
+    }
+
+    /// [`PoolFs::names_file`] for a lock file whose lock this process holds: nobody removes a
+    /// lock file without holding its lock, so its link count need not be asked of the server.
+    pub fn names_held_file(&self, rel: &Path, file: &File) -> bool {
+        rfs::fstat(file).is_ok_and(|st| self.resolves_to(rel, (st.st_dev, st.st_ino)))
+    }
+
+    /// Whether `rel` resolves to the file with this (device, inode).
+    fn resolves_to(&self, rel: &Path, id: (u64, u64)) -> bool {
         self.resolve(rel, OFlags::PATH, Mode::empty())
             .and_then(|fd| rfs::fstat(&fd).map_err(Into::into))
-            .is_ok_and(|st| (st.st_dev, st.st_ino) == mine)
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == id)
     }
 
     /// Removes the file `rel` (not a directory); missing counts as done.
