@@ -41,7 +41,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{
     self as rfs, AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags, StatxFlags,
@@ -64,6 +64,9 @@ pub(crate) const RECORD_SIZE: usize = 16 * 1024;
 /// longest pause between tries: about 2 s in all, twice GlusterFS's default cache timeout.
 const STALE_TRIES: u32 = 16;
 const STALE_MAX_PAUSE: Duration = Duration::from_millis(200);
+/// How long [`PoolFs::ensure_dir`] looks again for a directory a cluster filesystem's client
+/// does not see yet.
+const ENSURE_DIR_WAIT: Duration = Duration::from_secs(10);
 
 /// Set once `openat2` answered ENOSYS: every later open walks.
 static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
@@ -422,20 +425,40 @@ impl PoolFs {
             .map(drop)
         };
         // On a cluster filesystem, a directory that mkdir just made or found (EEXIST: another
-        // node made it) can still be ENOENT to the next lookup through this node's client for a
-        // moment (seen on GlusterFS when the servers of a new shared pool start at once): look
-        // again, bounded (about 2 s).
+        // node made it) can still be ENOENT to the next lookup through this node's client (seen
+        // on GlusterFS when the servers of a new shared pool start at once, once for longer than
+        // 2 s under a loaded machine): look again, bounded (10 s: this runs when a server opens
+        // its pool). Each time, make it again (it may really have gone) and read the parent
+        // directory, whose listing carries each entry's identity to this node's client.
+        let deadline = Instant::now() + ENSURE_DIR_WAIT;
         let mut pause = Duration::from_millis(20);
-        for _ in 0..12 {
+        loop {
             match open() {
-                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        && Instant::now() < deadline =>
+                {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(STALE_MAX_PAUSE);
+                    match rfs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(self.fail(rel, e.into(), "create directory")),
+                    }
+                    let listed = rfs::openat(
+                        &parent,
+                        ".",
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(std::io::Error::from)
+                    .and_then(|dir| read_names(&dir));
+                    if let Err(e) = listed {
+                        tracing::debug!(dir = %rel.display(), error = %e, "could not list the parent");
+                    }
                 }
                 done => return done,
             }
         }
-        open()
     }
 
     /// Whether the directory `rel` is there and writable (a readiness probe).
