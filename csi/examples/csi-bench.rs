@@ -335,6 +335,12 @@ fn bare_lifecycle(dir: &Path, i: usize) -> Duration {
 
 /// [`bare_lifecycle`] with the image in `images` and the mount points in `mounts`.
 fn bare_lifecycle_in(images: &Path, mounts: &Path, i: usize) -> Duration {
+    bare_lifecycle_parts(images, mounts, i).0
+}
+
+/// [`bare_lifecycle_in`], and the part of it a node's calls do (all but making and removing the
+/// image: losetup, mkfs, the mounts and back).
+fn bare_lifecycle_parts(images: &Path, mounts: &Path, i: usize) -> (Duration, Duration) {
     let start = Instant::now();
     let image = images.join(format!("bare-{i}.img"));
     let staging = mounts.join(format!("bare-{i}-staging"));
@@ -345,6 +351,7 @@ fn bare_lifecycle_in(images: &Path, mounts: &Path, i: usize) -> Duration {
         target.display().to_string(),
     );
     sh("truncate", &["-s", "1G", &img]);
+    let node_start = Instant::now();
     let dev = sh(
         "losetup",
         &[
@@ -373,8 +380,9 @@ fn bare_lifecycle_in(images: &Path, mounts: &Path, i: usize) -> Duration {
     sh("umount", &[&st]);
     std::fs::remove_dir(&staging).unwrap();
     sh("losetup", &["-d", &dev]);
+    let node = node_start.elapsed();
     std::fs::remove_file(&image).unwrap();
-    start.elapsed()
+    (start.elapsed(), node)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -987,17 +995,22 @@ mod gluster {
         let mut pairs_of = Pairs::default();
         // The bare tools plus the claims' minimum, against the bare tools alone (same pairs).
         let mut floor_of = Pairs::default();
+        // The node's four calls against the bare tools' steps between losetup and losetup -d.
+        let mut node_of = Pairs::default();
         let mut per_rpc: Vec<Vec<Duration>> = vec![Vec::new(); 8];
         for i in 0..pairs {
-            let bare_first = (i % 2 == 1).then(|| bare_lifecycle_in(&bare_dir, &dir, i));
+            let bare_first = (i % 2 == 1).then(|| bare_lifecycle_parts(&bare_dir, &dir, i));
             let t = timed_lifecycle(&ch, &dir, &format!("pair-{i}"), Some("bench")).await;
             for (k, d) in t.iter().enumerate() {
                 per_rpc[k].push(*d);
             }
-            let bare = bare_first.unwrap_or_else(|| bare_lifecycle_in(&bare_dir, &dir, i));
+            let (bare, bare_node) =
+                bare_first.unwrap_or_else(|| bare_lifecycle_parts(&bare_dir, &dir, i));
             let claims = minimum.run();
             pairs_of.push(ms_f(t.iter().sum::<Duration>()), ms_f(bare));
             floor_of.push(ms_f(bare + claims), ms_f(bare));
+            // NodeStage, NodePublish, NodeUnpublish, NodeUnstage.
+            node_of.push(ms_f(t[2..6].iter().sum::<Duration>()), ms_f(bare_node));
         }
         println!("GlusterFS pool (one brick on loopback, the volume with {COHERENT:?}):");
         bench::print_table(&[Row::new(
@@ -1025,6 +1038,12 @@ mod gluster {
             Summary::of(&claims_ms).median,
             floor_of.ratio(),
             Summary::of(&over_floor),
+        );
+        println!(
+            "the node's calls (NodeStage, NodePublish, NodeUnpublish, NodeUnstage: {:.1} ms) against the bare tools' steps from losetup to losetup -d ({:.1} ms): {} ×",
+            node_of.ours().median,
+            node_of.base().median,
+            node_of.ratio(),
         );
         rpc_table(&SHARED_RPCS, &mut per_rpc);
         drop(minimum);
