@@ -1205,8 +1205,12 @@ fn walk(root: BorrowedFd<'_>, rel: &Path, flags: OFlags, mode: Mode) -> std::io:
 
 /// The names in the directory open as `dir`, without `.` and `..`.
 fn read_names(dir: &OwnedFd) -> std::io::Result<Vec<OsString>> {
+    // Through a duplicate of `dir`, from its start: `Dir::read_from` would open the directory
+    // again, a round trip to the server on a cluster filesystem (and another to release it).
+    let own = dir.try_clone()?;
+    rfs::seek(&own, rfs::SeekFrom::Start(0))?;
     let mut names = Vec::new();
-    for entry in rfs::Dir::read_from(dir)? {
+    for entry in rfs::Dir::new(own)? {
         let entry = entry?;
         let name = entry.file_name().to_bytes();
         if name != b"." && name != b".." {

@@ -178,6 +178,23 @@ fn directories_are_synced_except_on_glusterfs() {
 }
 
 /// A lock file is made by the first open and opened, the same file, by every later one.
+/// A directory opened once is read whole every time (the names are read through a duplicate of
+/// its descriptor, rewound: the duplicate shares the position a former read left at the end).
+#[test]
+fn a_directory_opened_once_reads_whole_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["volumes/a", "volumes/b", "volumes/c"] {
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+    }
+    let fs = PoolFs::open(dir.path()).unwrap();
+    let kind = fs.open_kind(rel("volumes")).unwrap();
+    for _ in 0..3 {
+        let mut names = fs.kind_names(&kind).unwrap();
+        names.sort();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+}
+
 #[test]
 fn open_lock_makes_a_missing_lock_file_and_opens_an_existing_one() {
     for resolver in [Resolver::Openat2, Resolver::Walk] {
