@@ -995,6 +995,8 @@ mod gluster {
         let mut pairs_of = Pairs::default();
         // The bare tools plus the claims' minimum, against the bare tools alone (same pairs).
         let mut floor_of = Pairs::default();
+        // The lifecycle against the bare tools plus the claims' minimum, and that minimum (ms).
+        let (mut over_floor, mut claims_ms) = (Pairs::default(), Vec::new());
         // The node's four calls against the bare tools' steps between losetup and losetup -d.
         let mut node_of = Pairs::default();
         let mut per_rpc: Vec<Vec<Duration>> = vec![Vec::new(); 8];
@@ -1009,6 +1011,8 @@ mod gluster {
             let claims = minimum.run();
             pairs_of.push(ms_f(t.iter().sum::<Duration>()), ms_f(bare));
             floor_of.push(ms_f(bare + claims), ms_f(bare));
+            over_floor.push(ms_f(t.iter().sum::<Duration>()), ms_f(bare + claims));
+            claims_ms.push(ms_f(claims));
             // NodeStage, NodePublish, NodeUnpublish, NodeUnstage.
             node_of.push(ms_f(t[2..6].iter().sum::<Duration>()), ms_f(bare_node));
         }
@@ -1020,24 +1024,12 @@ mod gluster {
             "bare tools on the same mount",
             Target::AtMost(1.1),
         )]);
-        let claims_ms: Vec<f64> = floor_of
-            .ours
-            .iter()
-            .zip(&floor_of.base)
-            .map(|(f, b)| f - b)
-            .collect();
-        let over_floor: Vec<f64> = pairs_of
-            .ours
-            .iter()
-            .zip(&floor_of.ours)
-            .map(|(o, f)| o / f)
-            .collect();
         println!(
             "the claims' minimum ({}), bare system calls on the same mount: {:.1} ms a lifecycle; the bare tools plus it (a driver made of the tools and claims): {} × the bare tools; loopvol: {} × that",
             ClaimsMinimum::WHAT,
             Summary::of(&claims_ms).median,
             floor_of.ratio(),
-            Summary::of(&over_floor),
+            over_floor.ratio(),
         );
         println!(
             "the node's calls (NodeStage, NodePublish, NodeUnpublish, NodeUnstage: {:.1} ms) against the bare tools' steps from losetup to losetup -d ({:.1} ms): {} ×",

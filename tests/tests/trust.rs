@@ -1018,6 +1018,19 @@ fn shared_pool_at_once(dir: &Path, node: &str) -> Pool {
     Pool::open(dir, options).unwrap()
 }
 
+/// Node a's and node b's try-lock pools on `gp`'s two mounts, and a volume node a made that node b
+/// sees.
+fn one_volume_two_nodes(gp: &loopvol_e2e::gluster::GlusterPool) -> (Pool, Pool, VolumeId) {
+    use loopvol_e2e::gluster::Node;
+    let a = shared_pool_at_once(&gp.pool(Node::A), "node-a");
+    let b = shared_pool_at_once(&gp.pool(Node::B), "node-b");
+    let id = vid(&create_small(&a, "v"));
+    loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
+        b.get_volume(&id).is_ok()
+    });
+    (a, b, id)
+}
+
 /// GlusterFS with its DEFAULT options: a `volume.json` replaced through mount A, read through
 /// mount B while B still holds the old file open (another reader on that node), answers ESTALE
 /// until B's caches expire. The read re-opens by path, bounded, and never fails.
@@ -1093,18 +1106,13 @@ fn a_lock_held_on_a_dead_mount_is_released_without_a_panic() {
 /// lock, were then refused as busy right after the call before them returned.
 #[test]
 fn a_released_lock_is_free_at_once_through_either_mount() {
-    use loopvol_e2e::gluster::{require_gluster, GlusterPool, Node, COHERENT};
+    use loopvol_e2e::gluster::{require_gluster, GlusterPool, COHERENT};
     if !require_gluster() {
         return;
     }
     let s = Scratch::new();
     let gp = GlusterPool::start_with(&s, COHERENT);
-    let a = shared_pool_at_once(&gp.pool(Node::A), "node-a");
-    let b = shared_pool_at_once(&gp.pool(Node::B), "node-b");
-    let id = vid(&create_small(&a, "v"));
-    loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
-        b.get_volume(&id).is_ok()
-    });
+    let (a, b, id) = one_volume_two_nodes(&gp);
     let mut busy = Vec::new();
     for round in 0..400 {
         drop(a.volume(&id).unwrap());
@@ -1128,16 +1136,11 @@ fn a_kept_lock_file_replaced_through_another_mount_still_excludes() {
     }
     let s = Scratch::new();
     let gp = GlusterPool::start_with(&s, COHERENT);
-    let a = shared_pool_at_once(&gp.pool(Node::A), "node-a");
-    let b = shared_pool_at_once(&gp.pool(Node::B), "node-b");
-    let id = vid(&create_small(&a, "v"));
+    let (a, b, id) = one_volume_two_nodes(&gp);
     let lock_file = |dir: &Path| std::fs::metadata(dir.join(format!("locks/v-{id}.lock")));
     let first = std::os::unix::fs::MetadataExt::ino(&lock_file(&gp.pool(Node::A)).unwrap());
     // Kept by node a after its release.
     drop(a.volume(&id).unwrap());
-    loopvol_e2e::poll_until(Duration::from_secs(10), "b sees the volume", || {
-        b.get_volume(&id).is_ok()
-    });
     b.delete_volume(&id).unwrap();
     assert!(
         lock_file(&gp.pool(Node::B)).is_err(),

@@ -59,7 +59,7 @@ impl Pool {
         let id = VolumeId::for_name(&req.name)?;
         let _guard = self.lock_volume(&id)?;
         let found = self.whats_named(&id)?;
-        if let Found::Volume(existing) = found {
+        if let Named::Volume(existing) = found {
             self.finish_create(&id)?;
             return check_compatible(existing, req);
         }
@@ -72,7 +72,7 @@ impl Pool {
         let id = VolumeId::for_name(&req.name)?;
         let guard = self.lock_volume(&id)?;
         let meta = match self.whats_named(&id)? {
-            Found::Volume(existing) => {
+            Named::Volume(existing) => {
                 self.finish_create(&id)?;
                 existing
             }
@@ -88,13 +88,13 @@ impl Pool {
     /// What is there under volume `id`'s name, by the volume's directory first: a name that was
     /// never used (the usual create) is one lookup, and on a cluster filesystem every lookup of
     /// a missing name is a round trip to the server (nothing caches an absence).
-    fn whats_named(&self, id: &VolumeId) -> Result<Found> {
+    fn whats_named(&self, id: &VolumeId) -> Result<Named> {
         if !self.fs()?.exists(&layout::volume_dir(id))? {
-            return Ok(Found::Nothing);
+            return Ok(Named::Nothing);
         }
         Ok(match self.read_volume_meta(id)? {
-            Some(meta) => Found::Volume(meta),
-            None => Found::Leftovers,
+            Some(meta) => Named::Volume(meta),
+            None => Named::Leftovers,
         })
     }
 
@@ -161,7 +161,7 @@ impl Pool {
     }
 
     /// Creates volume `id` for `req`; the caller holds its lock and found no metadata.
-    fn create_locked(&self, id: &VolumeId, req: &CreateVolume, found: Found) -> Result<VolumeMeta> {
+    fn create_locked(&self, id: &VolumeId, req: &CreateVolume, found: Named) -> Result<VolumeMeta> {
         // Source first: its size is the default and the floor, and a missing source is
         // NOT_FOUND before anything is written. Its lock is held until the copy is done.
         let source = match &req.source {
@@ -214,7 +214,7 @@ impl Pool {
         let allocation = req.allocation.unwrap_or_default();
 
         let dir = layout::volume_dir(id);
-        if let Found::Leftovers = found {
+        if let Named::Leftovers = found {
             self.discard_leftovers(id)?;
         }
         if let Err(e) = self.make_image(id, size, allocation, source.as_ref()) {
@@ -356,7 +356,7 @@ impl Pool {
 
 /// The source of a copy, locked until the copy is committed.
 /// What a create finds under the volume's name before it makes anything.
-enum Found {
+enum Named {
     /// No directory: the name was never used, or its volume was deleted.
     Nothing,
     /// A directory without committed metadata: what an interrupted create left.
